@@ -1,0 +1,742 @@
+//! Input events: typed forms of the contract's JSON (§2–§6) and `decode(bytes) -> Result<Event, Rejection>`.
+//!
+//! Decoding is the only place where bytes become events. It never panics: every
+//! failure is a [`Rejection`] carrying a contract reason and a human-readable detail,
+//! which the runtime turns into a dead letter (raw bytes kept) while processing goes on.
+//!
+//! Classification (contract §7):
+//! - not UTF-8 or not JSON, or not a JSON object → `INVALID_JSON`;
+//! - `eventType` present but not one of its topic's types → `UNKNOWN_EVENT_TYPE`;
+//! - a required field missing or of the wrong type, an unparseable `eventTime` → `SCHEMA_VIOLATION`;
+//! - a definition whose references dangle, whose `nextTaskId` links cycle, or whose key
+//!   disagrees with its body → `INVALID_DEFINITION`.
+//!
+//! Unknown fields are ignored (forward compatibility).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::output::{Millis, RejectReason};
+
+/// The input topics, by role. Names are configurable; roles are not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum InputTopic {
+    Definitions,
+    Tasks,
+    Orders,
+    Workflows,
+    System,
+}
+
+impl InputTopic {
+    pub const ALL: [InputTopic; 5] = [
+        InputTopic::Definitions,
+        InputTopic::Tasks,
+        InputTopic::Orders,
+        InputTopic::Workflows,
+        InputTopic::System,
+    ];
+    /// The contract's default topic name.
+    pub fn default_name(&self) -> &'static str {
+        match self {
+            InputTopic::Definitions => "workflow-definitions",
+            InputTopic::Tasks => "workflow-task-events",
+            InputTopic::Orders => "workflow-order-events",
+            InputTopic::Workflows => "workflow-state-events",
+            InputTopic::System => "system-events",
+        }
+    }
+}
+
+/// Where a record came from: its partition and offset within its topic.
+/// Orders ties between events (contract §5: "(eventTime, offset) order").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Pos {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A rejected record: why, and what exactly was wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: RejectReason,
+    pub detail: String,
+}
+
+impl Rejection {
+    fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+        Rejection { reason, detail: detail.into() }
+    }
+    fn schema(detail: impl Into<String>) -> Self {
+        Self::new(RejectReason::SchemaViolation, detail)
+    }
+}
+
+/// Lifecycle status of a task (contract §4). The derived `Ord` is not the rank: use [`TaskStatus::rank`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum TaskStatus {
+    Pending,
+    InProgress,
+    Completed,
+    Failed,
+}
+
+impl TaskStatus {
+    /// PENDING 0 < IN_PROGRESS 1 < COMPLETED 2 = FAILED 2.
+    pub fn rank(&self) -> u8 {
+        match self {
+            TaskStatus::Pending => 0,
+            TaskStatus::InProgress => 1,
+            TaskStatus::Completed | TaskStatus::Failed => 2,
+        }
+    }
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TaskStatus::Pending => "PENDING",
+            TaskStatus::InProgress => "IN_PROGRESS",
+            TaskStatus::Completed => "COMPLETED",
+            TaskStatus::Failed => "FAILED",
+        }
+    }
+}
+
+/// TASK_CREATED, TASK_STARTED, TASK_COMPLETED or TASK_FAILED.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TaskEvent {
+    pub event_id: String,
+    pub event_time: Millis,
+    pub pos: Pos,
+    pub task_instance_id: String,
+    pub workflow_instance_id: String,
+    pub patient_id: Option<String>,
+    pub task_def_id: String,
+    pub task_name: Option<String>,
+    /// Implied by the event type (the payload's `status`, if any, must agree).
+    pub status: TaskStatus,
+    pub attempt: u32,
+    pub error_message: Option<String>,
+    pub due_at: Option<Millis>,
+}
+
+/// Upstream workflow event kinds (contract §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum WorkflowEventKind {
+    Started,
+    Escalated,
+    Failed,
+    Completed,
+}
+
+/// WORKFLOW_STARTED, WORKFLOW_ESCALATED, WORKFLOW_FAILED or WORKFLOW_COMPLETED from upstream.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct WorkflowEvent {
+    pub event_id: String,
+    pub event_time: Millis,
+    pub pos: Pos,
+    pub workflow_instance_id: String,
+    pub kind: WorkflowEventKind,
+    pub patient_id: Option<String>,
+    /// Required on WORKFLOW_STARTED.
+    pub template_id: Option<String>,
+    /// Required on WORKFLOW_STARTED.
+    pub template_version: Option<i64>,
+    pub template_name: Option<String>,
+    pub escalation_reason: Option<String>,
+}
+
+/// Order lifecycle states (contract §5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum OrderStatus {
+    Proposed,
+    Authorized,
+    Activated,
+    InProgress,
+    Resulted,
+    Dispensed,
+    Completed,
+    Verified,
+    Closed,
+    Cancelled,
+}
+
+impl OrderStatus {
+    pub const ALL: [OrderStatus; 10] = [
+        OrderStatus::Proposed,
+        OrderStatus::Authorized,
+        OrderStatus::Activated,
+        OrderStatus::InProgress,
+        OrderStatus::Resulted,
+        OrderStatus::Dispensed,
+        OrderStatus::Completed,
+        OrderStatus::Verified,
+        OrderStatus::Closed,
+        OrderStatus::Cancelled,
+    ];
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OrderStatus::Proposed => "PROPOSED",
+            OrderStatus::Authorized => "AUTHORIZED",
+            OrderStatus::Activated => "ACTIVATED",
+            OrderStatus::InProgress => "IN_PROGRESS",
+            OrderStatus::Resulted => "RESULTED",
+            OrderStatus::Dispensed => "DISPENSED",
+            OrderStatus::Completed => "COMPLETED",
+            OrderStatus::Verified => "VERIFIED",
+            OrderStatus::Closed => "CLOSED",
+            OrderStatus::Cancelled => "CANCELLED",
+        }
+    }
+    pub fn parse(s: &str) -> Option<OrderStatus> {
+        OrderStatus::ALL.iter().copied().find(|st| st.as_str() == s)
+    }
+    /// Open: any status other than RESULTED, DISPENSED, COMPLETED, VERIFIED, CLOSED, CANCELLED.
+    pub fn is_open(&self) -> bool {
+        matches!(
+            self,
+            OrderStatus::Proposed | OrderStatus::Authorized | OrderStatus::Activated | OrderStatus::InProgress
+        )
+    }
+}
+
+/// Order event types (contract §5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum OrderEventKind {
+    Created,
+    Authorized,
+    Activated,
+    Started,
+    Resulted,
+    Verified,
+    Closed,
+    Cancelled,
+    CompensationCompleted,
+}
+
+impl OrderEventKind {
+    pub const ALL: [OrderEventKind; 9] = [
+        OrderEventKind::Created,
+        OrderEventKind::Authorized,
+        OrderEventKind::Activated,
+        OrderEventKind::Started,
+        OrderEventKind::Resulted,
+        OrderEventKind::Verified,
+        OrderEventKind::Closed,
+        OrderEventKind::Cancelled,
+        OrderEventKind::CompensationCompleted,
+    ];
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OrderEventKind::Created => "ORDER_CREATED",
+            OrderEventKind::Authorized => "ORDER_AUTHORIZED",
+            OrderEventKind::Activated => "ORDER_ACTIVATED",
+            OrderEventKind::Started => "ORDER_STARTED",
+            OrderEventKind::Resulted => "ORDER_RESULTED",
+            OrderEventKind::Verified => "ORDER_VERIFIED",
+            OrderEventKind::Closed => "ORDER_CLOSED",
+            OrderEventKind::Cancelled => "ORDER_CANCELLED",
+            OrderEventKind::CompensationCompleted => "ORDER_COMPENSATION_COMPLETED",
+        }
+    }
+}
+
+/// An ORDER_* event.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct OrderEvent {
+    pub event_id: String,
+    pub event_time: Millis,
+    pub pos: Pos,
+    pub kind: OrderEventKind,
+    pub order_id: String,
+    pub workflow_instance_id: Option<String>,
+    pub patient_id: Option<String>,
+    pub order_type: Option<String>,
+    /// The state the event moves the order to; `None` only for ORDER_COMPENSATION_COMPLETED.
+    pub order_status: Option<OrderStatus>,
+    pub actor: Option<String>,
+    pub actor_role: Option<String>,
+    /// Cost in the smallest currency unit is not assumed: kept as the decimal text sent.
+    pub cost: Option<String>,
+    pub department: Option<String>,
+    pub critical: bool,
+    pub reason: Option<String>,
+    pub appointment_id: Option<String>,
+    pub action_id: Option<String>,
+}
+
+/// One task of a workflow template (contract §3), defaults applied.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TaskDef {
+    pub task_def_id: String,
+    pub name: Option<String>,
+    pub required: bool,
+    pub next_task_id: Option<String>,
+    pub sla_minutes: Option<u32>,
+    pub max_retries: u32,
+    pub failure_task_id: Option<String>,
+    pub blocking_order_types: Vec<String>,
+    pub escalate_to: String,
+    pub automatic: bool,
+}
+
+/// A validated workflow template version.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Template {
+    pub template_id: String,
+    pub version: i64,
+    pub template_name: Option<String>,
+    pub tasks: Vec<TaskDef>,
+}
+
+impl Template {
+    pub fn task(&self, task_def_id: &str) -> Option<&TaskDef> {
+        self.tasks.iter().find(|t| t.task_def_id == task_def_id)
+    }
+}
+
+/// A record of the compacted definitions topic: a template version, or its deletion.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct DefinitionRecord {
+    pub template_id: String,
+    pub version: i64,
+    pub pos: Pos,
+    /// `None`: a tombstone (null value) deleting that version.
+    pub template: Option<Arc<Template>>,
+}
+
+/// A decoded input event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Definition(DefinitionRecord),
+    Task(TaskEvent),
+    Workflow(WorkflowEvent),
+    Order(OrderEvent),
+    /// System events are decoded and validated; their rules are not live yet.
+    System(SystemEvent),
+}
+
+impl Event {
+    /// The event's `eventTime`; definitions carry none and never move the clock.
+    pub fn event_time(&self) -> Option<Millis> {
+        match self {
+            Event::Definition(_) => None,
+            Event::Task(e) => Some(e.event_time),
+            Event::Workflow(e) => Some(e.event_time),
+            Event::Order(e) => Some(e.event_time),
+            Event::System(e) => Some(e.event_time),
+        }
+    }
+}
+
+/// HEALTH_CHECK, PERFORMANCE_METRIC, ERROR_REPORT or AUDIT_EVENT (contract §6).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SystemEvent {
+    pub event_id: String,
+    pub event_time: Millis,
+    pub pos: Pos,
+    pub event_type: String,
+    pub component: String,
+    /// The whole original document, for the rules that need more fields.
+    pub body: String,
+}
+
+/// Parses an RFC 3339 timestamp into milliseconds since the epoch.
+pub fn parse_time(s: &str) -> Result<Millis, String> {
+    let t = chrono::DateTime::parse_from_rfc3339(s).map_err(|e| format!("`{s}` is not an RFC 3339 timestamp: {e}"))?;
+    let ms = t.timestamp_millis();
+    u64::try_from(ms).map_err(|_| format!("`{s}` is before 1970"))
+}
+
+/// Formats pipeline milliseconds as RFC 3339 with millisecond precision (`2026-11-26T10:15:00.123Z`).
+pub fn format_time(ms: Millis) -> String {
+    let t = chrono::DateTime::from_timestamp_millis(ms as i64).unwrap_or_default();
+    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw (wire) shapes. Optional everywhere so that *we* say which field is missing, with the
+// event type in the message, instead of serde's generic text.
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawEnvelope {
+    event_id: Option<String>,
+    event_type: Option<String>,
+    event_time: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawTask {
+    task_instance_id: Option<String>,
+    workflow_instance_id: Option<String>,
+    patient_id: Option<String>,
+    task_def_id: Option<String>,
+    task_name: Option<String>,
+    status: Option<String>,
+    attempt: Option<u32>,
+    error_message: Option<String>,
+    due_at: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawWorkflow {
+    workflow_instance_id: Option<String>,
+    patient_id: Option<String>,
+    template_id: Option<String>,
+    template_version: Option<i64>,
+    workflow_template_name: Option<String>,
+    escalation_reason: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawOrderMetadata {
+    actor_role: Option<String>,
+    cost: Option<serde_json::Number>,
+    department: Option<String>,
+    critical: Option<bool>,
+    reason: Option<String>,
+    appointment_id: Option<String>,
+    action_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawOrder {
+    order_id: Option<String>,
+    workflow_instance_id: Option<String>,
+    patient_id: Option<String>,
+    order_type: Option<String>,
+    order_status: Option<String>,
+    actor: Option<String>,
+    metadata: Option<RawOrderMetadata>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawTaskDef {
+    task_def_id: Option<String>,
+    name: Option<String>,
+    required: Option<bool>,
+    next_task_id: Option<String>,
+    sla_minutes: Option<u32>,
+    max_retries: Option<u32>,
+    failure_task_id: Option<String>,
+    blocking_order_types: Option<Vec<String>>,
+    escalate_to: Option<String>,
+    automatic: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawTemplate {
+    template_id: Option<String>,
+    version: Option<i64>,
+    template_name: Option<String>,
+    tasks: Option<Vec<RawTaskDef>>,
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(text: &'a str, what: &str) -> Result<T, Rejection> {
+    serde_json::from_str::<T>(text).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            Rejection::new(RejectReason::InvalidJson, format!("not valid JSON: {e}"))
+        } else {
+            Rejection::schema(format!("{what}: {e}"))
+        }
+    })
+}
+
+fn required<T>(v: Option<T>, field: &str, event_type: &str) -> Result<T, Rejection> {
+    v.ok_or_else(|| Rejection::schema(format!("{event_type} lacks required field `{field}`")))
+}
+
+fn non_empty(v: Option<String>, field: &str, event_type: &str) -> Result<String, Rejection> {
+    let v = required(v, field, event_type)?;
+    if v.is_empty() {
+        return Err(Rejection::schema(format!("{event_type}: field `{field}` is empty")));
+    }
+    Ok(v)
+}
+
+/// Decodes one record of `topic` (its key and value) into an event.
+pub fn decode(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u8]>, pos: Pos) -> Result<Event, Rejection> {
+    if topic == InputTopic::Definitions {
+        return decode_definition(key, value, pos).map(Event::Definition);
+    }
+    let Some(bytes) = value else {
+        return Err(Rejection::new(RejectReason::InvalidJson, "empty (null) value"));
+    };
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| Rejection::new(RejectReason::InvalidJson, format!("payload is not UTF-8: {e}")))?;
+    // An object is required; check it first so `[]` or `3` get INVALID_JSON, as a non-event.
+    let value: Value = parse_json(text, "event")?;
+    let Value::Object(_) = &value else {
+        return Err(Rejection::new(RejectReason::InvalidJson, "payload is JSON but not an object"));
+    };
+    let env: RawEnvelope = serde_json::from_value(value.clone()).map_err(|e| Rejection::schema(format!("envelope: {e}")))?;
+    let event_type = env.event_type.ok_or_else(|| Rejection::schema("lacks required field `eventType`"))?;
+    // The type decides before the other fields: an unknown type is its own reason.
+    match (topic, event_type.as_str()) {
+        (InputTopic::Tasks, "TASK_CREATED" | "TASK_STARTED" | "TASK_COMPLETED" | "TASK_FAILED") => {}
+        (
+            InputTopic::Workflows,
+            "WORKFLOW_STARTED" | "WORKFLOW_ESCALATED" | "WORKFLOW_FAILED" | "WORKFLOW_COMPLETED",
+        ) => {}
+        (InputTopic::Orders, t) if OrderEventKind::ALL.iter().any(|k| k.as_str() == t) => {}
+        (InputTopic::System, "HEALTH_CHECK" | "PERFORMANCE_METRIC" | "ERROR_REPORT" | "AUDIT_EVENT") => {}
+        _ => {
+            return Err(Rejection::new(
+                RejectReason::UnknownEventType,
+                format!("eventType `{event_type}` is not a type of topic {}", topic.default_name()),
+            ))
+        }
+    }
+    let et = event_type.as_str();
+    let event_id = non_empty(env.event_id, "eventId", et)?;
+    let event_time = parse_time(&required(env.event_time, "eventTime", et)?)
+        .map_err(|e| Rejection::schema(format!("{et}: eventTime {e}")))?;
+
+    match topic {
+        InputTopic::Tasks => {
+            let raw: RawTask = serde_json::from_value(value).map_err(|e| Rejection::schema(format!("{et}: {e}")))?;
+            let status = match et {
+                "TASK_CREATED" => TaskStatus::Pending,
+                "TASK_STARTED" => TaskStatus::InProgress,
+                "TASK_COMPLETED" => TaskStatus::Completed,
+                _ => TaskStatus::Failed,
+            };
+            if let Some(s) = &raw.status {
+                if s != status.as_str() {
+                    return Err(Rejection::schema(format!(
+                        "{et}: status `{s}` contradicts the event type (expected {})",
+                        status.as_str()
+                    )));
+                }
+            }
+            let attempt = raw.attempt.unwrap_or(1);
+            if attempt == 0 {
+                return Err(Rejection::schema(format!("{et}: attempt must be >= 1")));
+            }
+            let due_at = match raw.due_at {
+                Some(d) => Some(parse_time(&d).map_err(|e| Rejection::schema(format!("{et}: dueAt {e}")))?),
+                None => None,
+            };
+            Ok(Event::Task(TaskEvent {
+                event_id,
+                event_time,
+                pos,
+                task_instance_id: non_empty(raw.task_instance_id, "taskInstanceId", et)?,
+                workflow_instance_id: non_empty(raw.workflow_instance_id, "workflowInstanceId", et)?,
+                patient_id: raw.patient_id,
+                task_def_id: non_empty(raw.task_def_id, "taskDefId", et)?,
+                task_name: raw.task_name,
+                status,
+                attempt,
+                error_message: raw.error_message,
+                due_at,
+            }))
+        }
+        InputTopic::Workflows => {
+            let raw: RawWorkflow =
+                serde_json::from_value(value).map_err(|e| Rejection::schema(format!("{et}: {e}")))?;
+            let kind = match et {
+                "WORKFLOW_STARTED" => WorkflowEventKind::Started,
+                "WORKFLOW_ESCALATED" => WorkflowEventKind::Escalated,
+                "WORKFLOW_FAILED" => WorkflowEventKind::Failed,
+                _ => WorkflowEventKind::Completed,
+            };
+            let (template_id, template_version) = if kind == WorkflowEventKind::Started {
+                (
+                    Some(non_empty(raw.template_id, "templateId", et)?),
+                    Some(required(raw.template_version, "templateVersion", et)?),
+                )
+            } else {
+                (raw.template_id, raw.template_version)
+            };
+            Ok(Event::Workflow(WorkflowEvent {
+                event_id,
+                event_time,
+                pos,
+                workflow_instance_id: non_empty(raw.workflow_instance_id, "workflowInstanceId", et)?,
+                kind,
+                patient_id: raw.patient_id,
+                template_id,
+                template_version,
+                template_name: raw.workflow_template_name,
+                escalation_reason: raw.escalation_reason,
+            }))
+        }
+        InputTopic::Orders => {
+            let raw: RawOrder = serde_json::from_value(value).map_err(|e| Rejection::schema(format!("{et}: {e}")))?;
+            let kind = OrderEventKind::ALL.iter().copied().find(|k| k.as_str() == et).expect("checked above");
+            let order_status = match (kind, raw.order_status) {
+                (OrderEventKind::CompensationCompleted, s) => s.and_then(|s| OrderStatus::parse(&s)),
+                (_, None) => return Err(Rejection::schema(format!("{et} lacks required field `orderStatus`"))),
+                (k, Some(s)) => {
+                    let st = OrderStatus::parse(&s)
+                        .ok_or_else(|| Rejection::schema(format!("{et}: orderStatus `{s}` is not an order state")))?;
+                    let fits = match k {
+                        OrderEventKind::Created => st == OrderStatus::Proposed,
+                        OrderEventKind::Authorized => st == OrderStatus::Authorized,
+                        OrderEventKind::Activated => st == OrderStatus::Activated,
+                        OrderEventKind::Started => st == OrderStatus::InProgress,
+                        OrderEventKind::Resulted => {
+                            matches!(st, OrderStatus::Resulted | OrderStatus::Dispensed | OrderStatus::Completed)
+                        }
+                        OrderEventKind::Verified => st == OrderStatus::Verified,
+                        OrderEventKind::Closed => st == OrderStatus::Closed,
+                        OrderEventKind::Cancelled => st == OrderStatus::Cancelled,
+                        OrderEventKind::CompensationCompleted => true,
+                    };
+                    if !fits {
+                        return Err(Rejection::schema(format!("{et}: orderStatus `{s}` does not fit the event type")));
+                    }
+                    Some(st)
+                }
+            };
+            let md = raw.metadata.unwrap_or_default();
+            if kind == OrderEventKind::CompensationCompleted && md.action_id.is_none() {
+                return Err(Rejection::schema(format!("{et} lacks required field `metadata.actionId`")));
+            }
+            let order_type = raw.order_type;
+            if kind == OrderEventKind::Created && order_type.is_none() {
+                return Err(Rejection::schema(format!("{et} lacks required field `orderType`")));
+            }
+            Ok(Event::Order(OrderEvent {
+                event_id,
+                event_time,
+                pos,
+                kind,
+                order_id: non_empty(raw.order_id, "orderId", et)?,
+                workflow_instance_id: raw.workflow_instance_id,
+                patient_id: raw.patient_id,
+                order_type,
+                order_status,
+                actor: raw.actor,
+                actor_role: md.actor_role,
+                cost: md.cost.map(|n| n.to_string()),
+                department: md.department,
+                critical: md.critical.unwrap_or(false),
+                reason: md.reason,
+                appointment_id: md.appointment_id,
+                action_id: md.action_id,
+            }))
+        }
+        InputTopic::System => {
+            let component = match value.get("component") {
+                Some(Value::String(c)) if !c.is_empty() => c.clone(),
+                Some(_) => return Err(Rejection::schema(format!("{et}: field `component` must be a non-empty string"))),
+                None => return Err(Rejection::schema(format!("{et} lacks required field `component`"))),
+            };
+            Ok(Event::System(SystemEvent {
+                event_id,
+                event_time,
+                pos,
+                event_type: event_type.clone(),
+                component,
+                body: text.to_string(),
+            }))
+        }
+        InputTopic::Definitions => unreachable!("handled above"),
+    }
+}
+
+/// Parses a definitions key `templateId:version` (split at the last colon).
+fn parse_def_key(key: Option<&[u8]>) -> Result<(String, i64), Rejection> {
+    let key = key.ok_or_else(|| Rejection::new(RejectReason::InvalidDefinition, "definition record without a key"))?;
+    let key = std::str::from_utf8(key)
+        .map_err(|_| Rejection::new(RejectReason::InvalidDefinition, "definition key is not UTF-8"))?;
+    let (id, ver) = key.rsplit_once(':').ok_or_else(|| {
+        Rejection::new(RejectReason::InvalidDefinition, format!("definition key `{key}` is not `templateId:version`"))
+    })?;
+    let ver: i64 = ver.parse().map_err(|_| {
+        Rejection::new(RejectReason::InvalidDefinition, format!("definition key `{key}`: version is not an integer"))
+    })?;
+    if id.is_empty() {
+        return Err(Rejection::new(RejectReason::InvalidDefinition, format!("definition key `{key}`: empty templateId")));
+    }
+    Ok((id.to_string(), ver))
+}
+
+fn decode_definition(key: Option<&[u8]>, value: Option<&[u8]>, pos: Pos) -> Result<DefinitionRecord, Rejection> {
+    let Some(bytes) = value else {
+        let (template_id, version) = parse_def_key(key)?;
+        return Ok(DefinitionRecord { template_id, version, pos, template: None });
+    };
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| Rejection::new(RejectReason::InvalidJson, format!("payload is not UTF-8: {e}")))?;
+    let raw: RawTemplate = parse_json(text, "definition")?;
+    let template_id = non_empty(raw.template_id, "templateId", "definition")?;
+    let version = required(raw.version, "version", "definition")?;
+    if let Some(k) = key {
+        let (kid, kver) = parse_def_key(Some(k))?;
+        if kid != template_id || kver != version {
+            return Err(Rejection::new(
+                RejectReason::InvalidDefinition,
+                format!("key `{kid}:{kver}` disagrees with body `{template_id}:{version}`"),
+            ));
+        }
+    }
+    let raw_tasks = required(raw.tasks, "tasks", "definition")?;
+    let mut tasks = Vec::with_capacity(raw_tasks.len());
+    for (i, t) in raw_tasks.into_iter().enumerate() {
+        let task_def_id = non_empty(t.task_def_id, &format!("tasks[{i}].taskDefId"), "definition")?;
+        tasks.push(TaskDef {
+            task_def_id,
+            name: t.name,
+            required: t.required.unwrap_or(true),
+            next_task_id: t.next_task_id,
+            sla_minutes: t.sla_minutes,
+            max_retries: t.max_retries.unwrap_or(0),
+            failure_task_id: t.failure_task_id,
+            blocking_order_types: t.blocking_order_types.unwrap_or_default(),
+            escalate_to: t.escalate_to.unwrap_or_else(|| "MANAGER".to_string()),
+            automatic: t.automatic.unwrap_or(false),
+        });
+    }
+    let template = Template { template_id, version, template_name: raw.template_name, tasks };
+    validate_template(&template).map_err(|d| Rejection::new(RejectReason::InvalidDefinition, d))?;
+    Ok(DefinitionRecord {
+        template_id: template.template_id.clone(),
+        version,
+        pos,
+        template: Some(Arc::new(template)),
+    })
+}
+
+/// Contract §3: unique ids, references inside the template, no `nextTaskId` cycle.
+pub fn validate_template(t: &Template) -> Result<(), String> {
+    let mut ids = BTreeSet::new();
+    for d in &t.tasks {
+        if !ids.insert(d.task_def_id.as_str()) {
+            return Err(format!("taskDefId `{}` appears twice", d.task_def_id));
+        }
+    }
+    for d in &t.tasks {
+        for (field, target) in [("nextTaskId", &d.next_task_id), ("failureTaskId", &d.failure_task_id)] {
+            if let Some(target) = target {
+                if !ids.contains(target.as_str()) {
+                    return Err(format!("task `{}`: {field} `{target}` names no task of the template", d.task_def_id));
+                }
+            }
+        }
+    }
+    // Each node has at most one outgoing nextTaskId edge: follow chains, detect a revisit.
+    let next: BTreeMap<&str, &str> =
+        t.tasks.iter().filter_map(|d| d.next_task_id.as_deref().map(|n| (d.task_def_id.as_str(), n))).collect();
+    for start in next.keys() {
+        let mut seen = BTreeSet::new();
+        let mut cur = *start;
+        while let Some(n) = next.get(cur) {
+            if !seen.insert(cur) {
+                return Err(format!("nextTaskId links form a cycle through `{cur}`"));
+            }
+            cur = n;
+        }
+    }
+    Ok(())
+}

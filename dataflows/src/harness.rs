@@ -1,0 +1,134 @@
+//! An in-memory driver for the dataflow: feeds timestamped events to N timely workers and
+//! collects the flush batches, applied to an in-memory picture of the tables and topics.
+//! Used by the rule tests, the property tests against the reference model, and benchmarks.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::events::Event;
+use crate::gather::Gather;
+use crate::output::{FlushBatch, Millis, OutRecord, Row};
+use crate::{build, RulesConfig, Sessions};
+
+/// What a run produced, applied as the sink would apply it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Final table contents by primary key.
+    pub rows: BTreeMap<(u8, String, String), Row>,
+    /// Published records in publication order.
+    pub records: Vec<OutRecord>,
+    /// Every batch, in order.
+    pub batches: Vec<FlushBatch>,
+}
+
+impl Outcome {
+    /// Applies a batch: upserts, deletes, appends records (deduplicated by eventId, like the outbox).
+    pub fn apply(&mut self, b: FlushBatch) {
+        for (k, v) in &b.rows {
+            match v {
+                Some(r) => {
+                    self.rows.insert(k.clone(), r.clone());
+                }
+                None => {
+                    self.rows.remove(k);
+                }
+            }
+        }
+        for r in &b.records {
+            if !self.records.iter().any(|x| x.topic == r.topic && x.event_id == r.event_id) {
+                self.records.push(r.clone());
+            }
+        }
+        self.batches.push(b);
+    }
+
+    /// Records of one event type.
+    pub fn of_type(&self, ty: &str) -> Vec<&OutRecord> {
+        self.records.iter().filter(|r| r.event_type == ty).collect()
+    }
+}
+
+/// A run specification: events with their pipeline times, fed in order.
+#[derive(Clone, Debug)]
+pub struct Run {
+    pub workers: usize,
+    /// Events and the pipeline time each is inserted at (non-decreasing).
+    pub feed: Vec<(Millis, Event)>,
+    /// The frontier to advance to at the end (everything below it is flushed).
+    pub end: Millis,
+    /// Events replayed at `restore_time` before `feed` (as after a restart), whose outputs
+    /// below `suppress_before` are dropped.
+    pub replay: Vec<Event>,
+    pub restore_time: Millis,
+    pub suppress_before: Millis,
+    pub config: RulesConfig,
+}
+
+impl Run {
+    pub fn new(workers: usize, feed: Vec<(Millis, Event)>, end: Millis) -> Run {
+        Run {
+            workers,
+            feed,
+            end,
+            replay: Vec::new(),
+            restore_time: 0,
+            suppress_before: 0,
+            config: RulesConfig::default(),
+        }
+    }
+}
+
+/// Runs the dataflow on `run` and returns the applied outcome.
+pub fn run(run: Run) -> Outcome {
+    let outcome = Arc::new(Mutex::new(Outcome::default()));
+    let shared = outcome.clone();
+    // Highest frontier flushed so far; batches past `end` are ignored (the inputs closing at
+    // shutdown would otherwise flush times the run never reached).
+    let gathered = Arc::new(AtomicU64::new(0));
+    let run = Arc::new(run);
+    timely::execute(timely::Config::process(run.workers.max(1)), move |worker| {
+        let index = worker.index();
+        let peers = worker.peers();
+        let shared = shared.clone();
+        let gathered = gathered.clone();
+        let gathered2 = gathered.clone();
+        let end = run.end;
+        let cfg = run.config.clone();
+        let suppress = run.suppress_before;
+        let (mut sessions, probe) = worker.dataflow::<u64, _, _>(|scope| {
+            let (sessions, inputs) = Sessions::new(scope.clone());
+            let emits = build(inputs, &cfg);
+            let (probe, emits) = emits.probe();
+            emits.gather(suppress, move |b| {
+                if gathered2.load(Ordering::SeqCst) >= end {
+                    return;
+                }
+                let f = b.frontier;
+                shared.lock().unwrap().apply(b);
+                gathered2.store(f, Ordering::SeqCst);
+            });
+            (sessions, probe)
+        });
+        sessions.advance_to(run.restore_time);
+        for (i, e) in run.replay.iter().enumerate() {
+            if i % peers == index {
+                sessions.insert(e.clone(), run.restore_time);
+            }
+        }
+        for (i, (t, e)) in run.feed.iter().enumerate() {
+            if *t > sessions.time() {
+                sessions.advance_to(*t);
+                worker.step();
+            }
+            if i % peers == index {
+                sessions.insert(e.clone(), *t);
+            }
+        }
+        sessions.advance_to(run.end);
+        worker.step_while(|| probe.less_than(&run.end) || gathered.load(Ordering::SeqCst) < run.end);
+    })
+    .expect("timely workers");
+    let out = outcome.lock().unwrap().clone();
+    out
+}

@@ -1,0 +1,196 @@
+//! # hmis-dataflows: the rules of hmis-flow as a timely/differential dataflow
+//!
+//! This crate holds *all* rule logic and *no* I/O: no Kafka, no PostgreSQL, no tokio.
+//! It takes collections of decoded input events and returns one collection of
+//! [`Emit`]s — relational rows, derived events, dead letters and input offsets — whose
+//! changes the runtime gathers per pipeline-clock interval ([`gather`]) into
+//! [`output::FlushBatch`]es for the sink.
+//!
+//! ## Layout
+//! - [`events`]: input types and `decode(bytes) -> Result<Event, Rejection>`.
+//! - [`tasks`]: task state. [`orders`]: the order lifecycle. [`workflows`]: readiness,
+//!   progress, completion, failure. [`derived`]: derived event types, ids, JSON.
+//! - [`gather`]: the operator that turns timestamped changes into flush batches.
+//!
+//! ## Time
+//! The dataflow's timestamp is the pipeline clock in milliseconds (contract §8): in
+//! `clock = event` a record is stamped with its own eventTime (so results do not depend on
+//! how partitions interleave or batch), in `clock = wall` with the wall clock at ingestion.
+//! A pipeline time is *complete* when the input frontier has passed it; only complete
+//! times are flushed.
+
+pub mod derived;
+pub mod events;
+pub mod gather;
+pub mod harness;
+pub mod orders;
+pub mod output;
+pub mod tasks;
+pub mod workflows;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use differential_dataflow::{AsCollection, VecCollection};
+use timely::dataflow::operators::vec::Map as _;
+
+use events::{DefinitionRecord, OrderEvent, TaskEvent, Template, WorkflowEvent};
+use orders::{Eligibility, OrderStates};
+use output::{DeadLetter, OffsetMark, OutRecord, Row};
+use tasks::TaskStates;
+use workflows::{fold_workflow, OrderFact, WfFact, WfOut, WorkflowRules};
+
+/// Rule parameters (contract defaults).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RulesConfig {
+    /// Who may authorize which order type.
+    pub eligibility: Eligibility,
+}
+
+/// Everything the dataflow emits, as one collection.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Emit {
+    /// A row state; `+1` when it becomes current, `-1` when it stops being current.
+    Row(Row),
+    /// A record to publish, with its ordering key (workflow, type rank) within one instant.
+    Record((String, u8), OutRecord),
+    /// A rejected input record.
+    Dead(DeadLetter),
+    /// The input position after a record.
+    Offset(OffsetMark),
+}
+
+/// The dataflow's input collections.
+pub struct Inputs<'s> {
+    pub definitions: VecCollection<'s, u64, DefinitionRecord>,
+    pub tasks: VecCollection<'s, u64, TaskEvent>,
+    pub workflows: VecCollection<'s, u64, WorkflowEvent>,
+    pub orders: VecCollection<'s, u64, OrderEvent>,
+    /// Dead letters and offset marks from the source, passed through to the sink.
+    pub side: VecCollection<'s, u64, Emit>,
+}
+
+/// Latest valid template per (templateId, version): the record with the highest position wins,
+/// a tombstone deletes.
+pub fn templates<'s>(
+    definitions: VecCollection<'s, u64, DefinitionRecord>,
+) -> VecCollection<'s, u64, ((String, i64), Arc<Template>)> {
+    definitions.map(|d| ((d.template_id.clone(), d.version), d)).reduce_named("Templates", |_key, input, output| {
+        if let Some((latest, _)) = input.iter().max_by_key(|(d, _)| d.pos) {
+            if let Some(t) = &latest.template {
+                output.push((t.clone(), 1));
+            }
+        }
+    })
+}
+
+/// Builds the rules over `inputs`; returns everything to emit.
+pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64, Emit> {
+    let templates = templates(inputs.definitions);
+
+    let wf_states = inputs
+        .workflows
+        .map(|e| (e.workflow_instance_id.clone(), e))
+        .reduce_named("WorkflowState", |wid, input, output| {
+            let events: Vec<&WorkflowEvent> = input.iter().map(|(e, _)| *e).collect();
+            output.push((fold_workflow(wid, &events), 1));
+        });
+
+    let pinned = wf_states
+        .clone()
+        .flat_map(|(wid, st)| st.started.map(|s| ((s.template_id, s.template_version), wid)))
+        .join_map(templates, |_key, wid, t| (wid.clone(), WfFact::Template(t.clone())));
+
+    let task_facts = inputs.tasks.task_states().map(|(_, s)| (s.workflow_instance_id.clone(), WfFact::Task(s)));
+
+    let order_states = inputs.orders.order_states(Arc::new(cfg.eligibility.clone()));
+    let order_facts = order_states.flat_map(|(_, st)| OrderFact::of(&st).map(|(w, f)| (w, WfFact::Order(f))));
+
+    let facts = wf_states
+        .map(|(wid, st)| (wid, WfFact::State(st)))
+        .concat(pinned)
+        .concat(task_facts)
+        .concat(order_facts);
+
+    let wf_out = facts
+        .workflow_rules()
+        .inner
+        .flat_map(|((wid, out), t, r)| match out {
+            WfOut::Row(row) => Some((Emit::Row(row), t, r)),
+            WfOut::Event(d) if r > 0 => {
+                let rank = d.event_type.map(|t| t as u8).unwrap_or(u8::MAX);
+                Some((Emit::Record((wid, rank), d.to_record(t)), t, 1))
+            }
+            WfOut::Event(_) => None,
+        })
+        .as_collection();
+
+    wf_out.concat(inputs.side)
+}
+
+/// The input handles matching [`Inputs`]: what a source (the Kafka runtime, a test, a
+/// benchmark) feeds. Every worker owns one; all must advance together (or be dropped).
+pub struct Sessions {
+    pub definitions: differential_dataflow::input::InputSession<u64, DefinitionRecord, isize>,
+    pub tasks: differential_dataflow::input::InputSession<u64, TaskEvent, isize>,
+    pub workflows: differential_dataflow::input::InputSession<u64, WorkflowEvent, isize>,
+    pub orders: differential_dataflow::input::InputSession<u64, OrderEvent, isize>,
+    pub side: differential_dataflow::input::InputSession<u64, Emit, isize>,
+}
+
+impl Sessions {
+    /// Creates the sessions and their collections in `scope`.
+    pub fn new<'s>(scope: timely::dataflow::Scope<'s, u64>) -> (Sessions, Inputs<'s>) {
+        use differential_dataflow::input::Input;
+        let (definitions, d) = scope.new_collection();
+        let (tasks, t) = scope.new_collection();
+        let (workflows, w) = scope.new_collection();
+        let (orders, o) = scope.new_collection();
+        let (side, s) = scope.new_collection();
+        (
+            Sessions { definitions, tasks, workflows, orders, side },
+            Inputs { definitions: d, tasks: t, workflows: w, orders: o, side: s },
+        )
+    }
+
+    /// Inserts a decoded event at pipeline time `time` (at or after the sessions' time).
+    pub fn insert(&mut self, event: events::Event, time: u64) {
+        match event {
+            events::Event::Definition(d) => self.definitions.update_at(d, time, 1),
+            events::Event::Task(e) => self.tasks.update_at(e, time, 1),
+            events::Event::Workflow(e) => self.workflows.update_at(e, time, 1),
+            events::Event::Order(e) => self.orders.update_at(e, time, 1),
+            // System-event rules are not live yet: decoded (so bad ones are dead-lettered), not fed.
+            events::Event::System(_) => {}
+        }
+    }
+
+    /// Inserts a pass-through item (dead letter, offset mark).
+    pub fn emit(&mut self, item: Emit, time: u64) {
+        self.side.update_at(item, time, 1);
+    }
+
+    /// The sessions' current time.
+    pub fn time(&self) -> u64 {
+        *self.side.time()
+    }
+
+    /// Advances every session to `time` and flushes.
+    pub fn advance_to(&mut self, time: u64) {
+        self.definitions.advance_to(time);
+        self.tasks.advance_to(time);
+        self.workflows.advance_to(time);
+        self.orders.advance_to(time);
+        self.side.advance_to(time);
+        self.flush();
+    }
+
+    pub fn flush(&mut self) {
+        self.definitions.flush();
+        self.tasks.flush();
+        self.workflows.flush();
+        self.orders.flush();
+        self.side.flush();
+    }
+}

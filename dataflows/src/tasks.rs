@@ -1,0 +1,92 @@
+//! Task state (contract §4): the current state of a task instance from its events.
+//!
+//! The state is defined on the *set* of a task's events, not on their arrival order:
+//! the winner is the event with the highest (attempt, lifecycle rank), ties to the later
+//! eventTime (then the later offset, so the choice is total). Duplicate eventIds count
+//! once (the first by position wins).
+
+use serde::{Deserialize, Serialize};
+
+use differential_dataflow::VecCollection;
+
+use crate::events::{TaskEvent, TaskStatus};
+use crate::output::Millis;
+
+/// The current state of one task instance.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TaskState {
+    pub task_instance_id: String,
+    pub workflow_instance_id: String,
+    pub patient_id: Option<String>,
+    pub task_def_id: String,
+    pub task_name: Option<String>,
+    pub status: TaskStatus,
+    pub attempt: u32,
+    /// eventTime of the winning event.
+    pub event_time: Millis,
+    /// eventId of the winning event (the cause of what follows from this state).
+    pub event_id: String,
+    /// eventTime of the TASK_CREATED of the current attempt.
+    pub created_at: Option<Millis>,
+    /// `dueAt` of the TASK_CREATED of the current attempt, when it carried one.
+    pub due_at_explicit: Option<Millis>,
+    /// eventTime of the TASK_STARTED of the current attempt.
+    pub started_at: Option<Millis>,
+    /// eventTime of the TASK_COMPLETED / TASK_FAILED that decided the current attempt.
+    pub finished_at: Option<Millis>,
+    pub error_message: Option<String>,
+}
+
+/// Removes duplicate eventIds, keeping the first by input position.
+pub fn dedup_by_event_id<'a>(events: impl IntoIterator<Item = &'a TaskEvent>) -> Vec<&'a TaskEvent> {
+    let mut v: Vec<&TaskEvent> = events.into_iter().collect();
+    v.sort_by(|a, b| a.event_id.cmp(&b.event_id).then(a.pos.cmp(&b.pos)));
+    v.dedup_by(|b, a| a.event_id == b.event_id);
+    v
+}
+
+/// Folds the (deduplicated) events of one task instance into its state.
+pub fn fold_task<'a>(events: &[&'a TaskEvent]) -> Option<TaskState> {
+    let winner = events
+        .iter()
+        .max_by_key(|e| (e.attempt, e.status.rank(), e.event_time, e.pos))?;
+    let same_attempt = || events.iter().filter(|e| e.attempt == winner.attempt);
+    let created = same_attempt().filter(|e| e.status == TaskStatus::Pending).min_by_key(|e| (e.event_time, e.pos));
+    let started = same_attempt().filter(|e| e.status == TaskStatus::InProgress).min_by_key(|e| (e.event_time, e.pos));
+    let finished_at = matches!(winner.status, TaskStatus::Completed | TaskStatus::Failed).then_some(winner.event_time);
+    let patient_id = winner.patient_id.clone().or_else(|| events.iter().find_map(|e| e.patient_id.clone()));
+    let task_name = winner.task_name.clone().or_else(|| events.iter().find_map(|e| e.task_name.clone()));
+    Some(TaskState {
+        task_instance_id: winner.task_instance_id.clone(),
+        workflow_instance_id: winner.workflow_instance_id.clone(),
+        patient_id,
+        task_def_id: winner.task_def_id.clone(),
+        task_name,
+        status: winner.status,
+        attempt: winner.attempt,
+        event_time: winner.event_time,
+        event_id: winner.event_id.clone(),
+        created_at: created.map(|e| e.event_time),
+        due_at_explicit: created.and_then(|e| e.due_at),
+        started_at: started.map(|e| e.event_time),
+        finished_at,
+        error_message: if winner.status == TaskStatus::Failed { winner.error_message.clone() } else { None },
+    })
+}
+
+/// Extension trait: the task-state operator.
+pub trait TaskStates<'s> {
+    /// One [`TaskState`] per task instance, keyed by taskInstanceId.
+    fn task_states(self) -> VecCollection<'s, u64, (String, TaskState)>;
+}
+
+impl<'s> TaskStates<'s> for VecCollection<'s, u64, TaskEvent> {
+    fn task_states(self) -> VecCollection<'s, u64, (String, TaskState)> {
+        self.map(|e| (e.task_instance_id.clone(), e)).reduce_named("TaskState", |_key, input, output| {
+            let events = dedup_by_event_id(input.iter().map(|(e, _)| *e));
+            if let Some(state) = fold_task(&events) {
+                output.push((state, 1));
+            }
+        })
+    }
+}

@@ -1,0 +1,461 @@
+//! Workflows (contract §4): readiness, progress, completion and failure, per workflow instance.
+//!
+//! Everything a rule about workflow instance W needs is gathered under W's key as a set of
+//! [`WfFact`]s — W's upstream state, its pinned template version, the states of its task
+//! instances and of its orders — and one `reduce` evaluates the contract's rules on that
+//! set with [`evaluate`]. Differential dataflow re-evaluates W only when one of its facts
+//! changes and reports only the outputs that changed, so a rule is a plain function of
+//! state (arrival order cannot matter) while the computation stays incremental.
+//!
+//! ```text
+//!  workflow events ─reduce─► WfState ─┐
+//!  definitions ─reduce─► Template ─join(templateId,version)─┤
+//!  task events ─reduce─► TaskState ───┤  (by workflowInstanceId)
+//!  order events ─reduce─► OrderState ─┘
+//!                                     └─► reduce(evaluate) ─► WfOut: rows and derived events
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use differential_dataflow::VecCollection;
+
+use crate::derived::{Derived, DerivedType};
+use crate::events::{TaskStatus, Template, WorkflowEvent, WorkflowEventKind};
+use crate::orders::OrderState;
+use crate::output::{Millis, ReadinessRow, Row, TaskRow, WorkflowRow};
+use crate::tasks::TaskState;
+
+/// What upstream said about a workflow instance.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct WfState {
+    pub workflow_instance_id: String,
+    pub patient_id: Option<String>,
+    /// From WORKFLOW_STARTED (the earliest, if several).
+    pub started: Option<Started>,
+    /// The latest upstream WORKFLOW_COMPLETED / WORKFLOW_FAILED, by (eventTime, offset).
+    pub upstream_terminal: Option<(WorkflowEventKind, Millis)>,
+    /// The latest upstream WORKFLOW_ESCALATED reason, if any was sent.
+    pub upstream_escalation: Option<(Millis, Option<String>)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Started {
+    pub template_id: String,
+    pub template_version: i64,
+    pub template_name: Option<String>,
+    pub at: Millis,
+    pub event_id: String,
+}
+
+/// Folds the upstream events of one workflow instance (duplicates count once).
+pub fn fold_workflow(wid: &str, events: &[&WorkflowEvent]) -> WfState {
+    let mut evs: Vec<&WorkflowEvent> = events.to_vec();
+    evs.sort_by(|a, b| a.event_id.cmp(&b.event_id).then(a.pos.cmp(&b.pos)));
+    evs.dedup_by(|b, a| a.event_id == b.event_id);
+    evs.sort_by_key(|e| (e.event_time, e.pos));
+    let mut st = WfState {
+        workflow_instance_id: wid.to_string(),
+        patient_id: None,
+        started: None,
+        upstream_terminal: None,
+        upstream_escalation: None,
+    };
+    for e in evs {
+        if st.patient_id.is_none() {
+            st.patient_id = e.patient_id.clone();
+        }
+        match e.kind {
+            WorkflowEventKind::Started => {
+                if st.started.is_none() {
+                    st.started = Some(Started {
+                        template_id: e.template_id.clone().unwrap_or_default(),
+                        template_version: e.template_version.unwrap_or_default(),
+                        template_name: e.template_name.clone(),
+                        at: e.event_time,
+                        event_id: e.event_id.clone(),
+                    });
+                }
+            }
+            WorkflowEventKind::Completed | WorkflowEventKind::Failed => {
+                st.upstream_terminal = Some((e.kind, e.event_time));
+            }
+            WorkflowEventKind::Escalated => st.upstream_escalation = Some((e.event_time, e.escalation_reason.clone())),
+        }
+    }
+    st
+}
+
+/// One fact about a workflow instance, gathered under its key.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum WfFact {
+    State(WfState),
+    Template(Arc<Template>),
+    Task(TaskState),
+    Order(OrderFact),
+}
+
+/// What readiness needs of an order.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct OrderFact {
+    pub order_id: String,
+    pub order_type: Option<String>,
+    pub open: bool,
+    pub last_event_id: Option<String>,
+    pub last_event_time: Option<Millis>,
+}
+
+impl OrderFact {
+    pub fn of(st: &OrderState) -> Option<(String, OrderFact)> {
+        let wid = st.workflow_instance_id.clone()?;
+        st.status?;
+        Some((
+            wid,
+            OrderFact {
+                order_id: st.order_id.clone(),
+                order_type: st.order_type.clone(),
+                open: st.is_open(),
+                last_event_id: st.last_event_id.clone(),
+                last_event_time: st.last_event_time,
+            },
+        ))
+    }
+}
+
+/// An output of the workflow rules: a row, or a derived event (emitted when it appears).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum WfOut {
+    Event(Derived),
+    Row(Row),
+}
+
+/// Status of a workflow instance as the rules decide it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum WfStatus {
+    Active,
+    Completed,
+    Failed,
+}
+
+impl WfStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            WfStatus::Active => "ACTIVE",
+            WfStatus::Completed => "COMPLETED",
+            WfStatus::Failed => "FAILED",
+        }
+    }
+}
+
+/// Per task definition, what the instances of W say about it.
+#[derive(Default, Debug)]
+struct DefSummary<'a> {
+    completed: Option<&'a TaskState>,
+    in_progress: bool,
+    failed_for_good: Option<&'a TaskState>,
+    /// Highest failed attempt that still had retries left.
+    failed_retriable: Option<u32>,
+}
+
+/// Evaluates the contract's rules for one workflow instance from its facts.
+pub fn evaluate(wid: &str, facts: &[&WfFact]) -> Vec<WfOut> {
+    let mut out = Vec::new();
+    let mut state = None;
+    let mut template = None;
+    let mut tasks: Vec<&TaskState> = Vec::new();
+    let mut orders: Vec<&OrderFact> = Vec::new();
+    for f in facts {
+        match f {
+            WfFact::State(s) => state = Some(s),
+            WfFact::Template(t) => template = Some(t),
+            WfFact::Task(t) => tasks.push(t),
+            WfFact::Order(o) => orders.push(o),
+        }
+    }
+    // Without WORKFLOW_STARTED nothing about W is known yet (the events may still be on their way).
+    let Some(state) = state else { return out };
+    let Some(started) = &state.started else { return out };
+    let patient = state.patient_id.clone().or_else(|| tasks.iter().find_map(|t| t.patient_id.clone()));
+
+    let mut summary: BTreeMap<&str, DefSummary> = BTreeMap::new();
+    if let Some(t) = template {
+        for task in &tasks {
+            let Some(def) = t.task(&task.task_def_id) else { continue };
+            let s = summary.entry(def.task_def_id.as_str()).or_default();
+            match task.status {
+                TaskStatus::Completed => {
+                    if s.completed.is_none_or(|c| (task.finished_at, &task.task_instance_id) < (c.finished_at, &c.task_instance_id)) {
+                        s.completed = Some(task);
+                    }
+                }
+                TaskStatus::InProgress => s.in_progress = true,
+                TaskStatus::Failed if task.attempt > def.max_retries => {
+                    if s.failed_for_good.is_none_or(|c| (task.finished_at, &task.task_instance_id) < (c.finished_at, &c.task_instance_id)) {
+                        s.failed_for_good = Some(task);
+                    }
+                }
+                TaskStatus::Failed => s.failed_retriable = s.failed_retriable.max(Some(task.attempt)),
+                TaskStatus::Pending => {}
+            }
+        }
+    }
+
+    // Progress, completion and failure.
+    let mut progress = 0;
+    let mut derived_completion: Option<Millis> = None;
+    let mut derived_failure: Option<&TaskState> = None;
+    if let Some(t) = template {
+        let required: Vec<_> = t.tasks.iter().filter(|d| d.required).collect();
+        let done: Vec<Millis> = required
+            .iter()
+            .filter_map(|d| summary.get(d.task_def_id.as_str()).and_then(|s| s.completed))
+            .map(|c| c.finished_at.unwrap_or(c.event_time))
+            .collect();
+        progress = if required.is_empty() { 100 } else { (100 * done.len() / required.len()) as i32 };
+        if progress == 100 {
+            derived_completion = Some(done.iter().copied().max().unwrap_or(started.at).max(started.at));
+        }
+        derived_failure = t
+            .tasks
+            .iter()
+            .filter(|d| d.failure_task_id.is_none())
+            .filter_map(|d| summary.get(d.task_def_id.as_str()).and_then(|s| s.failed_for_good))
+            .min_by_key(|f| (f.finished_at, f.task_instance_id.clone()));
+    }
+    let status = match state.upstream_terminal {
+        Some((WorkflowEventKind::Completed, _)) => WfStatus::Completed,
+        Some(_) => WfStatus::Failed,
+        None if derived_failure.is_some() => WfStatus::Failed,
+        None if derived_completion.is_some() => WfStatus::Completed,
+        None => WfStatus::Active,
+    };
+    let completed_at = match state.upstream_terminal {
+        Some((_, at)) => Some(at),
+        None if status == WfStatus::Failed => derived_failure.and_then(|f| f.finished_at),
+        None => derived_completion,
+    };
+
+    let base = |ty: DerivedType, id: String| {
+        let mut d = Derived::new(ty, &id, wid);
+        d.patient_id = patient.clone();
+        d.template_id = Some(started.template_id.clone());
+        d.template_version = Some(started.template_version);
+        d
+    };
+
+    // Escalation: upstream WORKFLOW_ESCALATED, or a derived failure.
+    let mut escalation_reason = state.upstream_escalation.as_ref().map(|(_, r)| r.clone().unwrap_or_default());
+    if template.is_some() {
+        out.push(WfOut::Event({
+            let mut d = base(DerivedType::WorkflowProgress, format!("hmis-flow:WORKFLOW_PROGRESS:{wid}:{progress}"));
+            d.progress_percentage = Some(progress);
+            d
+        }));
+    }
+    if state.upstream_terminal.is_none() {
+        if let (WfStatus::Completed, Some(at)) = (status, derived_completion) {
+            let mut d = base(DerivedType::WorkflowCompleted, format!("hmis-flow:WORKFLOW_COMPLETED:{wid}"));
+            d.progress_percentage = Some(progress);
+            d.duration_seconds = Some((at.saturating_sub(started.at) / 1000) as i64);
+            out.push(WfOut::Event(d));
+        }
+        if let (WfStatus::Failed, Some(f)) = (status, derived_failure) {
+            let reason = format!("TASK_FAILED:{}", f.task_def_id);
+            let mut d = base(DerivedType::WorkflowFailed, format!("hmis-flow:WORKFLOW_FAILED:{wid}"));
+            d.task_instance_id = Some(f.task_instance_id.clone());
+            d.task_def_id = Some(f.task_def_id.clone());
+            d.reason = Some(reason.clone());
+            d.error_message = f.error_message.clone();
+            d.cause_event_id = Some(f.event_id.clone());
+            out.push(WfOut::Event(d));
+            let mut e = base(DerivedType::WorkflowEscalated, format!("hmis-flow:WORKFLOW_ESCALATED:{wid}:{reason}:1"));
+            e.task_instance_id = Some(f.task_instance_id.clone());
+            e.task_def_id = Some(f.task_def_id.clone());
+            e.escalation_reason = Some(reason.clone());
+            e.escalation_level = Some(1);
+            e.cause_event_id = Some(f.event_id.clone());
+            out.push(WfOut::Event(e));
+            escalation_reason = Some(reason);
+        }
+    }
+
+    // Retries: a failed attempt with retries left schedules the next one (once per (task, attempt)).
+    if let Some(t) = template {
+        for task in &tasks {
+            let Some(def) = t.task(&task.task_def_id) else { continue };
+            if task.status == TaskStatus::Failed && task.attempt <= def.max_retries {
+                let mut d = base(
+                    DerivedType::TaskRetryScheduled,
+                    format!("hmis-flow:TASK_RETRY_SCHEDULED:{}:{}", task.task_instance_id, task.attempt),
+                );
+                d.task_instance_id = Some(task.task_instance_id.clone());
+                d.task_def_id = Some(task.task_def_id.clone());
+                d.task_name = task.task_name.clone().or_else(|| def.name.clone());
+                d.attempt = Some(task.attempt + 1);
+                d.error_message = task.error_message.clone();
+                d.cause_event_id = Some(task.event_id.clone());
+                out.push(WfOut::Event(d));
+            }
+        }
+    }
+
+    // Readiness (only in ACTIVE workflows).
+    if let (Some(t), WfStatus::Active) = (template, status) {
+        let failure_namers: BTreeMap<&str, Vec<&str>> = t.tasks.iter().fold(BTreeMap::new(), |mut m, d| {
+            if let Some(f) = &d.failure_task_id {
+                m.entry(f.as_str()).or_insert_with(Vec::new).push(d.task_def_id.as_str());
+            }
+            m
+        });
+        for d in &t.tasks {
+            let id = d.task_def_id.as_str();
+            let s = summary.get(id);
+            // Condition 3.
+            if s.is_some_and(|s| s.in_progress || s.completed.is_some() || s.failed_for_good.is_some()) {
+                continue;
+            }
+            // Condition 1 (or the failure-task rule), with the events that satisfied it.
+            let mut causes: Vec<(Millis, String)> = Vec::new();
+            if let Some(namers) = failure_namers.get(id) {
+                let failed: Vec<&TaskState> =
+                    namers.iter().filter_map(|n| summary.get(n).and_then(|s| s.failed_for_good)).collect();
+                if failed.is_empty() {
+                    continue;
+                }
+                causes.extend(failed.iter().map(|f| (f.event_time, f.event_id.clone())));
+            } else {
+                let preds: Vec<&str> = t
+                    .tasks
+                    .iter()
+                    .filter(|p| p.next_task_id.as_deref() == Some(id))
+                    .map(|p| p.task_def_id.as_str())
+                    .collect();
+                let mut all = true;
+                for p in preds {
+                    match summary.get(p).and_then(|s| s.completed) {
+                        Some(c) => causes.push((c.event_time, c.event_id.clone())),
+                        None => all = false,
+                    }
+                }
+                if !all {
+                    continue;
+                }
+                causes.push((started.at, started.event_id.clone()));
+            }
+            // Condition 2.
+            let blocking: Vec<&&OrderFact> = orders
+                .iter()
+                .filter(|o| o.order_type.as_ref().is_some_and(|ty| d.blocking_order_types.contains(ty)))
+                .collect();
+            let open: BTreeSet<&str> = blocking.iter().filter(|o| o.open).map(|o| o.order_id.as_str()).collect();
+            let next_attempt = s.and_then(|s| s.failed_retriable).map(|a| a + 1).unwrap_or(1);
+            let instance = tasks
+                .iter()
+                .filter(|x| x.task_def_id == id)
+                .max_by_key(|x| (x.attempt, x.event_time))
+                .map(|x| x.task_instance_id.clone());
+            if open.is_empty() {
+                let closed: BTreeSet<&str> = blocking.iter().map(|o| o.order_id.as_str()).collect();
+                causes.extend(
+                    blocking.iter().filter_map(|o| Some((o.last_event_time?, o.last_event_id.clone()?))),
+                );
+                let cause = causes.iter().max().map(|(_, id)| id.clone());
+                let closed_list = closed.into_iter().collect::<Vec<_>>().join(",");
+                let mut e = base(
+                    DerivedType::TaskReady,
+                    format!("hmis-flow:TASK_READY:{wid}:{id}:{next_attempt}:{closed_list}"),
+                );
+                e.task_def_id = Some(id.to_string());
+                e.task_name = d.name.clone();
+                e.task_instance_id = instance;
+                e.attempt = Some(next_attempt);
+                e.automatic = Some(d.automatic);
+                e.cause_event_id = cause;
+                out.push(WfOut::Event(e));
+                out.push(WfOut::Row(Row::Readiness(ReadinessRow {
+                    workflow_instance_id: wid.to_string(),
+                    task_def_id: id.to_string(),
+                    patient_id: patient.clone(),
+                    template_id: started.template_id.clone(),
+                    template_version: started.template_version,
+                    task_name: d.name.clone(),
+                    automatic: d.automatic,
+                    next_attempt: next_attempt as i32,
+                })));
+            } else {
+                let open_list: Vec<String> = open.iter().map(|s| s.to_string()).collect();
+                let mut e = base(
+                    DerivedType::TaskBlocked,
+                    format!("hmis-flow:TASK_BLOCKED:{wid}:{id}:{next_attempt}:{}", open_list.join(",")),
+                );
+                e.task_def_id = Some(id.to_string());
+                e.task_name = d.name.clone();
+                e.task_instance_id = instance;
+                e.blocking_order_ids = open_list;
+                e.reason = Some("BLOCKING_ORDER_OPEN".to_string());
+                out.push(WfOut::Event(e));
+            }
+        }
+    }
+
+    // Rows.
+    out.push(WfOut::Row(Row::Workflow(WorkflowRow {
+        workflow_instance_id: wid.to_string(),
+        patient_id: patient.clone(),
+        template_id: started.template_id.clone(),
+        template_version: started.template_version,
+        template_name: started.template_name.clone().or_else(|| template.and_then(|t| t.template_name.clone())),
+        status: status.as_str().to_string(),
+        progress_percentage: progress,
+        is_escalated: escalation_reason.is_some(),
+        escalation_level: if escalation_reason.is_some() { 1 } else { 0 },
+        escalation_reason,
+        started_at: Some(started.at),
+        completed_at: if status == WfStatus::Active { None } else { completed_at },
+    })));
+    for task in &tasks {
+        let def = template.and_then(|t| t.task(&task.task_def_id));
+        let due_at = task.due_at_explicit.or_else(|| {
+            let mins = def?.sla_minutes?;
+            Some(task.created_at? + u64::from(mins) * 60_000)
+        });
+        out.push(WfOut::Row(Row::Task(TaskRow {
+            task_instance_id: task.task_instance_id.clone(),
+            workflow_instance_id: wid.to_string(),
+            patient_id: task.patient_id.clone().or_else(|| patient.clone()),
+            task_def_id: task.task_def_id.clone(),
+            task_name: task.task_name.clone().or_else(|| def.and_then(|d| d.name.clone())),
+            status: task.status.as_str().to_string(),
+            attempt: task.attempt as i32,
+            due_at,
+            sla_breached: false,
+            is_escalated: false,
+            escalated_to: None,
+            created_at: task.created_at,
+            started_at: task.started_at,
+            completed_at: task.finished_at,
+            error_message: task.error_message.clone(),
+        })));
+    }
+    out
+}
+
+/// Extension trait: the per-workflow rules.
+pub trait WorkflowRules<'s> {
+    /// Evaluates [`evaluate`] per workflow instance over its facts.
+    fn workflow_rules(self) -> VecCollection<'s, u64, (String, WfOut)>;
+}
+
+impl<'s> WorkflowRules<'s> for VecCollection<'s, u64, (String, WfFact)> {
+    fn workflow_rules(self) -> VecCollection<'s, u64, (String, WfOut)> {
+        self.reduce_named("WorkflowRules", |wid, input, output| {
+            let facts: Vec<&WfFact> = input.iter().map(|(f, _)| *f).collect();
+            let mut outs = evaluate(wid, &facts);
+            outs.sort();
+            outs.dedup();
+            output.extend(outs.into_iter().map(|o| (o, 1)));
+        })
+    }
+}
