@@ -1,0 +1,144 @@
+//! One typed configuration for every command.
+//!
+//! Precedence, lowest first: built-in defaults (the contract's), a TOML file (`--config` /
+//! `HMIS_CONFIG`), environment variables (`HMIS_*`), command-line flags. Every field is
+//! documented here; `docs/configuration.md` lists them with their variables.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Which clock drives the pipeline (contract §8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ClockMode {
+    /// The wall clock: deadlines fire even when no event arrives.
+    Wall,
+    /// The input watermark: deterministic replays, backfills and tests.
+    Event,
+}
+
+/// Topic names (contract §1 defaults).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Topics {
+    /// Compacted workflow templates, key `templateId:version`.
+    pub definitions: String,
+    /// TASK_* events, key taskInstanceId.
+    pub tasks: String,
+    /// ORDER_* events, key orderId.
+    pub orders: String,
+    /// Upstream WORKFLOW_* events, key workflowInstanceId.
+    pub workflows: String,
+    /// System events, key component.
+    pub system: String,
+    /// Derived events out, key workflowInstanceId.
+    pub derived: String,
+    /// Alerts out, key source.
+    pub alerts: String,
+    /// Dead letters out, key the input's key.
+    pub dead_letter: String,
+    /// Windowed analytics out (contract §10).
+    pub analytics: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics {
+            definitions: "workflow-definitions".into(),
+            tasks: "workflow-task-events".into(),
+            orders: "workflow-order-events".into(),
+            workflows: "workflow-state-events".into(),
+            system: "system-events".into(),
+            derived: "workflow-derived-events".into(),
+            alerts: "system-alerts".into(),
+            dead_letter: "workflow-dead-letter".into(),
+            analytics: "workflow-analytics".into(),
+        }
+    }
+}
+
+impl Topics {
+    /// The name of an input topic by role.
+    pub fn input(&self, t: hmis_dataflows::events::InputTopic) -> &str {
+        use hmis_dataflows::events::InputTopic::*;
+        match t {
+            Definitions => &self.definitions,
+            Tasks => &self.tasks,
+            Orders => &self.orders,
+            Workflows => &self.workflows,
+            System => &self.system,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Kafka bootstrap servers (`HMIS_BROKERS`).
+    pub brokers: String,
+    /// PostgreSQL connection URL (`HMIS_DATABASE_URL`).
+    pub database_url: String,
+    /// Identity of this pipeline: the PostgreSQL progress rows, the fencing epoch and the
+    /// Kafka consumer group used for lag monitoring (`HMIS_GROUP_ID`).
+    pub group_id: String,
+    /// Timely worker threads (`HMIS_WORKERS`). Input partitions are spread over them.
+    pub workers: usize,
+    /// `wall` or `event` (`HMIS_CLOCK`).
+    pub clock: ClockMode,
+    /// In `clock = event`, how far the watermark trails the inputs, in ms (`HMIS_ALLOWED_LATENESS_MS`).
+    pub allowed_lateness_ms: u64,
+    /// Address of the HTTP endpoints (`/health/live`, `/health/ready`, `/metrics`), if any (`HMIS_HTTP`).
+    pub http: Option<SocketAddr>,
+    /// Read every input partition to the end offset it had at start, make every effect
+    /// durable, then exit 0 (`HMIS_UNTIL_CAUGHT_UP`).
+    pub until_caught_up: bool,
+    /// Replication factor for `topics create` (`HMIS_REPLICATION_FACTOR`); 3 in production.
+    pub replication_factor: i32,
+    /// Records larger than this many bytes are dead-lettered unread (`HMIS_MAX_RECORD_BYTES`).
+    pub max_record_bytes: usize,
+    /// Most records taken from Kafka per worker before the dataflow runs (`HMIS_POLL_BATCH`).
+    pub poll_batch: usize,
+    /// How often the wall clock ticks the dataflow and batches are flushed, in ms (`HMIS_TICK_MS`).
+    pub tick_ms: u64,
+    /// Seconds to wait for another instance's lock on `group_id` before giving up.
+    pub lock_wait_secs: u64,
+    /// Topic names.
+    pub topics: Topics,
+    /// Extra librdkafka options for every client (e.g. `security.protocol`, `sasl.*`).
+    pub kafka: BTreeMap<String, String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            brokers: "127.0.0.1:19092".into(),
+            database_url: "postgres://postgres@127.0.0.1:15432/hmis".into(),
+            group_id: "hmis-flow".into(),
+            workers: 1,
+            clock: ClockMode::Wall,
+            allowed_lateness_ms: 0,
+            http: None,
+            until_caught_up: false,
+            replication_factor: 1,
+            max_record_bytes: 1 << 20,
+            poll_batch: 10_000,
+            tick_ms: 100,
+            lock_wait_secs: 30,
+            topics: Topics::default(),
+            kafka: BTreeMap::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+    }
+}

@@ -1,0 +1,258 @@
+//! `hmis-flow`: CLI → config → tracing → command.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use hmis_flow::config::{ClockMode, Config};
+use hmis_flow::runtime::Shared;
+
+/// Incremental hospital-workflow rules: Kafka in, timely/differential dataflow, Kafka and PostgreSQL out.
+#[derive(Parser)]
+#[command(name = "hmis-flow", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage the contract's Kafka topics.
+    Topics {
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Apply the PostgreSQL migrations (versioned, idempotent, safe concurrently).
+    Migrate(Common),
+    /// Run the pipeline.
+    Run(RunArgs),
+    /// Bring up local services if none are configured, feed a demo workload, run, summarize.
+    Demo(DemoArgs),
+    /// Produce a generated workload to the input topics (for tests and benchmarks).
+    Generate(GenerateArgs),
+}
+
+#[derive(Subcommand)]
+enum TopicsAction {
+    /// Create the contract's topics (existing ones are left alone).
+    Create {
+        #[command(flatten)]
+        common: Common,
+        /// Replication factor (3 in production, 1 on a development broker).
+        #[arg(long, env = "HMIS_REPLICATION_FACTOR")]
+        replication_factor: Option<i32>,
+    },
+}
+
+/// Options every command takes.
+#[derive(Args, Clone, Default)]
+struct Common {
+    /// TOML configuration file (see docs/configuration.md).
+    #[arg(long, env = "HMIS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "HMIS_BROKERS")]
+    brokers: Option<String>,
+    /// PostgreSQL URL.
+    #[arg(long, env = "HMIS_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Pipeline identity (progress rows, fencing, consumer group).
+    #[arg(long, env = "HMIS_GROUP_ID")]
+    group_id: Option<String>,
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Timely worker threads.
+    #[arg(long, env = "HMIS_WORKERS")]
+    workers: Option<usize>,
+    /// Pipeline clock: wall (default) or event.
+    #[arg(long, env = "HMIS_CLOCK", value_enum)]
+    clock: Option<ClockMode>,
+    /// Address for /health/live, /health/ready and /metrics, e.g. 127.0.0.1:9464.
+    #[arg(long, env = "HMIS_HTTP")]
+    http: Option<SocketAddr>,
+    /// Read every input partition to its end offset at start, commit, exit 0.
+    #[arg(long, env = "HMIS_UNTIL_CAUGHT_UP")]
+    until_caught_up: bool,
+    /// In clock=event, how far the watermark trails the inputs (ms).
+    #[arg(long, env = "HMIS_ALLOWED_LATENESS_MS")]
+    allowed_lateness_ms: Option<u64>,
+    /// Wall-clock tick and flush interval (ms).
+    #[arg(long, env = "HMIS_TICK_MS")]
+    tick_ms: Option<u64>,
+    /// Most records read per worker before the dataflow runs.
+    #[arg(long, env = "HMIS_POLL_BATCH")]
+    poll_batch: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+struct DemoArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Workflows in the generated workload.
+    #[arg(long, default_value_t = 200)]
+    workflows: usize,
+    /// Seed of the generated workload.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Timely worker threads.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+}
+
+#[derive(Args, Clone)]
+struct GenerateArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value_t = 1000)]
+    workflows: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Fraction of malformed records.
+    #[arg(long, default_value_t = 0.0)]
+    bad_ratio: f64,
+    /// Fraction of re-sent duplicates.
+    #[arg(long, default_value_t = 0.0)]
+    duplicate_ratio: f64,
+}
+
+fn load(common: &Common) -> anyhow::Result<Config> {
+    let mut cfg = match &common.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    if let Some(b) = &common.brokers {
+        cfg.brokers = b.clone();
+    }
+    if let Some(d) = &common.database_url {
+        cfg.database_url = d.clone();
+    }
+    if let Some(g) = &common.group_id {
+        cfg.group_id = g.clone();
+    }
+    Ok(cfg)
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HMIS_LOG").unwrap_or_else(|_| "info,rdkafka=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = real_main() {
+        eprintln!("hmis-flow: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Topics { action: TopicsAction::Create { common, replication_factor } } => {
+            let mut cfg = load(&common)?;
+            if let Some(r) = replication_factor {
+                cfg.replication_factor = r;
+            }
+            let rt = tokio::runtime::Runtime::new()?;
+            let created = rt.block_on(hmis_flow::demo::create_topics(&cfg))?;
+            println!("topics created: {}", if created.is_empty() { "none (all exist)".to_string() } else { created.join(", ") });
+            Ok(())
+        }
+        Command::Migrate(common) => {
+            let cfg = load(&common)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            let applied = rt.block_on(async {
+                let mut pg = hmis_sinks::PgSink::connect(&cfg.database_url).await?;
+                pg.migrate().await
+            })?;
+            println!("migrations applied: {}", if applied.is_empty() { "none (up to date)".to_string() } else { applied.join(", ") });
+            Ok(())
+        }
+        Command::Run(args) => {
+            let mut cfg = load(&args.common)?;
+            if let Some(w) = args.workers {
+                cfg.workers = w;
+            }
+            if let Some(c) = args.clock {
+                cfg.clock = c;
+            }
+            if args.http.is_some() {
+                cfg.http = args.http;
+            }
+            cfg.until_caught_up |= args.until_caught_up;
+            if let Some(l) = args.allowed_lateness_ms {
+                cfg.allowed_lateness_ms = l;
+            }
+            if let Some(t) = args.tick_ms {
+                cfg.tick_ms = t;
+            }
+            if let Some(p) = args.poll_batch {
+                cfg.poll_batch = p;
+            }
+            let shared = Arc::new(Shared::default());
+            // Signals and HTTP run on a small side runtime; the pipeline has its own threads.
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+            if let Some(addr) = cfg.http {
+                rt.block_on(hmis_flow::http::serve(addr, shared.clone())).context("binding the HTTP endpoints")?;
+            }
+            let sig = shared.clone();
+            rt.spawn(async move {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term.recv() => {},
+                }
+                tracing::info!("signal received: draining");
+                sig.stop.store(true, Ordering::SeqCst);
+            });
+            let summary = hmis_flow::run(cfg, shared)?;
+            println!(
+                "hmis-flow: read {} records ({} dead letters), {} commits, {} records published, clock {} , {:.1}s",
+                summary.records_read,
+                summary.dead_letters,
+                summary.batches,
+                summary.published,
+                hmis_dataflows::events::format_time(summary.frontier),
+                summary.elapsed.as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Demo(args) => {
+            let explicit = args.common.brokers.is_some() || std::env::var("HMIS_BROKERS").is_ok();
+            let explicit_db = args.common.database_url.is_some() || std::env::var("HMIS_DATABASE_URL").is_ok();
+            let cfg = load(&args.common)?;
+            hmis_flow::demo::demo(
+                cfg,
+                hmis_flow::demo::DemoOptions {
+                    workflows: args.workflows,
+                    seed: args.seed,
+                    workers: args.workers,
+                    brokers_configured: explicit,
+                    database_configured: explicit_db,
+                },
+            )
+        }
+        Command::Generate(args) => {
+            let cfg = load(&args.common)?;
+            let records = hmis_flow::workload::generate(&hmis_flow::workload::WorkloadConfig {
+                seed: args.seed,
+                workflows: args.workflows,
+                start_ms: hmis_flow::source::wall_ms() - 24 * 3_600_000,
+                bad_record_ratio: args.bad_ratio,
+                duplicate_ratio: args.duplicate_ratio,
+            });
+            let rt = tokio::runtime::Runtime::new()?;
+            let n = rt.block_on(hmis_flow::demo::produce(&cfg, &records))?;
+            println!("produced {n} records");
+            Ok(())
+        }
+    }
+}

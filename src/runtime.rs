@@ -1,0 +1,437 @@
+//! The runtime: timely workers reading Kafka, one sink thread writing PostgreSQL and Kafka.
+//!
+//! ```text
+//!  worker 0..N ─ Source(poll) ─► Sessions ─► dataflow (hmis-dataflows::build)
+//!                                                 │ Emit (exchanged to worker 0)
+//!                                                 ▼
+//!                                     gather: FlushBatch per frontier advance
+//!                                                 │ bounded channel (backpressure)
+//!                                                 ▼
+//!  sink thread (tokio): PgSink::apply — rows + outbox + dead letters + offsets + frontier,
+//!                       one transaction, fenced by the group's epoch
+//!                       └► Publisher: outbox → Kafka (idempotent, seq headers, no duplicates)
+//! ```
+//!
+//! Start-up: the sink thread takes the group's advisory lock, claims a new epoch and loads
+//! the committed frontier F and offsets; workers replay every partition from its beginning,
+//! records below the committed offsets at time F-1 (state only; the gatherer suppresses
+//! times below F), then continue at F or later.
+//!
+//! Shutdown: on `until_caught_up` (every partition read to the end it had at start) or on a
+//! signal, the workers agree on a final frontier, advance to it, and wait until the sink has
+//! committed it and the publisher has sent everything.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tracing::{error, info, warn};
+
+use hmis_dataflows::gather::Gather;
+use hmis_dataflows::output::FlushBatch;
+use hmis_dataflows::{build, RulesConfig, Sessions};
+use hmis_sinks::{PgSink, Publisher, PublisherConfig, SinkError, TopicNames};
+
+use crate::config::Config;
+use crate::source::{enumerate_partitions, wall_ms, Source};
+
+/// State shared by the workers, the sink thread and the HTTP endpoints.
+#[derive(Default)]
+pub struct Shared {
+    /// Highest eventTime read by any worker.
+    pub max_event_time: AtomicU64,
+    /// Frontier of the last batch committed to PostgreSQL.
+    pub committed: AtomicU64,
+    /// Frontier of the last batch whose outbox rows reached Kafka.
+    pub published: AtomicU64,
+    /// Batches handed to the sink and not yet committed.
+    pub in_flight: AtomicUsize,
+    /// Workers whose partitions are read to their end at start.
+    pub caught_up: AtomicUsize,
+    /// Agreed final frontier (0 = not finishing).
+    pub final_frontier: AtomicU64,
+    /// Set by a signal or a fatal sink error: stop reading, drain, exit.
+    pub stop: AtomicBool,
+    /// Set once state is restored and the sink is connected.
+    pub ready: AtomicBool,
+    /// Set while the sink cannot reach PostgreSQL or Kafka.
+    pub degraded: AtomicBool,
+    pub records_read: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub batches_committed: AtomicU64,
+    pub rows_written: AtomicU64,
+    pub events_published: AtomicU64,
+    pub kafka_errors: AtomicU64,
+    pub sink_retries: AtomicU64,
+    /// A permanent sink failure, reported as the run's error.
+    pub fatal: Mutex<Option<String>>,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub records_read: u64,
+    pub dead_letters: u64,
+    pub batches: u64,
+    pub published: u64,
+    pub frontier: u64,
+    pub elapsed: Duration,
+}
+
+/// Runs the pipeline until caught up (if configured) or until `shared.stop` is set.
+pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
+    let started = Instant::now();
+    let partitions = enumerate_partitions(&cfg).context("reading input topic metadata")?;
+
+    // The sink thread connects, locks, claims and loads progress before workers start.
+    let (tx, rx) = tokio::sync::mpsc::channel::<FlushBatch>(16);
+    let (progress_tx, progress_rx) = std::sync::mpsc::channel();
+    let sink_cfg = cfg.clone();
+    let sink_shared = shared.clone();
+    let sink = std::thread::Builder::new()
+        .name("hmis-sink".into())
+        .spawn(move || sink_thread(sink_cfg, rx, progress_tx, sink_shared))?;
+    let progress: hmis_sinks::Progress = match progress_rx.recv() {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            let _ = sink.join();
+            return Err(e);
+        }
+        Err(_) => {
+            let _ = sink.join();
+            anyhow::bail!("sink thread ended during start-up");
+        }
+    };
+    let resume = progress.frontier_ms.unwrap_or(0);
+    info!(resume_frontier = resume, offsets = progress.offsets.len(), "restoring from committed progress");
+    shared.committed.store(resume, Ordering::SeqCst);
+    shared.published.store(resume, Ordering::SeqCst);
+
+    let workers = cfg.workers.max(1);
+    let committed = Arc::new(progress.offsets);
+    let partitions = Arc::new(partitions);
+    let tx = Arc::new(Mutex::new(Some(tx)));
+    let wcfg = cfg.clone();
+    let wshared = shared.clone();
+    let guards = timely::execute(timely::Config::process(workers), move |worker| {
+        let index = worker.index();
+        let peers = worker.peers();
+        let shared = wshared.clone();
+        let cfg = wcfg.clone();
+        let rules = RulesConfig::default();
+        let sender = if index == 0 { tx.lock().unwrap().take() } else { None };
+        let gshared = shared.clone();
+        let (mut sessions, probe) = worker.dataflow::<u64, _, _>(|scope| {
+            let (sessions, inputs) = Sessions::new(scope.clone());
+            let (probe, emits) = build(inputs, &rules).probe();
+            let sender = sender.clone();
+            emits.gather(resume, move |batch| {
+                if let Some(s) = &sender {
+                    gshared.in_flight.fetch_add(1, Ordering::SeqCst);
+                    if s.blocking_send(batch).is_err() {
+                        gshared.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+            });
+            (sessions, probe)
+        });
+        drop(sender);
+        let mut source = match Source::new(&cfg, &partitions, index, peers, &committed, resume) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "source start failed");
+                *shared.fatal.lock().unwrap() = Some(format!("source: {e:#}"));
+                shared.stop.store(true, Ordering::SeqCst);
+                return;
+            }
+        };
+        sessions.advance_to(source.restore_time());
+        let mut counted_caught_up = false;
+        let tick = Duration::from_millis(cfg.tick_ms.max(1));
+        let mut last_read = 0u64;
+        loop {
+            let final_frontier = shared.final_frontier.load(Ordering::SeqCst);
+            if final_frontier > 0 {
+                if sessions.time() < final_frontier {
+                    sessions.advance_to(final_frontier);
+                }
+                worker.step_or_park(Some(Duration::from_millis(5)));
+                let fatal = shared.fatal.lock().unwrap().is_some();
+                if fatal || shared.published.load(Ordering::SeqCst) >= final_frontier {
+                    break;
+                }
+                continue;
+            }
+            // Backpressure: don't read while the sink is behind.
+            let n = if shared.in_flight.load(Ordering::SeqCst) < 8 {
+                source.poll(&mut sessions, cfg.poll_batch, &shared)
+            } else {
+                0
+            };
+            let f = source.frontier(sessions.time(), shared.max_event_time.load(Ordering::Relaxed));
+            if f > sessions.time() {
+                sessions.advance_to(f);
+            } else {
+                sessions.flush();
+            }
+            let read = source.records_read;
+            shared.records_read.fetch_add(read - last_read, Ordering::Relaxed);
+            last_read = read;
+            if n == 0 {
+                worker.step_or_park(Some(tick.min(Duration::from_millis(10))));
+            } else {
+                worker.step();
+            }
+            if !source.restoring() && !shared.ready.load(Ordering::SeqCst) && index == 0 {
+                shared.ready.store(true, Ordering::SeqCst);
+            }
+            if cfg.until_caught_up && !counted_caught_up && source.caught_up() && !source.restoring() {
+                counted_caught_up = true;
+                shared.caught_up.fetch_add(1, Ordering::SeqCst);
+            }
+            let all_caught_up = cfg.until_caught_up && shared.caught_up.load(Ordering::SeqCst) == peers;
+            if all_caught_up || shared.stop.load(Ordering::SeqCst) {
+                // Agree on the final frontier: the first worker to get here decides.
+                let proposal = match cfg.clock {
+                    crate::config::ClockMode::Event => {
+                        let m = shared.max_event_time.load(Ordering::SeqCst);
+                        (if m > 0 { m + 1 } else { 0 }).max(sessions.time()).max(resume).max(1)
+                    }
+                    crate::config::ClockMode::Wall => wall_ms().max(sessions.time()),
+                };
+                let _ = shared.final_frontier.compare_exchange(0, proposal, Ordering::SeqCst, Ordering::SeqCst);
+            }
+        }
+        shared.dead_letters.fetch_add(source.dead_letters, Ordering::Relaxed);
+        let _ = probe;
+        // Drop the dataflow rather than closing its inputs: closing would flush times beyond
+        // the final frontier (future deadlines) that this run never reached.
+        for id in worker.installed_dataflows() {
+            worker.drop_dataflow(id);
+        }
+    })
+    .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?;
+    drop(guards);
+    let sink_result = sink.join().map_err(|_| anyhow::anyhow!("sink thread panicked"))?;
+    if let Some(f) = shared.fatal.lock().unwrap().clone() {
+        anyhow::bail!(f);
+    }
+    sink_result?;
+    Ok(RunSummary {
+        records_read: shared.records_read.load(Ordering::SeqCst),
+        dead_letters: shared.dead_letters.load(Ordering::SeqCst),
+        batches: shared.batches_committed.load(Ordering::SeqCst),
+        published: shared.events_published.load(Ordering::SeqCst),
+        frontier: shared.committed.load(Ordering::SeqCst),
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Merges `b` (later) into `a`.
+fn merge(a: &mut FlushBatch, b: FlushBatch) {
+    let mut rows: HashMap<_, usize> = a.rows.iter().enumerate().map(|(i, (k, _))| (k.clone(), i)).collect();
+    for (k, v) in b.rows {
+        match rows.get(&k) {
+            Some(&i) => a.rows[i].1 = v,
+            None => {
+                rows.insert(k.clone(), a.rows.len());
+                a.rows.push((k, v));
+            }
+        }
+    }
+    a.records.extend(b.records);
+    a.dead_letters.extend(b.dead_letters);
+    for m in b.offsets {
+        match a.offsets.iter_mut().find(|x| x.topic == m.topic && x.partition == m.partition) {
+            Some(x) => x.next_offset = x.next_offset.max(m.next_offset),
+            None => a.offsets.push(m),
+        }
+    }
+    a.frontier = a.frontier.max(b.frontier);
+}
+
+/// Backoff between retries of a transient failure: 100 ms doubling to 10 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(Duration::from_millis(100))
+    }
+    async fn wait(&mut self, what: &str, e: &SinkError, shared: &Shared) {
+        shared.degraded.store(true, Ordering::SeqCst);
+        shared.sink_retries.fetch_add(1, Ordering::Relaxed);
+        warn!(error = %e, retry_in_ms = self.0.as_millis() as u64, "{what} failed, retrying");
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Applies a batch, retrying transient failures (the input stays paused meanwhile).
+/// A lost connection is re-opened, re-locked and re-claimed (a new epoch) before retrying;
+/// if another instance took the group meanwhile, the claim fences us out (permanent).
+async fn apply_with_retry(pg: &mut PgSink, cfg: &Config, batch: &FlushBatch, shared: &Shared) -> Result<(), SinkError> {
+    let group = cfg.group_id.as_str();
+    let mut backoff = Backoff::new();
+    loop {
+        if pg.client().is_closed() {
+            match reconnect(cfg).await {
+                Ok(new) => *pg = new,
+                Err(e) if e.is_transient() => {
+                    backoff.wait("reconnect", &e, shared).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match pg.apply(group, batch).await {
+            Ok(()) => {
+                shared.degraded.store(false, Ordering::SeqCst);
+                return Ok(());
+            }
+            Err(e) if e.is_transient() => backoff.wait("commit", &e, shared).await,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn reconnect(cfg: &Config) -> Result<PgSink, SinkError> {
+    let mut pg = PgSink::connect(&cfg.database_url).await?;
+    if !pg.try_lock_group(&cfg.group_id).await? {
+        return Err(SinkError::Fenced { group_id: cfg.group_id.clone(), ours: pg.epoch().unwrap_or(0), current: None });
+    }
+    pg.claim(&cfg.group_id, &format!("{}:{}", hostname(), std::process::id())).await?;
+    info!(group = cfg.group_id, "reconnected to PostgreSQL");
+    Ok(pg)
+}
+
+/// Publishes the outbox, retrying transient failures.
+async fn publish_with_retry(publisher: &mut Publisher, pg: &mut PgSink, cfg: &Config, shared: &Shared) -> Result<usize, SinkError> {
+    let mut backoff = Backoff::new();
+    loop {
+        if pg.client().is_closed() {
+            match reconnect(cfg).await {
+                Ok(new) => *pg = new,
+                Err(e) if e.is_transient() => {
+                    backoff.wait("reconnect", &e, shared).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match publisher.publish_pending(pg.client_mut()).await {
+            Ok(n) => {
+                shared.degraded.store(false, Ordering::SeqCst);
+                return Ok(n);
+            }
+            Err(e) if e.is_transient() => backoff.wait("publish", &e, shared).await,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn sink_thread(
+    cfg: Config,
+    mut rx: tokio::sync::mpsc::Receiver<FlushBatch>,
+    progress_tx: std::sync::mpsc::Sender<anyhow::Result<hmis_sinks::Progress>>,
+    shared: Arc<Shared>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let result = rt.block_on(async {
+        let start = async {
+            let mut pg = PgSink::connect(&cfg.database_url).await.context("connecting to PostgreSQL")?;
+            pg.migrate().await.context("applying migrations")?;
+            let deadline = Instant::now() + Duration::from_secs(cfg.lock_wait_secs);
+            while !pg.try_lock_group(&cfg.group_id).await? {
+                if Instant::now() > deadline {
+                    anyhow::bail!("another instance holds group `{}` (waited {} s)", cfg.group_id, cfg.lock_wait_secs);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let owner = format!("{}:{}", hostname(), std::process::id());
+            let epoch = pg.claim(&cfg.group_id, &owner).await?;
+            let progress = pg.load_progress(&cfg.group_id).await?;
+            let mut pcfg = PublisherConfig::new(cfg.brokers.clone(), cfg.group_id.clone());
+            pcfg.topics = TopicNames {
+                derived: cfg.topics.derived.clone(),
+                alerts: cfg.topics.alerts.clone(),
+                dead_letter: cfg.topics.dead_letter.clone(),
+            };
+            pcfg.epoch = Some(epoch);
+            pcfg.producer_options = cfg.kafka.clone();
+            let mut publisher = Publisher::recover(pcfg).await.context("recovering the outbox publisher")?;
+            // Whatever an earlier run committed but did not publish goes out first.
+            publisher.publish_pending(pg.client_mut()).await?;
+            info!(group = cfg.group_id, epoch, "sink ready");
+            Ok::<_, anyhow::Error>((pg, publisher, progress))
+        };
+        let (mut pg, mut publisher, progress) = match start.await {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = progress_tx.send(Err(e));
+                return Ok(());
+            }
+        };
+        let _ = progress_tx.send(Ok(progress));
+        loop {
+            let first = match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+                Ok(Some(b)) => b,
+                Err(_) => continue,
+                Ok(None) => break,
+            };
+            let mut batch = first;
+            let mut n = 1;
+            while let Ok(b) = rx.try_recv() {
+                merge(&mut batch, b);
+                n += 1;
+            }
+            let is_empty = batch.rows.is_empty()
+                && batch.records.is_empty()
+                && batch.dead_letters.is_empty()
+                && batch.offsets.is_empty();
+            // Progress-only batches are committed at most every 500 ms (or when finishing).
+            let finishing = shared.final_frontier.load(Ordering::SeqCst) > 0;
+            if !is_empty || finishing || batch.frontier >= shared.committed.load(Ordering::SeqCst) + 500 {
+                let res = apply_with_retry(&mut pg, &cfg, &batch, &shared).await;
+                if let Err(e) = res {
+                    error!(error = %e, "sink failed permanently");
+                    *shared.fatal.lock().unwrap() = Some(format!("sink: {e}"));
+                    shared.stop.store(true, Ordering::SeqCst);
+                    shared.in_flight.fetch_sub(n, Ordering::SeqCst);
+                    break;
+                }
+                shared.rows_written.fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
+                shared.batches_committed.fetch_add(1, Ordering::Relaxed);
+                shared.committed.store(batch.frontier, Ordering::SeqCst);
+                if !batch.records.is_empty() {
+                    let res = publish_with_retry(&mut publisher, &mut pg, &cfg, &shared).await;
+                    match res {
+                        Ok(k) => {
+                            shared.events_published.fetch_add(k as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            error!(error = %e, "publisher failed permanently");
+                            *shared.fatal.lock().unwrap() = Some(format!("publisher: {e}"));
+                            shared.stop.store(true, Ordering::SeqCst);
+                            shared.in_flight.fetch_sub(n, Ordering::SeqCst);
+                            break;
+                        }
+                    }
+                }
+                shared.published.store(batch.frontier, Ordering::SeqCst);
+            }
+            shared.in_flight.fetch_sub(n, Ordering::SeqCst);
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    if let Err(e) = &result {
+        *shared.fatal.lock().unwrap() = Some(format!("{e:#}"));
+        shared.stop.store(true, Ordering::SeqCst);
+    }
+    result
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+}

@@ -1,0 +1,335 @@
+//! The Kafka source: input partitions → timestamped events in a worker's input sessions.
+//!
+//! ```text
+//!  partitions (all input topics, enumerated in a fixed order, dealt round-robin to workers)
+//!     │  one BaseConsumer per topic per worker, manual assignment, no auto commit
+//!     ▼
+//!  decode ──ok──► Sessions::insert(event, t)        t = pipeline time (below)
+//!     └──err───► Sessions::emit(Dead(..), t)         nothing is dropped, nothing blocks
+//!  per batch:   Sessions::emit(Offset(..), t_last)   positions travel with their effects
+//! ```
+//!
+//! **Pipeline time of a record.** While *restoring* (offset below the committed position
+//! loaded from PostgreSQL) every record is stamped `restore_time` (one below the committed
+//! frontier): history is replayed to rebuild state, and its effects, already durable, are
+//! suppressed by the gatherer. Afterwards: in `clock = event` a record is stamped with its
+//! eventTime, in `clock = wall` with the wall clock; either way never below the current
+//! frontier nor below the previous record of its partition, so positions per partition
+//! complete in offset order.
+//!
+//! **Frontier (the pipeline clock, contract §8).** `wall`: now. `event`: the lowest, over this
+//! worker's partitions that are not at their end, of the highest eventTime read from each,
+//! minus `allowed_lateness`; definitions never count; when every partition is at its end, the
+//! highest eventTime seen by any worker, plus one millisecond (so that time is complete).
+//! Timely takes the minimum over workers, which is exactly the contract's watermark.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{debug, info, warn};
+
+use hmis_dataflows::events::{decode, InputTopic, Pos};
+use hmis_dataflows::output::{DeadLetter, OffsetMark, RejectReason};
+use hmis_dataflows::{Emit, Sessions};
+
+use crate::config::{ClockMode, Config};
+use crate::runtime::Shared;
+
+/// One assigned input partition.
+#[derive(Debug)]
+pub struct PartitionState {
+    pub role: InputTopic,
+    pub topic: String,
+    pub partition: i32,
+    /// Position after the last record read.
+    pub next_offset: i64,
+    /// Records below this offset are replayed to rebuild state.
+    pub restore_until: i64,
+    /// High watermark when the run started (for `until_caught_up`).
+    pub end_at_start: i64,
+    /// The consumer reported the end of the partition and nothing was read since.
+    pub at_end: bool,
+    pub max_event_time: Option<u64>,
+    pub last_time: u64,
+}
+
+/// The partitions of every input topic, in the fixed order used to deal them to workers.
+pub fn enumerate_partitions(cfg: &Config) -> anyhow::Result<Vec<(InputTopic, String, i32)>> {
+    let consumer: BaseConsumer = client_config(cfg).create()?;
+    let mut out = Vec::new();
+    for role in InputTopic::ALL {
+        let name = cfg.topics.input(role).to_string();
+        let md = consumer
+            .fetch_metadata(Some(&name), Duration::from_secs(10))
+            .map_err(|e| anyhow::anyhow!("metadata of topic {name}: {e}"))?;
+        let t = md.topics().first().ok_or_else(|| anyhow::anyhow!("topic {name}: no metadata"))?;
+        if t.partitions().is_empty() {
+            anyhow::bail!("input topic {name} does not exist (run `hmis-flow topics create`)");
+        }
+        for p in t.partitions() {
+            out.push((role, name.clone(), p.id()));
+        }
+    }
+    out.sort_by(|a, b| (a.0, a.2).cmp(&(b.0, b.2)));
+    Ok(out)
+}
+
+/// librdkafka settings shared by the source's consumers.
+pub fn client_config(cfg: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", &cfg.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "50")
+        .set("message.max.bytes", "16777216")
+        .set("fetch.message.max.bytes", "16777216");
+    for (k, v) in &cfg.kafka {
+        c.set(k, v);
+    }
+    c
+}
+
+/// A worker's share of the input.
+pub struct Source {
+    consumers: Vec<(InputTopic, BaseConsumer)>,
+    /// (consumer index, partition) → state.
+    pub parts: HashMap<(usize, i32), PartitionState>,
+    clock: ClockMode,
+    lateness: u64,
+    max_record_bytes: usize,
+    restore_time: u64,
+    resume_frontier: u64,
+    pub records_read: u64,
+    pub dead_letters: u64,
+}
+
+impl Source {
+    /// Assigns this worker's partitions, replaying each from its beginning.
+    pub fn new(
+        cfg: &Config,
+        all: &[(InputTopic, String, i32)],
+        index: usize,
+        peers: usize,
+        committed: &HashMap<(String, i32), i64>,
+        resume_frontier: u64,
+    ) -> anyhow::Result<Source> {
+        let mine: Vec<&(InputTopic, String, i32)> = all.iter().enumerate().filter(|(i, _)| i % peers == index).map(|(_, p)| p).collect();
+        let mut consumers = Vec::new();
+        let mut parts = HashMap::new();
+        for role in InputTopic::ALL {
+            let ps: Vec<_> = mine.iter().filter(|p| p.0 == role).collect();
+            if ps.is_empty() {
+                continue;
+            }
+            let consumer: BaseConsumer = client_config(cfg).create()?;
+            let mut tpl = TopicPartitionList::new();
+            let ci = consumers.len();
+            for (_, topic, p) in ps {
+                let (low, high) = consumer
+                    .fetch_watermarks(topic, *p, Duration::from_secs(10))
+                    .map_err(|e| anyhow::anyhow!("watermarks of {topic}/{p}: {e}"))?;
+                let mut restore_until = committed.get(&(topic.clone(), *p)).copied().unwrap_or(0);
+                if restore_until > high {
+                    warn!(topic, partition = p, committed = restore_until, high, "committed position is past the end of the partition (topic recreated?); replaying what exists");
+                    restore_until = high;
+                }
+                if low > 0 && restore_until > 0 {
+                    warn!(topic, partition = p, low, "input history before offset {low} is gone (retention): state from it cannot be rebuilt");
+                }
+                tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+                parts.insert(
+                    (ci, *p),
+                    PartitionState {
+                        role,
+                        topic: topic.clone(),
+                        partition: *p,
+                        next_offset: low,
+                        restore_until,
+                        end_at_start: high,
+                        at_end: false,
+                        max_event_time: None,
+                        last_time: 0,
+                    },
+                );
+            }
+            consumer.assign(&tpl)?;
+            consumers.push((role, consumer));
+        }
+        info!(worker = index, partitions = parts.len(), "source assigned");
+        Ok(Source {
+            consumers,
+            parts,
+            clock: cfg.clock,
+            lateness: cfg.allowed_lateness_ms,
+            max_record_bytes: cfg.max_record_bytes,
+            restore_time: resume_frontier.saturating_sub(1),
+            resume_frontier,
+            records_read: 0,
+            dead_letters: 0,
+        })
+    }
+
+    /// Time records are replayed at while restoring.
+    pub fn restore_time(&self) -> u64 {
+        self.restore_time
+    }
+
+    pub fn restoring(&self) -> bool {
+        self.parts.values().any(|p| p.next_offset < p.restore_until)
+    }
+
+    /// Every partition read up to the end offset it had at start.
+    pub fn caught_up(&self) -> bool {
+        self.parts.values().all(|p| p.next_offset >= p.end_at_start)
+    }
+
+    /// Reads up to `budget` records into `sessions`. Returns how many were read.
+    pub fn poll(&mut self, sessions: &mut Sessions, budget: usize, shared: &Shared) -> usize {
+        let mut n = 0;
+        // Last (time, next offset) per partition read in this call: one offset mark each.
+        let mut marks: HashMap<(usize, i32), (u64, i64)> = HashMap::new();
+        for ci in 0..self.consumers.len() {
+            while n < budget {
+                let msg = match self.consumers[ci].1.poll(Duration::ZERO) {
+                    None => break,
+                    Some(Err(KafkaError::PartitionEOF(p))) => {
+                        if let Some(ps) = self.parts.get_mut(&(ci, p)) {
+                            ps.at_end = true;
+                        }
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        // librdkafka retries by itself; the error is reported, the input stays paused here.
+                        warn!(error = %e, "kafka consumer error");
+                        shared.kafka_errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    Some(Ok(m)) => m,
+                };
+                n += 1;
+                let role = self.consumers[ci].0;
+                let partition = msg.partition();
+                let offset = msg.offset();
+                let Some(ps) = self.parts.get_mut(&(ci, partition)) else { continue };
+                ps.next_offset = offset + 1;
+                ps.at_end = false;
+                let restoring = offset < ps.restore_until;
+                let pos = Pos { partition, offset };
+                let size = msg.payload().map(|p| p.len()).unwrap_or(0) + msg.key().map(|k| k.len()).unwrap_or(0);
+                let decoded = if size > self.max_record_bytes {
+                    Err(hmis_dataflows::events::Rejection {
+                        reason: RejectReason::SchemaViolation,
+                        detail: format!("record of {size} bytes exceeds max_record_bytes ({})", self.max_record_bytes),
+                    })
+                } else {
+                    decode(role, msg.key(), msg.payload(), pos)
+                };
+                let event_time = decoded.as_ref().ok().and_then(|e| e.event_time());
+                if let Some(et) = event_time {
+                    ps.max_event_time = Some(ps.max_event_time.map_or(et, |m| m.max(et)));
+                    shared.max_event_time.fetch_max(et, Ordering::Relaxed);
+                }
+                let now = sessions.time();
+                let t = if restoring {
+                    self.restore_time
+                } else {
+                    let base = match self.clock {
+                        ClockMode::Event => event_time.unwrap_or(now),
+                        ClockMode::Wall => wall_ms(),
+                    };
+                    base.max(now).max(ps.last_time)
+                };
+                if !restoring {
+                    ps.last_time = t;
+                    marks.insert((ci, partition), (t, offset + 1));
+                }
+                match decoded {
+                    Ok(ev) => sessions.insert(ev, t),
+                    Err(rej) => {
+                        if !restoring {
+                            self.dead_letters += 1;
+                            debug!(topic = ps.topic, partition, offset, reason = rej.reason.as_str(), "rejected record");
+                        }
+                        let (payload, payload_encoding) = match msg.payload().map(std::str::from_utf8) {
+                            Some(Ok(s)) => (s.to_string(), "utf8"),
+                            Some(Err(_)) => (base64_encode(msg.payload().unwrap_or_default()), "base64"),
+                            None => (String::new(), "null"),
+                        };
+                        let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
+                        sessions.emit(
+                            Emit::Dead(DeadLetter {
+                                topic: ps.topic.clone(),
+                                partition,
+                                offset,
+                                key,
+                                payload,
+                                payload_encoding: payload_encoding.to_string(),
+                                reason: rej.reason,
+                                detail: rej.detail,
+                                rejected_at: t,
+                            }),
+                            t,
+                        );
+                    }
+                }
+            }
+        }
+        for ((ci, p), (t, next)) in marks {
+            let ps = &self.parts[&(ci, p)];
+            sessions.emit(Emit::Offset(OffsetMark { topic: ps.topic.clone(), partition: p, next_offset: next }), t);
+        }
+        self.records_read += n as u64;
+        n
+    }
+
+    /// The frontier this worker can promise: no record it reads later will be stamped earlier.
+    pub fn frontier(&self, current: u64, global_max_event_time: u64) -> u64 {
+        if self.restoring() {
+            return current;
+        }
+        let f = match self.clock {
+            ClockMode::Wall => wall_ms(),
+            ClockMode::Event => {
+                let mut active = self.parts.values().filter(|p| p.role != InputTopic::Definitions && !p.at_end);
+                let mut low: Option<u64> = None;
+                let mut unknown = false;
+                for p in active.by_ref() {
+                    match p.max_event_time {
+                        Some(m) => low = Some(low.map_or(m, |l| l.min(m))),
+                        None => unknown = true,
+                    }
+                }
+                if unknown {
+                    current
+                } else {
+                    match low {
+                        Some(l) => l.saturating_sub(self.lateness),
+                        None if global_max_event_time > 0 => global_max_event_time + 1,
+                        None => current,
+                    }
+                }
+            }
+        };
+        f.max(current).max(self.resume_frontier)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
