@@ -61,7 +61,7 @@ pub struct PartitionState {
 
 /// The partitions of every input topic, in the fixed order used to deal them to workers.
 pub fn enumerate_partitions(cfg: &Config) -> anyhow::Result<Vec<(InputTopic, String, i32)>> {
-    let consumer: BaseConsumer = client_config(cfg).create()?;
+    let consumer: SourceConsumer = client_config(cfg).create_with_context(SourceContext)?;
     let mut out = Vec::new();
     for role in InputTopic::ALL {
         let name = cfg.topics.input(role).to_string();
@@ -99,9 +99,28 @@ pub fn client_config(cfg: &Config) -> ClientConfig {
     c
 }
 
+/// Client context that reports librdkafka errors through tracing, except end-of-partition
+/// notices (expected: `enable.partition.eof` is how the source knows a partition is at its end).
+pub struct SourceContext;
+
+impl rdkafka::client::ClientContext for SourceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let eof = matches!(error, KafkaError::PartitionEOF(_))
+            || matches!(&error, KafkaError::Global(c) if *c == rdkafka::types::RDKafkaErrorCode::PartitionEOF);
+        if !eof {
+            warn!(error = %error, reason, "kafka client error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for SourceContext {}
+
+/// A consumer of the source.
+pub type SourceConsumer = BaseConsumer<SourceContext>;
+
 /// A worker's share of the input.
 pub struct Source {
-    consumers: Vec<(InputTopic, BaseConsumer)>,
+    consumers: Vec<(InputTopic, SourceConsumer)>,
     /// (consumer index, partition) → state.
     pub parts: HashMap<(usize, i32), PartitionState>,
     clock: ClockMode,
@@ -131,7 +150,7 @@ impl Source {
             if ps.is_empty() {
                 continue;
             }
-            let consumer: BaseConsumer = client_config(cfg).create()?;
+            let consumer: SourceConsumer = client_config(cfg).create_with_context(SourceContext)?;
             let mut tpl = TopicPartitionList::new();
             let ci = consumers.len();
             for (_, topic, p) in ps {
@@ -186,6 +205,11 @@ impl Source {
 
     pub fn restoring(&self) -> bool {
         self.parts.values().any(|p| p.next_offset < p.restore_until)
+    }
+
+    /// Definitions partitions not yet read to the end they had at start.
+    pub fn bootstrapping_definitions(&self) -> bool {
+        self.parts.values().any(|p| p.role == InputTopic::Definitions && p.next_offset < p.end_at_start)
     }
 
     /// Every partition read up to the end offset it had at start.
@@ -293,8 +317,11 @@ impl Source {
     }
 
     /// The frontier this worker can promise: no record it reads later will be stamped earlier.
+    ///
+    /// Held while restoring, and while the definitions read at start are not all read: templates
+    /// are bootstrapped at the earliest pipeline time, before any event that may need them.
     pub fn frontier(&self, current: u64, global_max_event_time: u64) -> u64 {
-        if self.restoring() {
+        if self.restoring() || self.bootstrapping_definitions() {
             return current;
         }
         let f = match self.clock {

@@ -103,8 +103,8 @@ pub struct OrderFact {
     pub order_id: String,
     pub order_type: Option<String>,
     pub open: bool,
-    pub last_event_id: Option<String>,
-    pub last_event_time: Option<Millis>,
+    /// The accepted event that first took the order out of the open states: (eventTime, eventId).
+    pub closed_by: Option<(Millis, String)>,
 }
 
 impl OrderFact {
@@ -117,8 +117,11 @@ impl OrderFact {
                 order_id: st.order_id.clone(),
                 order_type: st.order_type.clone(),
                 open: st.is_open(),
-                last_event_id: st.last_event_id.clone(),
-                last_event_time: st.last_event_time,
+                closed_by: st
+                    .accepted
+                    .iter()
+                    .find(|e| e.order_status.is_some_and(|s| !s.is_open()) && e.kind != crate::events::OrderEventKind::CompensationCompleted)
+                    .map(|e| (e.event_time, e.event_id.clone())),
             },
         ))
     }
@@ -157,6 +160,15 @@ struct DefSummary<'a> {
     failed_for_good: Option<&'a TaskState>,
     /// Highest failed attempt that still had retries left.
     failed_retriable: Option<u32>,
+    /// Highest attempt created and waiting (PENDING).
+    pending: Option<u32>,
+}
+
+impl DefSummary<'_> {
+    /// The attempt an executor works on next: a waiting one, else the retry of a failed one, else 1.
+    fn next_attempt(&self) -> u32 {
+        self.pending.unwrap_or(1).max(self.failed_retriable.map(|a| a + 1).unwrap_or(1))
+    }
 }
 
 /// Evaluates the contract's rules for one workflow instance from its facts.
@@ -197,7 +209,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact]) -> Vec<WfOut> {
                     }
                 }
                 TaskStatus::Failed => s.failed_retriable = s.failed_retriable.max(Some(task.attempt)),
-                TaskStatus::Pending => {}
+                TaskStatus::Pending => s.pending = s.pending.max(Some(task.attempt)),
             }
         }
     }
@@ -301,7 +313,9 @@ pub fn evaluate(wid: &str, facts: &[&WfFact]) -> Vec<WfOut> {
         }
     }
 
-    // Readiness (only in ACTIVE workflows).
+    // Readiness (only in ACTIVE workflows). An event's content must be a function of what
+    // identifies it (its eventId's name), so that it is emitted once: a readiness event names
+    // the definition, not the instance (which may be created while the task stays ready).
     if let (Some(t), WfStatus::Active) = (template, status) {
         let failure_namers: BTreeMap<&str, Vec<&str>> = t.tasks.iter().fold(BTreeMap::new(), |mut m, d| {
             if let Some(f) = &d.failure_task_id {
@@ -350,17 +364,10 @@ pub fn evaluate(wid: &str, facts: &[&WfFact]) -> Vec<WfOut> {
                 .filter(|o| o.order_type.as_ref().is_some_and(|ty| d.blocking_order_types.contains(ty)))
                 .collect();
             let open: BTreeSet<&str> = blocking.iter().filter(|o| o.open).map(|o| o.order_id.as_str()).collect();
-            let next_attempt = s.and_then(|s| s.failed_retriable).map(|a| a + 1).unwrap_or(1);
-            let instance = tasks
-                .iter()
-                .filter(|x| x.task_def_id == id)
-                .max_by_key(|x| (x.attempt, x.event_time))
-                .map(|x| x.task_instance_id.clone());
+            let next_attempt = s.map(|s| s.next_attempt()).unwrap_or(1);
             if open.is_empty() {
                 let closed: BTreeSet<&str> = blocking.iter().map(|o| o.order_id.as_str()).collect();
-                causes.extend(
-                    blocking.iter().filter_map(|o| Some((o.last_event_time?, o.last_event_id.clone()?))),
-                );
+                causes.extend(blocking.iter().filter_map(|o| o.closed_by.clone()));
                 let cause = causes.iter().max().map(|(_, id)| id.clone());
                 let closed_list = closed.into_iter().collect::<Vec<_>>().join(",");
                 let mut e = base(
@@ -369,7 +376,6 @@ pub fn evaluate(wid: &str, facts: &[&WfFact]) -> Vec<WfOut> {
                 );
                 e.task_def_id = Some(id.to_string());
                 e.task_name = d.name.clone();
-                e.task_instance_id = instance;
                 e.attempt = Some(next_attempt);
                 e.automatic = Some(d.automatic);
                 e.cause_event_id = cause;
@@ -392,7 +398,6 @@ pub fn evaluate(wid: &str, facts: &[&WfFact]) -> Vec<WfOut> {
                 );
                 e.task_def_id = Some(id.to_string());
                 e.task_name = d.name.clone();
-                e.task_instance_id = instance;
                 e.blocking_order_ids = open_list;
                 e.reason = Some("BLOCKING_ORDER_OPEN".to_string());
                 out.push(WfOut::Event(e));

@@ -1,0 +1,859 @@
+//! The PostgreSQL side: one transaction per [`FlushBatch`], fenced by an epoch.
+//!
+//! ```text
+//!  PgSink::apply(group, batch)            one transaction
+//!   1 SELECT epoch ... FOR UPDATE          ours? else SinkError::Fenced (nothing written)
+//!   2 DELETE ... = ANY($keys)              per table, rows whose final state is "gone"
+//!     INSERT ... SELECT * FROM UNNEST(...) per table, ON CONFLICT DO UPDATE
+//!   3 INSERT INTO hmis_outbox              batch order -> seq order, duplicates ignored
+//!   4 INSERT INTO dead_letters             one per input record, duplicates ignored
+//!   5 upsert hmis_input_offsets            where consumption resumes
+//!     UPDATE hmis_pipeline_progress        the completed frontier
+//!  COMMIT
+//! ```
+//!
+//! All writes are set-based: one statement per table and chunk of [`CHUNK`] rows, with
+//! the columns passed as arrays. Keys are deduplicated per statement (last state wins)
+//! because `ON CONFLICT DO UPDATE` refuses to touch a row twice.
+//!
+//! **Fencing.** Each instance taking over a group calls [`PgSink::claim`], which increments
+//! `hmis_pipeline_progress.epoch`. `apply` locks that row first and refuses to write when
+//! the epoch moved on, so a paused or partitioned old owner can never commit after its
+//! successor started. The claim blocks while an old owner's transaction holds the row, so
+//! the successor's [`PgSink::load_progress`] sees every committed effect.
+//! [`PgSink::try_lock_group`] adds a session advisory lock for the common case of refusing
+//! a second live instance outright.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use hmis_dataflows::output::{
+    DeadLetter, FlushBatch, Millis, OutRecord, OutTopic, ReadinessRow, Row, TaskRow, WorkflowRow,
+};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Statement, Transaction};
+use tracing::{debug, warn};
+
+use crate::SinkError;
+
+/// Rows per statement: large enough to amortize round trips, small enough to keep the
+/// parameter arrays modest.
+pub const CHUNK: usize = 10_000;
+
+/// Where a group stopped: what [`PgSink::load_progress`] returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The last committed frontier (exclusive upper bound of completed pipeline times), or
+    /// `None` before the first flush.
+    pub frontier_ms: Option<u64>,
+    /// Next offset to consume per (topic, partition).
+    pub offsets: HashMap<(String, i32), i64>,
+}
+
+/// The name an [`OutTopic`] has in `hmis_outbox.topic`: logical, so that topic names stay
+/// configuration of the publisher.
+pub fn outbox_topic(topic: OutTopic) -> &'static str {
+    match topic {
+        OutTopic::Derived => "derived",
+        OutTopic::Alerts => "alerts",
+        OutTopic::DeadLetter => "dead_letter",
+    }
+}
+
+/// Advisory lock key of a pipeline group: FNV-1a of the group id, so every instance
+/// computes the same key without asking the server.
+pub fn group_lock_key(group_id: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in b"hmis-flow:group:".iter().chain(group_id.as_bytes()) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash as i64
+}
+
+/// A PostgreSQL connection that applies [`FlushBatch`]es for one claimed group.
+pub struct PgSink {
+    client: Client,
+    /// The group this sink claimed and the epoch it got.
+    claimed: Option<(String, i64)>,
+    statements: Option<Statements>,
+}
+
+impl PgSink {
+    /// Connects without TLS (`url` as understood by tokio-postgres, e.g.
+    /// `postgres://user@host:5432/db?options=-csearch_path%3Dhmis`) and drives the
+    /// connection on the current tokio runtime.
+    pub async fn connect(url: &str) -> Result<PgSink, SinkError> {
+        let (client, connection) = tokio_postgres::connect(url, NoTls)
+            .await
+            .map_err(SinkError::pg("connect"))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                warn!(%error, "postgres connection ended");
+            }
+        });
+        Ok(PgSink::from_client(client))
+    }
+
+    /// Wraps a client connected by the caller (with TLS, or with session settings such as
+    /// a `search_path`).
+    pub fn from_client(client: Client) -> PgSink {
+        PgSink {
+            client,
+            claimed: None,
+            statements: None,
+        }
+    }
+
+    /// The underlying client, e.g. for [`crate::Publisher::publish_pending`] or
+    /// [`crate::migrate()`].
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The underlying client, mutably (transactions need it).
+    pub fn client_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    /// Applies the pending schema migrations (see [`crate::migrate()`]).
+    pub async fn migrate(&mut self) -> Result<Vec<String>, SinkError> {
+        // Statements prepared before a migration could refer to replaced objects.
+        self.statements = None;
+        crate::migrate(&mut self.client).await
+    }
+
+    /// Takes the group's session-level advisory lock without waiting: `true` when this
+    /// connection now holds it (or already did), `false` when another session does. The
+    /// lock lasts until [`PgSink::unlock_group`] or the end of the connection.
+    pub async fn try_lock_group(&self, group_id: &str) -> Result<bool, SinkError> {
+        self.client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1)",
+                &[&group_lock_key(group_id)],
+            )
+            .await
+            .map(|row| row.get(0))
+            .map_err(SinkError::pg(format!("lock group {group_id}")))
+    }
+
+    /// Releases the lock taken by [`PgSink::try_lock_group`]; `false` if it was not held.
+    pub async fn unlock_group(&self, group_id: &str) -> Result<bool, SinkError> {
+        self.client
+            .query_one(
+                "SELECT pg_advisory_unlock($1)",
+                &[&group_lock_key(group_id)],
+            )
+            .await
+            .map(|row| row.get(0))
+            .map_err(SinkError::pg(format!("unlock group {group_id}")))
+    }
+
+    /// Takes over `group_id`: increments its epoch (creating the progress row on first
+    /// use), records `owner` (a human-readable instance name), and returns the new epoch.
+    /// From now on every earlier owner's [`PgSink::apply`] fails with
+    /// [`SinkError::Fenced`].
+    pub async fn claim(&mut self, group_id: &str, owner: &str) -> Result<i64, SinkError> {
+        let epoch: i64 = self
+            .client
+            .query_one(
+                "INSERT INTO hmis_pipeline_progress (group_id, epoch, owner, updated_at)
+                 VALUES ($1, 1, $2, now())
+                 ON CONFLICT (group_id) DO UPDATE
+                 SET epoch = hmis_pipeline_progress.epoch + 1,
+                     owner = EXCLUDED.owner,
+                     updated_at = now()
+                 RETURNING epoch",
+                &[&group_id, &owner],
+            )
+            .await
+            .map_err(SinkError::pg(format!("claim group {group_id}")))?
+            .get(0);
+        debug!(group_id, owner, epoch, "claimed group");
+        self.claimed = Some((group_id.to_string(), epoch));
+        Ok(epoch)
+    }
+
+    /// The epoch of the last successful [`PgSink::claim`].
+    pub fn epoch(&self) -> Option<i64> {
+        self.claimed.as_ref().map(|(_, epoch)| *epoch)
+    }
+
+    /// Where `group_id` stopped: its committed frontier and input offsets.
+    pub async fn load_progress(&self, group_id: &str) -> Result<Progress, SinkError> {
+        let frontier = self
+            .client
+            .query_opt(
+                "SELECT frontier_ms FROM hmis_pipeline_progress WHERE group_id = $1",
+                &[&group_id],
+            )
+            .await
+            .map_err(SinkError::pg(format!("read progress of group {group_id}")))?
+            .and_then(|row| row.get::<_, Option<i64>>(0));
+        let frontier_ms = frontier
+            .map(|ms| {
+                u64::try_from(ms).map_err(|_| {
+                    SinkError::InvalidBatch(format!(
+                        "group {group_id} has a negative frontier {ms} in the database"
+                    ))
+                })
+            })
+            .transpose()?;
+        let offsets = self
+            .client
+            .query(
+                "SELECT topic, partition, next_offset FROM hmis_input_offsets WHERE group_id = $1",
+                &[&group_id],
+            )
+            .await
+            .map_err(SinkError::pg(format!("read offsets of group {group_id}")))?
+            .iter()
+            .map(|row| ((row.get(0), row.get(1)), row.get(2)))
+            .collect();
+        Ok(Progress {
+            frontier_ms,
+            offsets,
+        })
+    }
+
+    /// Makes `batch` durable for `group_id` in one transaction: rows, outbox records, dead
+    /// letters, offsets and frontier, or nothing.
+    ///
+    /// # Errors
+    /// [`SinkError::NotClaimed`] without a prior [`PgSink::claim`] of this group,
+    /// [`SinkError::Fenced`] when another instance claimed it since,
+    /// [`SinkError::InvalidBatch`] for out-of-range values, [`SinkError::Postgres`]
+    /// otherwise (see [`SinkError::is_transient`]).
+    pub async fn apply(&mut self, group_id: &str, batch: &FlushBatch) -> Result<(), SinkError> {
+        let ours = match &self.claimed {
+            Some((claimed, epoch)) if claimed == group_id => *epoch,
+            _ => {
+                return Err(SinkError::NotClaimed {
+                    group_id: group_id.to_string(),
+                })
+            }
+        };
+        let plan = Plan::new(batch)?;
+        let frontier = to_i64(batch.frontier, "frontier")?;
+        let ready_since = timestamp(batch.frontier)?;
+
+        if self.statements.is_none() {
+            self.statements = Some(Statements::prepare(&self.client).await?);
+        }
+        let statements = self.statements.as_ref().expect("prepared above");
+
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(SinkError::pg("begin flush"))?;
+
+        let current: Option<i64> = tx
+            .query_opt(&statements.lock_epoch, &[&group_id])
+            .await
+            .map_err(SinkError::pg(format!("lock progress of group {group_id}")))?
+            .map(|row| row.get(0));
+        if current != Some(ours) {
+            return Err(SinkError::Fenced {
+                group_id: group_id.to_string(),
+                ours,
+                current,
+            });
+        }
+
+        plan.write_rows(&tx, statements, ready_since).await?;
+        write_outbox(&tx, statements, group_id, &batch.records).await?;
+        write_dead_letters(&tx, statements, &batch.dead_letters).await?;
+
+        let mut offsets: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        for mark in &batch.offsets {
+            let next = offsets
+                .entry((mark.topic.as_str(), mark.partition))
+                .or_insert(mark.next_offset);
+            *next = (*next).max(mark.next_offset);
+        }
+        if !offsets.is_empty() {
+            let topics: Vec<&str> = offsets.keys().map(|(t, _)| *t).collect();
+            let partitions: Vec<i32> = offsets.keys().map(|(_, p)| *p).collect();
+            let next: Vec<i64> = offsets.values().copied().collect();
+            tx.execute(
+                &statements.upsert_offsets,
+                &[&group_id, &topics, &partitions, &next],
+            )
+            .await
+            .map_err(SinkError::pg("upsert hmis_input_offsets"))?;
+        }
+        tx.execute(&statements.set_frontier, &[&group_id, &frontier])
+            .await
+            .map_err(SinkError::pg("update hmis_pipeline_progress"))?;
+
+        tx.commit()
+            .await
+            .map_err(SinkError::pg(format!("commit flush of group {group_id}")))?;
+        debug!(
+            group_id,
+            frontier = batch.frontier,
+            rows = batch.rows.len(),
+            records = batch.records.len(),
+            dead_letters = batch.dead_letters.len(),
+            "flush committed"
+        );
+        Ok(())
+    }
+}
+
+/// A batch's rows sorted by table, one final state per key.
+struct Plan<'a> {
+    workflows: Vec<&'a WorkflowRow>,
+    tasks: Vec<&'a TaskRow>,
+    readiness: Vec<&'a ReadinessRow>,
+    gone_workflows: Vec<&'a str>,
+    gone_tasks: Vec<&'a str>,
+    gone_readiness: Vec<(&'a str, &'a str)>,
+}
+
+/// Table tags of [`Row::key`].
+const WORKFLOW: u8 = 0;
+const TASK: u8 = 1;
+const READINESS: u8 = 2;
+
+impl<'a> Plan<'a> {
+    fn new(batch: &'a FlushBatch) -> Result<Plan<'a>, SinkError> {
+        // Last state per key wins. An upsert's key is the row's own primary key, which is
+        // what the table conflicts on; the batch's key only matters for deletes.
+        let mut last: HashMap<(u8, &'a str, &'a str), Option<&'a Row>> = HashMap::new();
+        for (key, row) in &batch.rows {
+            let key = match row {
+                Some(row) => row_key(row),
+                None => (key.0, key.1.as_str(), key.2.as_str()),
+            };
+            last.insert(key, row.as_ref());
+        }
+        let mut plan = Plan {
+            workflows: Vec::new(),
+            tasks: Vec::new(),
+            readiness: Vec::new(),
+            gone_workflows: Vec::new(),
+            gone_tasks: Vec::new(),
+            gone_readiness: Vec::new(),
+        };
+        for ((table, first, second), row) in last {
+            match (table, row) {
+                (_, Some(Row::Workflow(row))) => plan.workflows.push(row),
+                (_, Some(Row::Task(row))) => plan.tasks.push(row),
+                (_, Some(Row::Readiness(row))) => plan.readiness.push(row),
+                (WORKFLOW, None) => plan.gone_workflows.push(first),
+                (TASK, None) => plan.gone_tasks.push(first),
+                (READINESS, None) => plan.gone_readiness.push((first, second)),
+                (other, None) => {
+                    return Err(SinkError::InvalidBatch(format!(
+                        "delete of ({other}, {first:?}, {second:?}): unknown table tag {other}"
+                    )))
+                }
+            }
+        }
+        // A stable order keeps lock acquisition consistent between concurrent writers.
+        plan.workflows
+            .sort_by(|a, b| a.workflow_instance_id.cmp(&b.workflow_instance_id));
+        plan.tasks
+            .sort_by(|a, b| a.task_instance_id.cmp(&b.task_instance_id));
+        plan.readiness.sort_by(|a, b| {
+            (&a.workflow_instance_id, &a.task_def_id)
+                .cmp(&(&b.workflow_instance_id, &b.task_def_id))
+        });
+        plan.gone_workflows.sort_unstable();
+        plan.gone_tasks.sort_unstable();
+        plan.gone_readiness.sort_unstable();
+        Ok(plan)
+    }
+
+    async fn write_rows(
+        &self,
+        tx: &Transaction<'_>,
+        st: &Statements,
+        ready_since: DateTime<Utc>,
+    ) -> Result<(), SinkError> {
+        for chunk in self.gone_workflows.chunks(CHUNK) {
+            tx.execute(&st.delete_workflows, &[&chunk])
+                .await
+                .map_err(SinkError::pg("delete workflow_instances"))?;
+        }
+        for chunk in self.gone_tasks.chunks(CHUNK) {
+            tx.execute(&st.delete_tasks, &[&chunk])
+                .await
+                .map_err(SinkError::pg("delete task_instances"))?;
+        }
+        for chunk in self.gone_readiness.chunks(CHUNK) {
+            let workflows: Vec<&str> = chunk.iter().map(|(w, _)| *w).collect();
+            let defs: Vec<&str> = chunk.iter().map(|(_, d)| *d).collect();
+            tx.execute(&st.delete_readiness, &[&workflows, &defs])
+                .await
+                .map_err(SinkError::pg("delete task_readiness"))?;
+        }
+
+        for chunk in self.workflows.chunks(CHUNK) {
+            let c = WorkflowColumns::new(chunk)?;
+            tx.execute(
+                &st.upsert_workflows,
+                &[
+                    &c.id,
+                    &c.patient,
+                    &c.template,
+                    &c.version,
+                    &c.name,
+                    &c.status,
+                    &c.progress,
+                    &c.escalated,
+                    &c.level,
+                    &c.reason,
+                    &c.started,
+                    &c.completed,
+                ],
+            )
+            .await
+            .map_err(SinkError::pg("upsert workflow_instances"))?;
+        }
+        for chunk in self.tasks.chunks(CHUNK) {
+            let c = TaskColumns::new(chunk)?;
+            tx.execute(
+                &st.upsert_tasks,
+                &[
+                    &c.id,
+                    &c.workflow,
+                    &c.patient,
+                    &c.def,
+                    &c.name,
+                    &c.status,
+                    &c.attempt,
+                    &c.due,
+                    &c.breached,
+                    &c.escalated,
+                    &c.escalated_to,
+                    &c.created,
+                    &c.started,
+                    &c.completed,
+                    &c.error,
+                ],
+            )
+            .await
+            .map_err(SinkError::pg("upsert task_instances"))?;
+        }
+        for chunk in self.readiness.chunks(CHUNK) {
+            let workflow: Vec<&str> = chunk
+                .iter()
+                .map(|r| r.workflow_instance_id.as_str())
+                .collect();
+            let def: Vec<&str> = chunk.iter().map(|r| r.task_def_id.as_str()).collect();
+            let patient: Vec<Option<&str>> =
+                chunk.iter().map(|r| r.patient_id.as_deref()).collect();
+            let template: Vec<&str> = chunk.iter().map(|r| r.template_id.as_str()).collect();
+            let version: Vec<i64> = chunk.iter().map(|r| r.template_version).collect();
+            let name: Vec<Option<&str>> = chunk.iter().map(|r| r.task_name.as_deref()).collect();
+            let automatic: Vec<bool> = chunk.iter().map(|r| r.automatic).collect();
+            let attempt: Vec<i32> = chunk.iter().map(|r| r.next_attempt).collect();
+            tx.execute(
+                &st.upsert_readiness,
+                &[
+                    &workflow,
+                    &def,
+                    &patient,
+                    &template,
+                    &version,
+                    &name,
+                    &automatic,
+                    &attempt,
+                    &ready_since,
+                ],
+            )
+            .await
+            .map_err(SinkError::pg("upsert task_readiness"))?;
+        }
+        Ok(())
+    }
+}
+
+fn row_key(row: &Row) -> (u8, &str, &str) {
+    match row {
+        Row::Workflow(w) => (WORKFLOW, w.workflow_instance_id.as_str(), ""),
+        Row::Task(t) => (TASK, t.task_instance_id.as_str(), ""),
+        Row::Readiness(r) => (
+            READINESS,
+            r.workflow_instance_id.as_str(),
+            r.task_def_id.as_str(),
+        ),
+    }
+}
+
+struct WorkflowColumns<'a> {
+    id: Vec<&'a str>,
+    patient: Vec<Option<&'a str>>,
+    template: Vec<&'a str>,
+    version: Vec<i64>,
+    name: Vec<Option<&'a str>>,
+    status: Vec<&'a str>,
+    progress: Vec<i32>,
+    escalated: Vec<bool>,
+    level: Vec<i32>,
+    reason: Vec<Option<&'a str>>,
+    started: Vec<Option<DateTime<Utc>>>,
+    completed: Vec<Option<DateTime<Utc>>>,
+}
+
+impl<'a> WorkflowColumns<'a> {
+    fn new(rows: &[&'a WorkflowRow]) -> Result<Self, SinkError> {
+        Ok(WorkflowColumns {
+            id: rows
+                .iter()
+                .map(|r| r.workflow_instance_id.as_str())
+                .collect(),
+            patient: rows.iter().map(|r| r.patient_id.as_deref()).collect(),
+            template: rows.iter().map(|r| r.template_id.as_str()).collect(),
+            version: rows.iter().map(|r| r.template_version).collect(),
+            name: rows.iter().map(|r| r.template_name.as_deref()).collect(),
+            status: rows.iter().map(|r| r.status.as_str()).collect(),
+            progress: rows.iter().map(|r| r.progress_percentage).collect(),
+            escalated: rows.iter().map(|r| r.is_escalated).collect(),
+            level: rows.iter().map(|r| r.escalation_level).collect(),
+            reason: rows
+                .iter()
+                .map(|r| r.escalation_reason.as_deref())
+                .collect(),
+            started: timestamps(rows.iter().map(|r| r.started_at))?,
+            completed: timestamps(rows.iter().map(|r| r.completed_at))?,
+        })
+    }
+}
+
+struct TaskColumns<'a> {
+    id: Vec<&'a str>,
+    workflow: Vec<&'a str>,
+    patient: Vec<Option<&'a str>>,
+    def: Vec<&'a str>,
+    name: Vec<Option<&'a str>>,
+    status: Vec<&'a str>,
+    attempt: Vec<i32>,
+    due: Vec<Option<DateTime<Utc>>>,
+    breached: Vec<bool>,
+    escalated: Vec<bool>,
+    escalated_to: Vec<Option<&'a str>>,
+    created: Vec<Option<DateTime<Utc>>>,
+    started: Vec<Option<DateTime<Utc>>>,
+    completed: Vec<Option<DateTime<Utc>>>,
+    error: Vec<Option<&'a str>>,
+}
+
+impl<'a> TaskColumns<'a> {
+    fn new(rows: &[&'a TaskRow]) -> Result<Self, SinkError> {
+        Ok(TaskColumns {
+            id: rows.iter().map(|r| r.task_instance_id.as_str()).collect(),
+            workflow: rows
+                .iter()
+                .map(|r| r.workflow_instance_id.as_str())
+                .collect(),
+            patient: rows.iter().map(|r| r.patient_id.as_deref()).collect(),
+            def: rows.iter().map(|r| r.task_def_id.as_str()).collect(),
+            name: rows.iter().map(|r| r.task_name.as_deref()).collect(),
+            status: rows.iter().map(|r| r.status.as_str()).collect(),
+            attempt: rows.iter().map(|r| r.attempt).collect(),
+            due: timestamps(rows.iter().map(|r| r.due_at))?,
+            breached: rows.iter().map(|r| r.sla_breached).collect(),
+            escalated: rows.iter().map(|r| r.is_escalated).collect(),
+            escalated_to: rows.iter().map(|r| r.escalated_to.as_deref()).collect(),
+            created: timestamps(rows.iter().map(|r| r.created_at))?,
+            started: timestamps(rows.iter().map(|r| r.started_at))?,
+            completed: timestamps(rows.iter().map(|r| r.completed_at))?,
+            error: rows.iter().map(|r| r.error_message.as_deref()).collect(),
+        })
+    }
+}
+
+async fn write_outbox(
+    tx: &Transaction<'_>,
+    st: &Statements,
+    group_id: &str,
+    records: &[OutRecord],
+) -> Result<(), SinkError> {
+    // Chunks run in order and each keeps its order (WITH ORDINALITY ... ORDER BY), so seq
+    // follows the batch's production order.
+    for chunk in records.chunks(CHUNK) {
+        let topic: Vec<&str> = chunk.iter().map(|r| outbox_topic(r.topic)).collect();
+        let key: Vec<Option<&str>> = chunk.iter().map(|r| r.key.as_deref()).collect();
+        let event_id: Vec<&str> = chunk.iter().map(|r| r.event_id.as_str()).collect();
+        let event_type: Vec<&str> = chunk.iter().map(|r| r.event_type.as_str()).collect();
+        let payload: Vec<&str> = chunk.iter().map(|r| r.payload.as_str()).collect();
+        tx.execute(
+            &st.insert_outbox,
+            &[&group_id, &topic, &key, &event_id, &event_type, &payload],
+        )
+        .await
+        .map_err(SinkError::pg("insert hmis_outbox"))?;
+    }
+    Ok(())
+}
+
+async fn write_dead_letters(
+    tx: &Transaction<'_>,
+    st: &Statements,
+    dead_letters: &[DeadLetter],
+) -> Result<(), SinkError> {
+    for chunk in dead_letters.chunks(CHUNK) {
+        let topic: Vec<&str> = chunk.iter().map(|d| d.topic.as_str()).collect();
+        let partition: Vec<i32> = chunk.iter().map(|d| d.partition).collect();
+        let offset: Vec<i64> = chunk.iter().map(|d| d.offset).collect();
+        let key: Vec<Option<&str>> = chunk.iter().map(|d| d.key.as_deref()).collect();
+        let payload: Vec<&str> = chunk.iter().map(|d| d.payload.as_str()).collect();
+        let encoding: Vec<&str> = chunk.iter().map(|d| d.payload_encoding.as_str()).collect();
+        let reason: Vec<&str> = chunk.iter().map(|d| d.reason.as_str()).collect();
+        let detail: Vec<&str> = chunk.iter().map(|d| d.detail.as_str()).collect();
+        let rejected: Vec<DateTime<Utc>> = chunk
+            .iter()
+            .map(|d| timestamp(d.rejected_at))
+            .collect::<Result<_, _>>()?;
+        let params: [&(dyn ToSql + Sync); 9] = [
+            &topic, &partition, &offset, &key, &payload, &encoding, &reason, &detail, &rejected,
+        ];
+        tx.execute(&st.insert_dead_letters, &params)
+            .await
+            .map_err(SinkError::pg("insert dead_letters"))?;
+    }
+    Ok(())
+}
+
+fn to_i64(ms: Millis, what: &str) -> Result<i64, SinkError> {
+    i64::try_from(ms)
+        .map_err(|_| SinkError::InvalidBatch(format!("{what} {ms} ms is out of range")))
+}
+
+/// Pipeline milliseconds to a timestamptz value.
+fn timestamp(ms: Millis) -> Result<DateTime<Utc>, SinkError> {
+    DateTime::from_timestamp_millis(to_i64(ms, "time")?)
+        .ok_or_else(|| SinkError::InvalidBatch(format!("time {ms} ms is out of range")))
+}
+
+fn timestamps(
+    values: impl Iterator<Item = Option<Millis>>,
+) -> Result<Vec<Option<DateTime<Utc>>>, SinkError> {
+    values.map(|v| v.map(timestamp).transpose()).collect()
+}
+
+/// `INSERT INTO table (cols) SELECT * FROM UNNEST($1::t1[], ...) ON CONFLICT (key) DO UPDATE`
+/// setting every non-key column and `updated_at`, but only where something changed (a
+/// replayed batch then writes nothing).
+fn upsert_sql(table: &str, key: &[&str], columns: &[(&str, &str)]) -> String {
+    let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
+    let arrays: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ty))| format!("${}::{ty}[]", i + 1))
+        .collect();
+    let updated: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|name| !key.contains(name))
+        .collect();
+    let set: Vec<String> = updated
+        .iter()
+        .map(|name| format!("{name} = EXCLUDED.{name}"))
+        .collect();
+    let old: Vec<String> = updated
+        .iter()
+        .map(|name| format!("{table}.{name}"))
+        .collect();
+    let new: Vec<String> = updated
+        .iter()
+        .map(|name| format!("EXCLUDED.{name}"))
+        .collect();
+    format!(
+        "INSERT INTO {table} ({names}) SELECT * FROM UNNEST({arrays}) \
+         ON CONFLICT ({key}) DO UPDATE SET {set}, updated_at = now() \
+         WHERE ({old}) IS DISTINCT FROM ({new})",
+        names = names.join(", "),
+        arrays = arrays.join(", "),
+        key = key.join(", "),
+        set = set.join(", "),
+        old = old.join(", "),
+        new = new.join(", "),
+    )
+}
+
+/// Statements prepared once per connection.
+struct Statements {
+    lock_epoch: Statement,
+    upsert_workflows: Statement,
+    upsert_tasks: Statement,
+    upsert_readiness: Statement,
+    delete_workflows: Statement,
+    delete_tasks: Statement,
+    delete_readiness: Statement,
+    insert_outbox: Statement,
+    insert_dead_letters: Statement,
+    upsert_offsets: Statement,
+    set_frontier: Statement,
+}
+
+impl Statements {
+    async fn prepare(client: &Client) -> Result<Statements, SinkError> {
+        let prepare = |sql: String, what: &'static str| async move {
+            client
+                .prepare(&sql)
+                .await
+                .map_err(SinkError::pg(format!("prepare {what}")))
+        };
+        let upsert_workflows = upsert_sql(
+            "workflow_instances",
+            &["workflow_instance_id"],
+            &[
+                ("workflow_instance_id", "text"),
+                ("patient_id", "text"),
+                ("template_id", "text"),
+                ("template_version", "int8"),
+                ("template_name", "text"),
+                ("status", "text"),
+                ("progress_percentage", "int4"),
+                ("is_escalated", "bool"),
+                ("escalation_level", "int4"),
+                ("escalation_reason", "text"),
+                ("started_at", "timestamptz"),
+                ("completed_at", "timestamptz"),
+            ],
+        );
+        let upsert_tasks = upsert_sql(
+            "task_instances",
+            &["task_instance_id"],
+            &[
+                ("task_instance_id", "text"),
+                ("workflow_instance_id", "text"),
+                ("patient_id", "text"),
+                ("task_def_id", "text"),
+                ("task_name", "text"),
+                ("status", "text"),
+                ("attempt", "int4"),
+                ("due_at", "timestamptz"),
+                ("sla_breached", "bool"),
+                ("is_escalated", "bool"),
+                ("escalated_to", "text"),
+                ("created_at", "timestamptz"),
+                ("started_at", "timestamptz"),
+                ("completed_at", "timestamptz"),
+                ("error_message", "text"),
+            ],
+        );
+        // ready_since is kept while the pair stays ready: it says since when, not last seen.
+        let upsert_readiness = "
+            INSERT INTO task_readiness (workflow_instance_id, task_def_id, patient_id,
+                template_id, template_version, task_name, automatic, next_attempt, ready_since)
+            SELECT u.*, $9::timestamptz
+            FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[],
+                        $6::text[], $7::bool[], $8::int4[]) AS u
+            ON CONFLICT (workflow_instance_id, task_def_id) DO UPDATE
+            SET patient_id = EXCLUDED.patient_id,
+                template_id = EXCLUDED.template_id,
+                template_version = EXCLUDED.template_version,
+                task_name = EXCLUDED.task_name,
+                automatic = EXCLUDED.automatic,
+                next_attempt = EXCLUDED.next_attempt
+            WHERE (task_readiness.patient_id, task_readiness.template_id,
+                   task_readiness.template_version, task_readiness.task_name,
+                   task_readiness.automatic, task_readiness.next_attempt)
+               IS DISTINCT FROM
+                  (EXCLUDED.patient_id, EXCLUDED.template_id, EXCLUDED.template_version,
+                   EXCLUDED.task_name, EXCLUDED.automatic, EXCLUDED.next_attempt)";
+        Ok(Statements {
+            lock_epoch: prepare(
+                "SELECT epoch FROM hmis_pipeline_progress WHERE group_id = $1 FOR UPDATE".into(),
+                "epoch check",
+            )
+            .await?,
+            upsert_workflows: prepare(upsert_workflows, "upsert workflow_instances").await?,
+            upsert_tasks: prepare(upsert_tasks, "upsert task_instances").await?,
+            upsert_readiness: prepare(upsert_readiness.into(), "upsert task_readiness").await?,
+            delete_workflows: prepare(
+                "DELETE FROM workflow_instances WHERE workflow_instance_id = ANY($1::text[])"
+                    .into(),
+                "delete workflow_instances",
+            )
+            .await?,
+            delete_tasks: prepare(
+                "DELETE FROM task_instances WHERE task_instance_id = ANY($1::text[])".into(),
+                "delete task_instances",
+            )
+            .await?,
+            delete_readiness: prepare(
+                "DELETE FROM task_readiness t
+                 USING UNNEST($1::text[], $2::text[]) AS d(workflow_instance_id, task_def_id)
+                 WHERE t.workflow_instance_id = d.workflow_instance_id
+                   AND t.task_def_id = d.task_def_id"
+                    .into(),
+                "delete task_readiness",
+            )
+            .await?,
+            insert_outbox: prepare(
+                "INSERT INTO hmis_outbox (group_id, topic, key, event_id, event_type, payload)
+                 SELECT $1, u.topic, u.key, u.event_id, u.event_type, u.payload
+                 FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+                      WITH ORDINALITY AS u(topic, key, event_id, event_type, payload, ord)
+                 ORDER BY u.ord
+                 ON CONFLICT (group_id, topic, event_id) DO NOTHING"
+                    .into(),
+                "insert hmis_outbox",
+            )
+            .await?,
+            insert_dead_letters: prepare(
+                "INSERT INTO dead_letters (topic, partition, \"offset\", key, payload,
+                     payload_encoding, reason, detail, rejected_at)
+                 SELECT * FROM UNNEST($1::text[], $2::int4[], $3::int8[], $4::text[], $5::text[],
+                                      $6::text[], $7::text[], $8::text[], $9::timestamptz[])
+                 ON CONFLICT (topic, partition, \"offset\") DO NOTHING"
+                    .into(),
+                "insert dead_letters",
+            )
+            .await?,
+            upsert_offsets: prepare(
+                "INSERT INTO hmis_input_offsets (group_id, topic, partition, next_offset, updated_at)
+                 SELECT $1, u.topic, u.partition, u.next_offset, now()
+                 FROM UNNEST($2::text[], $3::int4[], $4::int8[]) AS u(topic, partition, next_offset)
+                 ON CONFLICT (group_id, topic, partition) DO UPDATE
+                 SET next_offset = EXCLUDED.next_offset, updated_at = now()"
+                    .into(),
+                "upsert hmis_input_offsets",
+            )
+            .await?,
+            set_frontier: prepare(
+                "UPDATE hmis_pipeline_progress SET frontier_ms = $2, updated_at = now()
+                 WHERE group_id = $1"
+                    .into(),
+                "update hmis_pipeline_progress",
+            )
+            .await?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upsert_sql_updates_only_non_key_columns() {
+        let sql = upsert_sql("t", &["id"], &[("id", "text"), ("v", "int4")]);
+        assert_eq!(
+            sql,
+            "INSERT INTO t (id, v) SELECT * FROM UNNEST($1::text[], $2::int4[]) \
+             ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v, updated_at = now() \
+             WHERE (t.v) IS DISTINCT FROM (EXCLUDED.v)"
+        );
+    }
+
+    #[test]
+    fn group_lock_keys_are_stable_and_distinct() {
+        assert_eq!(group_lock_key("a"), group_lock_key("a"));
+        assert_ne!(group_lock_key("a"), group_lock_key("b"));
+    }
+
+    #[test]
+    fn millis_become_timestamps() {
+        let t = timestamp(1_764_152_100_123).unwrap();
+        assert_eq!(t.to_rfc3339(), "2025-11-26T10:15:00.123+00:00");
+        assert!(timestamp(u64::MAX).is_err());
+    }
+}

@@ -1,0 +1,705 @@
+//! PgSink and migrations against a real PostgreSQL (`HMIS_TEST_DATABASE_URL`), one schema
+//! per test.
+
+mod common;
+
+use chrono::{DateTime, Utc};
+use common::*;
+use hmis_dataflows::output::OutTopic;
+use hmis_sinks::{migrate, SinkError};
+
+fn at(ms: u64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms as i64).unwrap()
+}
+
+#[tokio::test]
+async fn migrate_creates_the_schema_once() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let mut client = db.client().await;
+
+    let applied = migrate(&mut client).await.unwrap();
+    assert_eq!(applied, ["0001_init", "0002_reporting"]);
+    assert!(migrate(&mut client).await.unwrap().is_empty());
+
+    let tables: Vec<String> = client
+        .query(
+            "SELECT table_name::text FROM information_schema.tables
+             WHERE table_schema = current_schema() ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for expected in [
+        "workflow_instances",
+        "task_instances",
+        "task_readiness",
+        "orders",
+        "order_transitions",
+        "compensation_actions",
+        "sla_breaches",
+        "alerts",
+        "component_health",
+        "audit_log",
+        "dead_letters",
+        "analytics_windows",
+        "hmis_input_offsets",
+        "hmis_pipeline_progress",
+        "hmis_outbox",
+        "hmis_schema_migrations",
+        "report_sla_compliance",
+        "report_order_turnaround",
+        "report_open_escalations",
+        "report_workflow_progress",
+    ] {
+        assert!(tables.iter().any(|t| t == expected), "missing {expected}");
+    }
+
+    // The reporting role reads tables and views, and nothing else.
+    let row = client
+        .query_one(
+            "SELECT has_table_privilege('hmis_reporting', 'workflow_instances', 'SELECT'),
+                    has_table_privilege('hmis_reporting', 'report_sla_compliance', 'SELECT'),
+                    has_table_privilege('hmis_reporting', 'workflow_instances', 'INSERT'),
+                    (SELECT rolcanlogin FROM pg_roles WHERE rolname = 'hmis_reporting')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    assert!(row.get::<_, bool>(1));
+    assert!(!row.get::<_, bool>(2));
+    assert!(!row.get::<_, bool>(3));
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn migrate_refuses_edited_and_unknown_migrations() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let mut client = db.client().await;
+    migrate(&mut client).await.unwrap();
+
+    // A database newer than this build.
+    client
+        .execute(
+            "INSERT INTO hmis_schema_migrations (version, name, checksum)
+             VALUES (999, '0999_future', 'x')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let err = migrate(&mut client).await.unwrap_err();
+    assert!(
+        matches!(err, SinkError::UnknownMigration { version: 999, .. }),
+        "{err}"
+    );
+    client
+        .execute(
+            "DELETE FROM hmis_schema_migrations WHERE version = 999",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    // An applied migration edited afterwards.
+    client
+        .execute(
+            "UPDATE hmis_schema_migrations SET checksum = 'edited' WHERE version = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let err = migrate(&mut client).await.unwrap_err();
+    assert!(
+        matches!(err, SinkError::MigrationChanged { version: 1, .. }),
+        "{err}"
+    );
+    assert!(!err.is_transient());
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn concurrent_migrations_are_safe() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    for _ in 0..3 {
+        let schema_db = TestDb::new().await.unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(schema_db.client().await);
+        }
+        let runs = clients.into_iter().map(|mut client| {
+            tokio::spawn(async move { migrate(&mut client).await.map(|applied| applied.len()) })
+        });
+        let mut applied = Vec::new();
+        for run in runs.collect::<Vec<_>>() {
+            applied.push(run.await.unwrap().expect("concurrent migrate"));
+        }
+        applied.sort();
+        assert_eq!(applied, [0, 0, 0, 2], "exactly one instance migrates");
+        let count: i64 = schema_db
+            .client()
+            .await
+            .query_one("SELECT count(*) FROM hmis_schema_migrations", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(count, 2);
+        schema_db.drop().await;
+    }
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn apply_upserts_deletes_and_records_progress() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let mut sink = db.claimed_sink("g1").await;
+    let client = db.client().await;
+
+    // First flush: a workflow, two tasks, two ready pairs, records, dead letters, offsets.
+    let mut first = batch(T0 + 1000);
+    first.rows = vec![
+        upsert(workflow("wf-1", 0)),
+        upsert(task("t-1", "wf-1", "PENDING")),
+        upsert(task("t-2", "wf-1", "IN_PROGRESS")),
+        upsert(ready("wf-1", "triage")),
+        upsert(ready("wf-1", "labs")),
+    ];
+    first.records = vec![
+        record(OutTopic::Derived, "e-1", Some("wf-1")),
+        record(OutTopic::Alerts, "a-1", Some("monitor")),
+        record(OutTopic::Derived, "e-2", Some("wf-1")),
+        record(OutTopic::Derived, "e-1", Some("wf-1")), // duplicate event id
+        record(OutTopic::DeadLetter, "d-1", None),
+    ];
+    first.dead_letters = vec![dead_letter(3, 17), dead_letter(3, 17)];
+    first.offsets = vec![
+        offset("workflow-task-events", 3, 10),
+        offset("workflow-task-events", 3, 18),
+        offset("workflow-state-events", 0, 4),
+    ];
+    sink.apply("g1", &first).await.unwrap();
+
+    let wf = client
+        .query_one(
+            "SELECT status, progress_percentage, template_version, started_at, completed_at
+             FROM workflow_instances WHERE workflow_instance_id = 'wf-1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(wf.get::<_, String>(0), "ACTIVE");
+    assert_eq!(wf.get::<_, i32>(1), 0);
+    assert_eq!(wf.get::<_, i64>(2), 3);
+    assert_eq!(wf.get::<_, DateTime<Utc>>(3), at(T0));
+    assert_eq!(wf.get::<_, Option<DateTime<Utc>>>(4), None);
+
+    let tasks = client
+        .query(
+            "SELECT task_instance_id, status, due_at FROM task_instances ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(tasks.len(), 2);
+    assert_eq!(tasks[1].get::<_, String>(1), "IN_PROGRESS");
+    assert_eq!(tasks[0].get::<_, DateTime<Utc>>(2), at(T0 + 15 * 60_000));
+
+    let readiness: Vec<(String, DateTime<Utc>)> = client
+        .query(
+            "SELECT task_def_id, ready_since FROM task_readiness ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        readiness,
+        [
+            ("labs".to_string(), at(T0 + 1000)),
+            ("triage".to_string(), at(T0 + 1000))
+        ]
+    );
+
+    let outbox: Vec<(String, String, Option<String>)> = client
+        .query(
+            "SELECT topic, event_id, key FROM hmis_outbox WHERE group_id = 'g1' ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        outbox,
+        [
+            ("derived".into(), "e-1".into(), Some("wf-1".into())),
+            ("alerts".into(), "a-1".into(), Some("monitor".into())),
+            ("derived".into(), "e-2".into(), Some("wf-1".into())),
+            ("dead_letter".into(), "d-1".into(), None),
+        ]
+    );
+
+    let dl = client
+        .query_one(
+            "SELECT count(*), min(reason), min(rejected_at) FROM dead_letters",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(dl.get::<_, i64>(0), 1);
+    assert_eq!(dl.get::<_, String>(1), "INVALID_JSON");
+    assert_eq!(dl.get::<_, DateTime<Utc>>(2), at(T0 + 5));
+
+    let progress = sink.load_progress("g1").await.unwrap();
+    assert_eq!(progress.frontier_ms, Some(T0 + 1000));
+    assert_eq!(progress.offsets.len(), 2);
+    assert_eq!(
+        progress.offsets[&("workflow-task-events".to_string(), 3)],
+        18
+    );
+    assert_eq!(
+        progress.offsets[&("workflow-state-events".to_string(), 0)],
+        4
+    );
+
+    // Second flush: progress, a deleted ready pair and task, a re-sent ready pair, a replayed
+    // record and dead letter, and a key that appears twice.
+    let mut escalated = workflow("wf-1", 50);
+    if let hmis_dataflows::output::Row::Workflow(w) = &mut escalated {
+        w.is_escalated = true;
+        w.escalation_level = 1;
+        w.escalation_reason = Some("SLA_BREACH:triage".into());
+    }
+    let mut second = batch(T0 + 2000);
+    second.rows = vec![
+        upsert(workflow("wf-1", 10)),
+        upsert(escalated),
+        delete(ready("wf-1", "triage")),
+        upsert(ready("wf-1", "labs")),
+        delete(task("t-2", "wf-1", "IN_PROGRESS")),
+        upsert(task("t-1", "wf-1", "IN_PROGRESS")),
+        upsert(task("t-1", "wf-1", "COMPLETED")),
+        upsert(ready("wf-2", "triage")),
+        delete(ready("wf-2", "triage")),
+    ];
+    second.records = vec![
+        record(OutTopic::Derived, "e-2", Some("wf-1")),
+        record(OutTopic::Derived, "e-3", Some("wf-1")),
+    ];
+    second.dead_letters = vec![dead_letter(3, 17), dead_letter(4, 1)];
+    second.offsets = vec![offset("workflow-task-events", 3, 25)];
+    sink.apply("g1", &second).await.unwrap();
+
+    let wf = client
+        .query_one(
+            "SELECT progress_percentage, is_escalated, escalation_level, escalation_reason
+             FROM workflow_instances",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(wf.get::<_, i32>(0), 50);
+    assert!(wf.get::<_, bool>(1));
+    assert_eq!(wf.get::<_, i32>(2), 1);
+    assert_eq!(wf.get::<_, String>(3), "SLA_BREACH:triage");
+
+    let tasks: Vec<(String, String)> = client
+        .query("SELECT task_instance_id, status FROM task_instances", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(tasks, [("t-1".to_string(), "COMPLETED".to_string())]);
+
+    let readiness: Vec<(String, String, DateTime<Utc>)> = client
+        .query(
+            "SELECT workflow_instance_id, task_def_id, ready_since FROM task_readiness",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    // Still ready since the first flush.
+    assert_eq!(
+        readiness,
+        [("wf-1".to_string(), "labs".to_string(), at(T0 + 1000))]
+    );
+
+    let event_ids: Vec<String> = client
+        .query("SELECT event_id FROM hmis_outbox ORDER BY seq", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(event_ids, ["e-1", "a-1", "e-2", "d-1", "e-3"]);
+
+    let dead: i64 = client
+        .query_one("SELECT count(*) FROM dead_letters", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(dead, 2);
+
+    let progress = sink.load_progress("g1").await.unwrap();
+    assert_eq!(progress.frontier_ms, Some(T0 + 2000));
+    assert_eq!(
+        progress.offsets[&("workflow-task-events".to_string(), 3)],
+        25
+    );
+    assert_eq!(
+        progress.offsets[&("workflow-state-events".to_string(), 0)],
+        4
+    );
+
+    // Replaying a flush changes nothing.
+    sink.apply("g1", &second).await.unwrap();
+    let outbox_len: i64 = client
+        .query_one("SELECT count(*) FROM hmis_outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(outbox_len, 5);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn large_batches_keep_production_order_across_chunks() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let mut sink = db.claimed_sink("big").await;
+    let n = hmis_sinks::pg::CHUNK * 2 + 123;
+    let mut big = batch(T0 + 60_000);
+    big.rows = (0..n)
+        .map(|i| {
+            upsert(task(
+                &format!("t-{i}"),
+                &format!("wf-{}", i % 97),
+                "PENDING",
+            ))
+        })
+        .collect();
+    big.records = (0..n)
+        .map(|i| {
+            record(
+                OutTopic::Derived,
+                &format!("e-{i:06}"),
+                Some(&format!("wf-{}", i % 97)),
+            )
+        })
+        .collect();
+    sink.apply("big", &big).await.unwrap();
+
+    let client = db.client().await;
+    let tasks: i64 = client
+        .query_one("SELECT count(*) FROM task_instances", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tasks as usize, n);
+    let ids: Vec<String> = client
+        .query("SELECT event_id FROM hmis_outbox ORDER BY seq", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let expected: Vec<String> = (0..n).map(|i| format!("e-{i:06}")).collect();
+    assert_eq!(ids, expected, "seq follows the batch order");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_stale_epoch_is_fenced() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let mut old = db.claimed_sink("g").await;
+    let mut unclaimed = db.sink().await;
+
+    let mut flush = batch(T0);
+    flush.rows = vec![upsert(workflow("wf-1", 0))];
+    flush.offsets = vec![offset("workflow-task-events", 0, 5)];
+
+    let err = unclaimed.apply("g", &flush).await.unwrap_err();
+    assert!(matches!(err, SinkError::NotClaimed { .. }), "{err}");
+
+    old.apply("g", &flush).await.unwrap();
+    let mut new = db.sink().await;
+    let epoch = new.claim("g", "successor").await.unwrap();
+    assert_eq!(epoch, old.epoch().unwrap() + 1);
+
+    let mut late = batch(T0 + 1);
+    late.rows = vec![upsert(workflow("wf-2", 0))];
+    late.offsets = vec![offset("workflow-task-events", 0, 9)];
+    let err = old.apply("g", &late).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SinkError::Fenced {
+                ours: 1,
+                current: Some(2),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!err.is_transient());
+
+    // Nothing of the fenced flush is visible; the successor resumes where `old` committed.
+    let progress = new.load_progress("g").await.unwrap();
+    assert_eq!(progress.frontier_ms, Some(T0));
+    assert_eq!(
+        progress.offsets[&("workflow-task-events".to_string(), 0)],
+        5
+    );
+    let client = db.client().await;
+    let workflows: i64 = client
+        .query_one("SELECT count(*) FROM workflow_instances", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(workflows, 1);
+    let owner: String = client
+        .query_one("SELECT owner FROM hmis_pipeline_progress", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, "successor");
+
+    new.apply("g", &late).await.unwrap();
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn group_lock_admits_one_session() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let group = format!("lock-{}", db.schema); // advisory locks are per database
+    let a = db.sink().await;
+    let b = db.sink().await;
+    assert!(a.try_lock_group(&group).await.unwrap());
+    assert!(!b.try_lock_group(&group).await.unwrap());
+    assert!(a.unlock_group(&group).await.unwrap());
+    assert!(b.try_lock_group(&group).await.unwrap());
+    drop(b); // the lock ends with the session
+    let c = db.sink().await;
+    for _ in 0..50 {
+        if c.try_lock_group(&group).await.unwrap() {
+            db.drop().await;
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("lock not released when its session ended");
+}
+
+#[tokio::test]
+async fn audit_log_rejects_changes() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let mut client = db.client().await;
+    migrate(&mut client).await.unwrap();
+    client
+        .execute(
+            "INSERT INTO audit_log (event_id, actor, action, details, event_time)
+             VALUES ('ev-1', 'dr.who', 'VIEW', '{\"x\": 1}', now())",
+            &[],
+        )
+        .await
+        .unwrap();
+    // A replayed insert is a no-op, not a change.
+    client
+        .execute(
+            "INSERT INTO audit_log (event_id, event_time) VALUES ('ev-1', now())
+             ON CONFLICT (event_id) DO NOTHING",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    for statement in [
+        "UPDATE audit_log SET actor = 'someone else'",
+        "DELETE FROM audit_log",
+        "TRUNCATE audit_log",
+    ] {
+        let err = client.batch_execute(statement).await.unwrap_err();
+        let db_err = err.as_db_error().expect("server error");
+        assert_eq!(db_err.code().code(), "42501", "{statement}");
+        assert!(db_err.message().contains("append-only"), "{statement}");
+    }
+    let row = client
+        .query_one("SELECT count(*), min(actor) FROM audit_log", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1);
+    assert_eq!(row.get::<_, String>(1), "dr.who");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn reporting_views_summarize_the_tables() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let mut client = db.client().await;
+    migrate(&mut client).await.unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO workflow_instances (workflow_instance_id, template_id, template_version,
+                 template_name, status, progress_percentage, is_escalated, escalation_level,
+                 escalation_reason)
+             VALUES ('w1', 'sepsis', 1, 'Sepsis', 'ACTIVE', 33, true, 1, 'SLA_BREACH:triage'),
+                    ('w2', 'sepsis', 1, 'Sepsis', 'COMPLETED', 100, true, 1, 'SLA_BREACH:a'),
+                    ('w3', 'sepsis', 1, 'Sepsis', 'ACTIVE', 39, false, 0, NULL);
+             INSERT INTO task_instances (task_instance_id, workflow_instance_id, task_def_id,
+                 status, due_at, completed_at, sla_breached, is_escalated, escalated_to)
+             VALUES ('t1', 'w1', 'triage', 'IN_PROGRESS', now() - interval '1 hour', NULL,
+                     true, true, 'CHARGE_NURSE'),
+                    ('t2', 'w2', 'triage', 'COMPLETED', '2026-01-01T10:00Z', '2026-01-01T09:59Z',
+                     false, false, NULL),
+                    ('t3', 'w2', 'labs', 'COMPLETED', '2026-01-01T10:00Z', '2026-01-01T10:01Z',
+                     true, false, NULL),
+                    ('t4', 'w3', 'labs', 'COMPLETED', '2026-01-01T10:00Z', '2026-01-01T09:00Z',
+                     false, false, NULL);
+             INSERT INTO orders (order_id, order_type, order_status, department, created_at,
+                 resulted_at)
+             VALUES ('o1', 'LAB_TEST', 'RESULTED', 'ER', '2026-01-01T10:00Z', '2026-01-01T10:10Z'),
+                    ('o2', 'LAB_TEST', 'VERIFIED', 'ER', '2026-01-01T10:00Z', '2026-01-01T10:30Z'),
+                    ('o3', 'LAB_TEST', 'ACTIVATED', 'ER', '2026-01-01T10:00Z', NULL);",
+        )
+        .await
+        .unwrap();
+
+    let sla = client
+        .query_one(
+            "SELECT completed_with_due_at, completed_on_time, sla_breached, open_overdue,
+                    sla_compliance_pct::text
+             FROM report_sla_compliance WHERE template_id = 'sepsis'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(sla.get::<_, i64>(0), 3);
+    assert_eq!(sla.get::<_, i64>(1), 2);
+    assert_eq!(sla.get::<_, i64>(2), 2);
+    assert_eq!(sla.get::<_, i64>(3), 1);
+    assert_eq!(sla.get::<_, String>(4), "66.7");
+
+    let orders = client
+        .query_one(
+            "SELECT orders, orders_resulted, p50_turnaround_s::float8, p90_turnaround_s::float8
+             FROM report_order_turnaround WHERE order_type = 'LAB_TEST' AND department = 'ER'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(orders.get::<_, i64>(0), 3);
+    assert_eq!(orders.get::<_, i64>(1), 2);
+    assert_eq!(orders.get::<_, f64>(2), 600.0);
+    assert_eq!(orders.get::<_, f64>(3), 1800.0);
+
+    let open: Vec<(String, i64, Option<String>)> = client
+        .query(
+            "SELECT workflow_instance_id, escalated_open_tasks, escalated_to
+             FROM report_open_escalations",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        open,
+        [("w1".to_string(), 1, Some("CHARGE_NURSE".to_string()))]
+    );
+
+    let buckets: Vec<(String, i32, i64)> = client
+        .query(
+            "SELECT status, progress_from, workflows FROM report_workflow_progress
+             ORDER BY status, progress_from",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        buckets,
+        [
+            ("ACTIVE".to_string(), 30, 2),
+            ("COMPLETED".to_string(), 100, 1)
+        ]
+    );
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn errors_are_classified_transient_or_permanent() {
+    // Nobody listens on port 1: a connection failure, worth retrying.
+    let err = match hmis_sinks::PgSink::connect("postgres://postgres@127.0.0.1:1/postgres").await {
+        Err(err) => err,
+        Ok(_) => panic!("connected to port 1"),
+    };
+    assert!(err.is_transient(), "{err}");
+
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let mut sink = db.claimed_sink("g").await;
+
+    // A constraint violation is permanent, and the whole flush is rolled back.
+    let mut bad = batch(T0);
+    bad.rows = vec![upsert(workflow("wf-1", 0))];
+    let mut letter = dead_letter(0, 1);
+    letter.payload_encoding = "rot13".into();
+    bad.dead_letters = vec![letter];
+    let err = sink.apply("g", &bad).await.unwrap_err();
+    assert_eq!(err.sqlstate(), Some("23514"), "{err}");
+    assert!(!err.is_transient());
+    let client = db.client().await;
+    let workflows: i64 = client
+        .query_one("SELECT count(*) FROM workflow_instances", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(workflows, 0);
+
+    // The server ending our session (failover, restart) is transient.
+    let pid: i32 = sink
+        .client()
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let mut good = batch(T0);
+    good.rows = vec![upsert(workflow("wf-1", 0))];
+    let err = sink.apply("g", &good).await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    db.drop().await;
+}

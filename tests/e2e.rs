@@ -1,0 +1,235 @@
+//! End to end against a real Kafka-protocol broker and a real PostgreSQL.
+//!
+//! Addresses come from `HMIS_TEST_BROKERS` and `HMIS_TEST_DATABASE_URL` (`.ci/run` and
+//! `scripts/test.sh` start the services and set them). Each test uses its own topic prefix,
+//! PostgreSQL schema and group id, so tests run in parallel and leave nothing shared.
+//!
+//! The pipeline runs in-process through `hmis_flow::run` exactly as `hmis-flow run --clock
+//! event --until-caught-up` does. Its PostgreSQL rows and published events are compared with
+//! the in-memory dataflow (`hmis_dataflows::harness`) fed the same records — which the
+//! property tests compare with the from-scratch reference model — plus absolute checks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use hmis_dataflows::events::{decode, Event, InputTopic, Pos};
+use hmis_dataflows::harness::{self, Outcome, Run};
+use hmis_dataflows::output::Row;
+use hmis_flow::config::{ClockMode, Config, Topics};
+use hmis_flow::workload::{generate_labeled, WorkloadConfig, WorkloadRecord};
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: start the services with `scripts/services.sh start` and `eval $(scripts/services.sh env)`, or run scripts/test.sh")
+    })
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{}_{}", std::process::id(), rand::random::<u32>())
+}
+
+/// A config with private topics, schema and group.
+async fn private_config(tag: &str) -> Config {
+    let id = unique(tag);
+    let p = |name: &str| format!("{id}.{name}");
+    let d = Topics::default();
+    let topics = Topics {
+        definitions: p(&d.definitions),
+        tasks: p(&d.tasks),
+        orders: p(&d.orders),
+        workflows: p(&d.workflows),
+        system: p(&d.system),
+        derived: p(&d.derived),
+        alerts: p(&d.alerts),
+        dead_letter: p(&d.dead_letter),
+        analytics: p(&d.analytics),
+    };
+    let base = env("HMIS_TEST_DATABASE_URL");
+    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await.expect("connect to test PostgreSQL");
+    tokio::spawn(conn);
+    client.batch_execute(&format!("CREATE SCHEMA \"{id}\"")).await.unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let mut cfg = Config {
+        brokers: env("HMIS_TEST_BROKERS"),
+        database_url: format!("{base}{sep}options=-c%20search_path%3D{id}"),
+        group_id: id.clone(),
+        clock: ClockMode::Event,
+        until_caught_up: true,
+        workers: 2,
+        topics,
+        ..Config::default()
+    };
+    cfg.tick_ms = 20;
+    let created = hmis_flow::demo::create_topics(&cfg).await.expect("create topics");
+    assert_eq!(created.len(), 9, "all nine contract topics are created: {created:?}");
+    cfg
+}
+
+fn role_of(topic: &str) -> InputTopic {
+    InputTopic::ALL.into_iter().find(|r| r.default_name() == topic).unwrap()
+}
+
+/// The in-memory dataflow on the same records, stamped as the event clock stamps them.
+fn expected(records: &[WorkloadRecord], workers: usize) -> Outcome {
+    let mut defs = Vec::new();
+    let mut feed = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        let pos = Pos { partition: 0, offset: i as i64 };
+        if let Ok(ev) = decode(role_of(r.topic), r.key.as_deref().map(str::as_bytes), Some(&r.payload), pos) {
+            match ev.event_time() {
+                Some(t) => feed.push((t, ev)),
+                None => defs.push(ev),
+            }
+        }
+    }
+    feed.sort_by_key(|(t, _)| *t);
+    let start = feed.first().map(|(t, _)| *t).unwrap_or(1);
+    let end = feed.last().map(|(t, _)| t + 1).unwrap_or(2);
+    let mut all: Vec<(u64, Event)> = defs.into_iter().map(|d| (start - 1, d)).collect();
+    all.extend(feed);
+    harness::run(Run::new(workers, all, end))
+}
+
+type Picture = (BTreeSet<(String, String, i32)>, BTreeSet<(String, String, i32)>, BTreeSet<(String, String)>);
+
+/// (workflow id, status, progress), (task id, status, attempt), (workflow, ready task def).
+fn picture_of(o: &Outcome) -> Picture {
+    let mut w = BTreeSet::new();
+    let mut t = BTreeSet::new();
+    let mut r = BTreeSet::new();
+    for row in o.rows.values() {
+        match row {
+            Row::Workflow(x) => {
+                w.insert((x.workflow_instance_id.clone(), x.status.clone(), x.progress_percentage));
+            }
+            Row::Task(x) => {
+                t.insert((x.task_instance_id.clone(), x.status.clone(), x.attempt));
+            }
+            Row::Readiness(x) => {
+                r.insert((x.workflow_instance_id.clone(), x.task_def_id.clone()));
+            }
+        }
+    }
+    (w, t, r)
+}
+
+async fn picture_in_pg(cfg: &Config) -> (Picture, BTreeMap<String, i64>) {
+    let (c, conn) = tokio_postgres::connect(&cfg.database_url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let w = c
+        .query("SELECT workflow_instance_id, status, progress_percentage FROM workflow_instances", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let t = c
+        .query("SELECT task_instance_id, status, attempt FROM task_instances", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let r = c
+        .query("SELECT workflow_instance_id, task_def_id FROM task_readiness", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let dead = c
+        .query("SELECT reason, count(*) FROM dead_letters GROUP BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    ((w, t, r), dead)
+}
+
+fn run_pipeline(cfg: &Config) -> hmis_flow::RunSummary {
+    let cfg = cfg.clone();
+    std::thread::spawn(move || hmis_flow::run(cfg, Arc::new(hmis_flow::Shared::default())))
+        .join()
+        .expect("pipeline thread")
+        .expect("pipeline run")
+}
+
+/// eventIds on the derived topic, with how often each appears.
+fn derived_ids(cfg: &Config) -> BTreeMap<String, usize> {
+    let mut ids = BTreeMap::new();
+    for (key, payload) in hmis_flow::demo::read_topic(cfg, &cfg.topics.derived).unwrap() {
+        let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        assert_eq!(key.as_deref(), v["workflowInstanceId"].as_str(), "derived events are keyed by workflowInstanceId");
+        *ids.entry(v["eventId"].as_str().unwrap().to_string()).or_insert(0) += 1;
+    }
+    ids
+}
+
+fn workload(seed: u64, workflows: usize) -> (Vec<WorkloadRecord>, usize) {
+    let labeled = generate_labeled(&WorkloadConfig {
+        seed,
+        workflows,
+        start_ms: 1_795_687_200_000,
+        bad_record_ratio: 0.03,
+        duplicate_ratio: 0.05,
+    });
+    let malformed = labeled.iter().filter(|(k, _)| k.is_malformed()).count();
+    (labeled.into_iter().map(|(_, r)| r).collect(), malformed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_mode_run_matches_the_dataflow_and_publishes_each_event_once() {
+    let cfg = private_config("e2e_a").await;
+    let (records, malformed) = workload(11, 60);
+    assert!(malformed > 0, "the workload carries bad records");
+    hmis_flow::demo::produce(&cfg, &records).await.unwrap();
+
+    let summary = run_pipeline(&cfg);
+    assert_eq!(summary.records_read as usize, records.len());
+
+    let want = expected(&records, 1);
+    let (got, dead) = picture_in_pg(&cfg).await;
+    let want_picture = picture_of(&want);
+    assert!(!want_picture.0.is_empty() && !want_picture.2.is_empty(), "a meaningful workload");
+    assert_eq!(got, want_picture, "PostgreSQL holds exactly what the dataflow computes");
+    assert_eq!(dead.values().sum::<i64>() as usize, malformed, "every malformed record is dead-lettered: {dead:?}");
+
+    let ids = derived_ids(&cfg);
+    assert!(ids.values().all(|&n| n == 1), "each derived eventId exactly once");
+    let want_ids: BTreeSet<String> = want.records.iter().map(|r| r.event_id.clone()).collect();
+    assert_eq!(ids.keys().cloned().collect::<BTreeSet<_>>(), want_ids);
+
+    // A second run with nothing new changes nothing and publishes nothing.
+    let again = run_pipeline(&cfg);
+    assert_eq!(again.published, 0);
+    assert_eq!(picture_in_pg(&cfg).await.0, want_picture);
+    assert_eq!(derived_ids(&cfg), ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_between_batches_equals_one_run() {
+    let cfg = private_config("e2e_b").await;
+    let (records, _) = workload(12, 40);
+    let cut = records.len() / 2;
+    hmis_flow::demo::produce(&cfg, &records[..cut]).await.unwrap();
+    run_pipeline(&cfg);
+    hmis_flow::demo::produce(&cfg, &records[cut..]).await.unwrap();
+    let mut three = cfg.clone();
+    three.workers = 3;
+    run_pipeline(&three);
+
+    let (got, _) = picture_in_pg(&cfg).await;
+    assert_eq!(got, picture_of(&expected(&records, 2)));
+    let dupes: Vec<(String, String)> = hmis_flow::demo::read_topic(&cfg, &cfg.topics.derived)
+        .unwrap()
+        .into_iter()
+        .map(|(_, p)| p)
+        .filter(|p| {
+            let v: serde_json::Value = serde_json::from_str(p).unwrap();
+            derived_ids(&cfg)[v["eventId"].as_str().unwrap()] > 1
+        })
+        .map(|p| (p.clone(), String::new()))
+        .collect();
+    assert!(dupes.is_empty(), "no derived event twice across the restart: {dupes:#?}");
+}
