@@ -5,6 +5,9 @@
 //!   1 SELECT epoch ... FOR UPDATE          ours? else SinkError::Fenced (nothing written)
 //!   2 DELETE ... = ANY($keys)              per table, rows whose final state is "gone"
 //!     INSERT ... SELECT * FROM UNNEST(...) per table, ON CONFLICT DO UPDATE
+//!                                          (workflow_instances, task_instances,
+//!                                          task_readiness, orders, order_transitions,
+//!                                          compensation_actions, sla_breaches, alerts)
 //!   3 INSERT INTO hmis_outbox              batch order -> seq order, duplicates ignored
 //!   4 INSERT INTO dead_letters             one per input record, duplicates ignored
 //!   5 upsert hmis_input_offsets            where consumption resumes
@@ -24,11 +27,13 @@
 //! [`PgSink::try_lock_group`] adds a session advisory lock for the common case of refusing
 //! a second live instance outright.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use hmis_dataflows::output::{
-    DeadLetter, FlushBatch, Millis, OutRecord, OutTopic, ReadinessRow, Row, TaskRow, WorkflowRow,
+    AlertRow, CompensationRow, DeadLetter, FlushBatch, Millis, OrderRow, OrderTransitionRow,
+    OutRecord, OutTopic, ReadinessRow, Row, SlaBreachRow, TaskRow, WorkflowRow,
 };
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement, Transaction};
@@ -307,44 +312,84 @@ struct Plan<'a> {
     workflows: Vec<&'a WorkflowRow>,
     tasks: Vec<&'a TaskRow>,
     readiness: Vec<&'a ReadinessRow>,
+    orders: Vec<&'a OrderRow>,
+    transitions: Vec<&'a OrderTransitionRow>,
+    compensations: Vec<&'a CompensationRow>,
+    breaches: Vec<&'a SlaBreachRow>,
+    alerts: Vec<&'a AlertRow>,
     gone_workflows: Vec<&'a str>,
     gone_tasks: Vec<&'a str>,
     gone_readiness: Vec<(&'a str, &'a str)>,
+    /// Deleted keys of the tables keyed by one text column, by table tag.
+    gone_by_id: BTreeMap<u8, Vec<&'a str>>,
+    gone_breaches: Vec<(&'a str, i32)>,
 }
 
 /// Table tags of [`Row::key`].
 const WORKFLOW: u8 = 0;
 const TASK: u8 = 1;
 const READINESS: u8 = 2;
+const ORDER: u8 = 3;
+const ORDER_TRANSITION: u8 = 4;
+const COMPENSATION: u8 = 5;
+const SLA_BREACH: u8 = 6;
+const ALERT: u8 = 7;
 
 impl<'a> Plan<'a> {
     fn new(batch: &'a FlushBatch) -> Result<Plan<'a>, SinkError> {
         // Last state per key wins. An upsert's key is the row's own primary key, which is
         // what the table conflicts on; the batch's key only matters for deletes.
-        let mut last: HashMap<(u8, &'a str, &'a str), Option<&'a Row>> = HashMap::new();
+        let mut last: HashMap<
+            (u8, &'a str, Cow<'a, str>),
+            (&'a (u8, String, String), Option<&'a Row>),
+        > = HashMap::new();
         for (key, row) in &batch.rows {
-            let key = match row {
+            let unified = match row {
                 Some(row) => row_key(row),
-                None => (key.0, key.1.as_str(), key.2.as_str()),
+                None => (key.0, key.1.as_str(), Cow::Borrowed(key.2.as_str())),
             };
-            last.insert(key, row.as_ref());
+            last.insert(unified, (key, row.as_ref()));
         }
         let mut plan = Plan {
             workflows: Vec::new(),
             tasks: Vec::new(),
             readiness: Vec::new(),
+            orders: Vec::new(),
+            transitions: Vec::new(),
+            compensations: Vec::new(),
+            breaches: Vec::new(),
+            alerts: Vec::new(),
             gone_workflows: Vec::new(),
             gone_tasks: Vec::new(),
             gone_readiness: Vec::new(),
+            gone_by_id: BTreeMap::new(),
+            gone_breaches: Vec::new(),
         };
-        for ((table, first, second), row) in last {
+        for ((table, _, _), ((_, first, second), row)) in last {
+            let (first, second) = (first.as_str(), second.as_str());
             match (table, row) {
                 (_, Some(Row::Workflow(row))) => plan.workflows.push(row),
                 (_, Some(Row::Task(row))) => plan.tasks.push(row),
                 (_, Some(Row::Readiness(row))) => plan.readiness.push(row),
+                (_, Some(Row::Order(row))) => plan.orders.push(row),
+                (_, Some(Row::OrderTransition(row))) => plan.transitions.push(row),
+                (_, Some(Row::Compensation(row))) => plan.compensations.push(row),
+                (_, Some(Row::SlaBreach(row))) => plan.breaches.push(row),
+                (_, Some(Row::Alert(row))) => plan.alerts.push(row),
                 (WORKFLOW, None) => plan.gone_workflows.push(first),
                 (TASK, None) => plan.gone_tasks.push(first),
                 (READINESS, None) => plan.gone_readiness.push((first, second)),
+                (ORDER | ORDER_TRANSITION | COMPENSATION | ALERT, None) => {
+                    plan.gone_by_id.entry(table).or_default().push(first)
+                }
+                (SLA_BREACH, None) => {
+                    let attempt = second.parse().map_err(|_| {
+                        SinkError::InvalidBatch(format!(
+                            "delete of sla_breaches ({first:?}, {second:?}): attempt is not an integer"
+                        ))
+                    })?;
+                    plan.gone_breaches.push((first, attempt));
+                }
                 (other, None) => {
                     return Err(SinkError::InvalidBatch(format!(
                         "delete of ({other}, {first:?}, {second:?}): unknown table tag {other}"
@@ -361,9 +406,21 @@ impl<'a> Plan<'a> {
             (&a.workflow_instance_id, &a.task_def_id)
                 .cmp(&(&b.workflow_instance_id, &b.task_def_id))
         });
+        plan.orders.sort_by(|a, b| a.order_id.cmp(&b.order_id));
+        plan.transitions.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+        plan.compensations
+            .sort_by(|a, b| a.action_id.cmp(&b.action_id));
+        plan.breaches.sort_by(|a, b| {
+            (&a.task_instance_id, a.attempt).cmp(&(&b.task_instance_id, b.attempt))
+        });
+        plan.alerts.sort_by(|a, b| a.alert_id.cmp(&b.alert_id));
         plan.gone_workflows.sort_unstable();
         plan.gone_tasks.sort_unstable();
         plan.gone_readiness.sort_unstable();
+        plan.gone_by_id
+            .values_mut()
+            .for_each(|keys| keys.sort_unstable());
+        plan.gone_breaches.sort_unstable();
         Ok(plan)
     }
 
@@ -468,19 +525,340 @@ impl<'a> Plan<'a> {
             .await
             .map_err(SinkError::pg("upsert task_readiness"))?;
         }
+
+        for (table, keys) in &self.gone_by_id {
+            let (statement, what) = match *table {
+                ORDER => (&st.delete_orders, "delete orders"),
+                ORDER_TRANSITION => (&st.delete_transitions, "delete order_transitions"),
+                COMPENSATION => (&st.delete_compensations, "delete compensation_actions"),
+                _ => (&st.delete_alerts, "delete alerts"),
+            };
+            for chunk in keys.chunks(CHUNK) {
+                tx.execute(statement, &[&chunk])
+                    .await
+                    .map_err(SinkError::pg(what))?;
+            }
+        }
+        for chunk in self.gone_breaches.chunks(CHUNK) {
+            let tasks: Vec<&str> = chunk.iter().map(|(t, _)| *t).collect();
+            let attempts: Vec<i32> = chunk.iter().map(|(_, a)| *a).collect();
+            tx.execute(&st.delete_breaches, &[&tasks, &attempts])
+                .await
+                .map_err(SinkError::pg("delete sla_breaches"))?;
+        }
+
+        upsert_chunks(
+            tx,
+            &st.upsert_orders,
+            &self.orders,
+            order_columns,
+            "upsert orders",
+        )
+        .await?;
+        upsert_chunks(
+            tx,
+            &st.upsert_transitions,
+            &self.transitions,
+            transition_columns,
+            "upsert order_transitions",
+        )
+        .await?;
+        upsert_chunks(
+            tx,
+            &st.upsert_compensations,
+            &self.compensations,
+            compensation_columns,
+            "upsert compensation_actions",
+        )
+        .await?;
+        upsert_chunks(
+            tx,
+            &st.upsert_breaches,
+            &self.breaches,
+            breach_columns,
+            "upsert sla_breaches",
+        )
+        .await?;
+        upsert_chunks(
+            tx,
+            &st.upsert_alerts,
+            &self.alerts,
+            alert_columns,
+            "upsert alerts",
+        )
+        .await?;
         Ok(())
     }
 }
 
-fn row_key(row: &Row) -> (u8, &str, &str) {
+/// One statement parameter: a column array of a chunk.
+type Column<'a> = Box<dyn ToSql + Sync + 'a>;
+
+fn column<'a, T: ToSql + Sync + 'a>(values: Vec<T>) -> Column<'a> {
+    Box::new(values)
+}
+
+/// Runs `statement` once per chunk of `rows`, with the column arrays `columns` makes (in
+/// the statement's parameter order).
+async fn upsert_chunks<'a, R>(
+    tx: &Transaction<'_>,
+    statement: &Statement,
+    rows: &[&'a R],
+    columns: fn(&[&'a R]) -> Result<Vec<Column<'a>>, SinkError>,
+    what: &'static str,
+) -> Result<(), SinkError> {
+    for chunk in rows.chunks(CHUNK) {
+        let cols = columns(chunk)?;
+        let params: Vec<&(dyn ToSql + Sync)> = cols.iter().map(|c| c.as_ref() as _).collect();
+        tx.execute(statement, &params)
+            .await
+            .map_err(SinkError::pg(what))?;
+    }
+    Ok(())
+}
+
+/// Columns of `orders`, in the order of [`ORDER_COLUMNS`].
+fn order_columns<'a>(rows: &[&'a OrderRow]) -> Result<Vec<Column<'a>>, SinkError> {
+    let text = |f: fn(&'a OrderRow) -> &'a str| column(rows.iter().map(|r| f(r)).collect());
+    let opt = |f: fn(&'a OrderRow) -> Option<&'a str>| column(rows.iter().map(|r| f(r)).collect());
+    let time =
+        |f: fn(&'a OrderRow) -> Option<Millis>| timestamps(rows.iter().map(|r| f(r))).map(column);
+    Ok(vec![
+        text(|r| &r.order_id),
+        opt(|r| r.workflow_instance_id.as_deref()),
+        opt(|r| r.patient_id.as_deref()),
+        text(|r| &r.order_type),
+        text(|r| &r.order_status),
+        opt(|r| r.actor.as_deref()),
+        opt(|r| r.actor_role.as_deref()),
+        opt(|r| r.cost.as_deref()),
+        opt(|r| r.department.as_deref()),
+        column(rows.iter().map(|r| r.critical).collect()),
+        opt(|r| r.appointment_id.as_deref()),
+        opt(|r| r.cancel_reason.as_deref()),
+        column(rows.iter().map(|r| r.is_overdue).collect()),
+        time(|r| r.created_at)?,
+        time(|r| r.authorized_at)?,
+        time(|r| r.activated_at)?,
+        time(|r| r.started_at)?,
+        time(|r| r.resulted_at)?,
+        time(|r| r.verified_at)?,
+        time(|r| r.closed_at)?,
+        time(|r| r.cancelled_at)?,
+    ])
+}
+
+const ORDER_COLUMNS: &[(&str, &str)] = &[
+    ("order_id", "text"),
+    ("workflow_instance_id", "text"),
+    ("patient_id", "text"),
+    ("order_type", "text"),
+    ("order_status", "text"),
+    ("actor", "text"),
+    ("actor_role", "text"),
+    ("cost", "numeric"),
+    ("department", "text"),
+    ("critical", "bool"),
+    ("appointment_id", "text"),
+    ("cancel_reason", "text"),
+    ("is_overdue", "bool"),
+    ("created_at", "timestamptz"),
+    ("authorized_at", "timestamptz"),
+    ("activated_at", "timestamptz"),
+    ("started_at", "timestamptz"),
+    ("resulted_at", "timestamptz"),
+    ("verified_at", "timestamptz"),
+    ("closed_at", "timestamptz"),
+    ("cancelled_at", "timestamptz"),
+];
+
+/// Columns of `order_transitions`, in the order of [`TRANSITION_COLUMNS`].
+fn transition_columns<'a>(rows: &[&'a OrderTransitionRow]) -> Result<Vec<Column<'a>>, SinkError> {
+    let text =
+        |f: fn(&'a OrderTransitionRow) -> &'a str| column(rows.iter().map(|r| f(r)).collect());
+    let opt = |f: fn(&'a OrderTransitionRow) -> Option<&'a str>| {
+        column(rows.iter().map(|r| f(r)).collect())
+    };
+    let event_time: Vec<DateTime<Utc>> = rows
+        .iter()
+        .map(|r| timestamp(r.event_time))
+        .collect::<Result<_, _>>()?;
+    Ok(vec![
+        text(|r| &r.event_id),
+        text(|r| &r.order_id),
+        opt(|r| r.workflow_instance_id.as_deref()),
+        text(|r| &r.event_type),
+        opt(|r| r.from_status.as_deref()),
+        opt(|r| r.to_status.as_deref()),
+        opt(|r| r.actor.as_deref()),
+        opt(|r| r.actor_role.as_deref()),
+        column(rows.iter().map(|r| r.accepted).collect()),
+        opt(|r| r.reject_reason.as_deref()),
+        column(event_time),
+        column(rows.iter().map(|r| r.source_partition).collect()),
+        column(rows.iter().map(|r| r.source_offset).collect()),
+    ])
+}
+
+const TRANSITION_COLUMNS: &[(&str, &str)] = &[
+    ("event_id", "text"),
+    ("order_id", "text"),
+    ("workflow_instance_id", "text"),
+    ("event_type", "text"),
+    ("from_status", "text"),
+    ("to_status", "text"),
+    ("actor", "text"),
+    ("actor_role", "text"),
+    ("accepted", "bool"),
+    ("reject_reason", "text"),
+    ("event_time", "timestamptz"),
+    ("source_partition", "int4"),
+    ("source_offset", "int8"),
+];
+
+/// Columns of `compensation_actions`, in the order of [`COMPENSATION_COLUMNS`].
+fn compensation_columns<'a>(rows: &[&'a CompensationRow]) -> Result<Vec<Column<'a>>, SinkError> {
+    let text = |f: fn(&'a CompensationRow) -> &'a str| column(rows.iter().map(|r| f(r)).collect());
+    let opt =
+        |f: fn(&'a CompensationRow) -> Option<&'a str>| column(rows.iter().map(|r| f(r)).collect());
+    let requested: Vec<DateTime<Utc>> = rows
+        .iter()
+        .map(|r| timestamp(r.requested_at))
+        .collect::<Result<_, _>>()?;
+    Ok(vec![
+        text(|r| &r.action_id),
+        text(|r| &r.order_id),
+        opt(|r| r.workflow_instance_id.as_deref()),
+        opt(|r| r.patient_id.as_deref()),
+        text(|r| &r.action_type),
+        opt(|r| r.amount.as_deref()),
+        opt(|r| r.appointment_id.as_deref()),
+        text(|r| &r.status),
+        opt(|r| r.reason.as_deref()),
+        opt(|r| r.cause_event_id.as_deref()),
+        column(requested),
+        column(timestamps(rows.iter().map(|r| r.completed_at))?),
+    ])
+}
+
+const COMPENSATION_COLUMNS: &[(&str, &str)] = &[
+    ("action_id", "text"),
+    ("order_id", "text"),
+    ("workflow_instance_id", "text"),
+    ("patient_id", "text"),
+    ("action_type", "text"),
+    ("amount", "numeric"),
+    ("appointment_id", "text"),
+    ("status", "text"),
+    ("reason", "text"),
+    ("cause_event_id", "text"),
+    ("requested_at", "timestamptz"),
+    ("completed_at", "timestamptz"),
+];
+
+/// Columns of `sla_breaches`, in the order of [`BREACH_COLUMNS`].
+fn breach_columns<'a>(rows: &[&'a SlaBreachRow]) -> Result<Vec<Column<'a>>, SinkError> {
+    let text = |f: fn(&'a SlaBreachRow) -> &'a str| column(rows.iter().map(|r| f(r)).collect());
+    let opt =
+        |f: fn(&'a SlaBreachRow) -> Option<&'a str>| column(rows.iter().map(|r| f(r)).collect());
+    let due: Vec<DateTime<Utc>> = rows
+        .iter()
+        .map(|r| timestamp(r.due_at))
+        .collect::<Result<_, _>>()?;
+    let breached: Vec<DateTime<Utc>> = rows
+        .iter()
+        .map(|r| timestamp(r.breached_at))
+        .collect::<Result<_, _>>()?;
+    Ok(vec![
+        text(|r| &r.task_instance_id),
+        column(rows.iter().map(|r| r.attempt).collect()),
+        text(|r| &r.workflow_instance_id),
+        opt(|r| r.patient_id.as_deref()),
+        opt(|r| r.template_id.as_deref()),
+        column(rows.iter().map(|r| r.template_version).collect()),
+        text(|r| &r.task_def_id),
+        column(due),
+        column(breached),
+        column(rows.iter().map(|r| r.minutes_overdue).collect()),
+        opt(|r| r.escalated_to.as_deref()),
+        opt(|r| r.event_id.as_deref()),
+    ])
+}
+
+const BREACH_COLUMNS: &[(&str, &str)] = &[
+    ("task_instance_id", "text"),
+    ("attempt", "int4"),
+    ("workflow_instance_id", "text"),
+    ("patient_id", "text"),
+    ("template_id", "text"),
+    ("template_version", "int8"),
+    ("task_def_id", "text"),
+    ("due_at", "timestamptz"),
+    ("breached_at", "timestamptz"),
+    ("minutes_overdue", "int8"),
+    ("escalated_to", "text"),
+    ("event_id", "text"),
+];
+
+/// Columns of `alerts`, in the order of [`ALERT_COLUMNS`].
+fn alert_columns<'a>(rows: &[&'a AlertRow]) -> Result<Vec<Column<'a>>, SinkError> {
+    let text = |f: fn(&'a AlertRow) -> &'a str| column(rows.iter().map(|r| f(r)).collect());
+    let opt = |f: fn(&'a AlertRow) -> Option<&'a str>| column(rows.iter().map(|r| f(r)).collect());
+    let raised: Vec<DateTime<Utc>> = rows
+        .iter()
+        .map(|r| timestamp(r.raised_at))
+        .collect::<Result<_, _>>()?;
+    Ok(vec![
+        text(|r| &r.alert_id),
+        text(|r| &r.severity),
+        text(|r| &r.source),
+        text(|r| &r.kind),
+        text(|r| &r.message),
+        column(raised),
+        opt(|r| r.cause_event_id.as_deref()),
+        opt(|r| r.component.as_deref()),
+        opt(|r| r.workflow_instance_id.as_deref()),
+        opt(|r| r.task_instance_id.as_deref()),
+        opt(|r| r.order_id.as_deref()),
+        opt(|r| r.details.as_deref()),
+    ])
+}
+
+const ALERT_COLUMNS: &[(&str, &str)] = &[
+    ("alert_id", "text"),
+    ("severity", "text"),
+    ("source", "text"),
+    ("kind", "text"),
+    ("message", "text"),
+    ("raised_at", "timestamptz"),
+    ("cause_event_id", "text"),
+    ("component", "text"),
+    ("workflow_instance_id", "text"),
+    ("task_instance_id", "text"),
+    ("order_id", "text"),
+    ("details", "jsonb"),
+];
+
+fn row_key(row: &Row) -> (u8, &str, Cow<'_, str>) {
     match row {
-        Row::Workflow(w) => (WORKFLOW, w.workflow_instance_id.as_str(), ""),
-        Row::Task(t) => (TASK, t.task_instance_id.as_str(), ""),
+        Row::Workflow(w) => (WORKFLOW, w.workflow_instance_id.as_str(), Cow::Borrowed("")),
+        Row::Task(t) => (TASK, t.task_instance_id.as_str(), Cow::Borrowed("")),
         Row::Readiness(r) => (
             READINESS,
             r.workflow_instance_id.as_str(),
-            r.task_def_id.as_str(),
+            Cow::Borrowed(r.task_def_id.as_str()),
         ),
+        Row::Order(o) => (ORDER, o.order_id.as_str(), Cow::Borrowed("")),
+        Row::OrderTransition(t) => (ORDER_TRANSITION, t.event_id.as_str(), Cow::Borrowed("")),
+        Row::Compensation(c) => (COMPENSATION, c.action_id.as_str(), Cow::Borrowed("")),
+        // As in `Row::key`: the attempt in its text form, so an upsert and a delete of the
+        // same (task, attempt) meet in one entry.
+        Row::SlaBreach(b) => (
+            SLA_BREACH,
+            b.task_instance_id.as_str(),
+            Cow::Owned(b.attempt.to_string()),
+        ),
+        Row::Alert(a) => (ALERT, a.alert_id.as_str(), Cow::Borrowed("")),
     }
 }
 
@@ -640,21 +1018,39 @@ fn timestamps(
 /// setting every non-key column and `updated_at`, but only where something changed (a
 /// replayed batch then writes nothing).
 fn upsert_sql(table: &str, key: &[&str], columns: &[(&str, &str)]) -> String {
+    upsert_sql_touching(table, key, columns, Some("updated_at"))
+}
+
+/// [`upsert_sql`] with the column stamped `now()` on a change named by `touch` (`None` for
+/// tables without one). `numeric` and `jsonb` columns are passed as text arrays and cast
+/// on the server, so the sink needs no decimal or JSON types of its own.
+fn upsert_sql_touching(
+    table: &str,
+    key: &[&str],
+    columns: &[(&str, &str)],
+    touch: Option<&str>,
+) -> String {
     let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
     let arrays: Vec<String> = columns
         .iter()
         .enumerate()
-        .map(|(i, (_, ty))| format!("${}::{ty}[]", i + 1))
+        .map(|(i, (_, ty))| match *ty {
+            "numeric" | "jsonb" => format!("${}::text[]::{ty}[]", i + 1),
+            _ => format!("${}::{ty}[]", i + 1),
+        })
         .collect();
     let updated: Vec<&str> = names
         .iter()
         .copied()
         .filter(|name| !key.contains(name))
         .collect();
-    let set: Vec<String> = updated
+    let mut set: Vec<String> = updated
         .iter()
         .map(|name| format!("{name} = EXCLUDED.{name}"))
         .collect();
+    if let Some(touch) = touch {
+        set.push(format!("{touch} = now()"));
+    }
     let old: Vec<String> = updated
         .iter()
         .map(|name| format!("{table}.{name}"))
@@ -665,7 +1061,7 @@ fn upsert_sql(table: &str, key: &[&str], columns: &[(&str, &str)]) -> String {
         .collect();
     format!(
         "INSERT INTO {table} ({names}) SELECT * FROM UNNEST({arrays}) \
-         ON CONFLICT ({key}) DO UPDATE SET {set}, updated_at = now() \
+         ON CONFLICT ({key}) DO UPDATE SET {set} \
          WHERE ({old}) IS DISTINCT FROM ({new})",
         names = names.join(", "),
         arrays = arrays.join(", "),
@@ -685,6 +1081,16 @@ struct Statements {
     delete_workflows: Statement,
     delete_tasks: Statement,
     delete_readiness: Statement,
+    upsert_orders: Statement,
+    upsert_transitions: Statement,
+    upsert_compensations: Statement,
+    upsert_breaches: Statement,
+    upsert_alerts: Statement,
+    delete_orders: Statement,
+    delete_transitions: Statement,
+    delete_compensations: Statement,
+    delete_breaches: Statement,
+    delete_alerts: Statement,
     insert_outbox: Statement,
     insert_dead_letters: Statement,
     upsert_offsets: Statement,
@@ -787,6 +1193,69 @@ impl Statements {
                 "delete task_readiness",
             )
             .await?,
+            upsert_orders: prepare(
+                upsert_sql("orders", &["order_id"], ORDER_COLUMNS),
+                "upsert orders",
+            )
+            .await?,
+            // No updated_at: recorded_at says when the row was first written.
+            upsert_transitions: prepare(
+                upsert_sql_touching("order_transitions", &["event_id"], TRANSITION_COLUMNS, None),
+                "upsert order_transitions",
+            )
+            .await?,
+            upsert_compensations: prepare(
+                upsert_sql(
+                    "compensation_actions",
+                    &["action_id"],
+                    COMPENSATION_COLUMNS,
+                ),
+                "upsert compensation_actions",
+            )
+            .await?,
+            upsert_breaches: prepare(
+                upsert_sql_touching(
+                    "sla_breaches",
+                    &["task_instance_id", "attempt"],
+                    BREACH_COLUMNS,
+                    None,
+                ),
+                "upsert sla_breaches",
+            )
+            .await?,
+            upsert_alerts: prepare(
+                upsert_sql_touching("alerts", &["alert_id"], ALERT_COLUMNS, None),
+                "upsert alerts",
+            )
+            .await?,
+            delete_orders: prepare(
+                "DELETE FROM orders WHERE order_id = ANY($1::text[])".into(),
+                "delete orders",
+            )
+            .await?,
+            delete_transitions: prepare(
+                "DELETE FROM order_transitions WHERE event_id = ANY($1::text[])".into(),
+                "delete order_transitions",
+            )
+            .await?,
+            delete_compensations: prepare(
+                "DELETE FROM compensation_actions WHERE action_id = ANY($1::text[])".into(),
+                "delete compensation_actions",
+            )
+            .await?,
+            delete_breaches: prepare(
+                "DELETE FROM sla_breaches s
+                 USING UNNEST($1::text[], $2::int4[]) AS d(task_instance_id, attempt)
+                 WHERE s.task_instance_id = d.task_instance_id AND s.attempt = d.attempt"
+                    .into(),
+                "delete sla_breaches",
+            )
+            .await?,
+            delete_alerts: prepare(
+                "DELETE FROM alerts WHERE alert_id = ANY($1::text[])".into(),
+                "delete alerts",
+            )
+            .await?,
             insert_outbox: prepare(
                 "INSERT INTO hmis_outbox (group_id, topic, key, event_id, event_type, payload)
                  SELECT $1, u.topic, u.key, u.event_id, u.event_type, u.payload
@@ -842,6 +1311,37 @@ mod tests {
              ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v, updated_at = now() \
              WHERE (t.v) IS DISTINCT FROM (EXCLUDED.v)"
         );
+    }
+
+    #[test]
+    fn upsert_sql_casts_text_to_numeric_and_jsonb_and_may_touch_nothing() {
+        let sql = upsert_sql_touching(
+            "t",
+            &["id"],
+            &[("id", "text"), ("n", "numeric"), ("j", "jsonb")],
+            None,
+        );
+        assert_eq!(
+            sql,
+            "INSERT INTO t (id, n, j) SELECT * FROM UNNEST($1::text[], $2::text[]::numeric[], \
+             $3::text[]::jsonb[]) ON CONFLICT (id) DO UPDATE SET n = EXCLUDED.n, j = EXCLUDED.j \
+             WHERE (t.n, t.j) IS DISTINCT FROM (EXCLUDED.n, EXCLUDED.j)"
+        );
+    }
+
+    #[test]
+    fn every_column_list_matches_its_column_builder() {
+        assert_eq!(ORDER_COLUMNS.len(), order_columns(&[]).unwrap().len());
+        assert_eq!(
+            TRANSITION_COLUMNS.len(),
+            transition_columns(&[]).unwrap().len()
+        );
+        assert_eq!(
+            COMPENSATION_COLUMNS.len(),
+            compensation_columns(&[]).unwrap().len()
+        );
+        assert_eq!(BREACH_COLUMNS.len(), breach_columns(&[]).unwrap().len());
+        assert_eq!(ALERT_COLUMNS.len(), alert_columns(&[]).unwrap().len());
     }
 
     #[test]

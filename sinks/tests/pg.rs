@@ -5,7 +5,9 @@ mod common;
 
 use chrono::{DateTime, Utc};
 use common::*;
-use hmis_dataflows::output::OutTopic;
+use hmis_dataflows::output::{
+    AlertRow, CompensationRow, OrderRow, OrderTransitionRow, OutTopic, Row, SlaBreachRow,
+};
 use hmis_sinks::{migrate, SinkError};
 
 fn at(ms: u64) -> DateTime<Utc> {
@@ -701,5 +703,348 @@ async fn errors_are_classified_transient_or_permanent() {
     good.rows = vec![upsert(workflow("wf-1", 0))];
     let err = sink.apply("g", &good).await.unwrap_err();
     assert!(err.is_transient(), "{err}");
+    db.drop().await;
+}
+
+fn order_row(id: &str, status: &str) -> OrderRow {
+    OrderRow {
+        order_id: id.into(),
+        workflow_instance_id: Some("wf-1".into()),
+        patient_id: Some("patient-1".into()),
+        order_type: "IMAGING".into(),
+        order_status: status.into(),
+        actor: Some("dr.a".into()),
+        actor_role: Some("PHYSICIAN".into()),
+        cost: Some("125.50".into()),
+        department: Some("RADIOLOGY".into()),
+        critical: false,
+        appointment_id: Some("appt-1".into()),
+        cancel_reason: None,
+        is_overdue: false,
+        created_at: Some(T0),
+        authorized_at: Some(T0 + 1_000),
+        activated_at: Some(T0 + 2_000),
+        started_at: None,
+        resulted_at: None,
+        verified_at: None,
+        closed_at: None,
+        cancelled_at: None,
+    }
+}
+
+fn transition_row(event_id: &str, accepted: bool) -> OrderTransitionRow {
+    OrderTransitionRow {
+        event_id: event_id.into(),
+        order_id: "o-1".into(),
+        workflow_instance_id: Some("wf-1".into()),
+        event_type: "ORDER_AUTHORIZED".into(),
+        from_status: Some("PROPOSED".into()),
+        to_status: Some("AUTHORIZED".into()),
+        actor: Some("dr.a".into()),
+        actor_role: Some("PHYSICIAN".into()),
+        accepted,
+        reject_reason: (!accepted).then(|| "UNAUTHORIZED_ACTOR".into()),
+        event_time: T0 + 1_000,
+        source_partition: 2,
+        source_offset: 41,
+    }
+}
+
+fn compensation_row(action_type: &str, amount: Option<&str>) -> CompensationRow {
+    CompensationRow {
+        action_id: format!("act-{action_type}"),
+        order_id: "o-1".into(),
+        workflow_instance_id: Some("wf-1".into()),
+        patient_id: Some("patient-1".into()),
+        action_type: action_type.into(),
+        amount: amount.map(Into::into),
+        appointment_id: None,
+        status: "PENDING".into(),
+        reason: Some("patient left".into()),
+        cause_event_id: Some("ev-cancel".into()),
+        requested_at: T0 + 3_000,
+        completed_at: None,
+    }
+}
+
+fn breach_row(task: &str, attempt: i32) -> SlaBreachRow {
+    SlaBreachRow {
+        task_instance_id: task.into(),
+        attempt,
+        workflow_instance_id: "wf-1".into(),
+        patient_id: Some("patient-1".into()),
+        template_id: Some("sepsis-bundle".into()),
+        template_version: Some(3),
+        task_def_id: "triage".into(),
+        due_at: T0 + 15 * 60_000,
+        breached_at: T0 + 15 * 60_000 + 1,
+        minutes_overdue: 0,
+        escalated_to: Some("CHARGE_NURSE".into()),
+        event_id: Some(format!("breach-{task}-{attempt}")),
+    }
+}
+
+fn alert_row(id: &str) -> AlertRow {
+    AlertRow {
+        alert_id: id.into(),
+        severity: "CRITICAL".into(),
+        source: "orders".into(),
+        kind: "ORDER_CRITICAL_RESULT".into(),
+        message: "critical result for order o-1".into(),
+        raised_at: T0 + 4_000,
+        cause_event_id: Some("ev-result".into()),
+        component: None,
+        workflow_instance_id: Some("wf-1".into()),
+        task_instance_id: None,
+        order_id: Some("o-1".into()),
+        details: Some(r#"{"orderType":"LAB_TEST","critical":true}"#.into()),
+    }
+}
+
+#[tokio::test]
+async fn apply_writes_orders_transitions_compensations_breaches_and_alerts() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let mut sink = db.claimed_sink("orders").await;
+    let client = db.client().await;
+
+    let mut first = batch(T0 + 5_000);
+    first.rows = vec![
+        upsert(Row::Order(order_row("o-1", "ACTIVATED"))),
+        upsert(Row::Order(order_row("o-2", "PROPOSED"))),
+        upsert(Row::OrderTransition(transition_row("ev-1", true))),
+        upsert(Row::OrderTransition(transition_row("ev-2", false))),
+        upsert(Row::Compensation(compensation_row(
+            "REVERSE_CHARGE",
+            Some("125.50"),
+        ))),
+        upsert(Row::Compensation(compensation_row(
+            "SEND_NOTIFICATION",
+            None,
+        ))),
+        upsert(Row::SlaBreach(breach_row("t-1", 1))),
+        upsert(Row::SlaBreach(breach_row("t-1", 2))),
+        upsert(Row::Alert(alert_row("al-1"))),
+        upsert(Row::Alert(alert_row("al-2"))),
+    ];
+    sink.apply("orders", &first).await.unwrap();
+
+    let order = client
+        .query_one(
+            "SELECT order_status, cost::text, department, appointment_id, activated_at,
+                    started_at, is_overdue
+             FROM orders WHERE order_id = 'o-1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(order.get::<_, String>(0), "ACTIVATED");
+    assert_eq!(order.get::<_, String>(1), "125.50");
+    assert_eq!(order.get::<_, String>(2), "RADIOLOGY");
+    assert_eq!(order.get::<_, String>(3), "appt-1");
+    assert_eq!(order.get::<_, DateTime<Utc>>(4), at(T0 + 2_000));
+    assert_eq!(order.get::<_, Option<DateTime<Utc>>>(5), None);
+    assert!(!order.get::<_, bool>(6));
+
+    let transitions: Vec<(String, bool, Option<String>, DateTime<Utc>, i32, i64)> = client
+        .query(
+            "SELECT event_id, accepted, reject_reason, event_time, source_partition,
+                    source_offset
+             FROM order_transitions ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .collect();
+    assert_eq!(
+        transitions,
+        [
+            ("ev-1".into(), true, None, at(T0 + 1_000), 2, 41),
+            (
+                "ev-2".into(),
+                false,
+                Some("UNAUTHORIZED_ACTOR".into()),
+                at(T0 + 1_000),
+                2,
+                41
+            ),
+        ]
+    );
+
+    let actions: Vec<(String, Option<String>, String, DateTime<Utc>)> = client
+        .query(
+            "SELECT action_type, amount::text, status, requested_at
+             FROM compensation_actions ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            (
+                "REVERSE_CHARGE".into(),
+                Some("125.50".into()),
+                "PENDING".into(),
+                at(T0 + 3_000)
+            ),
+            (
+                "SEND_NOTIFICATION".into(),
+                None,
+                "PENDING".into(),
+                at(T0 + 3_000)
+            ),
+        ]
+    );
+
+    let breaches: Vec<(String, i32, DateTime<Utc>, Option<String>)> = client
+        .query(
+            "SELECT task_instance_id, attempt, due_at, escalated_to FROM sla_breaches
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(breaches.len(), 2);
+    assert_eq!(breaches[1].1, 2);
+    assert_eq!(breaches[0].2, at(T0 + 15 * 60_000));
+
+    let alert = client
+        .query_one(
+            "SELECT severity, kind, raised_at, details->>'orderType', (details->>'critical')::bool
+             FROM alerts WHERE alert_id = 'al-1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(alert.get::<_, String>(0), "CRITICAL");
+    assert_eq!(alert.get::<_, String>(1), "ORDER_CRITICAL_RESULT");
+    assert_eq!(alert.get::<_, DateTime<Utc>>(2), at(T0 + 4_000));
+    assert_eq!(alert.get::<_, String>(3), "LAB_TEST");
+    assert!(alert.get::<_, bool>(4));
+
+    // Second flush: state changes, a completed action, and one delete per table; the
+    // breach delete travels with the attempt as text, as `Row::key` makes it.
+    let mut cancelled = order_row("o-1", "CANCELLED");
+    cancelled.cost = None;
+    cancelled.cancel_reason = Some("patient left".into());
+    cancelled.cancelled_at = Some(T0 + 3_000);
+    cancelled.is_overdue = true;
+    let mut done = compensation_row("REVERSE_CHARGE", Some("125.50"));
+    done.status = "COMPLETED".into();
+    done.completed_at = Some(T0 + 6_000);
+    let mut rejected = transition_row("ev-1", false);
+    rejected.from_status = Some("ACTIVATED".into());
+    let mut second = batch(T0 + 10_000);
+    second.rows = vec![
+        upsert(Row::Order(cancelled)),
+        delete(Row::Order(order_row("o-2", "PROPOSED"))),
+        upsert(Row::OrderTransition(rejected)),
+        delete(Row::OrderTransition(transition_row("ev-2", false))),
+        upsert(Row::Compensation(done)),
+        delete(Row::Compensation(compensation_row(
+            "SEND_NOTIFICATION",
+            None,
+        ))),
+        delete(Row::SlaBreach(breach_row("t-1", 2))),
+        upsert(Row::SlaBreach(breach_row("t-2", 1))),
+        delete(Row::SlaBreach(breach_row("t-2", 1))),
+        delete(Row::Alert(alert_row("al-2"))),
+    ];
+    sink.apply("orders", &second).await.unwrap();
+
+    let orders: Vec<(String, String, Option<String>, Option<String>, bool)> = client
+        .query(
+            "SELECT order_id, order_status, cost::text, cancel_reason, is_overdue FROM orders",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    assert_eq!(
+        orders,
+        [(
+            "o-1".into(),
+            "CANCELLED".into(),
+            None,
+            Some("patient left".into()),
+            true
+        )]
+    );
+    let transitions: Vec<(String, bool, Option<String>)> = client
+        .query(
+            "SELECT event_id, accepted, from_status FROM order_transitions",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        transitions,
+        [("ev-1".into(), false, Some("ACTIVATED".into()))]
+    );
+    let actions: Vec<(String, String, Option<DateTime<Utc>>)> = client
+        .query(
+            "SELECT action_type, status, completed_at FROM compensation_actions",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        actions,
+        [(
+            "REVERSE_CHARGE".into(),
+            "COMPLETED".into(),
+            Some(at(T0 + 6_000))
+        )]
+    );
+    let breaches: Vec<(String, i32)> = client
+        .query("SELECT task_instance_id, attempt FROM sla_breaches", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(breaches, [("t-1".into(), 1)]);
+    let alerts: Vec<String> = client
+        .query("SELECT alert_id FROM alerts", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(alerts, ["al-1"]);
+
+    // Replaying a flush writes nothing: updated_at stays where it was.
+    let stamp = "SELECT (SELECT updated_at FROM orders WHERE order_id = 'o-1'),
+                        (SELECT updated_at FROM compensation_actions
+                         WHERE action_type = 'REVERSE_CHARGE')";
+    let before = client.query_one(stamp, &[]).await.unwrap();
+    sink.apply("orders", &second).await.unwrap();
+    let after = client.query_one(stamp, &[]).await.unwrap();
+    assert_eq!(
+        before.get::<_, DateTime<Utc>>(0),
+        after.get::<_, DateTime<Utc>>(0)
+    );
+    assert_eq!(
+        before.get::<_, DateTime<Utc>>(1),
+        after.get::<_, DateTime<Utc>>(1)
+    );
     db.drop().await;
 }
