@@ -342,7 +342,7 @@ print_env() {
 }
 
 usage() {
-    echo "usage: $0 start|stop|restart|status|env" >&2
+    echo "usage: $0 start|start-pg|stop|restart|status|env" >&2
     exit 2
 }
 
@@ -355,6 +355,11 @@ main() {
             pg_start
             nisshi_start
             log "all services ready in $(( $(now) - t0 ))s"
+            ;;
+        start-pg)
+            # PostgreSQL only (the demo uses an in-process Kafka mock when no broker is configured).
+            mkdir -p "$STATE"
+            pg_start
             ;;
         stop)
             # Stop both even when one fails.

@@ -26,26 +26,28 @@ pub mod harness;
 pub mod orders;
 pub mod output;
 pub mod tasks;
+pub mod timers;
 pub mod workflows;
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use differential_dataflow::{AsCollection, VecCollection};
-use timely::dataflow::operators::vec::Map as _;
+use differential_dataflow::VecCollection;
 
 use events::{DefinitionRecord, OrderEvent, TaskEvent, Template, WorkflowEvent};
 use orders::{Eligibility, OrderStates};
 use output::{DeadLetter, OffsetMark, OutRecord, Row};
 use tasks::TaskStates;
-use workflows::{fold_workflow, OrderFact, WfFact, WfOut, WorkflowRules};
+use workflows::{fold_workflow, OrderFact, WfFact, WorkflowRules};
 
 /// Rule parameters (contract defaults).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RulesConfig {
     /// Who may authorize which order type.
     pub eligibility: Eligibility,
+    /// Stale-task and re-escalation durations.
+    pub time: workflows::TimeRules,
 }
 
 /// Everything the dataflow emits, as one collection.
@@ -113,18 +115,7 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
         .concat(task_facts)
         .concat(order_facts);
 
-    let wf_out = facts
-        .workflow_rules()
-        .inner
-        .flat_map(|((wid, out), t, r)| match out {
-            WfOut::Row(row) => Some((Emit::Row(row), t, r)),
-            WfOut::Event(d) if r > 0 => {
-                let rank = d.event_type.map(|t| t as u8).unwrap_or(u8::MAX);
-                Some((Emit::Record((wid, rank), d.to_record(t)), t, 1))
-            }
-            WfOut::Event(_) => None,
-        })
-        .as_collection();
+    let wf_out = timers::time_rules(facts.workflow_rules(cfg.time.clone()));
 
     wf_out.concat(inputs.side)
 }

@@ -71,12 +71,118 @@ pub struct ReadinessRow {
     pub next_attempt: i32,
 }
 
+/// A row of `orders`: the current state of an order.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct OrderRow {
+    pub order_id: String,
+    pub workflow_instance_id: Option<String>,
+    pub patient_id: Option<String>,
+    pub order_type: String,
+    pub order_status: String,
+    pub actor: Option<String>,
+    pub actor_role: Option<String>,
+    /// Decimal text as sent (`metadata.cost`).
+    pub cost: Option<String>,
+    pub department: Option<String>,
+    pub critical: bool,
+    pub appointment_id: Option<String>,
+    pub cancel_reason: Option<String>,
+    pub is_overdue: bool,
+    pub created_at: Option<Millis>,
+    pub authorized_at: Option<Millis>,
+    pub activated_at: Option<Millis>,
+    pub started_at: Option<Millis>,
+    pub resulted_at: Option<Millis>,
+    pub verified_at: Option<Millis>,
+    pub closed_at: Option<Millis>,
+    pub cancelled_at: Option<Millis>,
+}
+
+/// A row of `order_transitions`: one per order event, accepted or rejected.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct OrderTransitionRow {
+    pub event_id: String,
+    pub order_id: String,
+    pub workflow_instance_id: Option<String>,
+    pub event_type: String,
+    pub from_status: Option<String>,
+    pub to_status: Option<String>,
+    pub actor: Option<String>,
+    pub actor_role: Option<String>,
+    pub accepted: bool,
+    pub reject_reason: Option<String>,
+    pub event_time: Millis,
+    pub source_partition: i32,
+    pub source_offset: i64,
+}
+
+/// A row of `compensation_actions`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CompensationRow {
+    /// UUID v5 of `hmis-flow:compensation:<orderId>:<actionType>` (URL namespace).
+    pub action_id: String,
+    pub order_id: String,
+    pub workflow_instance_id: Option<String>,
+    pub patient_id: Option<String>,
+    /// SEND_NOTIFICATION, REVERSE_CHARGE, CANCEL_ORDER, RELEASE_RESOURCE, CANCEL_APPOINTMENT.
+    pub action_type: String,
+    pub amount: Option<String>,
+    pub appointment_id: Option<String>,
+    /// PENDING or COMPLETED.
+    pub status: String,
+    pub reason: Option<String>,
+    pub cause_event_id: Option<String>,
+    pub requested_at: Millis,
+    pub completed_at: Option<Millis>,
+}
+
+/// A row of `sla_breaches`: one per breached (task, attempt).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SlaBreachRow {
+    pub task_instance_id: String,
+    pub attempt: i32,
+    pub workflow_instance_id: String,
+    pub patient_id: Option<String>,
+    pub template_id: Option<String>,
+    pub template_version: Option<i64>,
+    pub task_def_id: String,
+    pub due_at: Millis,
+    pub breached_at: Millis,
+    pub minutes_overdue: i64,
+    pub escalated_to: Option<String>,
+    pub event_id: Option<String>,
+}
+
+/// A row of `alerts` (the same alert is published on `system-alerts`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct AlertRow {
+    pub alert_id: String,
+    /// CRITICAL, HIGH, MEDIUM or LOW.
+    pub severity: String,
+    pub source: String,
+    pub kind: String,
+    pub message: String,
+    pub raised_at: Millis,
+    pub cause_event_id: Option<String>,
+    pub component: Option<String>,
+    pub workflow_instance_id: Option<String>,
+    pub task_instance_id: Option<String>,
+    pub order_id: Option<String>,
+    /// JSON text.
+    pub details: Option<String>,
+}
+
 /// One change to a relational table, keyed by the table's primary key.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Row {
     Workflow(WorkflowRow),
     Task(TaskRow),
     Readiness(ReadinessRow),
+    Order(OrderRow),
+    OrderTransition(OrderTransitionRow),
+    Compensation(CompensationRow),
+    SlaBreach(SlaBreachRow),
+    Alert(AlertRow),
 }
 
 impl Row {
@@ -86,6 +192,11 @@ impl Row {
             Row::Workflow(w) => (0, w.workflow_instance_id.clone(), String::new()),
             Row::Task(t) => (1, t.task_instance_id.clone(), String::new()),
             Row::Readiness(r) => (2, r.workflow_instance_id.clone(), r.task_def_id.clone()),
+            Row::Order(o) => (3, o.order_id.clone(), String::new()),
+            Row::OrderTransition(t) => (4, t.event_id.clone(), String::new()),
+            Row::Compensation(c) => (5, c.action_id.clone(), String::new()),
+            Row::SlaBreach(b) => (6, b.task_instance_id.clone(), b.attempt.to_string()),
+            Row::Alert(a) => (7, a.alert_id.clone(), String::new()),
         }
     }
 }

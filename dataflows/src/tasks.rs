@@ -35,6 +35,36 @@ pub struct TaskState {
     /// eventTime of the TASK_COMPLETED / TASK_FAILED that decided the current attempt.
     pub finished_at: Option<Millis>,
     pub error_message: Option<String>,
+    /// eventTime of the task's most recent event (any attempt).
+    pub last_event_time: Millis,
+    /// Every attempt seen, in attempt order (SLA is per attempt, also for superseded ones).
+    pub attempts: Vec<AttemptInfo>,
+}
+
+/// What happened to one attempt of a task.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct AttemptInfo {
+    pub attempt: u32,
+    /// eventTime of this attempt's TASK_CREATED.
+    pub created_at: Option<Millis>,
+    /// `dueAt` carried by that TASK_CREATED.
+    pub due_at_explicit: Option<Millis>,
+    /// eventTime of this attempt's first TASK_STARTED.
+    pub started_at: Option<Millis>,
+    /// eventTime of this attempt's first TASK_COMPLETED / TASK_FAILED.
+    pub finished_at: Option<Millis>,
+    /// eventTime of the earliest event of a higher attempt (the attempt was superseded).
+    pub superseded_at: Option<Millis>,
+}
+
+impl AttemptInfo {
+    /// When the attempt stopped being open: finished, or superseded by a retry.
+    pub fn ended_at(&self) -> Option<Millis> {
+        match (self.finished_at, self.superseded_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// Removes duplicate eventIds, keeping the first by input position.
@@ -71,7 +101,37 @@ pub fn fold_task<'a>(events: &[&'a TaskEvent]) -> Option<TaskState> {
         started_at: started.map(|e| e.event_time),
         finished_at,
         error_message: if winner.status == TaskStatus::Failed { winner.error_message.clone() } else { None },
+        last_event_time: events.iter().map(|e| e.event_time).max().unwrap_or(winner.event_time),
+        attempts: attempts(events),
     })
+}
+
+fn attempts(events: &[&TaskEvent]) -> Vec<AttemptInfo> {
+    let mut numbers: Vec<u32> = events.iter().map(|e| e.attempt).collect();
+    numbers.sort_unstable();
+    numbers.dedup();
+    numbers
+        .iter()
+        .map(|&a| {
+            let of = |st: TaskStatus| {
+                events.iter().filter(|e| e.attempt == a && e.status == st).min_by_key(|e| (e.event_time, e.pos))
+            };
+            let created = of(TaskStatus::Pending);
+            let finished = events
+                .iter()
+                .filter(|e| e.attempt == a && matches!(e.status, TaskStatus::Completed | TaskStatus::Failed))
+                .map(|e| e.event_time)
+                .min();
+            AttemptInfo {
+                attempt: a,
+                created_at: created.map(|e| e.event_time),
+                due_at_explicit: created.and_then(|e| e.due_at),
+                started_at: of(TaskStatus::InProgress).map(|e| e.event_time),
+                finished_at: finished,
+                superseded_at: events.iter().filter(|e| e.attempt > a).map(|e| e.event_time).min(),
+            }
+        })
+        .collect()
 }
 
 /// Extension trait: the task-state operator.

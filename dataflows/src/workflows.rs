@@ -127,11 +127,83 @@ impl OrderFact {
     }
 }
 
-/// An output of the workflow rules: a row, or a derived event (emitted when it appears).
+/// An output of the workflow rules: a row, a derived event (emitted when it appears), or a
+/// timer candidate that the time rules (see `lib.rs`) delay to its deadline.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum WfOut {
     Event(Derived),
     Row(Row),
+    /// The workflow row before timer escalations are merged in, with the time of its own
+    /// escalation reason (upstream WORKFLOW_ESCALATED or a task failure), if any.
+    WorkflowBase(WorkflowRow, Option<Millis>),
+    /// A task row before SLA breaches are merged in.
+    TaskBase(TaskRow),
+    /// A task attempt started or ended after its dueAt: breached, whatever the clock says.
+    SlaLate(SlaInfo),
+    /// A task attempt still open with a dueAt: breached when the clock passes dueAt.
+    SlaOpen(SlaInfo),
+    /// A PENDING task: stale when the clock passes its deadline.
+    Stale(StaleInfo),
+    /// An unanswered escalation: re-escalated when the clock passes its deadline.
+    ReEscalate(ReEscalation),
+}
+
+/// Identifies a task attempt with a deadline, and what its breach reports.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SlaInfo {
+    pub task_instance_id: String,
+    pub attempt: u32,
+    pub workflow_instance_id: String,
+    pub patient_id: Option<String>,
+    pub template_id: String,
+    pub template_version: i64,
+    pub task_def_id: String,
+    pub task_name: Option<String>,
+    pub due_at: Millis,
+    pub escalate_to: String,
+}
+
+/// A PENDING task attempt and when it goes stale.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct StaleInfo {
+    pub task_instance_id: String,
+    pub attempt: u32,
+    pub workflow_instance_id: String,
+    pub patient_id: Option<String>,
+    pub task_def_id: String,
+    pub task_name: Option<String>,
+    pub last_event_time: Millis,
+    pub deadline: Millis,
+}
+
+/// A re-escalation of workflow W to `level`, due at `deadline` unless a task completes first.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ReEscalation {
+    pub workflow_instance_id: String,
+    pub level: i32,
+    pub deadline: Millis,
+    pub patient_id: Option<String>,
+    pub template_id: String,
+    pub template_version: i64,
+    /// What was escalated first (e.g. `SLA_BREACH:triage`).
+    pub source: String,
+}
+
+/// Durations of the time rules (contract §4 defaults).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeRules {
+    /// A PENDING task with no event for this long is stale (default 4 h).
+    pub stale_after_ms: u64,
+    /// An escalation with no task completed for this long is escalated again (default 1 h).
+    pub re_escalate_after_ms: u64,
+    /// Highest escalation level (contract: 3).
+    pub max_escalation_level: i32,
+}
+
+impl Default for TimeRules {
+    fn default() -> Self {
+        TimeRules { stale_after_ms: 4 * 3_600_000, re_escalate_after_ms: 3_600_000, max_escalation_level: 3 }
+    }
 }
 
 /// Status of a workflow instance as the rules decide it.
@@ -172,7 +244,7 @@ impl DefSummary<'_> {
 }
 
 /// Evaluates the contract's rules for one workflow instance from its facts.
-pub fn evaluate(wid: &str, facts: &[&WfFact]) -> Vec<WfOut> {
+pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
     let mut out = Vec::new();
     let mut state = None;
     let mut template = None;
@@ -259,6 +331,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact]) -> Vec<WfOut> {
 
     // Escalation: upstream WORKFLOW_ESCALATED, or a derived failure.
     let mut escalation_reason = state.upstream_escalation.as_ref().map(|(_, r)| r.clone().unwrap_or_default());
+    let mut escalation_time = state.upstream_escalation.as_ref().map(|(t, _)| *t);
     if template.is_some() {
         out.push(WfOut::Event({
             let mut d = base(DerivedType::WorkflowProgress, format!("hmis-flow:WORKFLOW_PROGRESS:{wid}:{progress}"));
@@ -290,6 +363,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact]) -> Vec<WfOut> {
             e.cause_event_id = Some(f.event_id.clone());
             out.push(WfOut::Event(e));
             escalation_reason = Some(reason);
+            escalation_time = f.finished_at;
         }
     }
 
@@ -405,33 +479,64 @@ pub fn evaluate(wid: &str, facts: &[&WfFact]) -> Vec<WfOut> {
         }
     }
 
-    // Rows.
-    out.push(WfOut::Row(Row::Workflow(WorkflowRow {
-        workflow_instance_id: wid.to_string(),
-        patient_id: patient.clone(),
-        template_id: started.template_id.clone(),
-        template_version: started.template_version,
-        template_name: started.template_name.clone().or_else(|| template.and_then(|t| t.template_name.clone())),
-        status: status.as_str().to_string(),
-        progress_percentage: progress,
-        is_escalated: escalation_reason.is_some(),
-        escalation_level: if escalation_reason.is_some() { 1 } else { 0 },
-        escalation_reason,
-        started_at: Some(started.at),
-        completed_at: if status == WfStatus::Active { None } else { completed_at },
-    })));
+    // Rows (escalations found by timers are merged in later, see `lib.rs`).
+    out.push(WfOut::WorkflowBase(
+        WorkflowRow {
+            workflow_instance_id: wid.to_string(),
+            patient_id: patient.clone(),
+            template_id: started.template_id.clone(),
+            template_version: started.template_version,
+            template_name: started.template_name.clone().or_else(|| template.and_then(|t| t.template_name.clone())),
+            status: status.as_str().to_string(),
+            progress_percentage: progress,
+            is_escalated: escalation_reason.is_some(),
+            escalation_level: if escalation_reason.is_some() { 1 } else { 0 },
+            escalation_reason,
+            started_at: Some(started.at),
+            completed_at: if status == WfStatus::Active { None } else { completed_at },
+        },
+        escalation_time,
+    ));
+    let active = status == WfStatus::Active;
+    // Completion times of W's tasks: an escalation is answered by a completion after it.
+    let completions: Vec<Millis> =
+        tasks.iter().filter(|t| t.status == TaskStatus::Completed).filter_map(|t| t.finished_at).collect();
+    let re_escalate = |source: String, at: Millis, out: &mut Vec<WfOut>| {
+        if !active {
+            return;
+        }
+        for level in 2..=rules.max_escalation_level {
+            let deadline = at + (level as u64 - 1) * rules.re_escalate_after_ms;
+            if completions.iter().any(|&c| c > at && c <= deadline) {
+                break;
+            }
+            out.push(WfOut::ReEscalate(ReEscalation {
+                workflow_instance_id: wid.to_string(),
+                level,
+                deadline,
+                patient_id: patient.clone(),
+                template_id: started.template_id.clone(),
+                template_version: started.template_version,
+                source: source.clone(),
+            }));
+        }
+    };
+    if let Some((at, reason)) = &state.upstream_escalation {
+        re_escalate(reason.clone().unwrap_or_else(|| "UPSTREAM".into()), *at, &mut out);
+    }
     for task in &tasks {
         let def = template.and_then(|t| t.task(&task.task_def_id));
-        let due_at = task.due_at_explicit.or_else(|| {
-            let mins = def?.sla_minutes?;
-            Some(task.created_at? + u64::from(mins) * 60_000)
-        });
-        out.push(WfOut::Row(Row::Task(TaskRow {
+        let sla_due = |created: Option<Millis>, explicit: Option<Millis>| {
+            explicit.or_else(|| Some(created? + u64::from(def?.sla_minutes?) * 60_000))
+        };
+        let due_at = sla_due(task.created_at, task.due_at_explicit);
+        let task_name = task.task_name.clone().or_else(|| def.and_then(|d| d.name.clone()));
+        out.push(WfOut::TaskBase(TaskRow {
             task_instance_id: task.task_instance_id.clone(),
             workflow_instance_id: wid.to_string(),
             patient_id: task.patient_id.clone().or_else(|| patient.clone()),
             task_def_id: task.task_def_id.clone(),
-            task_name: task.task_name.clone().or_else(|| def.and_then(|d| d.name.clone())),
+            task_name: task_name.clone(),
             status: task.status.as_str().to_string(),
             attempt: task.attempt as i32,
             due_at,
@@ -442,7 +547,47 @@ pub fn evaluate(wid: &str, facts: &[&WfFact]) -> Vec<WfOut> {
             started_at: task.started_at,
             completed_at: task.finished_at,
             error_message: task.error_message.clone(),
-        })));
+        }));
+        // SLA per attempt: late (data) or open (clock).
+        for a in &task.attempts {
+            let Some(due) = sla_due(a.created_at, a.due_at_explicit) else { continue };
+            let info = SlaInfo {
+                task_instance_id: task.task_instance_id.clone(),
+                attempt: a.attempt,
+                workflow_instance_id: wid.to_string(),
+                patient_id: task.patient_id.clone().or_else(|| patient.clone()),
+                template_id: started.template_id.clone(),
+                template_version: started.template_version,
+                task_def_id: task.task_def_id.clone(),
+                task_name: task_name.clone(),
+                due_at: due,
+                escalate_to: def.map(|d| d.escalate_to.clone()).unwrap_or_else(|| "MANAGER".into()),
+            };
+            let late = a.started_at.is_some_and(|s| s > due) || a.ended_at().is_some_and(|e| e > due);
+            let open = a.ended_at().is_none()
+                && a.attempt == task.attempt
+                && matches!(task.status, TaskStatus::Pending | TaskStatus::InProgress);
+            if late || (open && active) {
+                re_escalate(format!("SLA_BREACH:{}", task.task_def_id), due, &mut out);
+            }
+            if late {
+                out.push(WfOut::SlaLate(info));
+            } else if open && active {
+                out.push(WfOut::SlaOpen(info));
+            }
+        }
+        if active && task.status == TaskStatus::Pending {
+            out.push(WfOut::Stale(StaleInfo {
+                task_instance_id: task.task_instance_id.clone(),
+                attempt: task.attempt,
+                workflow_instance_id: wid.to_string(),
+                patient_id: task.patient_id.clone().or_else(|| patient.clone()),
+                task_def_id: task.task_def_id.clone(),
+                task_name,
+                last_event_time: task.last_event_time,
+                deadline: task.last_event_time + rules.stale_after_ms,
+            }));
+        }
     }
     out
 }
@@ -450,14 +595,14 @@ pub fn evaluate(wid: &str, facts: &[&WfFact]) -> Vec<WfOut> {
 /// Extension trait: the per-workflow rules.
 pub trait WorkflowRules<'s> {
     /// Evaluates [`evaluate`] per workflow instance over its facts.
-    fn workflow_rules(self) -> VecCollection<'s, u64, (String, WfOut)>;
+    fn workflow_rules(self, rules: TimeRules) -> VecCollection<'s, u64, (String, WfOut)>;
 }
 
 impl<'s> WorkflowRules<'s> for VecCollection<'s, u64, (String, WfFact)> {
-    fn workflow_rules(self) -> VecCollection<'s, u64, (String, WfOut)> {
-        self.reduce_named("WorkflowRules", |wid, input, output| {
+    fn workflow_rules(self, rules: TimeRules) -> VecCollection<'s, u64, (String, WfOut)> {
+        self.reduce_named("WorkflowRules", move |wid, input, output| {
             let facts: Vec<&WfFact> = input.iter().map(|(f, _)| *f).collect();
-            let mut outs = evaluate(wid, &facts);
+            let mut outs = evaluate(wid, &facts, &rules);
             outs.sort();
             outs.dedup();
             output.extend(outs.into_iter().map(|o| (o, 1)));

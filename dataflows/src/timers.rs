@@ -1,0 +1,306 @@
+//! Deadlines as data: the temporal operator behind every time rule (contract §4, §5, §8).
+//!
+//! A record that *becomes true* when the pipeline clock passes its deadline `d` is modelled
+//! as a collection whose updates are moved forward in time to `max(t, d + 1)` (the first
+//! millisecond at which "the clock has passed d"). An insertion and a retraction that both
+//! happen before the deadline cancel at `d + 1`, so nothing is emitted; a record still present
+//! at `d + 1` appears there — that appearance is the deadline firing. No polling: the
+//! dataflow's frontier *is* the pipeline clock, so the record appears when the clock passes
+//! `d` (wall mode: within a tick; event mode: when the watermark passes `d`).
+//!
+//! ```text
+//!   candidate (while open) ──delay_until(deadline)──► appears at d+1 if still open ──► fire
+//! ```
+//!
+//! Consolidate (or reduce) before reading a delayed collection: updates at future times are
+//! held by the operators that follow, not emitted early.
+
+use differential_dataflow::{AsCollection, VecCollection};
+use timely::dataflow::operators::vec::Map as _;
+
+use crate::output::Millis;
+
+/// Extension trait: move each update to when the clock passes its record's deadline.
+pub trait DelayUntil<'s, D> {
+    /// Every update `(d, t, r)` is moved to `max(t, deadline(d) + 1)`; records without a
+    /// deadline pass unchanged.
+    fn delay_until(self, deadline: impl Fn(&D) -> Option<Millis> + 'static) -> VecCollection<'s, u64, D>;
+}
+
+impl<'s, D: Clone + 'static> DelayUntil<'s, D> for VecCollection<'s, u64, D> {
+    fn delay_until(self, deadline: impl Fn(&D) -> Option<Millis> + 'static) -> VecCollection<'s, u64, D> {
+        self.inner
+            .map(move |(d, t, r)| {
+                let t2 = match deadline(&d) {
+                    Some(dl) => t.max(dl.saturating_add(1)),
+                    None => t,
+                };
+                (d, t2, r)
+            })
+            .as_collection()
+    }
+}
+
+use crate::derived::{Derived, DerivedType};
+use crate::output::{Row, SlaBreachRow};
+use crate::workflows::{ReEscalation, SlaInfo, StaleInfo, WfOut};
+use crate::Emit;
+
+/// Changes that appeared (`+`) in a consolidated collection, with their times.
+fn appearances<'s, D: differential_dataflow::ExchangeData + std::hash::Hash>(
+    c: VecCollection<'s, u64, D>,
+) -> timely::dataflow::Stream<'s, u64, Vec<(D, u64, isize)>> {
+    c.consolidate().inner
+}
+
+fn emit(d: Derived, t: u64) -> (Emit, u64, isize) {
+    let rank = d.event_type.map(|t| t as u8).unwrap_or(u8::MAX);
+    (Emit::Record((d.workflow_instance_id.clone(), rank), d.to_record(t)), t, 1)
+}
+
+/// Combined escalation facts merged into a workflow row.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+enum WfRowPart {
+    Base(crate::output::WorkflowRow, Option<Millis>),
+    Breach(Millis, String),
+    Level(i32),
+}
+
+/// Facts merged into a task row.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+enum TaskRowPart {
+    Base(crate::output::TaskRow),
+    Breach(u32, String),
+}
+
+/// The time rules (contract §4 SLA, stale tasks, unanswered escalations) and the rows they
+/// change, from the workflow rules' output. Returns everything to emit, including the final
+/// `workflow_instances` and `task_instances` rows and every non-timer output passed through.
+pub fn time_rules<'s>(wf_out: VecCollection<'s, u64, (String, WfOut)>) -> VecCollection<'s, u64, Emit> {
+    // Plain rows and events pass through; events are emitted when they appear.
+    let passthrough = wf_out
+        .clone()
+        .inner
+        .flat_map(|((wid, out), t, r)| match out {
+            WfOut::Row(row) => Some((Emit::Row(row), t, r)),
+            WfOut::Event(d) if r > 0 => {
+                let rank = d.event_type.map(|t| t as u8).unwrap_or(u8::MAX);
+                Some((Emit::Record((wid, rank), d.to_record(t)), t, 1))
+            }
+            _ => None,
+        })
+        .as_collection();
+
+    // SLA: a breach per (task, attempt) when it is late by its events, or open past dueAt.
+    let late = wf_out.clone().flat_map(|(_, o)| match o {
+        WfOut::SlaLate(i) => Some(((i.task_instance_id.clone(), i.attempt), i)),
+        _ => None,
+    });
+    let open = wf_out
+        .clone()
+        .flat_map(|(_, o)| match o {
+            WfOut::SlaOpen(i) => Some(((i.task_instance_id.clone(), i.attempt), i)),
+            _ => None,
+        })
+        .delay_until(|(_, i): &((String, u32), SlaInfo)| Some(i.due_at));
+    let breaches = late.concat(open).reduce_named("SlaBreaches", |_key, input, output| {
+        output.push((input[0].0.clone(), 1));
+    });
+    let breach_out = appearances(breaches.clone())
+        .flat_map(|((_, i), t, r): (((String, u32), SlaInfo), u64, isize)| {
+            let mut out = Vec::new();
+            if r <= 0 {
+                return out;
+            }
+            let minutes = (t.saturating_sub(i.due_at) / 60_000) as i64;
+            let reason = format!("SLA_BREACH:{}", i.task_def_id);
+            let base = |ty: DerivedType, name: String| {
+                let mut d = Derived::new(ty, &name, &i.workflow_instance_id);
+                d.patient_id = i.patient_id.clone();
+                d.template_id = Some(i.template_id.clone());
+                d.template_version = Some(i.template_version);
+                d.task_instance_id = Some(i.task_instance_id.clone());
+                d.task_def_id = Some(i.task_def_id.clone());
+                d.task_name = i.task_name.clone();
+                d.attempt = Some(i.attempt);
+                d
+            };
+            let mut b = base(
+                DerivedType::TaskSlaBreached,
+                format!("hmis-flow:TASK_SLA_BREACHED:{}:{}", i.task_instance_id, i.attempt),
+            );
+            b.due_at = Some(i.due_at);
+            b.minutes_overdue = Some(minutes);
+            let breach_id = b.event_id.clone();
+            out.push(emit(b, t));
+            let mut e = base(
+                DerivedType::TaskEscalated,
+                format!("hmis-flow:TASK_ESCALATED:{}:{}", i.task_instance_id, i.attempt),
+            );
+            e.escalated_to = Some(i.escalate_to.clone());
+            e.escalation_reason = Some(reason.clone());
+            e.escalation_level = Some(1);
+            e.cause_event_id = Some(breach_id.clone());
+            out.push(emit(e, t));
+            let mut w = base(
+                DerivedType::WorkflowEscalated,
+                format!(
+                    "hmis-flow:WORKFLOW_ESCALATED:{}:SLA_BREACH:{}:{}",
+                    i.workflow_instance_id, i.task_instance_id, i.attempt
+                ),
+            );
+            w.escalation_reason = Some(reason);
+            w.escalation_level = Some(1);
+            w.escalated_to = Some(i.escalate_to.clone());
+            w.cause_event_id = Some(breach_id.clone());
+            out.push(emit(w, t));
+            out.push((
+                Emit::Row(Row::SlaBreach(SlaBreachRow {
+                    task_instance_id: i.task_instance_id.clone(),
+                    attempt: i.attempt as i32,
+                    workflow_instance_id: i.workflow_instance_id.clone(),
+                    patient_id: i.patient_id.clone(),
+                    template_id: Some(i.template_id.clone()),
+                    template_version: Some(i.template_version),
+                    task_def_id: i.task_def_id.clone(),
+                    due_at: i.due_at,
+                    breached_at: t,
+                    minutes_overdue: minutes,
+                    escalated_to: Some(i.escalate_to.clone()),
+                    event_id: Some(breach_id),
+                })),
+                t,
+                1,
+            ));
+            out
+        })
+        .as_collection();
+
+    // Stale PENDING tasks.
+    let stale = wf_out
+        .clone()
+        .flat_map(|(_, o)| match o {
+            WfOut::Stale(s) => Some(s),
+            _ => None,
+        })
+        .delay_until(|s: &StaleInfo| Some(s.deadline));
+    let stale_out = appearances(stale)
+        .flat_map(|(s, t, r): (StaleInfo, u64, isize)| {
+            (r > 0 && t > s.deadline).then(|| {
+                let mut d = Derived::new(
+                    DerivedType::TaskStale,
+                    &format!("hmis-flow:TASK_STALE:{}:{}:{}", s.task_instance_id, s.attempt, s.last_event_time),
+                    &s.workflow_instance_id,
+                );
+                d.patient_id = s.patient_id.clone();
+                d.task_instance_id = Some(s.task_instance_id.clone());
+                d.task_def_id = Some(s.task_def_id.clone());
+                d.task_name = s.task_name.clone();
+                d.attempt = Some(s.attempt);
+                d.minutes_overdue = Some(((t - s.last_event_time) / 60_000) as i64);
+                emit(d, t)
+            })
+        })
+        .as_collection();
+
+    // Unanswered escalations: one per (workflow, level).
+    let reesc = wf_out
+        .clone()
+        .flat_map(|(_, o)| match o {
+            WfOut::ReEscalate(r) => Some(((r.workflow_instance_id.clone(), r.level), r)),
+            _ => None,
+        })
+        .delay_until(|(_, r): &((String, i32), ReEscalation)| Some(r.deadline))
+        .reduce_named("ReEscalations", |_key, input, output| {
+            // The earliest deadline is the one that fired first.
+            output.push((input[0].0.clone(), 1));
+        });
+    let fired_reesc = reesc.clone();
+    let reesc_out = appearances(reesc)
+        .flat_map(|((_, r), t, diff): (((String, i32), ReEscalation), u64, isize)| {
+            (diff > 0).then(|| {
+                let mut d = Derived::new(
+                    DerivedType::WorkflowEscalated,
+                    &format!("hmis-flow:WORKFLOW_ESCALATED:{}:UNANSWERED:{}", r.workflow_instance_id, r.level),
+                    &r.workflow_instance_id,
+                );
+                d.patient_id = r.patient_id.clone();
+                d.template_id = Some(r.template_id.clone());
+                d.template_version = Some(r.template_version);
+                d.escalation_level = Some(r.level);
+                d.escalation_reason = Some(format!("UNANSWERED_ESCALATION:{}", r.source));
+                emit(d, t)
+            })
+        })
+        .as_collection();
+
+    // Rows with the timers' escalations merged in.
+    let wf_parts = wf_out
+        .clone()
+        .flat_map(|(wid, o)| match o {
+            WfOut::WorkflowBase(row, t) => Some((wid, WfRowPart::Base(row, t))),
+            _ => None,
+        })
+        .concat(breaches.clone().map(|(_, i)| (i.workflow_instance_id.clone(), WfRowPart::Breach(i.due_at, i.task_def_id))))
+        .concat(fired_reesc.map(|((wid, level), _)| (wid, WfRowPart::Level(level))));
+    let wf_rows = wf_parts
+        .reduce_named("WorkflowRow", |_wid, input, output| {
+            let mut base = None;
+            let mut breach: Option<(Millis, &String)> = None;
+            let mut level = 0;
+            for (p, _) in input {
+                match p {
+                    WfRowPart::Base(row, t) => base = Some((row, *t)),
+                    WfRowPart::Breach(due, def) => {
+                        if breach.is_none_or(|(d, _)| *due > d) {
+                            breach = Some((*due, def));
+                        }
+                    }
+                    WfRowPart::Level(l) => level = level.max(*l),
+                }
+            }
+            let Some((row, reason_time)) = base else { return };
+            let mut row = row.clone();
+            if let Some((due, def)) = breach {
+                row.is_escalated = true;
+                row.escalation_level = row.escalation_level.max(1);
+                if reason_time.is_none_or(|t| due >= t) {
+                    row.escalation_reason = Some(format!("SLA_BREACH:{def}"));
+                }
+            }
+            if level > 0 {
+                row.is_escalated = true;
+                row.escalation_level = row.escalation_level.max(level);
+            }
+            output.push((Row::Workflow(row), 1));
+        })
+        .map(|(_, row)| Emit::Row(row));
+    let task_parts = wf_out
+        .flat_map(|(_, o)| match o {
+            WfOut::TaskBase(row) => Some((row.task_instance_id.clone(), TaskRowPart::Base(row))),
+            _ => None,
+        })
+        .concat(breaches.map(|(_, i)| (i.task_instance_id.clone(), TaskRowPart::Breach(i.attempt, i.escalate_to))));
+    let task_rows = task_parts
+        .reduce_named("TaskRow", |_id, input, output| {
+            let mut base = None;
+            let mut breaches = Vec::new();
+            for (p, _) in input {
+                match p {
+                    TaskRowPart::Base(row) => base = Some(row),
+                    TaskRowPart::Breach(a, to) => breaches.push((*a, to)),
+                }
+            }
+            let Some(row) = base else { return };
+            let mut row = row.clone();
+            row.sla_breached = breaches.iter().any(|(a, _)| *a as i32 == row.attempt);
+            if let Some((_, to)) = breaches.iter().max() {
+                row.is_escalated = true;
+                row.escalated_to = Some((*to).clone());
+            }
+            output.push((Row::Task(row), 1));
+        })
+        .map(|(_, row)| Emit::Row(row));
+
+    passthrough.concat(breach_out).concat(stale_out).concat(reesc_out).concat(wf_rows).concat(task_rows)
+}

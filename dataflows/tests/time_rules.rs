@@ -1,0 +1,205 @@
+//! The time rules of contract §4 at their boundaries: SLA breaches (clock and late events),
+//! stale tasks, unanswered escalations; and their scope (only workflows not COMPLETED/FAILED).
+//!
+//! In the harness, `end` is the dataflow frontier: every time below it is complete, so the
+//! pipeline clock is `end - 1`. "The clock passes t" (clock > t) therefore needs `end >= t + 2`.
+
+mod common;
+
+use common::*;
+use hmis_dataflows::events::Event;
+use hmis_dataflows::harness::{run, Outcome, Run};
+use hmis_dataflows::output::{Millis, Row};
+
+const H: Millis = 60 * MIN;
+
+/// Runs events at their eventTimes (definitions at T0 - 1) with the clock at `clock`.
+fn at_clock(events: Vec<Event>, clock: Millis) -> Outcome {
+    let mut feed: Vec<_> = events.into_iter().map(|e| (e.event_time().unwrap_or(T0 - 1), e)).collect();
+    feed.sort_by_key(|(t, _)| *t);
+    run(Run::new(2, feed, clock + 1))
+}
+
+fn base() -> Vec<Event> {
+    // triage: slaMinutes 15, escalateTo CHARGE_NURSE.
+    vec![def(sepsis(3)), wf_started("w1", "sepsis-bundle", 3, T0), task("TASK_CREATED", "t1", "w1", "triage", 1, T0)]
+}
+
+fn count(o: &Outcome, ty: &str) -> usize {
+    o.of_type(ty).len()
+}
+
+fn json(o: &Outcome, ty: &str) -> serde_json::Value {
+    serde_json::from_str(&o.of_type(ty)[0].payload).unwrap()
+}
+
+#[test]
+fn sla_breach_fires_only_once_the_clock_passes_due() {
+    let due = T0 + 15 * MIN;
+    assert_eq!(count(&at_clock(base(), due - 1), "TASK_SLA_BREACHED"), 0, "just before");
+    assert_eq!(count(&at_clock(base(), due), "TASK_SLA_BREACHED"), 0, "at dueAt the clock has not passed it");
+    let o = at_clock(base(), due + 1);
+    assert_eq!(count(&o, "TASK_SLA_BREACHED"), 1, "just after");
+    assert_eq!(count(&o, "TASK_ESCALATED"), 1);
+    assert_eq!(count(&o, "WORKFLOW_ESCALATED"), 1);
+    let b = json(&o, "TASK_SLA_BREACHED");
+    assert_eq!(b["dueAt"], iso(due));
+    assert_eq!(b["minutesOverdue"], 0);
+    assert_eq!(json(&o, "TASK_ESCALATED")["escalatedTo"], "CHARGE_NURSE");
+    assert_eq!(json(&o, "WORKFLOW_ESCALATED")["escalationReason"], "SLA_BREACH:triage");
+    // Rows: the breach, the task's flags, the workflow's escalation.
+    let mut breach_rows = 0;
+    for r in o.rows.values() {
+        match r {
+            Row::SlaBreach(b) => {
+                breach_rows += 1;
+                assert_eq!((b.due_at, b.attempt), (due, 1));
+            }
+            Row::Task(t) => assert!(t.sla_breached && t.is_escalated && t.escalated_to.as_deref() == Some("CHARGE_NURSE")),
+            Row::Workflow(w) => {
+                assert!(w.is_escalated);
+                assert_eq!((w.escalation_level, w.escalation_reason.as_deref()), (1, Some("SLA_BREACH:triage")));
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(breach_rows, 1);
+    // Much later: still exactly one of each.
+    let o = at_clock(base(), due + 10 * MIN);
+    assert_eq!(count(&o, "TASK_SLA_BREACHED"), 1);
+}
+
+#[test]
+fn completion_at_due_is_on_time_and_after_due_is_a_breach() {
+    let due = T0 + 15 * MIN;
+    let mut on_time = base();
+    on_time.push(task("TASK_COMPLETED", "t1", "w1", "triage", 1, due));
+    assert_eq!(count(&at_clock(on_time, due + H / 2), "TASK_SLA_BREACHED"), 0);
+
+    // Completed 1 ms late; the pipeline saw everything only afterwards (all inserted at one time).
+    let mut late = base();
+    late.push(task("TASK_COMPLETED", "t1", "w1", "triage", 1, due + 1));
+    let feed = late.into_iter().map(|e| (due + 5 * MIN, e)).collect();
+    let o = run(Run::new(1, feed, due + 5 * MIN + 1));
+    assert_eq!(count(&o, "TASK_SLA_BREACHED"), 1, "late completion while the pipeline was down");
+    assert_eq!(json(&o, "TASK_SLA_BREACHED")["minutesOverdue"], 5, "minutes past dueAt when detected");
+}
+
+#[test]
+fn explicit_due_at_wins_over_sla_minutes() {
+    let due = T0 + 2 * MIN;
+    let evs = vec![
+        def(sepsis(3)),
+        wf_started("w1", "sepsis-bundle", 3, T0),
+        dec_task_with_due("t1", "w1", "triage", T0, due),
+    ];
+    assert_eq!(count(&at_clock(evs.clone(), due), "TASK_SLA_BREACHED"), 0);
+    assert_eq!(count(&at_clock(evs, due + 1), "TASK_SLA_BREACHED"), 1);
+}
+
+fn dec_task_with_due(tid: &str, wid: &str, def_id: &str, at: Millis, due: Millis) -> Event {
+    dec(
+        hmis_dataflows::events::InputTopic::Tasks,
+        Some(tid),
+        Some(serde_json::json!({"eventId": format!("c-{tid}"), "eventType": "TASK_CREATED", "eventTime": iso(at),
+            "taskInstanceId": tid, "workflowInstanceId": wid, "taskDefId": def_id, "dueAt": iso(due)})),
+    )
+}
+
+#[test]
+fn each_retry_attempt_has_its_own_sla() {
+    // blood-cultures: slaMinutes 30, maxRetries 2.
+    let mut evs = base();
+    evs.push(task("TASK_COMPLETED", "t1", "w1", "triage", 1, T0 + MIN));
+    evs.push(task("TASK_CREATED", "t2", "w1", "blood-cultures", 1, T0 + 2 * MIN));
+    evs.push(task("TASK_FAILED", "t2", "w1", "blood-cultures", 1, T0 + 40 * MIN)); // late: attempt 1 breached
+    evs.push(task("TASK_CREATED", "t2", "w1", "blood-cultures", 2, T0 + 41 * MIN));
+    let o = at_clock(evs, T0 + 41 * MIN + 31 * MIN); // attempt 2 open past its due too
+    let breached: Vec<_> = o
+        .of_type("TASK_SLA_BREACHED")
+        .iter()
+        .map(|r| serde_json::from_str::<serde_json::Value>(&r.payload).unwrap())
+        .map(|v| (v["taskInstanceId"].as_str().unwrap().to_string(), v["attempt"].as_u64().unwrap()))
+        .collect();
+    assert!(breached.contains(&("t2".into(), 1)) && breached.contains(&("t2".into(), 2)), "{breached:?}");
+}
+
+#[test]
+fn stale_pending_task_once() {
+    let last = T0;
+    assert_eq!(count(&at_clock(base(), last + 4 * H), "TASK_STALE"), 0, "at staleAfter");
+    let o = at_clock(base(), last + 4 * H + 1);
+    assert_eq!(count(&o, "TASK_STALE"), 1);
+    assert_eq!(count(&at_clock(base(), last + 9 * H), "TASK_STALE"), 1, "once");
+    // Started before staleAfter: not stale.
+    let mut started = base();
+    started.push(task("TASK_STARTED", "t1", "w1", "triage", 1, T0 + H));
+    assert_eq!(count(&at_clock(started, last + 9 * H), "TASK_STALE"), 0);
+}
+
+#[test]
+fn unanswered_escalation_climbs_to_level_three_and_stops() {
+    let due = T0 + 15 * MIN;
+    let levels = |o: &Outcome| -> Vec<i64> {
+        let mut l: Vec<i64> = o
+            .of_type("WORKFLOW_ESCALATED")
+            .iter()
+            .map(|r| serde_json::from_str::<serde_json::Value>(&r.payload).unwrap()["escalationLevel"].as_i64().unwrap())
+            .collect();
+        l.sort();
+        l
+    };
+    assert_eq!(levels(&at_clock(base(), due + H)), vec![1], "re-escalation needs reEscalateAfter to pass");
+    assert_eq!(levels(&at_clock(base(), due + H + 1)), vec![1, 2]);
+    let o = at_clock(base(), due + 5 * H);
+    assert_eq!(levels(&o), vec![1, 2, 3], "at most level 3");
+    let w = o.rows.values().find_map(|r| if let Row::Workflow(w) = r { Some(w.clone()) } else { None }).unwrap();
+    assert_eq!(w.escalation_level, 3);
+    // A task completed after the escalation answers it: no level 2.
+    let mut answered = base();
+    answered.push(task("TASK_COMPLETED", "t1", "w1", "triage", 1, due + 30 * MIN));
+    assert_eq!(levels(&at_clock(answered, due + 5 * H)), vec![1]);
+}
+
+#[test]
+fn timers_do_not_apply_to_finished_workflows() {
+    let mut evs = base();
+    evs.push(wf_event("w1", "WORKFLOW_COMPLETED", T0 + MIN));
+    let o = at_clock(evs, T0 + 10 * H);
+    for ty in ["TASK_SLA_BREACHED", "TASK_STALE", "WORKFLOW_ESCALATED"] {
+        assert_eq!(count(&o, ty), 0, "{ty} in a completed workflow");
+    }
+}
+
+#[test]
+fn event_clock_results_do_not_depend_on_batching_or_workers() {
+    let mut evs = base();
+    evs.push(task("TASK_STARTED", "t1", "w1", "triage", 1, T0 + 20 * MIN));
+    evs.push(task("TASK_COMPLETED", "t1", "w1", "triage", 1, T0 + 30 * MIN));
+    evs.push(task("TASK_CREATED", "t2", "w1", "blood-cultures", 1, T0 + 31 * MIN));
+    let clock = T0 + 6 * H;
+    let a = at_clock(evs.clone(), clock);
+    // Same records, batched: each at the next 10-minute boundary (never earlier than its eventTime).
+    let mut feed: Vec<_> = evs
+        .into_iter()
+        .map(|e| {
+            let t = e.event_time().unwrap_or(T0 - 1);
+            (t.div_ceil(10 * MIN) * 10 * MIN, e)
+        })
+        .collect();
+    feed.sort_by_key(|(t, _)| *t);
+    let b = run(Run::new(3, feed, clock + 1));
+    assert_eq!(a.rows, b.rows);
+    let timer_ids = |o: &Outcome| {
+        let mut v: Vec<String> = o
+            .records
+            .iter()
+            .filter(|r| ["TASK_SLA_BREACHED", "TASK_ESCALATED", "TASK_STALE"].contains(&r.event_type.as_str()) || r.event_type == "WORKFLOW_ESCALATED")
+            .map(|r| r.event_id.clone())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(timer_ids(&a), timer_ids(&b));
+    assert!(!timer_ids(&a).is_empty());
+}
