@@ -108,6 +108,7 @@ fn picture_of(o: &Outcome) -> Picture {
             Row::Readiness(x) => {
                 r.insert((x.workflow_instance_id.clone(), x.task_def_id.clone()));
             }
+            _ => {}
         }
     }
     (w, t, r)
@@ -232,4 +233,61 @@ async fn restart_between_batches_equals_one_run() {
         .map(|p| (p.clone(), String::new()))
         .collect();
     assert!(dupes.is_empty(), "no derived event twice across the restart: {dupes:#?}");
+}
+
+/// Wall clock: a task whose 2-second deadline passes with no other input still breaches,
+/// and the breach reaches Kafka within a bounded time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wall_clock_breach_fires_with_no_further_input() {
+    let mut cfg = private_config("e2e_w").await;
+    cfg.clock = ClockMode::Wall;
+    cfg.until_caught_up = false;
+    cfg.workers = 1;
+    let now = hmis_flow::source::wall_ms();
+    let iso = hmis_dataflows::events::format_time;
+    let template = serde_json::json!({"templateId": "t-wall", "version": 1,
+        "tasks": [{"taskDefId": "only", "name": "Only task"}]});
+    let records = vec![
+        WorkloadRecord { topic: "workflow-definitions", key: Some("t-wall:1".into()), payload: template.to_string().into_bytes() },
+        WorkloadRecord {
+            topic: "workflow-state-events",
+            key: Some("w-wall".into()),
+            payload: serde_json::json!({"eventId": "e1", "eventType": "WORKFLOW_STARTED", "eventTime": iso(now),
+                "workflowInstanceId": "w-wall", "templateId": "t-wall", "templateVersion": 1}).to_string().into_bytes(),
+        },
+        WorkloadRecord {
+            topic: "workflow-task-events",
+            key: Some("task-wall".into()),
+            payload: serde_json::json!({"eventId": "e2", "eventType": "TASK_CREATED", "eventTime": iso(now),
+                "taskInstanceId": "task-wall", "workflowInstanceId": "w-wall", "taskDefId": "only",
+                "dueAt": iso(now + 2_000)}).to_string().into_bytes(),
+        },
+    ];
+    hmis_flow::demo::produce(&cfg, &records).await.unwrap();
+    let shared = Arc::new(hmis_flow::Shared::default());
+    let (run_cfg, run_shared) = (cfg.clone(), shared.clone());
+    let pipeline = std::thread::spawn(move || hmis_flow::run(run_cfg, run_shared));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen_at = None;
+    while std::time::Instant::now() < deadline {
+        let found = hmis_flow::demo::read_topic(&cfg, &cfg.topics.derived)
+            .unwrap()
+            .into_iter()
+            .any(|(_, p)| p.contains("\"TASK_SLA_BREACHED\""));
+        if found {
+            seen_at = Some(hmis_flow::source::wall_ms());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    shared.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    pipeline.join().unwrap().expect("pipeline stops cleanly on request");
+    let seen_at = seen_at.expect("TASK_SLA_BREACHED published with no further input");
+    assert!(seen_at > now + 2_000, "not before the deadline");
+    let (c, conn) = tokio_postgres::connect(&cfg.database_url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let row = c.query_one("SELECT sla_breached, is_escalated FROM task_instances WHERE task_instance_id = 'task-wall'", &[]).await.unwrap();
+    assert!(row.get::<_, bool>(0) && row.get::<_, bool>(1));
+    let n: i64 = c.query_one("SELECT count(*) FROM sla_breaches", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1);
 }
