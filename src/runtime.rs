@@ -124,7 +124,7 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
         let sender = if index == 0 { tx.lock().unwrap().take() } else { None };
         let gshared = shared.clone();
         let (mut sessions, probe) = worker.dataflow::<u64, _, _>(|scope| {
-            let (sessions, inputs) = Sessions::new(scope.clone());
+            let (sessions, inputs) = Sessions::new(scope);
             let (probe, emits) = build(inputs, &rules).probe();
             let sender = sender.clone();
             emits.gather(resume, move |batch| {

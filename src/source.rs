@@ -76,7 +76,7 @@ pub fn enumerate_partitions(cfg: &Config) -> anyhow::Result<Vec<(InputTopic, Str
             out.push((role, name.clone(), p.id()));
         }
     }
-    out.sort_by(|a, b| (a.0, a.2).cmp(&(b.0, b.2)));
+    out.sort_by_key(|a| (a.0, a.2));
     Ok(out)
 }
 

@@ -264,6 +264,12 @@ pub struct OrderEvent {
     pub reason: Option<String>,
     pub appointment_id: Option<String>,
     pub action_id: Option<String>,
+    /// The record's Kafka key as text, kept for the dead letter of a rejected transition.
+    pub raw_key: Option<Arc<str>>,
+    /// The record's original payload (UTF-8 JSON as received), kept so that a transition the
+    /// lifecycle rejects can be dead-lettered byte for byte (contract §7). Shared, so the
+    /// copies the order state keeps cost a pointer each.
+    pub raw: Option<Arc<str>>,
 }
 
 /// One task of a workflow template (contract §3), defaults applied.
@@ -624,6 +630,8 @@ pub fn decode(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u8]>, pos: 
                 reason: md.reason,
                 appointment_id: md.appointment_id,
                 action_id: md.action_id,
+                raw_key: key.map(|k| Arc::from(String::from_utf8_lossy(k).as_ref())),
+                raw: Some(Arc::from(text)),
             }))
         }
         InputTopic::System => {

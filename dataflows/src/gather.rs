@@ -55,10 +55,8 @@ impl Collapser {
                         }
                     }
                 }
-                Emit::Record(_, rec) if r > 0 => {
-                    if self.seen.insert((rec.topic, rec.event_id.clone())) {
-                        self.records.push(rec);
-                    }
+                Emit::Record(_, rec) if r > 0 && self.seen.insert((rec.topic, rec.event_id.clone())) => {
+                    self.records.push(rec);
                 }
                 Emit::Dead(d) if r > 0 => self.dead.push(d),
                 Emit::Offset(m) if r > 0 => {

@@ -97,7 +97,7 @@ pub fn run(run: Run) -> Outcome {
         let cfg = run.config.clone();
         let suppress = run.suppress_before;
         let (mut sessions, probe) = worker.dataflow::<u64, _, _>(|scope| {
-            let (sessions, inputs) = Sessions::new(scope.clone());
+            let (sessions, inputs) = Sessions::new(scope);
             let emits = build(inputs, &cfg);
             let (probe, emits) = emits.probe();
             emits.gather(suppress, move |b| {

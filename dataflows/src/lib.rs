@@ -46,6 +46,8 @@ use workflows::{fold_workflow, OrderFact, WfFact, WorkflowRules};
 pub struct RulesConfig {
     /// Who may authorize which order type.
     pub eligibility: Eligibility,
+    /// Fulfillment limits, auto-activated types, the orders topic name (for dead letters).
+    pub orders: orders::OrderRules,
     /// Stale-task and re-escalation durations.
     pub time: workflows::TimeRules,
 }
@@ -107,7 +109,7 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
     let task_facts = inputs.tasks.task_states().map(|(_, s)| (s.workflow_instance_id.clone(), WfFact::Task(s)));
 
     let order_states = inputs.orders.order_states(Arc::new(cfg.eligibility.clone()));
-    let order_facts = order_states.flat_map(|(_, st)| OrderFact::of(&st).map(|(w, f)| (w, WfFact::Order(f))));
+    let order_facts = order_states.clone().flat_map(|(_, st)| OrderFact::of(&st).map(|(w, f)| (w, WfFact::Order(f))));
 
     let facts = wf_states
         .map(|(wid, st)| (wid, WfFact::State(st)))
@@ -117,7 +119,7 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
 
     let wf_out = timers::time_rules(facts.workflow_rules(cfg.time.clone()));
 
-    wf_out.concat(inputs.side)
+    wf_out.concat(inputs.side).concat(orders::order_rules(order_states, &cfg.orders))
 }
 
 /// The input handles matching [`Inputs`]: what a source (the Kafka runtime, a test, a

@@ -1,20 +1,60 @@
-//! Orders (contract §5): the lifecycle fold per order.
+//! Orders (contract §5): the lifecycle fold per order, and the rules that follow from it.
 //!
 //! An order's events apply in (eventTime, offset) order; an event the lifecycle does not
 //! allow from the current state — or an authorization by an ineligible role — is rejected
 //! and changes nothing. Because the fold is recomputed from the order's event set whenever
 //! it changes, a late event that sorts earlier re-decides everything after it, exactly as
 //! if the events had arrived in order.
+//!
+//! ```text
+//!  order events ─reduce(fold_order)─► OrderState ─flat_map(evaluate_order)─► OrderOut ─consolidate─┐
+//!     ┌────────────────────────────────────────────────────────────────────────────────────────────┘
+//!     ├─ transition and compensation rows ─────────────────────────────────────────► Emit::Row (±)
+//!     ├─ derived events, critical-result alerts, rejected records (on appearance) ─► Emit::Record / Row / Dead
+//!     ├─ OverdueLate ─────────────────────────┐
+//!     ├─ OverdueOpen ─delay_until(deadline)───┴─reduce(per order)─► ORDER_OVERDUE (on appearance)
+//!     └─ OrderBase ──────────────────────────────────┴─reduce(per order)─► Row::Order with is_overdue
+//! ```
+//!
+//! **Emitted once.** A derived event (and an alert, a dead letter) is emitted when its item
+//! *appears* in a consolidated collection. Each item's content is therefore a function of
+//! what its id names — the causing event, the action, the order — and never of state that
+//! can change later (the last actor, a later event's time). The one exception is inherent:
+//! an event that arrives late with an *earlier* eventTime re-decides the history after it,
+//! which can change a row but cannot unsend what was already published.
+//!
+//! **Keys.** Order events are published on `workflow-derived-events` keyed by the order's
+//! workflowInstanceId; an order that names no workflow is keyed by its orderId and its
+//! events carry `"workflowInstanceId": null`. The workflowInstanceId, patientId and
+//! orderType of an order's events are the first ones its accepted events name, in
+//! application order, so later events cannot change them.
+//!
+//! **Fulfillment deadline.** An order with a limit for its type is *overdue* when the event
+//! that ended its ACTIVATED/IN_PROGRESS period (result or cancellation) has an eventTime
+//! after `activated_at + limit`, or, while it is still in that period, when the pipeline
+//! clock passes the deadline (a candidate present while the order is open, delayed to the
+//! deadline: see [`crate::timers`]). A cancellation before the deadline ends the period, so a
+//! cancelled order is not overdue after it. The deadline applies to every order, whatever
+//! its workflow's status: the timer scope of contract §8 names task and workflow timers
+//! only, and an order that is still open is still open work.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
-use differential_dataflow::VecCollection;
+use differential_dataflow::{AsCollection, VecCollection};
+use timely::dataflow::operators::vec::Map as _;
 
-use crate::events::{OrderEvent, OrderEventKind, OrderStatus};
-use crate::output::{Millis, RejectReason};
+use crate::derived::{v5, Derived, DerivedType};
+use crate::events::{format_time, InputTopic, OrderEvent, OrderEventKind, OrderStatus};
+use crate::output::{
+    AlertRow, CompensationRow, DeadLetter, Millis, OrderRow, OrderTransitionRow, OutRecord, OutTopic, RejectReason,
+    Row,
+};
+use crate::timers::DelayUntil;
+use crate::Emit;
 
 /// Roles allowed to authorize each order type (contract §5 defaults).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,5 +238,572 @@ impl<'s> OrderStates<'s> for VecCollection<'s, u64, OrderEvent> {
             let events: Vec<&OrderEvent> = input.iter().map(|(e, _)| *e).collect();
             output.push((fold_order(key, &events, &elig), 1));
         })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The order rules: rows, derived events, alerts, dead letters and the fulfillment deadline.
+
+/// Order rule parameters (contract §5 defaults).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrderRules {
+    /// Name of the order-events input topic, written into the dead letters of rejected
+    /// transitions (default `workflow-order-events`; the runtime passes the configured name).
+    pub topic: String,
+    /// Fulfillment limit per orderType, in minutes from ORDER_ACTIVATED to RESULTED,
+    /// DISPENSED or COMPLETED (defaults: LAB_TEST 60, IMAGING 120, MEDICATION 30). Types
+    /// not listed have no deadline.
+    pub fulfillment_minutes: BTreeMap<String, u64>,
+    /// Order types whose valid authorization emits ORDER_ACTIVATION_REQUESTED (the upstream
+    /// system then activates them); others wait for manual activation. Default: LAB_TEST,
+    /// IMAGING.
+    pub auto_activate: Vec<String>,
+    /// `source` of the alerts the order rules raise (the `system-alerts` key; default `orders`).
+    pub alert_source: String,
+}
+
+impl Default for OrderRules {
+    fn default() -> Self {
+        OrderRules {
+            topic: InputTopic::Orders.default_name().to_string(),
+            fulfillment_minutes: [("LAB_TEST", 60), ("IMAGING", 120), ("MEDICATION", 30)]
+                .into_iter()
+                .map(|(t, m)| (t.to_string(), m))
+                .collect(),
+            auto_activate: vec!["LAB_TEST".into(), "IMAGING".into()],
+            alert_source: "orders".into(),
+        }
+    }
+}
+
+impl OrderRules {
+    /// The fulfillment limit of `order_type` in milliseconds, if it has one.
+    pub fn limit_ms(&self, order_type: &str) -> Option<Millis> {
+        self.fulfillment_minutes.get(order_type).map(|m| m * 60_000)
+    }
+}
+
+/// Compensation action types, in the order they are created and published.
+pub const ACTION_TYPES: [&str; 5] =
+    ["SEND_NOTIFICATION", "REVERSE_CHARGE", "CANCEL_ORDER", "RELEASE_RESOURCE", "CANCEL_APPOINTMENT"];
+
+/// The contract's deterministic compensation actionId: UUID v5 (URL namespace) of
+/// `hmis-flow:compensation:<orderId>:<actionType>`.
+pub fn action_id(order_id: &str, action_type: &str) -> String {
+    v5(&format!("hmis-flow:compensation:{order_id}:{action_type}"))
+}
+
+/// A derived order event ready to publish: the event, and how its JSON differs from the
+/// workflow events' (an order may belong to no workflow; CANCEL_APPOINTMENT names its
+/// appointment).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Notice {
+    /// `workflow_instance_id` holds the publication key: the workflow, else the orderId.
+    pub derived: Derived,
+    /// Whether the order names a workflow; if not, the JSON says `"workflowInstanceId": null`.
+    pub in_workflow: bool,
+    pub appointment_id: Option<String>,
+}
+
+impl Notice {
+    /// The record, stamped with the pipeline clock `t` at which it appeared.
+    pub fn to_record(&self, t: Millis) -> OutRecord {
+        let mut rec = self.derived.to_record(t);
+        if !self.in_workflow || self.appointment_id.is_some() {
+            let mut doc: Value = serde_json::from_str(&rec.payload).expect("derived events serialize to JSON");
+            if !self.in_workflow {
+                doc["workflowInstanceId"] = Value::Null;
+            }
+            if let Some(a) = &self.appointment_id {
+                doc["appointmentId"] = a.as_str().into();
+            }
+            rec.payload = doc.to_string();
+        }
+        rec
+    }
+
+    fn emit(&self, t: Millis) -> (Emit, Millis, isize) {
+        let rank = self.derived.event_type.map(|ty| ty as u8).unwrap_or(u8::MAX);
+        (Emit::Record((self.derived.workflow_instance_id.clone(), rank), self.to_record(t)), t, 1)
+    }
+}
+
+/// A critical-result alert, before the clock stamps it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CriticalAlert {
+    /// UUID v5 of `hmis-flow:alert:ORDER_CRITICAL_RESULT:<resultEventId>`.
+    pub alert_id: String,
+    pub source: String,
+    pub message: String,
+    /// The ORDER_RESULTED event.
+    pub cause_event_id: String,
+    /// The ORDER_CRITICAL_RESULT derived event.
+    pub derived_event_id: String,
+    pub order_id: String,
+    pub order_type: Option<String>,
+    pub workflow_instance_id: Option<String>,
+    pub patient_id: Option<String>,
+    /// Ordering key of the order's derived events (workflow, else orderId).
+    pub ordering_key: String,
+}
+
+impl CriticalAlert {
+    /// The `system-alerts` record and the `alerts` row, raised at pipeline clock `t`.
+    fn emit(&self, t: Millis) -> [(Emit, Millis, isize); 2] {
+        let details = json!({
+            "orderType": self.order_type,
+            "patientId": self.patient_id,
+            "derivedEventId": self.derived_event_id,
+        });
+        let doc = json!({
+            "alertId": self.alert_id,
+            "severity": "CRITICAL",
+            "source": self.source,
+            "kind": "ORDER_CRITICAL_RESULT",
+            "message": self.message,
+            "raisedAt": format_time(t),
+            "causeEventId": self.cause_event_id,
+            "orderId": self.order_id,
+            "workflowInstanceId": self.workflow_instance_id,
+            "patientId": self.patient_id,
+            "orderType": self.order_type,
+            "derivedEventId": self.derived_event_id,
+        });
+        let record = OutRecord {
+            topic: OutTopic::Alerts,
+            event_id: self.alert_id.clone(),
+            event_type: "ORDER_CRITICAL_RESULT".into(),
+            key: Some(self.source.clone()),
+            payload: doc.to_string(),
+        };
+        let row = AlertRow {
+            alert_id: self.alert_id.clone(),
+            severity: "CRITICAL".into(),
+            source: self.source.clone(),
+            kind: "ORDER_CRITICAL_RESULT".into(),
+            message: self.message.clone(),
+            raised_at: t,
+            cause_event_id: Some(self.cause_event_id.clone()),
+            component: None,
+            workflow_instance_id: self.workflow_instance_id.clone(),
+            task_instance_id: None,
+            order_id: Some(self.order_id.clone()),
+            details: Some(details.to_string()),
+        };
+        // Right after the ORDER_CRITICAL_RESULT it accompanies.
+        let rank = DerivedType::OrderCriticalResult as u8;
+        [(Emit::Record((self.ordering_key.clone(), rank), record), t, 1), (Emit::Row(Row::Alert(row)), t, 1)]
+    }
+}
+
+/// An order with a fulfillment deadline: what ORDER_OVERDUE reports.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct OverdueInfo {
+    pub order_id: String,
+    pub order_type: String,
+    pub workflow_instance_id: Option<String>,
+    pub patient_id: Option<String>,
+    /// The ORDER_ACTIVATED event the deadline runs from.
+    pub activated_event_id: String,
+    pub activated_at: Millis,
+    pub due_at: Millis,
+}
+
+/// One output of [`evaluate_order`].
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum OrderOut {
+    /// The `orders` row before `is_overdue` is merged in.
+    OrderBase(OrderRow),
+    /// An `order_transitions` or `compensation_actions` row.
+    Row(Row),
+    /// A derived event, published when it appears.
+    Event(Notice),
+    /// A critical-result alert, raised when it appears.
+    Alert(CriticalAlert),
+    /// A rejected record, dead-lettered when it appears.
+    Dead(RejectedOrderEvent),
+    /// The order's ACTIVATED/IN_PROGRESS period ended after its deadline: overdue.
+    OverdueLate(OverdueInfo),
+    /// The order is still ACTIVATED/IN_PROGRESS: overdue when the clock passes its deadline.
+    OverdueOpen(OverdueInfo),
+}
+
+/// What an order's derived events say about it: the first values its accepted events name.
+#[derive(Default)]
+struct Identity {
+    workflow_instance_id: Option<String>,
+    patient_id: Option<String>,
+    order_type: Option<String>,
+}
+
+impl Identity {
+    fn of(st: &OrderState) -> Identity {
+        let mut id = Identity::default();
+        for e in &st.accepted {
+            for (slot, v) in [
+                (&mut id.workflow_instance_id, &e.workflow_instance_id),
+                (&mut id.patient_id, &e.patient_id),
+                (&mut id.order_type, &e.order_type),
+            ] {
+                if slot.is_none() {
+                    slot.clone_from(v);
+                }
+            }
+        }
+        id
+    }
+
+    /// A derived event about order `order_id`, keyed by its workflow (else the orderId).
+    fn notice(&self, ty: DerivedType, id_name: &str, order_id: &str) -> Notice {
+        let key = self.workflow_instance_id.as_deref().unwrap_or(order_id);
+        let mut d = Derived::new(ty, id_name, key);
+        d.patient_id = self.patient_id.clone();
+        d.order_id = Some(order_id.to_string());
+        d.order_type = self.order_type.clone();
+        Notice { derived: d, in_workflow: self.workflow_instance_id.is_some(), appointment_id: None }
+    }
+}
+
+/// Whether a decimal text is a positive amount.
+fn positive(amount: &str) -> bool {
+    amount.parse::<f64>().is_ok_and(|v| v > 0.0)
+}
+
+/// Everything the contract derives from one order's state (§5).
+pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
+    let mut out = Vec::new();
+    let oid = st.order_id.as_str();
+    let ident = Identity::of(st);
+    let transition = |e: &OrderEvent, from: Option<OrderStatus>, to: Option<OrderStatus>, reject: Option<RejectReason>| {
+        OrderOut::Row(Row::OrderTransition(OrderTransitionRow {
+            event_id: e.event_id.clone(),
+            order_id: oid.to_string(),
+            workflow_instance_id: e.workflow_instance_id.clone().or_else(|| ident.workflow_instance_id.clone()),
+            event_type: e.kind.as_str().to_string(),
+            from_status: from.map(|s| s.as_str().to_string()),
+            to_status: to.map(|s| s.as_str().to_string()),
+            actor: e.actor.clone(),
+            actor_role: e.actor_role.clone(),
+            accepted: reject.is_none(),
+            reject_reason: reject.map(|r| r.as_str().to_string()),
+            event_time: e.event_time,
+            source_partition: e.pos.partition,
+            source_offset: e.pos.offset,
+        }))
+    };
+
+    // Rejected events: a transition row, ORDER_TRANSITION_REJECTED, and the dead letter.
+    for r in &st.rejected {
+        let e = &r.event;
+        out.push(transition(e, r.from, e.order_status, Some(r.reason)));
+        // The event's own ids first: they are what the rejected record said.
+        let own = Identity {
+            workflow_instance_id: e.workflow_instance_id.clone().or_else(|| ident.workflow_instance_id.clone()),
+            patient_id: e.patient_id.clone().or_else(|| ident.patient_id.clone()),
+            order_type: e.order_type.clone().or_else(|| ident.order_type.clone()),
+        };
+        let mut n = own.notice(
+            DerivedType::OrderTransitionRejected,
+            &format!("hmis-flow:ORDER_TRANSITION_REJECTED:{}:{}", e.event_id, r.reason.as_str()),
+            oid,
+        );
+        n.derived.reason = Some(r.reason.as_str().to_string());
+        n.derived.cause_event_id = Some(e.event_id.clone());
+        out.push(OrderOut::Event(n));
+        out.push(OrderOut::Dead(r.clone()));
+    }
+
+    // Accepted events, in application order.
+    let mut status: Option<OrderStatus> = None;
+    let mut at: BTreeMap<OrderStatus, Millis> = BTreeMap::new();
+    let mut actor: (Option<String>, Option<String>) = (None, None);
+    let mut critical = false;
+    let mut cancel: Option<(usize, &OrderEvent)> = None;
+    let mut activated: Option<(usize, &OrderEvent)> = None;
+    for (i, e) in st.accepted.iter().enumerate() {
+        let from = status;
+        if e.kind == OrderEventKind::CompensationCompleted {
+            out.push(transition(e, from, from, None));
+            continue;
+        }
+        status = e.order_status;
+        out.push(transition(e, from, status, None));
+        if let Some(s) = status {
+            at.entry(s).or_insert(e.event_time);
+        }
+        if e.actor.is_some() {
+            actor = (e.actor.clone(), e.actor_role.clone());
+        }
+        match e.kind {
+            OrderEventKind::Authorized => {
+                let ty = e.order_type.as_deref().or(ident.order_type.as_deref()).unwrap_or("");
+                if rules.auto_activate.iter().any(|t| t == ty) {
+                    let mut n = ident.notice(
+                        DerivedType::OrderActivationRequested,
+                        &format!("hmis-flow:ORDER_ACTIVATION_REQUESTED:{}", e.event_id),
+                        oid,
+                    );
+                    n.derived.cause_event_id = Some(e.event_id.clone());
+                    out.push(OrderOut::Event(n));
+                }
+            }
+            OrderEventKind::Activated => activated = Some((i, e)),
+            OrderEventKind::Resulted if e.critical => {
+                critical = true;
+                let mut n = ident.notice(
+                    DerivedType::OrderCriticalResult,
+                    &format!("hmis-flow:ORDER_CRITICAL_RESULT:{}", e.event_id),
+                    oid,
+                );
+                n.derived.cause_event_id = Some(e.event_id.clone());
+                let status = e.order_status.map(|s| s.as_str()).unwrap_or("RESULTED");
+                out.push(OrderOut::Alert(CriticalAlert {
+                    alert_id: v5(&format!("hmis-flow:alert:ORDER_CRITICAL_RESULT:{}", e.event_id)),
+                    source: rules.alert_source.clone(),
+                    message: format!(
+                        "critical result on {} order {oid} ({status})",
+                        ident.order_type.as_deref().unwrap_or("an")
+                    ),
+                    cause_event_id: e.event_id.clone(),
+                    derived_event_id: n.derived.event_id.clone(),
+                    order_id: oid.to_string(),
+                    order_type: ident.order_type.clone(),
+                    workflow_instance_id: ident.workflow_instance_id.clone(),
+                    patient_id: ident.patient_id.clone(),
+                    ordering_key: n.derived.workflow_instance_id.clone(),
+                }));
+                out.push(OrderOut::Event(n));
+            }
+            OrderEventKind::Cancelled => cancel = Some((i, e)),
+            _ => {}
+        }
+    }
+    let Some(status) = status else {
+        // No accepted ORDER_CREATED yet: the order does not exist (its rejected events do).
+        return out;
+    };
+
+    // Compensation, from the state the order had reached when it was cancelled.
+    if let Some((ci, c)) = cancel {
+        let before = &st.accepted[..=ci];
+        let reached_activated = before.iter().any(|e| e.kind == OrderEventKind::Activated);
+        let last = |f: fn(&OrderEvent) -> &Option<String>| before.iter().rev().find_map(|e| f(e).clone());
+        let cost = last(|e| &e.cost);
+        let appointment = last(|e| &e.appointment_id);
+        let ty = ident.order_type.as_deref().unwrap_or("");
+        for action in ACTION_TYPES {
+            let applies = match action {
+                "SEND_NOTIFICATION" => true,
+                "REVERSE_CHARGE" => reached_activated && cost.as_deref().is_some_and(positive),
+                "CANCEL_ORDER" => reached_activated,
+                "RELEASE_RESOURCE" => reached_activated && matches!(ty, "IMAGING" | "SURGERY"),
+                _ => appointment.is_some(),
+            };
+            if !applies {
+                continue;
+            }
+            let id = action_id(oid, action);
+            let amount = (action == "REVERSE_CHARGE").then(|| cost.clone()).flatten();
+            let appointment_id = (action == "CANCEL_APPOINTMENT").then(|| appointment.clone()).flatten();
+            let completed_at = st
+                .accepted
+                .iter()
+                .filter(|e| e.kind == OrderEventKind::CompensationCompleted && e.action_id.as_deref() == Some(&id))
+                .map(|e| e.event_time)
+                .min();
+            out.push(OrderOut::Row(Row::Compensation(CompensationRow {
+                action_id: id.clone(),
+                order_id: oid.to_string(),
+                workflow_instance_id: ident.workflow_instance_id.clone(),
+                patient_id: ident.patient_id.clone(),
+                action_type: action.to_string(),
+                amount: amount.clone(),
+                appointment_id: appointment_id.clone(),
+                status: if completed_at.is_some() { "COMPLETED" } else { "PENDING" }.to_string(),
+                reason: c.reason.clone(),
+                cause_event_id: Some(c.event_id.clone()),
+                requested_at: c.event_time,
+                completed_at,
+            })));
+            let mut n = ident.notice(
+                DerivedType::OrderCompensationRequested,
+                &format!("hmis-flow:ORDER_COMPENSATION_REQUESTED:{id}"),
+                oid,
+            );
+            n.derived.action_id = Some(id);
+            n.derived.action_type = Some(action.to_string());
+            n.derived.amount = amount;
+            n.derived.reason = c.reason.clone();
+            n.derived.cause_event_id = Some(c.event_id.clone());
+            n.appointment_id = appointment_id;
+            out.push(OrderOut::Event(n));
+        }
+    }
+
+    // Fulfillment deadline.
+    let ty = ident.order_type.clone().or_else(|| st.order_type.clone()).unwrap_or_default();
+    if let (Some((ai, a)), Some(limit)) = (activated, rules.limit_ms(&ty)) {
+        let info = OverdueInfo {
+            order_id: oid.to_string(),
+            order_type: ty.clone(),
+            workflow_instance_id: ident.workflow_instance_id.clone(),
+            patient_id: ident.patient_id.clone(),
+            activated_event_id: a.event_id.clone(),
+            activated_at: a.event_time,
+            due_at: a.event_time.saturating_add(limit),
+        };
+        let ended = st.accepted[ai + 1..].iter().find(|e| {
+            e.kind != OrderEventKind::CompensationCompleted && !matches!(e.order_status, Some(OrderStatus::InProgress))
+        });
+        match ended {
+            Some(e) if e.event_time > info.due_at => out.push(OrderOut::OverdueLate(info)),
+            Some(_) => {}
+            None => out.push(OrderOut::OverdueOpen(info)),
+        }
+    }
+
+    let cancel_reason = cancel.and_then(|(_, c)| c.reason.clone());
+    out.push(OrderOut::OrderBase(OrderRow {
+        order_id: oid.to_string(),
+        workflow_instance_id: st.workflow_instance_id.clone(),
+        patient_id: st.patient_id.clone(),
+        order_type: st.order_type.clone().unwrap_or_default(),
+        order_status: status.as_str().to_string(),
+        actor: actor.0,
+        actor_role: actor.1,
+        cost: st.cost.clone(),
+        department: st.department.clone(),
+        critical,
+        appointment_id: st.appointment_id.clone(),
+        cancel_reason,
+        is_overdue: false,
+        created_at: at.get(&OrderStatus::Proposed).copied(),
+        authorized_at: at.get(&OrderStatus::Authorized).copied(),
+        activated_at: at.get(&OrderStatus::Activated).copied(),
+        started_at: at.get(&OrderStatus::InProgress).copied(),
+        resulted_at: [OrderStatus::Resulted, OrderStatus::Dispensed, OrderStatus::Completed]
+            .iter()
+            .filter_map(|s| at.get(s))
+            .min()
+            .copied(),
+        verified_at: at.get(&OrderStatus::Verified).copied(),
+        closed_at: at.get(&OrderStatus::Closed).copied(),
+        cancelled_at: at.get(&OrderStatus::Cancelled).copied(),
+    }));
+    out
+}
+
+/// Parts merged into an `orders` row.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+enum OrderRowPart {
+    Base(OrderRow),
+    Overdue,
+}
+
+/// The order rules over the order states: rows of `orders`, `order_transitions`,
+/// `compensation_actions` and `alerts`; ORDER_* derived events; CRITICAL alerts; dead letters
+/// of rejected transitions; and ORDER_OVERDUE when the fulfillment deadline passes.
+pub fn order_rules<'s>(
+    states: VecCollection<'s, u64, (String, OrderState)>,
+    rules: &OrderRules,
+) -> VecCollection<'s, u64, Emit> {
+    let rules = Arc::new(rules.clone());
+    let eval_rules = rules.clone();
+    // Consolidated, so an output that survives a state change does not reappear.
+    let outs = states.flat_map(move |(_, st)| evaluate_order(&st, &eval_rules)).consolidate();
+
+    let direct = outs
+        .clone()
+        .inner
+        .flat_map(move |(o, t, r)| -> Vec<(Emit, Millis, isize)> {
+            match o {
+                OrderOut::Row(row) => vec![(Emit::Row(row), t, r)],
+                OrderOut::Event(n) if r > 0 => vec![n.emit(t)],
+                OrderOut::Alert(a) if r > 0 => a.emit(t).into(),
+                OrderOut::Dead(rej) if r > 0 => vec![(Emit::Dead(dead_letter(&rej, &rules.topic, t)), t, 1)],
+                _ => Vec::new(),
+            }
+        })
+        .as_collection();
+
+    let late = outs.clone().flat_map(|o| match o {
+        OrderOut::OverdueLate(i) => Some((i.order_id.clone(), i)),
+        _ => None,
+    });
+    let open = outs
+        .clone()
+        .flat_map(|o| match o {
+            OrderOut::OverdueOpen(i) => Some((i.order_id.clone(), i)),
+            _ => None,
+        })
+        .delay_until(|(_, i): &(String, OverdueInfo)| Some(i.due_at));
+    let overdue = late.concat(open).reduce_named("OrdersOverdue", |_id, input, output| {
+        output.push((input[0].0.clone(), 1));
+    });
+    let overdue_out = overdue
+        .clone()
+        .inner
+        .flat_map(|((_, i), t, r): ((String, OverdueInfo), Millis, isize)| {
+            (r > 0).then(|| {
+                let ident = Identity {
+                    workflow_instance_id: i.workflow_instance_id.clone(),
+                    patient_id: i.patient_id.clone(),
+                    order_type: Some(i.order_type.clone()),
+                };
+                let mut n =
+                    ident.notice(DerivedType::OrderOverdue, &format!("hmis-flow:ORDER_OVERDUE:{}", i.order_id), &i.order_id);
+                n.derived.due_at = Some(i.due_at);
+                n.derived.minutes_overdue = Some((t.saturating_sub(i.due_at) / 60_000) as i64);
+                n.derived.cause_event_id = Some(i.activated_event_id.clone());
+                n.emit(t)
+            })
+        })
+        .as_collection();
+
+    let rows = outs
+        .flat_map(|o| match o {
+            OrderOut::OrderBase(row) => Some((row.order_id.clone(), OrderRowPart::Base(row))),
+            _ => None,
+        })
+        .concat(overdue.map(|(id, _)| (id, OrderRowPart::Overdue)))
+        .reduce_named("OrderRow", |_id, input, output| {
+            let mut base = None;
+            let mut overdue = false;
+            for (part, _) in input {
+                match part {
+                    OrderRowPart::Base(row) => base = Some(row),
+                    OrderRowPart::Overdue => overdue = true,
+                }
+            }
+            if let Some(row) = base {
+                let mut row = row.clone();
+                row.is_overdue = overdue;
+                output.push((Row::Order(row), 1));
+            }
+        })
+        .map(|(_, row)| Emit::Row(row));
+
+    direct.concat(overdue_out).concat(rows)
+}
+
+/// The dead letter of a rejected order event: the original record, byte for byte.
+fn dead_letter(rej: &RejectedOrderEvent, topic: &str, t: Millis) -> DeadLetter {
+    let e = &rej.event;
+    let payload = match &e.raw {
+        Some(raw) => raw.to_string(),
+        // Only events built without the decoder lack their payload.
+        None => serde_json::to_string(e).unwrap_or_default(),
+    };
+    DeadLetter {
+        topic: topic.to_string(),
+        partition: e.pos.partition,
+        offset: e.pos.offset,
+        key: e.raw_key.as_deref().map(str::to_string).or_else(|| Some(e.order_id.clone())),
+        payload,
+        payload_encoding: "utf8".into(),
+        reason: rej.reason,
+        detail: rej.detail.clone(),
+        rejected_at: t,
     }
 }

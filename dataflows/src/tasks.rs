@@ -76,7 +76,7 @@ pub fn dedup_by_event_id<'a>(events: impl IntoIterator<Item = &'a TaskEvent>) ->
 }
 
 /// Folds the (deduplicated) events of one task instance into its state.
-pub fn fold_task<'a>(events: &[&'a TaskEvent]) -> Option<TaskState> {
+pub fn fold_task(events: &[&TaskEvent]) -> Option<TaskState> {
     let winner = events
         .iter()
         .max_by_key(|e| (e.attempt, e.status.rank(), e.event_time, e.pos))?;
