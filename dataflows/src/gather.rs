@@ -58,7 +58,13 @@ impl Collapser {
                 Emit::Record(_, rec) if r > 0 && self.seen.insert((rec.topic, rec.event_id.clone())) => {
                     self.records.push(rec);
                 }
-                Emit::Dead(d) if r > 0 => self.dead.push(d),
+                Emit::Dead(d) if r > 0 => {
+                    let rec = d.to_record();
+                    if self.seen.insert((rec.topic, rec.event_id.clone())) {
+                        self.records.push(rec);
+                    }
+                    self.dead.push(d);
+                }
                 Emit::Offset(m) if r > 0 => {
                     let e = self.offsets.entry((m.topic, m.partition)).or_insert(m.next_offset);
                     *e = (*e).max(m.next_offset);

@@ -269,6 +269,38 @@ pub struct DeadLetter {
     pub rejected_at: Millis,
 }
 
+impl DeadLetter {
+    /// The document published on `workflow-dead-letter` (key: the input's key). Its id is
+    /// deterministic in the input position, so a replay cannot publish it twice.
+    pub fn to_record(&self) -> OutRecord {
+        let id = uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_URL,
+            format!("hmis-flow:dead-letter:{}:{}:{}:{}", self.topic, self.partition, self.offset, self.reason.as_str())
+                .as_bytes(),
+        )
+        .to_string();
+        let doc = serde_json::json!({
+            "deadLetterId": id,
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "key": self.key,
+            "payload": self.payload,
+            "payloadEncoding": self.payload_encoding,
+            "reason": self.reason.as_str(),
+            "detail": self.detail,
+            "rejectedAt": crate::events::format_time(self.rejected_at),
+        });
+        OutRecord {
+            topic: OutTopic::DeadLetter,
+            event_id: id,
+            event_type: self.reason.as_str().to_string(),
+            key: self.key.clone(),
+            payload: doc.to_string(),
+        }
+    }
+}
+
 /// Input position after a record: consumption resumes at `next_offset`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct OffsetMark {
