@@ -50,8 +50,8 @@ use timely::dataflow::operators::vec::Map as _;
 use crate::derived::{v5, Derived, DerivedType};
 use crate::events::{format_time, InputTopic, OrderEvent, OrderEventKind, OrderStatus};
 use crate::output::{
-    AlertRow, CompensationRow, DeadLetter, Millis, OrderRow, OrderTransitionRow, OutRecord, OutTopic, RejectReason,
-    Row,
+    AlertRow, CompensationRow, DeadLetter, Millis, OrderRow, OrderTransitionRow, OutRecord,
+    OutTopic, RejectReason, Row,
 };
 use crate::timers::DelayUntil;
 use crate::Emit;
@@ -73,7 +73,10 @@ impl Default for Eligibility {
         by_type.insert("IMAGING".into(), s(&["PHYSICIAN", "NURSE_PRACTITIONER"]));
         by_type.insert("MEDICATION".into(), s(&["PHYSICIAN"]));
         by_type.insert("SURGERY".into(), s(&["SURGEON"]));
-        Eligibility { by_type, other: s(&["PHYSICIAN"]) }
+        Eligibility {
+            by_type,
+            other: s(&["PHYSICIAN"]),
+        }
     }
 }
 
@@ -85,15 +88,33 @@ impl Eligibility {
 }
 
 /// Whether the lifecycle allows `kind` (moving to `to`) from `from` (`None`: no order yet).
-pub fn transition_allowed(from: Option<OrderStatus>, kind: OrderEventKind, to: Option<OrderStatus>) -> bool {
+pub fn transition_allowed(
+    from: Option<OrderStatus>,
+    kind: OrderEventKind,
+    to: Option<OrderStatus>,
+) -> bool {
     use OrderStatus::*;
     match kind {
         OrderEventKind::Created => from.is_none() && to == Some(Proposed),
         OrderEventKind::CompensationCompleted => from.is_some(),
-        OrderEventKind::Cancelled => from.is_some_and(|f| !matches!(f, Closed | Cancelled)) && to == Some(Cancelled),
+        OrderEventKind::Cancelled => {
+            from.is_some_and(|f| !matches!(f, Closed | Cancelled)) && to == Some(Cancelled)
+        }
         _ => {
-            let (Some(f), Some(t)) = (from, to) else { return false };
-            matches!(
+            let (Some(f), Some(t)) = (from, to) else {
+                return false;
+            };
+            // The target must be the one the kind moves to (the decoder ensures it; this
+            // keeps the function right on its own).
+            let fits = match kind {
+                OrderEventKind::Authorized => t == Authorized,
+                OrderEventKind::Activated => t == Activated,
+                OrderEventKind::Started => t == InProgress,
+                OrderEventKind::Resulted => matches!(t, Resulted | Dispensed | Completed),
+                OrderEventKind::Verified => t == Verified,
+                _ => t == Closed,
+            };
+            fits && matches!(
                 (f, t),
                 (Proposed, Authorized)
                     | (Authorized, Activated)
@@ -139,7 +160,9 @@ pub struct OrderState {
 impl OrderState {
     /// Whether the order ever reached `s` through an accepted event.
     pub fn reached(&self, s: OrderStatus) -> bool {
-        self.accepted.iter().any(|e| e.order_status == Some(s) && e.kind != OrderEventKind::CompensationCompleted)
+        self.accepted
+            .iter()
+            .any(|e| e.order_status == Some(s) && e.kind != OrderEventKind::CompensationCompleted)
     }
     pub fn is_open(&self) -> bool {
         self.status.is_some_and(|s| s.is_open())
@@ -185,7 +208,11 @@ pub fn fold_order(order_id: &str, events: &[&OrderEvent], elig: &Eligibility) ->
             continue;
         }
         if e.kind == OrderEventKind::Authorized {
-            let ty = e.order_type.as_deref().or(st.order_type.as_deref()).unwrap_or("");
+            let ty = e
+                .order_type
+                .as_deref()
+                .or(st.order_type.as_deref())
+                .unwrap_or("");
             if !elig.allows(ty, e.actor_role.as_deref()) {
                 st.rejected.push(RejectedOrderEvent {
                     event: e.clone(),
@@ -234,10 +261,13 @@ pub trait OrderStates<'s> {
 
 impl<'s> OrderStates<'s> for VecCollection<'s, u64, OrderEvent> {
     fn order_states(self, elig: Arc<Eligibility>) -> VecCollection<'s, u64, (String, OrderState)> {
-        self.map(|e| (e.order_id.clone(), e)).reduce_named("OrderState", move |key, input, output| {
-            let events: Vec<&OrderEvent> = input.iter().map(|(e, _)| *e).collect();
-            output.push((fold_order(key, &events, &elig), 1));
-        })
+        self.map(|e| (e.order_id.clone(), e)).reduce_named(
+            "OrderState",
+            move |key, input, output| {
+                let events: Vec<&OrderEvent> = input.iter().map(|(e, _)| *e).collect();
+                output.push((fold_order(key, &events, &elig), 1));
+            },
+        )
     }
 }
 
@@ -285,8 +315,13 @@ impl OrderRules {
 }
 
 /// Compensation action types, in the order they are created and published.
-pub const ACTION_TYPES: [&str; 5] =
-    ["SEND_NOTIFICATION", "REVERSE_CHARGE", "CANCEL_ORDER", "RELEASE_RESOURCE", "CANCEL_APPOINTMENT"];
+pub const ACTION_TYPES: [&str; 5] = [
+    "SEND_NOTIFICATION",
+    "REVERSE_CHARGE",
+    "CANCEL_ORDER",
+    "RELEASE_RESOURCE",
+    "CANCEL_APPOINTMENT",
+];
 
 /// The contract's deterministic compensation actionId: UUID v5 (URL namespace) of
 /// `hmis-flow:compensation:<orderId>:<actionType>`.
@@ -311,7 +346,8 @@ impl Notice {
     pub fn to_record(&self, t: Millis) -> OutRecord {
         let mut rec = self.derived.to_record(t);
         if !self.in_workflow || self.appointment_id.is_some() {
-            let mut doc: Value = serde_json::from_str(&rec.payload).expect("derived events serialize to JSON");
+            let mut doc: Value =
+                serde_json::from_str(&rec.payload).expect("derived events serialize to JSON");
             if !self.in_workflow {
                 doc["workflowInstanceId"] = Value::Null;
             }
@@ -324,8 +360,19 @@ impl Notice {
     }
 
     fn emit(&self, t: Millis) -> (Emit, Millis, isize) {
-        let rank = self.derived.event_type.map(|ty| ty as u8).unwrap_or(u8::MAX);
-        (Emit::Record((self.derived.workflow_instance_id.clone(), rank), self.to_record(t)), t, 1)
+        let rank = self
+            .derived
+            .event_type
+            .map(|ty| ty as u8)
+            .unwrap_or(u8::MAX);
+        (
+            Emit::Record(
+                (self.derived.workflow_instance_id.clone(), rank),
+                self.to_record(t),
+            ),
+            t,
+            1,
+        )
     }
 }
 
@@ -393,7 +440,14 @@ impl CriticalAlert {
         };
         // Right after the ORDER_CRITICAL_RESULT it accompanies.
         let rank = DerivedType::OrderCriticalResult as u8;
-        [(Emit::Record((self.ordering_key.clone(), rank), record), t, 1), (Emit::Row(Row::Alert(row)), t, 1)]
+        [
+            (
+                Emit::Record((self.ordering_key.clone(), rank), record),
+                t,
+                1,
+            ),
+            (Emit::Row(Row::Alert(row)), t, 1),
+        ]
     }
 }
 
@@ -461,7 +515,11 @@ impl Identity {
         d.patient_id = self.patient_id.clone();
         d.order_id = Some(order_id.to_string());
         d.order_type = self.order_type.clone();
-        Notice { derived: d, in_workflow: self.workflow_instance_id.is_some(), appointment_id: None }
+        Notice {
+            derived: d,
+            in_workflow: self.workflow_instance_id.is_some(),
+            appointment_id: None,
+        }
     }
 }
 
@@ -475,11 +533,17 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
     let mut out = Vec::new();
     let oid = st.order_id.as_str();
     let ident = Identity::of(st);
-    let transition = |e: &OrderEvent, from: Option<OrderStatus>, to: Option<OrderStatus>, reject: Option<RejectReason>| {
+    let transition = |e: &OrderEvent,
+                      from: Option<OrderStatus>,
+                      to: Option<OrderStatus>,
+                      reject: Option<RejectReason>| {
         OrderOut::Row(Row::OrderTransition(OrderTransitionRow {
             event_id: e.event_id.clone(),
             order_id: oid.to_string(),
-            workflow_instance_id: e.workflow_instance_id.clone().or_else(|| ident.workflow_instance_id.clone()),
+            workflow_instance_id: e
+                .workflow_instance_id
+                .clone()
+                .or_else(|| ident.workflow_instance_id.clone()),
             event_type: e.kind.as_str().to_string(),
             from_status: from.map(|s| s.as_str().to_string()),
             to_status: to.map(|s| s.as_str().to_string()),
@@ -499,13 +563,20 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
         out.push(transition(e, r.from, e.order_status, Some(r.reason)));
         // The event's own ids first: they are what the rejected record said.
         let own = Identity {
-            workflow_instance_id: e.workflow_instance_id.clone().or_else(|| ident.workflow_instance_id.clone()),
+            workflow_instance_id: e
+                .workflow_instance_id
+                .clone()
+                .or_else(|| ident.workflow_instance_id.clone()),
             patient_id: e.patient_id.clone().or_else(|| ident.patient_id.clone()),
             order_type: e.order_type.clone().or_else(|| ident.order_type.clone()),
         };
         let mut n = own.notice(
             DerivedType::OrderTransitionRejected,
-            &format!("hmis-flow:ORDER_TRANSITION_REJECTED:{}:{}", e.event_id, r.reason.as_str()),
+            &format!(
+                "hmis-flow:ORDER_TRANSITION_REJECTED:{}:{}",
+                e.event_id,
+                r.reason.as_str()
+            ),
             oid,
         );
         n.derived.reason = Some(r.reason.as_str().to_string());
@@ -517,7 +588,10 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
     // Accepted events, in application order.
     let mut status: Option<OrderStatus> = None;
     let mut at: BTreeMap<OrderStatus, Millis> = BTreeMap::new();
-    let mut actor: (Option<String>, Option<String>) = (None, None);
+    // The last actor, and the role each actor last stated (an event may name its actor
+    // without repeating the role).
+    let mut actor: Option<&String> = None;
+    let mut roles: BTreeMap<&String, &String> = BTreeMap::new();
     let mut critical = false;
     let mut cancel: Option<(usize, &OrderEvent)> = None;
     let mut activated: Option<(usize, &OrderEvent)> = None;
@@ -532,12 +606,19 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
         if let Some(s) = status {
             at.entry(s).or_insert(e.event_time);
         }
-        if e.actor.is_some() {
-            actor = (e.actor.clone(), e.actor_role.clone());
+        if let Some(a) = &e.actor {
+            actor = Some(a);
+            if let Some(r) = &e.actor_role {
+                roles.insert(a, r);
+            }
         }
         match e.kind {
             OrderEventKind::Authorized => {
-                let ty = e.order_type.as_deref().or(ident.order_type.as_deref()).unwrap_or("");
+                let ty = e
+                    .order_type
+                    .as_deref()
+                    .or(ident.order_type.as_deref())
+                    .unwrap_or("");
                 if rules.auto_activate.iter().any(|t| t == ty) {
                     let mut n = ident.notice(
                         DerivedType::OrderActivationRequested,
@@ -559,7 +640,10 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
                 n.derived.cause_event_id = Some(e.event_id.clone());
                 let status = e.order_status.map(|s| s.as_str()).unwrap_or("RESULTED");
                 out.push(OrderOut::Alert(CriticalAlert {
-                    alert_id: v5(&format!("hmis-flow:alert:ORDER_CRITICAL_RESULT:{}", e.event_id)),
+                    alert_id: v5(&format!(
+                        "hmis-flow:alert:ORDER_CRITICAL_RESULT:{}",
+                        e.event_id
+                    )),
                     source: rules.alert_source.clone(),
                     message: format!(
                         "critical result on {} order {oid} ({status})",
@@ -588,7 +672,8 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
     if let Some((ci, c)) = cancel {
         let before = &st.accepted[..=ci];
         let reached_activated = before.iter().any(|e| e.kind == OrderEventKind::Activated);
-        let last = |f: fn(&OrderEvent) -> &Option<String>| before.iter().rev().find_map(|e| f(e).clone());
+        let last =
+            |f: fn(&OrderEvent) -> &Option<String>| before.iter().rev().find_map(|e| f(e).clone());
         let cost = last(|e| &e.cost);
         let appointment = last(|e| &e.appointment_id);
         let ty = ident.order_type.as_deref().unwrap_or("");
@@ -605,11 +690,16 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
             }
             let id = action_id(oid, action);
             let amount = (action == "REVERSE_CHARGE").then(|| cost.clone()).flatten();
-            let appointment_id = (action == "CANCEL_APPOINTMENT").then(|| appointment.clone()).flatten();
+            let appointment_id = (action == "CANCEL_APPOINTMENT")
+                .then(|| appointment.clone())
+                .flatten();
             let completed_at = st
                 .accepted
                 .iter()
-                .filter(|e| e.kind == OrderEventKind::CompensationCompleted && e.action_id.as_deref() == Some(&id))
+                .filter(|e| {
+                    e.kind == OrderEventKind::CompensationCompleted
+                        && e.action_id.as_deref() == Some(&id)
+                })
                 .map(|e| e.event_time)
                 .min();
             out.push(OrderOut::Row(Row::Compensation(CompensationRow {
@@ -620,7 +710,12 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
                 action_type: action.to_string(),
                 amount: amount.clone(),
                 appointment_id: appointment_id.clone(),
-                status: if completed_at.is_some() { "COMPLETED" } else { "PENDING" }.to_string(),
+                status: if completed_at.is_some() {
+                    "COMPLETED"
+                } else {
+                    "PENDING"
+                }
+                .to_string(),
                 reason: c.reason.clone(),
                 cause_event_id: Some(c.event_id.clone()),
                 requested_at: c.event_time,
@@ -642,7 +737,11 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
     }
 
     // Fulfillment deadline.
-    let ty = ident.order_type.clone().or_else(|| st.order_type.clone()).unwrap_or_default();
+    let ty = ident
+        .order_type
+        .clone()
+        .or_else(|| st.order_type.clone())
+        .unwrap_or_default();
     if let (Some((ai, a)), Some(limit)) = (activated, rules.limit_ms(&ty)) {
         let info = OverdueInfo {
             order_id: oid.to_string(),
@@ -654,7 +753,8 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
             due_at: a.event_time.saturating_add(limit),
         };
         let ended = st.accepted[ai + 1..].iter().find(|e| {
-            e.kind != OrderEventKind::CompensationCompleted && !matches!(e.order_status, Some(OrderStatus::InProgress))
+            e.kind != OrderEventKind::CompensationCompleted
+                && !matches!(e.order_status, Some(OrderStatus::InProgress))
         });
         match ended {
             Some(e) if e.event_time > info.due_at => out.push(OrderOut::OverdueLate(info)),
@@ -670,8 +770,8 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
         patient_id: st.patient_id.clone(),
         order_type: st.order_type.clone().unwrap_or_default(),
         order_status: status.as_str().to_string(),
-        actor: actor.0,
-        actor_role: actor.1,
+        actor: actor.cloned(),
+        actor_role: actor.and_then(|a| roles.get(a)).map(|r| r.to_string()),
         cost: st.cost.clone(),
         department: st.department.clone(),
         critical,
@@ -682,11 +782,15 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
         authorized_at: at.get(&OrderStatus::Authorized).copied(),
         activated_at: at.get(&OrderStatus::Activated).copied(),
         started_at: at.get(&OrderStatus::InProgress).copied(),
-        resulted_at: [OrderStatus::Resulted, OrderStatus::Dispensed, OrderStatus::Completed]
-            .iter()
-            .filter_map(|s| at.get(s))
-            .min()
-            .copied(),
+        resulted_at: [
+            OrderStatus::Resulted,
+            OrderStatus::Dispensed,
+            OrderStatus::Completed,
+        ]
+        .iter()
+        .filter_map(|s| at.get(s))
+        .min()
+        .copied(),
         verified_at: at.get(&OrderStatus::Verified).copied(),
         closed_at: at.get(&OrderStatus::Closed).copied(),
         cancelled_at: at.get(&OrderStatus::Cancelled).copied(),
@@ -711,7 +815,9 @@ pub fn order_rules<'s>(
     let rules = Arc::new(rules.clone());
     let eval_rules = rules.clone();
     // Consolidated, so an output that survives a state change does not reappear.
-    let outs = states.flat_map(move |(_, st)| evaluate_order(&st, &eval_rules)).consolidate();
+    let outs = states
+        .flat_map(move |(_, st)| evaluate_order(&st, &eval_rules))
+        .consolidate();
 
     let direct = outs
         .clone()
@@ -721,7 +827,9 @@ pub fn order_rules<'s>(
                 OrderOut::Row(row) => vec![(Emit::Row(row), t, r)],
                 OrderOut::Event(n) if r > 0 => vec![n.emit(t)],
                 OrderOut::Alert(a) if r > 0 => a.emit(t).into(),
-                OrderOut::Dead(rej) if r > 0 => vec![(Emit::Dead(dead_letter(&rej, &rules.topic, t)), t, 1)],
+                OrderOut::Dead(rej) if r > 0 => {
+                    vec![(Emit::Dead(dead_letter(&rej, &rules.topic, t)), t, 1)]
+                }
                 _ => Vec::new(),
             }
         })
@@ -738,9 +846,11 @@ pub fn order_rules<'s>(
             _ => None,
         })
         .delay_until(|(_, i): &(String, OverdueInfo)| Some(i.due_at));
-    let overdue = late.concat(open).reduce_named("OrdersOverdue", |_id, input, output| {
-        output.push((input[0].0.clone(), 1));
-    });
+    let overdue = late
+        .concat(open)
+        .reduce_named("OrdersOverdue", |_id, input, output| {
+            output.push((input[0].0.clone(), 1));
+        });
     let overdue_out = overdue
         .clone()
         .inner
@@ -751,8 +861,11 @@ pub fn order_rules<'s>(
                     patient_id: i.patient_id.clone(),
                     order_type: Some(i.order_type.clone()),
                 };
-                let mut n =
-                    ident.notice(DerivedType::OrderOverdue, &format!("hmis-flow:ORDER_OVERDUE:{}", i.order_id), &i.order_id);
+                let mut n = ident.notice(
+                    DerivedType::OrderOverdue,
+                    &format!("hmis-flow:ORDER_OVERDUE:{}", i.order_id),
+                    &i.order_id,
+                );
                 n.derived.due_at = Some(i.due_at);
                 n.derived.minutes_overdue = Some((t.saturating_sub(i.due_at) / 60_000) as i64);
                 n.derived.cause_event_id = Some(i.activated_event_id.clone());
@@ -799,7 +912,11 @@ fn dead_letter(rej: &RejectedOrderEvent, topic: &str, t: Millis) -> DeadLetter {
         topic: topic.to_string(),
         partition: e.pos.partition,
         offset: e.pos.offset,
-        key: e.raw_key.as_deref().map(str::to_string).or_else(|| Some(e.order_id.clone())),
+        key: e
+            .raw_key
+            .as_deref()
+            .map(str::to_string)
+            .or_else(|| Some(e.order_id.clone())),
         payload,
         payload_encoding: "utf8".into(),
         reason: rej.reason,
