@@ -42,6 +42,9 @@ use crate::source::{enumerate_partitions, wall_ms, Source};
 pub struct Shared {
     /// Highest eventTime read by any worker.
     pub max_event_time: AtomicU64,
+    /// Highest pipeline time any worker stamped a record with (after restoring): the final
+    /// frontier must pass it, or that record's effects would not be committed.
+    pub max_stamp: AtomicU64,
     /// Frontier of the last batch committed to PostgreSQL.
     pub committed: AtomicU64,
     /// Frontier of the last batch whose outbox rows reached Kafka.
@@ -194,13 +197,15 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
             let all_caught_up = cfg.until_caught_up && shared.caught_up.load(Ordering::SeqCst) == peers;
             if all_caught_up || shared.stop.load(Ordering::SeqCst) {
                 // Agree on the final frontier: the first worker to get here decides.
+                let stamped = shared.max_stamp.load(Ordering::SeqCst).saturating_add(1);
                 let proposal = match cfg.clock {
                     crate::config::ClockMode::Event => {
                         let m = shared.max_event_time.load(Ordering::SeqCst);
                         (if m > 0 { m + 1 } else { 0 }).max(sessions.time()).max(resume).max(1)
                     }
                     crate::config::ClockMode::Wall => wall_ms().max(sessions.time()),
-                };
+                }
+                .max(stamped);
                 let _ = shared.final_frontier.compare_exchange(0, proposal, Ordering::SeqCst, Ordering::SeqCst);
             }
         }
@@ -374,6 +379,7 @@ fn sink_thread(
             }
         };
         let _ = progress_tx.send(Ok(progress));
+        let lag_monitor = LagMonitor::new(&cfg);
         loop {
             let first = match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
                 Ok(Some(b)) => b,
@@ -401,6 +407,7 @@ fn sink_thread(
                     shared.in_flight.fetch_sub(n, Ordering::SeqCst);
                     break;
                 }
+                lag_monitor.commit(&batch);
                 shared.rows_written.fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
                 shared.batches_committed.fetch_add(1, Ordering::Relaxed);
                 shared.committed.store(batch.frontier, Ordering::SeqCst);
@@ -430,6 +437,37 @@ fn sink_thread(
         shared.stop.store(true, Ordering::SeqCst);
     }
     result
+}
+
+/// Mirrors the committed input positions into the Kafka consumer group, for lag dashboards
+/// only: PostgreSQL holds the positions the pipeline resumes from. Best effort, asynchronous.
+struct LagMonitor(Option<rdkafka::consumer::BaseConsumer>);
+
+impl LagMonitor {
+    fn new(cfg: &Config) -> LagMonitor {
+        let consumer = crate::source::client_config(cfg).create::<rdkafka::consumer::BaseConsumer>();
+        if let Err(e) = &consumer {
+            warn!(error = %e, "no consumer-group lag reporting");
+        }
+        LagMonitor(consumer.ok())
+    }
+
+    fn commit(&self, batch: &FlushBatch) {
+        use rdkafka::consumer::Consumer as _;
+        let Some(c) = &self.0 else { return };
+        if batch.offsets.is_empty() {
+            return;
+        }
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for m in &batch.offsets {
+            let _ = tpl.add_partition_offset(&m.topic, m.partition, rdkafka::Offset::Offset(m.next_offset));
+        }
+        if let Err(e) = c.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
+            warn!(error = %e, "consumer-group commit (lag monitoring) failed");
+        }
+        // Serve the commit callback queue so async commits complete.
+        let _ = c.poll(Duration::ZERO);
+    }
 }
 
 fn hostname() -> String {

@@ -223,6 +223,33 @@ async fn event_mode_run_matches_the_dataflow_and_publishes_each_event_once() {
         .collect();
     assert!(missing.is_empty() && extra.is_empty(), "derived events differ from the dataflow's: missing {missing:#?} extra {extra:#?}");
 
+    // The consumer group mirrors the committed positions (lag monitoring).
+    {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let c: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &cfg.brokers)
+            .set("group.id", &cfg.group_id)
+            .create()
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for topic in [&cfg.topics.definitions, &cfg.topics.tasks, &cfg.topics.orders, &cfg.topics.workflows] {
+            let md = c.fetch_metadata(Some(topic), std::time::Duration::from_secs(10)).unwrap();
+            for p in md.topics()[0].partitions() {
+                tpl.add_partition(topic, p.id());
+            }
+        }
+        let committed = c.committed_offsets(tpl, std::time::Duration::from_secs(10)).unwrap();
+        let total: i64 = committed
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                rdkafka::Offset::Offset(o) => o,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(total as usize, records.len(), "group offsets cover every record read");
+    }
+
     // Dead letters reach their topic too, one per rejected record, keyed by the input's key.
     let dead_topic = hmis_flow::demo::read_topic(&cfg, &cfg.topics.dead_letter).unwrap();
     assert_eq!(dead_topic.len() as i64, dead.values().sum::<i64>(), "dead-letter topic matches the table");
