@@ -110,6 +110,11 @@ pub struct Config {
     pub topics: Topics,
     /// Extra librdkafka options for every client (e.g. `security.protocol`, `sasl.*`).
     pub kafka: BTreeMap<String, String>,
+    /// Rule parameters: `[rules.time]` (stale_after_ms, re_escalate_after_ms,
+    /// max_escalation_level), `[rules.eligibility]` (by_type, other), `[rules.orders]`
+    /// (fulfillment_minutes, auto_activate, alert_source). `rules.orders.topic` is set from
+    /// `topics.orders`.
+    pub rules: hmis_dataflows::RulesConfig,
 }
 
 impl Default for Config {
@@ -130,6 +135,7 @@ impl Default for Config {
             lock_wait_secs: 30,
             topics: Topics::default(),
             kafka: BTreeMap::new(),
+            rules: hmis_dataflows::RulesConfig::default(),
         }
     }
 }
@@ -140,5 +146,39 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_rejects_unknown_keys() {
+        let cfg: Config = toml::from_str(
+            r#"
+            brokers = "b:9092"
+            clock = "event"
+            [topics]
+            tasks = "t"
+            [kafka]
+            "security.protocol" = "SASL_SSL"
+            [rules.time]
+            stale_after_ms = 1000
+            [rules.orders.fulfillment_minutes]
+            LAB_TEST = 5
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.brokers, "b:9092");
+        assert_eq!(cfg.clock, ClockMode::Event);
+        assert_eq!(cfg.topics.tasks, "t");
+        assert_eq!(cfg.topics.orders, "workflow-order-events", "unset fields keep their defaults");
+        assert_eq!(cfg.kafka["security.protocol"], "SASL_SSL");
+        assert_eq!(cfg.rules.time.stale_after_ms, 1000);
+        assert_eq!(cfg.rules.time.re_escalate_after_ms, 3_600_000);
+        assert_eq!(cfg.rules.orders.fulfillment_minutes["LAB_TEST"], 5);
+        assert!(toml::from_str::<Config>("brokerz = \"x\"").is_err(), "a misspelled key is an error");
+        assert!(toml::from_str::<Config>("[rules.time]\nstale_after = 1").is_err());
     }
 }

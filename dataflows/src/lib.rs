@@ -43,6 +43,7 @@ use workflows::{fold_workflow, OrderFact, WfFact, WorkflowRules};
 
 /// Rule parameters (contract defaults).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RulesConfig {
     /// Who may authorize which order type.
     pub eligibility: Eligibility,

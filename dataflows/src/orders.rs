@@ -58,6 +58,7 @@ use crate::Emit;
 
 /// Roles allowed to authorize each order type (contract §5 defaults).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Eligibility {
     /// orderType → eligible actorRoles.
     pub by_type: BTreeMap<String, Vec<String>>,

@@ -191,6 +191,7 @@ pub struct ReEscalation {
 
 /// Durations of the time rules (contract §4 defaults).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TimeRules {
     /// A PENDING task with no event for this long is stale (default 4 h).
     pub stale_after_ms: u64,
