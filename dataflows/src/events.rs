@@ -484,6 +484,11 @@ pub fn decode(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u8]>, pos: 
         return Err(Rejection::new(RejectReason::InvalidJson, "payload is JSON but not an object"));
     };
     let env: RawEnvelope = serde_json::from_value(value.clone()).map_err(|e| Rejection::schema(format!("envelope: {e}")))?;
+    if let Some(md) = value.get("metadata") {
+        if !md.is_object() && !md.is_null() {
+            return Err(Rejection::schema("field `metadata` must be an object"));
+        }
+    }
     let event_type = env.event_type.ok_or_else(|| Rejection::schema("lacks required field `eventType`"))?;
     // The type decides before the other fields: an unknown type is its own reason.
     match (topic, event_type.as_str()) {
@@ -677,7 +682,12 @@ fn decode_definition(key: Option<&[u8]>, value: Option<&[u8]>, pos: Pos) -> Resu
     };
     let text = std::str::from_utf8(bytes)
         .map_err(|e| Rejection::new(RejectReason::InvalidJson, format!("payload is not UTF-8: {e}")))?;
-    let raw: RawTemplate = parse_json(text, "definition")?;
+    let value: Value = parse_json(text, "definition")?;
+    if !value.is_object() {
+        return Err(Rejection::new(RejectReason::InvalidJson, "definition is JSON but not an object"));
+    }
+    let raw: RawTemplate =
+        serde_json::from_value(value).map_err(|e| Rejection::schema(format!("definition: {e}")))?;
     let template_id = non_empty(raw.template_id, "templateId", "definition")?;
     let version = required(raw.version, "version", "definition")?;
     if let Some(k) = key {
