@@ -55,6 +55,8 @@ pub struct AttemptInfo {
     pub finished_at: Option<Millis>,
     /// eventTime of the earliest event of a higher attempt (the attempt was superseded).
     pub superseded_at: Option<Millis>,
+    /// The attempt's TASK_FAILED, if it failed: (eventId, errorMessage).
+    pub failed: Option<(String, Option<String>)>,
 }
 
 impl AttemptInfo {
@@ -129,6 +131,7 @@ fn attempts(events: &[&TaskEvent]) -> Vec<AttemptInfo> {
                 started_at: of(TaskStatus::InProgress).map(|e| e.event_time),
                 finished_at: finished,
                 superseded_at: events.iter().filter(|e| e.attempt > a).map(|e| e.event_time).min(),
+                failed: of(TaskStatus::Failed).map(|e| (e.event_id.clone(), e.error_message.clone())),
             }
         })
         .collect()

@@ -309,17 +309,30 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             .filter_map(|d| summary.get(d.task_def_id.as_str()).and_then(|s| s.failed_for_good))
             .min_by_key(|f| (f.finished_at, f.task_instance_id.clone()));
     }
-    let status = match state.upstream_terminal {
-        Some((WorkflowEventKind::Completed, _)) => WfStatus::Completed,
-        Some(_) => WfStatus::Failed,
-        None if derived_failure.is_some() => WfStatus::Failed,
-        None if derived_completion.is_some() => WfStatus::Completed,
-        None => WfStatus::Active,
+    // The first terminal state the rules derive, by eventTime (failure on a tie): a workflow
+    // that completed stays completed when a task fails later, and vice versa.
+    let failure_at = derived_failure.map(|f| f.finished_at.unwrap_or(f.event_time));
+    let derived: Option<(WfStatus, Millis)> = match (derived_completion, failure_at) {
+        (Some(c), Some(f)) if c < f => Some((WfStatus::Completed, c)),
+        (_, Some(f)) => Some((WfStatus::Failed, f)),
+        (Some(c), None) => Some((WfStatus::Completed, c)),
+        (None, None) => None,
     };
-    let completed_at = match state.upstream_terminal {
-        Some((_, at)) => Some(at),
-        None if status == WfStatus::Failed => derived_failure.and_then(|f| f.finished_at),
-        None => derived_completion,
+    // An upstream terminal event decides the status; what the rules derived *before* it
+    // was derived (and is published) all the same.
+    let derived_first = match (derived, state.upstream_terminal) {
+        (Some((s, at)), Some((_, up))) if at < up => Some((s, at)),
+        (d, None) => d,
+        _ => None,
+    };
+    let upstream_status = state.upstream_terminal.map(|(k, at)| {
+        (if k == WorkflowEventKind::Completed { WfStatus::Completed } else { WfStatus::Failed }, at)
+    });
+    let (status, completed_at) = match (upstream_status, derived_first) {
+        (Some((us, _)), Some((ds, dat))) if us == ds => (us, Some(dat)),
+        (Some((us, uat)), _) => (us, Some(uat)),
+        (None, Some((ds, dat))) => (ds, Some(dat)),
+        (None, None) => (WfStatus::Active, None),
     };
 
     let base = |ty: DerivedType, id: String| {
@@ -340,14 +353,14 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             d
         }));
     }
-    if state.upstream_terminal.is_none() {
-        if let (WfStatus::Completed, Some(at)) = (status, derived_completion) {
+    {
+        if let (Some((WfStatus::Completed, _)), Some(at)) = (derived_first, derived_completion) {
             let mut d = base(DerivedType::WorkflowCompleted, format!("hmis-flow:WORKFLOW_COMPLETED:{wid}"));
             d.progress_percentage = Some(progress);
             d.duration_seconds = Some((at.saturating_sub(started.at) / 1000) as i64);
             out.push(WfOut::Event(d));
         }
-        if let (WfStatus::Failed, Some(f)) = (status, derived_failure) {
+        if let (Some((WfStatus::Failed, _)), Some(f)) = (derived_first, derived_failure) {
             let reason = format!("TASK_FAILED:{}", f.task_def_id);
             let mut d = base(DerivedType::WorkflowFailed, format!("hmis-flow:WORKFLOW_FAILED:{wid}"));
             d.task_instance_id = Some(f.task_instance_id.clone());
@@ -372,17 +385,19 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
     if let Some(t) = template {
         for task in &tasks {
             let Some(def) = t.task(&task.task_def_id) else { continue };
-            if task.status == TaskStatus::Failed && task.attempt <= def.max_retries {
+            // Per attempt, so a retry created in the same instant as the failure still counts.
+            for a in task.attempts.iter().filter(|a| a.attempt <= def.max_retries) {
+                let Some((failed_event, error)) = &a.failed else { continue };
                 let mut d = base(
                     DerivedType::TaskRetryScheduled,
-                    format!("hmis-flow:TASK_RETRY_SCHEDULED:{}:{}", task.task_instance_id, task.attempt),
+                    format!("hmis-flow:TASK_RETRY_SCHEDULED:{}:{}", task.task_instance_id, a.attempt),
                 );
                 d.task_instance_id = Some(task.task_instance_id.clone());
                 d.task_def_id = Some(task.task_def_id.clone());
                 d.task_name = task.task_name.clone().or_else(|| def.name.clone());
-                d.attempt = Some(task.attempt + 1);
-                d.error_message = task.error_message.clone();
-                d.cause_event_id = Some(task.event_id.clone());
+                d.attempt = Some(a.attempt + 1);
+                d.error_message = error.clone();
+                d.cause_event_id = Some(failed_event.clone());
                 out.push(WfOut::Event(d));
             }
         }
