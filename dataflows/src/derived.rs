@@ -106,6 +106,10 @@ pub struct Derived {
     pub cause_event_id: Option<String>,
     /// Open orders blocking a task (TASK_BLOCKED).
     pub blocking_order_ids: Vec<String>,
+    /// The event marks a *transition* of a state that may recur (readiness, blocking,
+    /// progress): its id also names the pipeline time of the transition, so each transition
+    /// is its own event, and one that persists is never re-emitted.
+    pub per_transition: bool,
 }
 
 impl Derived {
@@ -168,6 +172,12 @@ impl Derived {
 
     /// The record published to `workflow-derived-events` (key workflowInstanceId).
     pub fn to_record(&self, event_time: Millis) -> OutRecord {
+        if self.per_transition {
+            let mut d = self.clone();
+            d.event_id = v5(&format!("{}@{event_time}", self.event_id));
+            d.per_transition = false;
+            return d.to_record(event_time);
+        }
         OutRecord {
             topic: OutTopic::Derived,
             event_id: self.event_id.clone(),

@@ -37,6 +37,8 @@ pub struct WfState {
     pub started: Option<Started>,
     /// The latest upstream WORKFLOW_COMPLETED / WORKFLOW_FAILED, by (eventTime, offset).
     pub upstream_terminal: Option<(WorkflowEventKind, Millis)>,
+    /// eventTime of the first upstream terminal event: nothing is derived after it.
+    pub first_upstream_terminal: Option<Millis>,
     /// The latest upstream WORKFLOW_ESCALATED reason, if any was sent.
     pub upstream_escalation: Option<(Millis, Option<String>)>,
 }
@@ -61,6 +63,7 @@ pub fn fold_workflow(wid: &str, events: &[&WorkflowEvent]) -> WfState {
         patient_id: None,
         started: None,
         upstream_terminal: None,
+        first_upstream_terminal: None,
         upstream_escalation: None,
     };
     for e in evs {
@@ -81,6 +84,7 @@ pub fn fold_workflow(wid: &str, events: &[&WorkflowEvent]) -> WfState {
             }
             WorkflowEventKind::Completed | WorkflowEventKind::Failed => {
                 st.upstream_terminal = Some((e.kind, e.event_time));
+                st.first_upstream_terminal.get_or_insert(e.event_time);
             }
             WorkflowEventKind::Escalated => st.upstream_escalation = Some((e.event_time, e.escalation_reason.clone())),
         }
@@ -320,7 +324,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
     };
     // An upstream terminal event decides the status; what the rules derived *before* it
     // was derived (and is published) all the same.
-    let derived_first = match (derived, state.upstream_terminal) {
+    let derived_first = match (derived, state.first_upstream_terminal.map(|up| ((), up))) {
         (Some((s, at)), Some((_, up))) if at < up => Some((s, at)),
         (d, None) => d,
         _ => None,
@@ -350,6 +354,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
         out.push(WfOut::Event({
             let mut d = base(DerivedType::WorkflowProgress, format!("hmis-flow:WORKFLOW_PROGRESS:{wid}:{progress}"));
             d.progress_percentage = Some(progress);
+            d.per_transition = true;
             d
         }));
     }
@@ -458,17 +463,16 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             if open.is_empty() {
                 let closed: BTreeSet<&str> = blocking.iter().map(|o| o.order_id.as_str()).collect();
                 causes.extend(blocking.iter().filter_map(|o| o.closed_by.clone()));
-                let cause = causes.iter().max().map(|(_, id)| id.clone());
-                let closed_list = closed.into_iter().collect::<Vec<_>>().join(",");
-                let mut e = base(
-                    DerivedType::TaskReady,
-                    format!("hmis-flow:TASK_READY:{wid}:{id}:{next_attempt}:{closed_list}"),
-                );
+                let _ = (closed, causes);
+                // Content names only the readiness itself: what made it ready (which
+                // completion, which order closing) is in the event's time; a transition
+                // into readiness is one event (`per_transition`).
+                let mut e = base(DerivedType::TaskReady, format!("hmis-flow:TASK_READY:{wid}:{id}:{next_attempt}"));
                 e.task_def_id = Some(id.to_string());
                 e.task_name = d.name.clone();
                 e.attempt = Some(next_attempt);
                 e.automatic = Some(d.automatic);
-                e.cause_event_id = cause;
+                e.per_transition = true;
                 out.push(WfOut::Event(e));
                 out.push(WfOut::Row(Row::Readiness(ReadinessRow {
                     workflow_instance_id: wid.to_string(),
@@ -481,15 +485,13 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                     next_attempt: next_attempt as i32,
                 })));
             } else {
-                let open_list: Vec<String> = open.iter().map(|s| s.to_string()).collect();
-                let mut e = base(
-                    DerivedType::TaskBlocked,
-                    format!("hmis-flow:TASK_BLOCKED:{wid}:{id}:{next_attempt}:{}", open_list.join(",")),
-                );
+                // Which orders block may change while the task stays blocked: not content.
+                let mut e = base(DerivedType::TaskBlocked, format!("hmis-flow:TASK_BLOCKED:{wid}:{id}:{next_attempt}"));
                 e.task_def_id = Some(id.to_string());
                 e.task_name = d.name.clone();
-                e.blocking_order_ids = open_list;
+                e.attempt = Some(next_attempt);
                 e.reason = Some("BLOCKING_ORDER_OPEN".to_string());
+                e.per_transition = true;
                 out.push(WfOut::Event(e));
             }
         }
