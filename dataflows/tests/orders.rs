@@ -48,7 +48,9 @@ fn contract_moves() -> Vec<(Option<S>, K, Option<S>)> {
 }
 
 fn expected(from: Option<S>, kind: K, to: Option<S>) -> bool {
-    contract_moves().iter().any(|(f, k, t)| *f == from && *k == kind && (t.is_none() || *t == to))
+    contract_moves()
+        .iter()
+        .any(|(f, k, t)| *f == from && *k == kind && (t.is_none() || *t == to))
 }
 
 /// The targets the decoder lets through for each kind (§5: "an event's orderStatus is the
@@ -70,7 +72,9 @@ fn decodable(kind: K, to: Option<S>) -> bool {
 /// Compares `transition_allowed` with the contract's table on the combinations `only` selects;
 /// returns the number of allowed combinations.
 fn compare_table(only: impl Fn(K, Option<S>) -> bool) -> usize {
-    let froms: Vec<Option<S>> = std::iter::once(None).chain(S::ALL.iter().copied().map(Some)).collect();
+    let froms: Vec<Option<S>> = std::iter::once(None)
+        .chain(S::ALL.iter().copied().map(Some))
+        .collect();
     let tos = froms.clone();
     let mut mismatches = Vec::new();
     let mut allowed = 0;
@@ -96,7 +100,12 @@ fn compare_table(only: impl Fn(K, Option<S>) -> bool) -> usize {
             }
         }
     }
-    assert!(mismatches.is_empty(), "{} mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "{} mismatches:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
     allowed
 }
 
@@ -125,7 +134,13 @@ fn lifecycle_paths() {
     let walk = |steps: &[(K, S)]| {
         let mut cur = None;
         for &(k, to) in steps {
-            assert!(transition_allowed(cur, k, Some(to)), "{} from {:?} to {:?}", k.as_str(), cur, to);
+            assert!(
+                transition_allowed(cur, k, Some(to)),
+                "{} from {:?} to {:?}",
+                k.as_str(),
+                cur,
+                to
+            );
             cur = Some(to);
         }
         cur.unwrap()
@@ -140,29 +155,72 @@ fn lifecycle_paths() {
         (K::Closed, S::Closed),
     ];
     assert_eq!(walk(&full), S::Closed);
-    let short =
-        [(K::Created, S::Proposed), (K::Authorized, S::Authorized), (K::Activated, S::Activated), (K::Resulted, S::Dispensed)];
+    let short = [
+        (K::Created, S::Proposed),
+        (K::Authorized, S::Authorized),
+        (K::Activated, S::Activated),
+        (K::Resulted, S::Dispensed),
+    ];
     assert_eq!(walk(&short), S::Dispensed);
     for terminal in [S::Closed, S::Cancelled] {
         for kind in K::ALL {
             for to in S::ALL {
                 let ok = transition_allowed(Some(terminal), kind, Some(to));
-                assert_eq!(ok, kind == K::CompensationCompleted, "{} from {terminal:?} to {to:?}", kind.as_str());
+                assert_eq!(
+                    ok,
+                    kind == K::CompensationCompleted,
+                    "{} from {terminal:?} to {to:?}",
+                    kind.as_str()
+                );
             }
         }
     }
     // No skipping: PROPOSED cannot be activated, AUTHORIZED cannot be resulted, RESULTED cannot close.
-    assert!(!transition_allowed(Some(S::Proposed), K::Activated, Some(S::Activated)));
-    assert!(!transition_allowed(Some(S::Authorized), K::Resulted, Some(S::Resulted)));
-    assert!(!transition_allowed(Some(S::Resulted), K::Closed, Some(S::Closed)));
+    assert!(!transition_allowed(
+        Some(S::Proposed),
+        K::Activated,
+        Some(S::Activated)
+    ));
+    assert!(!transition_allowed(
+        Some(S::Authorized),
+        K::Resulted,
+        Some(S::Resulted)
+    ));
+    assert!(!transition_allowed(
+        Some(S::Resulted),
+        K::Closed,
+        Some(S::Closed)
+    ));
     // No going back.
-    assert!(!transition_allowed(Some(S::InProgress), K::Activated, Some(S::Activated)));
-    assert!(!transition_allowed(Some(S::Verified), K::Resulted, Some(S::Resulted)));
+    assert!(!transition_allowed(
+        Some(S::InProgress),
+        K::Activated,
+        Some(S::Activated)
+    ));
+    assert!(!transition_allowed(
+        Some(S::Verified),
+        K::Resulted,
+        Some(S::Resulted)
+    ));
 }
 
-const TYPES: [&str; 6] = ["LAB_TEST", "IMAGING", "MEDICATION", "SURGERY", "PHYSIOTHERAPY", ""];
-const ROLES: [Option<&str>; 7] =
-    [Some("PHYSICIAN"), Some("NURSE_PRACTITIONER"), Some("SURGEON"), Some("NURSE"), Some("physician"), Some(""), None];
+const TYPES: [&str; 6] = [
+    "LAB_TEST",
+    "IMAGING",
+    "MEDICATION",
+    "SURGERY",
+    "PHYSIOTHERAPY",
+    "",
+];
+const ROLES: [Option<&str>; 7] = [
+    Some("PHYSICIAN"),
+    Some("NURSE_PRACTITIONER"),
+    Some("SURGEON"),
+    Some("NURSE"),
+    Some("physician"),
+    Some(""),
+    None,
+];
 
 #[test]
 fn default_eligibility_table() {
@@ -189,7 +247,10 @@ fn default_eligibility_table() {
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
     // Spot checks that the table above is not vacuous.
     assert!(e.allows("SURGERY", Some("SURGEON")) && !e.allows("SURGERY", Some("PHYSICIAN")));
-    assert!(e.allows("IMAGING", Some("NURSE_PRACTITIONER")) && !e.allows("MEDICATION", Some("NURSE_PRACTITIONER")));
+    assert!(
+        e.allows("IMAGING", Some("NURSE_PRACTITIONER"))
+            && !e.allows("MEDICATION", Some("NURSE_PRACTITIONER"))
+    );
 }
 
 #[test]
@@ -202,6 +263,8 @@ fn configured_eligibility_replaces_the_defaults() {
     assert!(!e.allows("LAB_TEST", Some("PHYSICIAN")));
     // SURGERY is now an "other" type.
     assert!(e.allows("SURGERY", Some("CHIEF")) && !e.allows("SURGERY", Some("SURGEON")));
-    assert!(e.allows("PHYSIOTHERAPY", Some("CHIEF")) && !e.allows("PHYSIOTHERAPY", Some("PHYSICIAN")));
+    assert!(
+        e.allows("PHYSIOTHERAPY", Some("CHIEF")) && !e.allows("PHYSIOTHERAPY", Some("PHYSICIAN"))
+    );
     assert!(e.allows("MEDICATION", Some("PHYSICIAN")));
 }

@@ -21,22 +21,30 @@ fn next_offset() -> i64 {
 
 pub fn dec(topic: InputTopic, key: Option<&str>, v: Option<Value>) -> Event {
     let bytes = v.map(|v| v.to_string().into_bytes());
-    decode(topic, key.map(|k| k.as_bytes()), bytes.as_deref(), Pos { partition: 0, offset: next_offset() })
-        .unwrap_or_else(|r| panic!("test event rejected: {r:?}"))
+    decode(
+        topic,
+        key.map(|k| k.as_bytes()),
+        bytes.as_deref(),
+        Pos {
+            partition: 0,
+            offset: next_offset(),
+        },
+    )
+    .unwrap_or_else(|r| panic!("test event rejected: {r:?}"))
 }
 
 /// The contract's example template (sepsis-bundle v3).
 pub fn sepsis(version: i64) -> Value {
     json!({"templateId": "sepsis-bundle", "version": version, "templateName": "Sepsis Bundle",
-     "tasks": [
-      {"taskDefId": "triage", "name": "Triage", "required": true, "slaMinutes": 15,
-       "nextTaskId": "blood-cultures", "escalateTo": "CHARGE_NURSE"},
-      {"taskDefId": "blood-cultures", "name": "Draw blood cultures", "slaMinutes": 30,
-       "nextTaskId": "antibiotics", "maxRetries": 2, "failureTaskId": "manual-review"},
-      {"taskDefId": "antibiotics", "name": "Give antibiotics", "slaMinutes": 60,
-       "blockingOrderTypes": ["LAB_TEST"]},
-      {"taskDefId": "manual-review", "name": "Manual review", "required": false}
-     ]})
+    "tasks": [
+     {"taskDefId": "triage", "name": "Triage", "required": true, "slaMinutes": 15,
+      "nextTaskId": "blood-cultures", "escalateTo": "CHARGE_NURSE"},
+     {"taskDefId": "blood-cultures", "name": "Draw blood cultures", "slaMinutes": 30,
+      "nextTaskId": "antibiotics", "maxRetries": 2, "failureTaskId": "manual-review"},
+     {"taskDefId": "antibiotics", "name": "Give antibiotics", "slaMinutes": 60,
+      "blockingOrderTypes": ["LAB_TEST"]},
+     {"taskDefId": "manual-review", "name": "Manual review", "required": false}
+    ]})
 }
 
 pub fn def(v: Value) -> Event {
@@ -48,9 +56,11 @@ pub fn wf_started(wid: &str, template: &str, version: i64, at: Millis) -> Event 
     dec(
         InputTopic::Workflows,
         Some(wid),
-        Some(json!({"eventId": format!("wf-start-{wid}"), "eventType": "WORKFLOW_STARTED", "eventTime": iso(at),
+        Some(
+            json!({"eventId": format!("wf-start-{wid}"), "eventType": "WORKFLOW_STARTED", "eventTime": iso(at),
             "workflowInstanceId": wid, "patientId": "p-1", "templateId": template, "templateVersion": version,
-            "status": "ACTIVE"})),
+            "status": "ACTIVE"}),
+        ),
     )
 }
 
@@ -58,8 +68,10 @@ pub fn wf_event(wid: &str, ty: &str, at: Millis) -> Event {
     dec(
         InputTopic::Workflows,
         Some(wid),
-        Some(json!({"eventId": format!("wf-{ty}-{wid}-{at}"), "eventType": ty, "eventTime": iso(at),
-            "workflowInstanceId": wid})),
+        Some(
+            json!({"eventId": format!("wf-{ty}-{wid}-{at}"), "eventType": ty, "eventTime": iso(at),
+            "workflowInstanceId": wid}),
+        ),
     )
 }
 
@@ -67,18 +79,30 @@ pub fn task(ty: &str, tid: &str, wid: &str, def_id: &str, attempt: u32, at: Mill
     dec(
         InputTopic::Tasks,
         Some(tid),
-        Some(json!({"eventId": format!("{ty}-{tid}-{attempt}"), "eventType": ty, "eventTime": iso(at),
+        Some(
+            json!({"eventId": format!("{ty}-{tid}-{attempt}"), "eventType": ty, "eventTime": iso(at),
             "taskInstanceId": tid, "workflowInstanceId": wid, "patientId": "p-1", "taskDefId": def_id,
-            "attempt": attempt})),
+            "attempt": attempt}),
+        ),
     )
 }
 
-pub fn order(ty: &str, status: &str, oid: &str, wid: &str, order_type: &str, at: Millis, md: Value) -> Event {
+pub fn order(
+    ty: &str,
+    status: &str,
+    oid: &str,
+    wid: &str,
+    order_type: &str,
+    at: Millis,
+    md: Value,
+) -> Event {
     dec(
         InputTopic::Orders,
         Some(oid),
-        Some(json!({"eventId": format!("{ty}-{oid}-{at}"), "eventType": ty, "eventTime": iso(at),
+        Some(
+            json!({"eventId": format!("{ty}-{oid}-{at}"), "eventType": ty, "eventTime": iso(at),
             "orderId": oid, "workflowInstanceId": wid, "patientId": "p-1", "orderType": order_type,
-            "orderStatus": status, "actor": "dr-x", "metadata": md})),
+            "orderStatus": status, "actor": "dr-x", "metadata": md}),
+        ),
     )
 }

@@ -29,17 +29,21 @@ const SEC: Millis = 1000;
 const MIN: Millis = 60 * SEC;
 
 const ORDER_TYPES: [&str; 5] = ["LAB_TEST", "IMAGING", "MEDICATION", "SURGERY", "CONSULT"];
-const ROLES: [&str; 5] = ["PHYSICIAN", "NURSE_PRACTITIONER", "SURGEON", "NURSE", "PHARMACIST"];
+const ROLES: [&str; 5] = [
+    "PHYSICIAN",
+    "NURSE_PRACTITIONER",
+    "SURGEON",
+    "NURSE",
+    "PHARMACIST",
+];
 
 /// One stored input record.
 #[derive(Clone, Debug)]
 pub struct Record {
-    pub topic: InputTopic,
-    pub key: Option<String>,
     pub value: Option<Value>,
     /// eventTime; `None` for definitions.
     pub time: Option<Millis>,
-    pub pos: Pos,
+    /// Decoded, with its partition and offset.
     pub event: Event,
 }
 
@@ -53,9 +57,6 @@ pub struct History {
 impl History {
     pub fn events(&self) -> Vec<Event> {
         self.records.iter().map(|r| r.event.clone()).collect()
-    }
-    pub fn count(&self, topic: InputTopic) -> usize {
-        self.records.iter().filter(|r| r.topic == topic).count()
     }
 }
 
@@ -72,7 +73,15 @@ struct Def {
 
 impl Def {
     fn new(id: &str) -> Def {
-        Def { id: id.into(), required: true, next: None, max_retries: 0, failure: None, blocking: vec![], automatic: false }
+        Def {
+            id: id.into(),
+            required: true,
+            next: None,
+            max_retries: 0,
+            failure: None,
+            blocking: vec![],
+            automatic: false,
+        }
     }
     fn next(mut self, n: &str) -> Def {
         self.next = Some(n.into());
@@ -141,7 +150,10 @@ impl Tpl {
         self.defs.iter().any(|d| d.failure.as_deref() == Some(id))
     }
     fn preds(&self, id: &str) -> Vec<&Def> {
-        self.defs.iter().filter(|d| d.next.as_deref() == Some(id)).collect()
+        self.defs
+            .iter()
+            .filter(|d| d.next.as_deref() == Some(id))
+            .collect()
     }
 }
 
@@ -151,7 +163,10 @@ fn fixed_templates() -> Vec<Tpl> {
         version,
         defs: vec![
             Def::new("triage").next("cultures"),
-            Def::new("cultures").next("antibiotics").retries(cultures_retries).on_failure("review"),
+            Def::new("cultures")
+                .next("antibiotics")
+                .retries(cultures_retries)
+                .on_failure("review"),
             Def::new("antibiotics").blocking(antibiotics_blocking),
             Def::new("review").optional(),
         ],
@@ -184,7 +199,11 @@ fn fixed_templates() -> Vec<Tpl> {
             ],
         },
         // Nothing required: 100% at start.
-        Tpl { id: "allopt".into(), version: 1, defs: vec![Def::new("a").optional().next("b"), Def::new("b").optional()] },
+        Tpl {
+            id: "allopt".into(),
+            version: 1,
+            defs: vec![Def::new("a").optional().next("b"), Def::new("b").optional()],
+        },
     ]
 }
 
@@ -204,7 +223,11 @@ fn random_template(rng: &mut SmallRng, id: &str, version: i64) -> Tpl {
         }
         d.required = rng.random_bool(0.8);
         d.max_retries = *[0, 0, 1, 2].choose(rng).unwrap();
-        d.blocking = ORDER_TYPES.iter().copied().filter(|_| rng.random_bool(0.15)).collect();
+        d.blocking = ORDER_TYPES
+            .iter()
+            .copied()
+            .filter(|_| rng.random_bool(0.15))
+            .collect();
         d.automatic = rng.random_bool(0.2);
         defs.push(d);
     }
@@ -215,17 +238,31 @@ fn random_template(rng: &mut SmallRng, id: &str, version: i64) -> Tpl {
         if j == 0 && k == 2 && rng.random_bool(0.3) {
             d.failure = Some("f1".into());
         }
-        d.blocking = ORDER_TYPES.iter().copied().filter(|_| rng.random_bool(0.1)).collect();
+        d.blocking = ORDER_TYPES
+            .iter()
+            .copied()
+            .filter(|_| rng.random_bool(0.1))
+            .collect();
         defs.push(d);
     }
-    Tpl { id: id.into(), version, defs }
+    Tpl {
+        id: id.into(),
+        version,
+        defs,
+    }
 }
 
 struct Gen {
     rng: SmallRng,
     used: BTreeSet<Millis>,
     /// (topic, key, value, time, generation sequence) before placement.
-    raw: Vec<(InputTopic, Option<String>, Option<Value>, Option<Millis>, u64)>,
+    raw: Vec<(
+        InputTopic,
+        Option<String>,
+        Option<Value>,
+        Option<Millis>,
+        u64,
+    )>,
     seq: u64,
     next_id: u64,
 }
@@ -246,7 +283,13 @@ impl Gen {
         self.next_id += 1;
         format!("{prefix}-{}", self.next_id)
     }
-    fn push(&mut self, topic: InputTopic, key: Option<String>, value: Option<Value>, time: Option<Millis>) {
+    fn push(
+        &mut self,
+        topic: InputTopic,
+        key: Option<String>,
+        value: Option<Value>,
+        time: Option<Millis>,
+    ) {
         self.seq += 1;
         self.raw.push((topic, key, value, time, self.seq));
     }
@@ -254,7 +297,12 @@ impl Gen {
         self.rng.random_bool(p)
     }
     fn definition(&mut self, t: &Tpl) {
-        self.push(InputTopic::Definitions, Some(format!("{}:{}", t.id, t.version)), Some(t.doc()), None);
+        self.push(
+            InputTopic::Definitions,
+            Some(format!("{}:{}", t.id, t.version)),
+            Some(t.doc()),
+            None,
+        );
     }
     fn task(&mut self, ty: &str, tid: &str, wid: &str, def: &str, attempt: u32, at: Millis) {
         let id = self.id("te");
@@ -282,7 +330,16 @@ impl Gen {
         }
         self.push(InputTopic::Workflows, Some(wid.into()), Some(v), Some(at));
     }
-    fn order(&mut self, kind: &str, status: &str, oid: &str, wid: &str, ty: &str, at: Millis, role: Option<&str>) {
+    fn order(
+        &mut self,
+        kind: &str,
+        status: &str,
+        oid: &str,
+        wid: &str,
+        ty: &str,
+        at: Millis,
+        role: Option<&str>,
+    ) {
         let id = self.id("oe");
         let mut md = json!({"cost": 10});
         if let Some(r) = role {
@@ -356,7 +413,11 @@ fn simulate(g: &mut Gen, wid: &str, tpl: &Tpl, pinned: (String, i64), start: Mil
         let d = tpl.def(&pick).clone();
         let n = touched.iter().filter(|x| **x == d.id).count();
         touched.insert(d.id.clone());
-        let tid = format!("{wid}.{}.{n}{}", d.id, if g.chance(0.05) { "b" } else { "" });
+        let tid = format!(
+            "{wid}.{}.{n}{}",
+            d.id,
+            if g.chance(0.05) { "b" } else { "" }
+        );
         let mut attempt = 1;
         let fate = loop {
             if g.chance(0.92) {
@@ -406,11 +467,21 @@ fn simulate(g: &mut Gen, wid: &str, tpl: &Tpl, pinned: (String, i64), start: Mil
     let end = t;
 
     // Orders, spread over the workflow's life and a little beyond.
-    let blocking: Vec<&'static str> = tpl.defs.iter().flat_map(|d| d.blocking.iter().copied()).collect();
+    let blocking: Vec<&'static str> = tpl
+        .defs
+        .iter()
+        .flat_map(|d| d.blocking.iter().copied())
+        .collect();
     for k in 0..g.rng.random_range(0..=3) {
         let oid = format!("{wid}.o{k}");
-        let ty = if !blocking.is_empty() && g.chance(0.75) { *blocking.choose(&mut g.rng).unwrap() } else { *ORDER_TYPES.choose(&mut g.rng).unwrap() };
-        let resulted = *["RESULTED", "DISPENSED", "COMPLETED"].choose(&mut g.rng).unwrap();
+        let ty = if !blocking.is_empty() && g.chance(0.75) {
+            *blocking.choose(&mut g.rng).unwrap()
+        } else {
+            *ORDER_TYPES.choose(&mut g.rng).unwrap()
+        };
+        let resulted = *["RESULTED", "DISPENSED", "COMPLETED"]
+            .choose(&mut g.rng)
+            .unwrap();
         let mut path: Vec<(&str, &str)> = vec![
             ("ORDER_CREATED", "PROPOSED"),
             ("ORDER_AUTHORIZED", "AUTHORIZED"),
@@ -457,7 +528,11 @@ fn simulate(g: &mut Gen, wid: &str, tpl: &Tpl, pinned: (String, i64), start: Mil
                 if g.chance(0.75) {
                     steps.push((kind, status, Some(eligible_role(ty))));
                 } else {
-                    let role = if g.chance(0.2) { None } else { Some(*ROLES.choose(&mut g.rng).unwrap()) };
+                    let role = if g.chance(0.2) {
+                        None
+                    } else {
+                        Some(*ROLES.choose(&mut g.rng).unwrap())
+                    };
                     steps.push((kind, status, role));
                     if g.chance(0.5) {
                         steps.push((kind, status, Some(eligible_role(ty))));
@@ -499,7 +574,9 @@ fn simulate(g: &mut Gen, wid: &str, tpl: &Tpl, pinned: (String, i64), start: Mil
 
 fn hash(s: &str) -> u64 {
     // FNV-1a: a stable stand-in for Kafka's key partitioner.
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 fn partitions(topic: InputTopic) -> u64 {
@@ -512,7 +589,13 @@ fn partitions(topic: InputTopic) -> u64 {
 
 /// Generates the history of `seed`.
 pub fn generate(seed: u64) -> History {
-    let mut g = Gen { rng: SmallRng::seed_from_u64(seed), used: BTreeSet::new(), raw: Vec::new(), seq: 0, next_id: 0 };
+    let mut g = Gen {
+        rng: SmallRng::seed_from_u64(seed),
+        used: BTreeSet::new(),
+        raw: Vec::new(),
+        seq: 0,
+        next_id: 0,
+    };
     g.used.insert(T0);
     let mut templates = fixed_templates();
     let r0v1 = random_template(&mut g.rng, "rnd0", 1);
@@ -527,7 +610,11 @@ pub fn generate(seed: u64) -> History {
     for t in &templates {
         g.definition(t);
     }
-    let doomed = Tpl { id: "sepsis".into(), version: 3, defs: vec![Def::new("only")] };
+    let doomed = Tpl {
+        id: "sepsis".into(),
+        version: 3,
+        defs: vec![Def::new("only")],
+    };
     g.definition(&doomed);
     g.push(InputTopic::Definitions, Some("sepsis:3".into()), None, None);
 
@@ -549,16 +636,23 @@ pub fn generate(seed: u64) -> History {
     // same eventId at a later eventTime (and so a later offset).
     let originals = g.raw.clone();
     for (topic, key, value, time, seq) in originals {
-        let (Some(v), Some(t)) = (value, time) else { continue };
+        let (Some(v), Some(t)) = (value, time) else {
+            continue;
+        };
         if g.chance(0.05) {
-            g.raw.push((topic, key.clone(), Some(v.clone()), Some(t), seq));
+            g.raw
+                .push((topic, key.clone(), Some(v.clone()), Some(t), seq));
         }
         if topic != InputTopic::Workflows && g.chance(0.015) {
             let mut other = v.clone();
             let at = g.advance(t, SEC, 2 * MIN);
             other["eventTime"] = json!(iso(at));
             if topic == InputTopic::Tasks {
-                let ty = if v["eventType"] == "TASK_COMPLETED" { "TASK_FAILED" } else { "TASK_COMPLETED" };
+                let ty = if v["eventType"] == "TASK_COMPLETED" {
+                    "TASK_FAILED"
+                } else {
+                    "TASK_COMPLETED"
+                };
                 other["eventType"] = json!(ty);
             } else {
                 other["eventType"] = json!("ORDER_CANCELLED");
@@ -582,14 +676,29 @@ pub fn generate(seed: u64) -> History {
         let mut list = Vec::new();
         for (offset, i) in idx.into_iter().enumerate() {
             let (_, key, value, time, _) = &g.raw[i];
-            let pos = Pos { partition: p, offset: offset as i64 };
+            let pos = Pos {
+                partition: p,
+                offset: offset as i64,
+            };
             let bytes = value.as_ref().map(|v| v.to_string().into_bytes());
-            let event = decode(topic, key.as_deref().map(str::as_bytes), bytes.as_deref(), pos)
-                .unwrap_or_else(|r| panic!("generated record rejected: {r:?}: {value:?}"));
+            let event = decode(
+                topic,
+                key.as_deref().map(str::as_bytes),
+                bytes.as_deref(),
+                pos,
+            )
+            .unwrap_or_else(|r| panic!("generated record rejected: {r:?}: {value:?}"));
             list.push(records.len());
-            records.push(Record { topic, key: key.clone(), value: value.clone(), time: *time, pos, event });
+            records.push(Record {
+                value: value.clone(),
+                time: *time,
+                event,
+            });
         }
         partitions_out.insert((topic, p), list);
     }
-    History { records, partitions: partitions_out }
+    History {
+        records,
+        partitions: partitions_out,
+    }
 }

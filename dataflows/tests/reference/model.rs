@@ -40,8 +40,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use hmis_dataflows::events::{
-    Event, OrderEvent, OrderEventKind, OrderStatus, Pos, TaskDef, TaskEvent, TaskStatus, Template, WorkflowEvent,
-    WorkflowEventKind,
+    Event, OrderEvent, OrderEventKind, OrderStatus, Pos, TaskDef, TaskEvent, TaskStatus, Template,
+    WorkflowEvent, WorkflowEventKind,
 };
 use hmis_dataflows::output::Millis;
 
@@ -105,7 +105,11 @@ fn rank(s: TaskStatus) -> u8 {
 }
 
 /// Keeps, per eventId, the event with the lowest position.
-fn first_per_id<T: Clone>(events: Vec<T>, id: impl Fn(&T) -> String, pos: impl Fn(&T) -> Pos) -> Vec<T> {
+fn first_per_id<T: Clone>(
+    events: Vec<T>,
+    id: impl Fn(&T) -> String,
+    pos: impl Fn(&T) -> Pos,
+) -> Vec<T> {
     let mut best: BTreeMap<String, T> = BTreeMap::new();
     for e in events {
         let k = id(&e);
@@ -139,7 +143,9 @@ fn task_at(events: &[TaskEvent], t: Millis) -> Option<&TaskEvent> {
 fn lifecycle_allows(from: Option<OrderStatus>, kind: OrderEventKind) -> bool {
     use OrderEventKind as K;
     use OrderStatus as S;
-    let Some(from) = from else { return kind == K::Created };
+    let Some(from) = from else {
+        return kind == K::Created;
+    };
     match kind {
         K::Created => false,
         K::Authorized => from == S::Proposed,
@@ -175,7 +181,11 @@ fn order_at(events: &[OrderEvent], t: Millis) -> Option<(OrderStatus, Option<Str
             continue;
         }
         if e.kind == OrderEventKind::Authorized {
-            let t = e.order_type.clone().or_else(|| ty.clone()).unwrap_or_default();
+            let t = e
+                .order_type
+                .clone()
+                .or_else(|| ty.clone())
+                .unwrap_or_default();
             if !may_authorize(&t, e.actor_role.as_deref()) {
                 continue;
             }
@@ -192,7 +202,10 @@ fn order_at(events: &[OrderEvent], t: Millis) -> Option<(OrderStatus, Option<Str
 
 fn is_open(s: OrderStatus) -> bool {
     use OrderStatus as S;
-    !matches!(s, S::Resulted | S::Dispensed | S::Completed | S::Verified | S::Closed | S::Cancelled)
+    !matches!(
+        s,
+        S::Resulted | S::Dispensed | S::Completed | S::Verified | S::Closed | S::Cancelled
+    )
 }
 
 fn status_str(s: TaskStatus) -> &'static str {
@@ -241,7 +254,10 @@ pub fn expect(events: &[Event]) -> Expected {
     // Group by workflow.
     let mut wf_events: BTreeMap<String, Vec<WorkflowEvent>> = BTreeMap::new();
     for e in wfs {
-        wf_events.entry(e.workflow_instance_id.clone()).or_default().push(e);
+        wf_events
+            .entry(e.workflow_instance_id.clone())
+            .or_default()
+            .push(e);
     }
     let mut task_events: BTreeMap<String, BTreeMap<String, Vec<TaskEvent>>> = BTreeMap::new();
     for e in tasks {
@@ -254,8 +270,15 @@ pub fn expect(events: &[Event]) -> Expected {
     }
     let mut order_events: BTreeMap<String, BTreeMap<String, Vec<OrderEvent>>> = BTreeMap::new();
     for e in orders {
-        let Some(w) = e.workflow_instance_id.clone() else { continue };
-        order_events.entry(w).or_default().entry(e.order_id.clone()).or_default().push(e);
+        let Some(w) = e.workflow_instance_id.clone() else {
+            continue;
+        };
+        order_events
+            .entry(w)
+            .or_default()
+            .entry(e.order_id.clone())
+            .or_default()
+            .push(e);
     }
 
     let mut out = Expected::default();
@@ -272,14 +295,28 @@ pub fn expect(events: &[Event]) -> Expected {
         let tasks_of_w = task_events.get(wid).unwrap_or(&empty_tasks);
         let orders_of_w = order_events.get(wid).unwrap_or(&empty_orders);
         let template: Option<Arc<Template>> = latest
-            .get(&(start.template_id.clone().unwrap_or_default(), start.template_version.unwrap_or_default()))
+            .get(&(
+                start.template_id.clone().unwrap_or_default(),
+                start.template_version.unwrap_or_default(),
+            ))
             .and_then(|(_, t)| t.clone());
         let upstream_at = |t: Millis| -> Option<Terminal> {
             wevs.iter()
                 .filter(|e| e.event_time <= t)
-                .filter(|e| matches!(e.kind, WorkflowEventKind::Completed | WorkflowEventKind::Failed))
+                .filter(|e| {
+                    matches!(
+                        e.kind,
+                        WorkflowEventKind::Completed | WorkflowEventKind::Failed
+                    )
+                })
                 .max_by_key(|e| (e.event_time, e.pos))
-                .map(|e| if e.kind == WorkflowEventKind::Completed { Terminal::Completed } else { Terminal::Failed })
+                .map(|e| {
+                    if e.kind == WorkflowEventKind::Completed {
+                        Terminal::Completed
+                    } else {
+                        Terminal::Failed
+                    }
+                })
         };
 
         let mut instants: BTreeSet<Millis> = BTreeSet::new();
@@ -304,24 +341,48 @@ pub fn expect(events: &[Event]) -> Expected {
                 };
                 continue;
             };
-            let def = |id: &str| -> Option<&TaskDef> { tpl.tasks.iter().find(|d| d.task_def_id == id) };
+            let def =
+                |id: &str| -> Option<&TaskDef> { tpl.tasks.iter().find(|d| d.task_def_id == id) };
             // Current state of every task instance of W, as of t.
-            let states: Vec<(&str, &TaskEvent)> =
-                tasks_of_w.iter().filter_map(|(tid, evs)| task_at(evs, t).map(|e| (tid.as_str(), e))).collect();
-            let of_def = |d: &str| -> Vec<&TaskEvent> { states.iter().filter(|(_, e)| e.task_def_id == d).map(|(_, e)| *e).collect() };
-            let failed_for_good = |d: &TaskDef| of_def(&d.task_def_id).iter().any(|e| e.status == TaskStatus::Failed && e.attempt > d.max_retries);
-            let has_completed = |d: &str| of_def(d).iter().any(|e| e.status == TaskStatus::Completed);
+            let states: Vec<(&str, &TaskEvent)> = tasks_of_w
+                .iter()
+                .filter_map(|(tid, evs)| task_at(evs, t).map(|e| (tid.as_str(), e)))
+                .collect();
+            let of_def = |d: &str| -> Vec<&TaskEvent> {
+                states
+                    .iter()
+                    .filter(|(_, e)| e.task_def_id == d)
+                    .map(|(_, e)| *e)
+                    .collect()
+            };
+            let failed_for_good = |d: &TaskDef| {
+                of_def(&d.task_def_id)
+                    .iter()
+                    .any(|e| e.status == TaskStatus::Failed && e.attempt > d.max_retries)
+            };
+            let has_completed =
+                |d: &str| of_def(d).iter().any(|e| e.status == TaskStatus::Completed);
 
             let required: Vec<&TaskDef> = tpl.tasks.iter().filter(|d| d.required).collect();
-            let done = required.iter().filter(|d| has_completed(&d.task_def_id)).count();
-            progress = if required.is_empty() { 100 } else { (100 * done / required.len()) as i32 };
+            let done = required
+                .iter()
+                .filter(|d| has_completed(&d.task_def_id))
+                .count();
+            progress = if required.is_empty() {
+                100
+            } else {
+                (100 * done / required.len()) as i32
+            };
             out.progress.insert((wid.clone(), progress));
 
             // The first failure for good of a definition without a failure task, if any.
             let failure = states
                 .iter()
                 .filter(|(_, e)| e.status == TaskStatus::Failed)
-                .filter(|(_, e)| def(&e.task_def_id).is_some_and(|d| d.failure_task_id.is_none() && e.attempt > d.max_retries))
+                .filter(|(_, e)| {
+                    def(&e.task_def_id)
+                        .is_some_and(|d| d.failure_task_id.is_none() && e.attempt > d.max_retries)
+                })
                 .min_by_key(|(tid, e)| (e.event_time, *tid))
                 .map(|(_, e)| e.task_def_id.clone());
             if derived.is_none() && up.is_none() {
@@ -344,7 +405,9 @@ pub fn expect(events: &[Event]) -> Expected {
             };
 
             for (tid, e) in &states {
-                if e.status == TaskStatus::Failed && def(&e.task_def_id).is_some_and(|d| e.attempt <= d.max_retries) {
+                if e.status == TaskStatus::Failed
+                    && def(&e.task_def_id).is_some_and(|d| e.attempt <= d.max_retries)
+                {
                     out.retries.insert((tid.to_string(), e.attempt + 1));
                 }
             }
@@ -360,8 +423,11 @@ pub fn expect(events: &[Event]) -> Expected {
                     .filter_map(|(_, ty)| ty)
                     .collect();
                 for d in &tpl.tasks {
-                    let namers: Vec<&TaskDef> =
-                        tpl.tasks.iter().filter(|n| n.failure_task_id.as_deref() == Some(&d.task_def_id)).collect();
+                    let namers: Vec<&TaskDef> = tpl
+                        .tasks
+                        .iter()
+                        .filter(|n| n.failure_task_id.as_deref() == Some(&d.task_def_id))
+                        .collect();
                     let cond1 = if namers.is_empty() {
                         tpl.tasks
                             .iter()
@@ -370,7 +436,9 @@ pub fn expect(events: &[Event]) -> Expected {
                     } else {
                         namers.iter().any(|n| failed_for_good(n))
                     };
-                    let cond2 = !open_types.iter().any(|ty| d.blocking_order_types.contains(ty));
+                    let cond2 = !open_types
+                        .iter()
+                        .any(|ty| d.blocking_order_types.contains(ty));
                     let cond3 = !of_def(&d.task_def_id).iter().any(|e| match e.status {
                         TaskStatus::InProgress | TaskStatus::Completed => true,
                         TaskStatus::Failed => e.attempt > d.max_retries,
@@ -399,7 +467,9 @@ pub fn expect(events: &[Event]) -> Expected {
             // A new episode: ready now, and not ready (or ready for another attempt) before.
             for (d, a) in &ready_now {
                 if prev_ready.get(d) != Some(a) {
-                    *out.ready_episodes.entry((wid.clone(), d.clone())).or_default() += 1;
+                    *out.ready_episodes
+                        .entry((wid.clone(), d.clone()))
+                        .or_default() += 1;
                 }
             }
             for d in prev_ready.keys() {
@@ -407,23 +477,39 @@ pub fn expect(events: &[Event]) -> Expected {
                     out.blocked_required.insert((wid.clone(), d.clone()));
                 }
             }
-            out.blocked_possible.extend(blocked_now.iter().map(|d| (wid.clone(), d.clone())));
+            out.blocked_possible
+                .extend(blocked_now.iter().map(|d| (wid.clone(), d.clone())));
             prev_ready = ready_now;
         }
-        out.ready.extend(prev_ready.into_keys().map(|d| (wid.clone(), d)));
+        out.ready
+            .extend(prev_ready.into_keys().map(|d| (wid.clone(), d)));
         let terminals: Vec<Millis> = wevs
             .iter()
-            .filter(|e| matches!(e.kind, WorkflowEventKind::Completed | WorkflowEventKind::Failed))
+            .filter(|e| {
+                matches!(
+                    e.kind,
+                    WorkflowEventKind::Completed | WorkflowEventKind::Failed
+                )
+            })
             .map(|e| e.event_time)
             .collect();
         if !terminals.is_empty() {
             out.upstream_terminals.insert(wid.clone(), terminals);
         }
-        let escalated = wevs.iter().any(|e| e.kind == WorkflowEventKind::Escalated) || out.failed.contains_key(wid);
-        out.workflows.insert(wid.clone(), WfRow { status, progress, escalated });
+        let escalated = wevs.iter().any(|e| e.kind == WorkflowEventKind::Escalated)
+            || out.failed.contains_key(wid);
+        out.workflows.insert(
+            wid.clone(),
+            WfRow {
+                status,
+                progress,
+                escalated,
+            },
+        );
         for (tid, evs) in tasks_of_w {
             if let Some(e) = task_at(evs, Millis::MAX) {
-                out.tasks.insert(tid.clone(), (status_str(e.status).to_string(), e.attempt));
+                out.tasks
+                    .insert(tid.clone(), (status_str(e.status).to_string(), e.attempt));
             }
         }
     }
