@@ -123,7 +123,9 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
         let peers = worker.peers();
         let shared = wshared.clone();
         let cfg = wcfg.clone();
-        let rules = RulesConfig::default();
+        let mut rules: RulesConfig = cfg.rules.clone();
+        // Dead letters of rejected order events name the configured topic.
+        rules.orders.topic = cfg.topics.orders.clone();
         let sender = if index == 0 { tx.lock().unwrap().take() } else { None };
         let gshared = shared.clone();
         let (mut sessions, probe) = worker.dataflow::<u64, _, _>(|scope| {
@@ -167,8 +169,13 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
                 }
                 continue;
             }
-            // Backpressure: don't read while the sink is behind.
-            let n = if shared.in_flight.load(Ordering::SeqCst) < 8 {
+            // Backpressure: don't read while the sink is behind, nor while the dataflow has
+            // not finished the times already read. Without the second condition a backlog is
+            // read whole into the dataflow before its first time completes: memory grows with
+            // the backlog and nothing is committed until all of it is processed (a crash
+            // meanwhile loses everything; the fault test's kills showed it).
+            let dataflow_behind = probe.less_than(&sessions.time());
+            let n = if !dataflow_behind && shared.in_flight.load(Ordering::SeqCst) < 8 {
                 source.poll(&mut sessions, cfg.poll_batch, &shared)
             } else {
                 0
@@ -275,13 +282,13 @@ impl Backoff {
 
 /// Applies a batch, retrying transient failures (the input stays paused meanwhile).
 /// A lost connection is re-opened, re-locked and re-claimed (a new epoch) before retrying;
-/// if another instance took the group meanwhile, the claim fences us out (permanent).
+/// if another instance took the group meanwhile, we are fenced out (permanent).
 async fn apply_with_retry(pg: &mut PgSink, cfg: &Config, batch: &FlushBatch, shared: &Shared) -> Result<(), SinkError> {
     let group = cfg.group_id.as_str();
     let mut backoff = Backoff::new();
     loop {
         if pg.client().is_closed() {
-            match reconnect(cfg).await {
+            match reconnect(cfg, pg.epoch()).await {
                 Ok(new) => *pg = new,
                 Err(e) if e.is_transient() => {
                     backoff.wait("reconnect", &e, shared).await;
@@ -301,25 +308,58 @@ async fn apply_with_retry(pg: &mut PgSink, cfg: &Config, batch: &FlushBatch, sha
     }
 }
 
-async fn reconnect(cfg: &Config) -> Result<PgSink, SinkError> {
+/// Re-opens the connection after it was lost, takes the group's lock again and claims the
+/// next epoch. `previous` is the epoch this instance held: if the claim does not return
+/// exactly the next one, another instance owned the group in between (its writes are not in
+/// our dataflow state), and continuing would corrupt the output: fenced, permanently.
+async fn reconnect(cfg: &Config, previous: Option<i64>) -> Result<PgSink, SinkError> {
+    let ours = previous.unwrap_or(0);
     let mut pg = PgSink::connect(&cfg.database_url).await?;
     if !pg.try_lock_group(&cfg.group_id).await? {
-        return Err(SinkError::Fenced { group_id: cfg.group_id.clone(), ours: pg.epoch().unwrap_or(0), current: None });
+        return Err(SinkError::Fenced { group_id: cfg.group_id.clone(), ours, current: None });
     }
-    pg.claim(&cfg.group_id, &format!("{}:{}", hostname(), std::process::id())).await?;
-    info!(group = cfg.group_id, "reconnected to PostgreSQL");
+    let epoch = pg.claim(&cfg.group_id, &format!("{}:{}", hostname(), std::process::id())).await?;
+    if epoch != ours + 1 {
+        return Err(SinkError::Fenced { group_id: cfg.group_id.clone(), ours, current: Some(epoch - 1) });
+    }
+    info!(group = cfg.group_id, epoch, "reconnected to PostgreSQL");
     Ok(pg)
 }
 
 /// Publishes the outbox, retrying transient failures.
-async fn publish_with_retry(publisher: &mut Publisher, pg: &mut PgSink, cfg: &Config, shared: &Shared) -> Result<usize, SinkError> {
+///
+/// The publisher checks the epoch it was created with; after a reconnect claimed a new one
+/// it is recreated with that epoch (and re-reads the published positions), else its first
+/// check would find the group "taken over" by this very instance.
+async fn publish_with_retry(
+    publisher: &mut Publisher,
+    pcfg: &mut PublisherConfig,
+    pg: &mut PgSink,
+    cfg: &Config,
+    shared: &Shared,
+) -> Result<usize, SinkError> {
     let mut backoff = Backoff::new();
     loop {
         if pg.client().is_closed() {
-            match reconnect(cfg).await {
+            match reconnect(cfg, pg.epoch()).await {
                 Ok(new) => *pg = new,
                 Err(e) if e.is_transient() => {
                     backoff.wait("reconnect", &e, shared).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if pcfg.epoch != pg.epoch() {
+            let mut renewed = pcfg.clone();
+            renewed.epoch = pg.epoch();
+            match Publisher::recover(renewed.clone()).await {
+                Ok(p) => {
+                    *publisher = p;
+                    *pcfg = renewed;
+                }
+                Err(e) if e.is_transient() => {
+                    backoff.wait("recover publisher", &e, shared).await;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -365,13 +405,13 @@ fn sink_thread(
             };
             pcfg.epoch = Some(epoch);
             pcfg.producer_options = cfg.kafka.clone();
-            let mut publisher = Publisher::recover(pcfg).await.context("recovering the outbox publisher")?;
+            let mut publisher = Publisher::recover(pcfg.clone()).await.context("recovering the outbox publisher")?;
             // Whatever an earlier run committed but did not publish goes out first.
             publisher.publish_pending(pg.client_mut()).await?;
             info!(group = cfg.group_id, epoch, "sink ready");
-            Ok::<_, anyhow::Error>((pg, publisher, progress))
+            Ok::<_, anyhow::Error>((pg, publisher, pcfg, progress))
         };
-        let (mut pg, mut publisher, progress) = match start.await {
+        let (mut pg, mut publisher, mut pcfg, progress) = match start.await {
             Ok(v) => v,
             Err(e) => {
                 let _ = progress_tx.send(Err(e));
@@ -412,7 +452,7 @@ fn sink_thread(
                 shared.batches_committed.fetch_add(1, Ordering::Relaxed);
                 shared.committed.store(batch.frontier, Ordering::SeqCst);
                 if !batch.records.is_empty() {
-                    let res = publish_with_retry(&mut publisher, &mut pg, &cfg, &shared).await;
+                    let res = publish_with_retry(&mut publisher, &mut pcfg, &mut pg, &cfg, &shared).await;
                     match res {
                         Ok(k) => {
                             shared.events_published.fetch_add(k as u64, Ordering::Relaxed);

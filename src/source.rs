@@ -14,8 +14,10 @@
 //! frontier): history is replayed to rebuild state, and its effects, already durable, are
 //! suppressed by the gatherer. Afterwards: in `clock = event` a record is stamped with its
 //! eventTime, in `clock = wall` with the wall clock; either way never below the current
-//! frontier nor below the previous record of its partition, so positions per partition
-//! complete in offset order.
+//! frontier, the resumed frontier, nor the previous record of its partition, so positions
+//! per partition complete in offset order. Offset marks are exact (one per partition and
+//! stamp): a committed offset separates the records whose effects are committed from those
+//! whose effects are not, which is what makes the replay-and-suppress restore exact.
 //!
 //! **Frontier (the pipeline clock, contract §8).** `wall`: now. `event`: the lowest, over this
 //! worker's partitions that are not at their end, of the highest eventTime read from each,
@@ -40,6 +42,10 @@ use hmis_dataflows::{Emit, Sessions};
 
 use crate::config::{ClockMode, Config};
 use crate::runtime::Shared;
+
+/// Records read from one consumer before [`Source::poll`] looks again for the one holding
+/// the watermark back.
+const CHUNK: usize = 500;
 
 /// One assigned input partition.
 #[derive(Debug)]
@@ -218,14 +224,32 @@ impl Source {
     }
 
     /// Reads up to `budget` records into `sessions`. Returns how many were read.
+    ///
+    /// Consumers are read in chunks of [`CHUNK`] records, each time from the one whose
+    /// partitions hold the watermark back (see [`Source::read_position`]). Reading one topic
+    /// to its end before the next (as a plain loop over consumers does on a backlog) would
+    /// hold the event-clock frontier until the whole backlog is read: nothing would be
+    /// committed until then, and a crash would lose all of it.
     pub fn poll(&mut self, sessions: &mut Sessions, budget: usize, shared: &Shared) -> usize {
         let mut n = 0;
-        // Last (time, next offset) per partition read in this call: one offset mark each.
+        // Per partition, the (time, next offset) of the last record read in this call. A mark
+        // is emitted each time a partition's stamp changes, and for the last one at the end:
+        // a committed offset then covers exactly the records stamped below the committed
+        // frontier, never one stamped at or above it (whose effects are not committed) and
+        // never leaves one stamped below it uncovered (whose effects are). One mark per poll
+        // at its last stamp would leave the second kind after a restart: re-read and, being
+        // past the committed offset, applied twice.
         let mut marks: HashMap<(usize, i32), (u64, i64)> = HashMap::new();
-        for ci in 0..self.consumers.len() {
-            while n < budget {
+        let mut drained = vec![false; self.consumers.len()];
+        while n < budget {
+            let Some(ci) = self.lagging_consumer(&drained) else { break };
+            let chunk_end = (n + CHUNK).min(budget);
+            while n < chunk_end {
                 let msg = match self.consumers[ci].1.poll(Duration::ZERO) {
-                    None => break,
+                    None => {
+                        drained[ci] = true;
+                        break;
+                    }
                     Some(Err(KafkaError::PartitionEOF(p))) => {
                         if let Some(ps) = self.parts.get_mut(&(ci, p)) {
                             ps.at_end = true;
@@ -236,6 +260,7 @@ impl Source {
                         // librdkafka retries by itself; the error is reported, the input stays paused here.
                         warn!(error = %e, "kafka consumer error");
                         shared.kafka_errors.fetch_add(1, Ordering::Relaxed);
+                        drained[ci] = true;
                         break;
                     }
                     Some(Ok(m)) => m,
@@ -271,11 +296,20 @@ impl Source {
                         ClockMode::Event => event_time.unwrap_or(now),
                         ClockMode::Wall => wall_ms(),
                     };
-                    base.max(now).max(ps.last_time)
+                    // Never below the resumed frontier: every record past the committed
+                    // offset has effects that are not committed yet, and the gatherer drops
+                    // times below that frontier (a late event, or one without an eventTime,
+                    // read right after the restore would be lost).
+                    base.max(now).max(ps.last_time).max(self.resume_frontier)
                 };
                 if !restoring {
                     ps.last_time = t;
-                    marks.insert((ci, partition), (t, offset + 1));
+                    shared.max_stamp.fetch_max(t, Ordering::Relaxed);
+                    if let Some((before, next)) = marks.insert((ci, partition), (t, offset + 1)) {
+                        if before < t {
+                            sessions.emit(Emit::Offset(OffsetMark { topic: ps.topic.clone(), partition, next_offset: next }), before);
+                        }
+                    }
                 }
                 match decoded {
                     Ok(ev) => sessions.insert(ev, t),
@@ -314,6 +348,24 @@ impl Source {
         }
         self.records_read += n as u64;
         n
+    }
+
+    /// The consumer to read next: the one, not drained in this call, whose input is read
+    /// least far in eventTime.
+    fn lagging_consumer(&self, drained: &[bool]) -> Option<usize> {
+        (0..self.consumers.len()).filter(|&ci| !drained[ci]).min_by_key(|&ci| self.read_position(ci))
+    }
+
+    /// How far a consumer's input is read, in eventTime: the lowest highest-eventTime of its
+    /// partitions not at their end; 0 while one has none yet, and for definitions (read
+    /// first: they are bootstrapped before any event); `u64::MAX` when all are at the end.
+    fn read_position(&self, ci: usize) -> u64 {
+        self.parts
+            .iter()
+            .filter(|((c, _), p)| *c == ci && !p.at_end)
+            .map(|(_, p)| if p.role == InputTopic::Definitions { 0 } else { p.max_event_time.unwrap_or(0) })
+            .min()
+            .unwrap_or(u64::MAX)
     }
 
     /// The frontier this worker can promise: no record it reads later will be stamped earlier.
