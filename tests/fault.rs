@@ -499,3 +499,70 @@ fn broker_restarted_mid_run_is_retried_and_the_result_is_exact() {
     );
     scratch.done();
 }
+
+/// A record that arrives after a finished run, with an eventTime below the committed clock
+/// (a late event) or without one (a malformed record), is processed by the next run.
+///
+/// The next run replays the committed input at one time below the committed clock and
+/// drops the effects of times below it (they are durable already); a record past the
+/// committed offsets must therefore be stamped at or above that clock, or its effects are
+/// dropped with the replay's and it is neither applied nor dead-lettered.
+#[test]
+fn records_arriving_after_a_finished_run_are_not_lost_by_the_next() {
+    let _turn = exclusive();
+    let (brokers, db) = shared_services();
+    let scratch = Scratch::new("late");
+    let cfg = private_config("fault_late", &brokers, &db);
+    let records = workload(27, 100, START_MS);
+    produce(&cfg, &records);
+    Pipeline::start(&cfg, &scratch, "first", &["--until-caught-up"])
+        .expect_success(Duration::from_secs(120));
+
+    // A WORKFLOW_STARTED of a new instance dated at the workload's very start, and bytes that
+    // are not JSON.
+    let started = records
+        .iter()
+        .find(|r| r.topic == hmis_flow::workload::STATE_EVENTS_TOPIC && r.payload.starts_with(b"{"))
+        .expect("a workflow event");
+    let mut late: serde_json::Value = serde_json::from_slice(&started.payload).unwrap();
+    assert_eq!(late["eventType"], "WORKFLOW_STARTED");
+    let wid = format!("late-{}", unique(""));
+    late["workflowInstanceId"] = wid.clone().into();
+    late["eventId"] = format!("{wid}-started").into();
+    let extra = vec![
+        WorkloadRecord {
+            topic: hmis_flow::workload::STATE_EVENTS_TOPIC,
+            key: Some(wid.clone()),
+            payload: serde_json::to_vec(&late).unwrap(),
+        },
+        WorkloadRecord {
+            topic: hmis_flow::workload::TASK_EVENTS_TOPIC,
+            key: Some(wid.clone()),
+            payload: b"{\"eventId\": truncated".to_vec(),
+        },
+    ];
+    produce(&cfg, &extra);
+    Pipeline::start(&cfg, &scratch, "second", &["--until-caught-up"])
+        .expect_success(Duration::from_secs(120));
+
+    let p = progress(&cfg).unwrap();
+    assert_eq!(
+        p.offsets,
+        (records.len() + extra.len()) as i64,
+        "every offset committed"
+    );
+    let workflows = table_rows(&cfg, "workflow_instances");
+    assert!(
+        workflows.iter().any(|r| r.contains(&wid)),
+        "the late WORKFLOW_STARTED was applied"
+    );
+    let dead = table_rows(&cfg, "dead_letters");
+    assert!(
+        dead.iter()
+            .any(|r| r.contains("truncated") && r.contains("INVALID_JSON")),
+        "the malformed record was dead-lettered"
+    );
+    let twice = repeated(&read_topic(&cfg.brokers, &cfg.topics.dead_letter));
+    assert!(twice.is_empty(), "no dead letter twice: {twice:?}");
+    scratch.done();
+}
