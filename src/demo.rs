@@ -239,10 +239,11 @@ pub fn demo(mut cfg: Config, opts: DemoOptions) -> anyhow::Result<()> {
     println!("\nLook further:");
     println!("  psql '{base_url}' -c 'SET search_path={}; SELECT * FROM task_readiness LIMIT 10'", if mock.is_some() { schema } else { "public" });
     if mock.is_some() {
-        println!("  (the mock broker ends with this process; with HMIS_BROKERS set to a real broker, e.g. after");
-        println!("   `scripts/services.sh start`, tail the output with: kcat -C -b 127.0.0.1:19092 -t {} -e)", cfg.topics.derived);
+        println!("  (the mock broker ends with this process; against a real broker, e.g. after `scripts/services.sh start`");
+        println!("   and `eval \"$(scripts/services.sh env)\"`, rerun the demo and read the output with:");
+        println!("   cargo run --release -- tail {})", cfg.topics.derived);
     } else {
-        println!("  kcat -C -b {} -t {} -e", cfg.brokers, cfg.topics.derived);
+        println!("  cargo run --release -- tail {}      (brokers from HMIS_BROKERS)", cfg.topics.derived);
     }
     drop(mock);
     Ok(())

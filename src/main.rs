@@ -34,6 +34,13 @@ enum Command {
     Demo(DemoArgs),
     /// Produce a generated workload to the input topics (for tests and benchmarks).
     Generate(GenerateArgs),
+    /// Print a topic's records (JSON, one per line) from its beginning to its current end.
+    Tail {
+        #[command(flatten)]
+        common: Common,
+        /// Topic name, e.g. workflow-derived-events.
+        topic: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -242,6 +249,13 @@ fn real_main() -> anyhow::Result<()> {
                     database_configured: explicit_db,
                 },
             )
+        }
+        Command::Tail { common, topic } => {
+            let cfg = load(&common)?;
+            for (_, payload) in hmis_flow::demo::read_topic(&cfg, &topic)? {
+                println!("{payload}");
+            }
+            Ok(())
         }
         Command::Generate(args) => {
             let cfg = load(&args.common)?;
