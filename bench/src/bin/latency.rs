@@ -299,7 +299,15 @@ async fn cleanup(args: &Args, cfg: &Config, id: &str) -> anyhow::Result<()> {
         .create()?;
     let names = topic_names(cfg);
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    admin.delete_topics(&refs, &AdminOptions::new()).await?;
+    let results = admin.delete_topics(&refs, &AdminOptions::new()).await?;
+    let failed: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err())
+        .map(|(topic, code)| format!("{topic}: {code}"))
+        .collect();
+    if !failed.is_empty() {
+        eprintln!("topics not deleted: {}", failed.join(", "));
+    }
     let (client, conn) = tokio_postgres::connect(&args.database_url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     client
