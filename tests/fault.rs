@@ -108,21 +108,35 @@ fn seed() -> u64 {
 
 /// GET `path` on the pipeline's HTTP address; the status code, or 0 when unreachable.
 fn http_status(addr: &str, path: &str) -> u16 {
+    http_get(addr, path).0
+}
+
+/// GET `path`: (status code, whole response), (0, "") when unreachable.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
     let Ok(mut s) = TcpStream::connect(addr) else {
-        return 0;
+        return (0, String::new());
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
     if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
         .is_err()
     {
-        return 0;
+        return (0, String::new());
     }
     let mut buf = String::new();
     let _ = s.read_to_string(&mut buf);
-    buf.split_whitespace()
+    let status = buf
+        .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0);
+    (status, buf)
+}
+
+/// A metric's value from `/metrics`.
+fn metric(addr: &str, name: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 #[test]
@@ -181,7 +195,7 @@ fn kill_9_at_random_moments_then_finish_equals_an_uninterrupted_run() {
         let alive = p.started.elapsed();
         p.kill9();
         let after = progress(&cfg).unwrap_or_default();
-        if after.offsets > 0 && after.offsets < total {
+        if after.offsets < total {
             mid_stream += 1;
         }
         eprintln!(
@@ -191,8 +205,8 @@ fn kill_9_at_random_moments_then_finish_equals_an_uninterrupted_run() {
     }
     let kills_time = t_kills.elapsed();
     assert!(
-        mid_stream >= 3,
-        "at least 3 kills hit a partly processed stream ({mid_stream}): resize the workload"
+        mid_stream >= 4,
+        "at least 4 of {KILLS} kills left input to process ({mid_stream}): resize the workload (HMIS_FAULT_WORKFLOWS)"
     );
 
     let t_finish = Instant::now();
@@ -466,17 +480,18 @@ fn broker_restarted_mid_run_is_retried_and_the_result_is_exact() {
         "run",
         &["--until-caught-up", "--http", &http],
     );
-    // Mid-run: after the first commit, with input still to commit or output to publish.
+    // Mid-run: as soon as the pipeline has read its first records. Whatever it has read by
+    // the time the broker is gone, its output cannot all be published without the broker.
     let total = records.len() as i64;
-    wait_until(Duration::from_secs(120), "a first commit", || {
-        progress(&cfg).is_some_and(|q| q.frontier.is_some())
+    wait_until(Duration::from_secs(120), "the first records read", || {
+        metric(&http, "hmis_events_processed_total").is_some_and(|n| n > 0.0)
     });
-    let before = progress(&cfg).unwrap();
+    broker.stop();
+    let before = progress(&cfg).unwrap_or_default();
     assert!(
         before.offsets < total || before.outbox > 0,
         "the broker must go down mid-run: resize the workload"
     );
-    broker.stop();
     let down = Instant::now();
     let mut readiness = std::collections::BTreeSet::new();
     while down.elapsed() < Duration::from_secs(3) {
@@ -564,5 +579,114 @@ fn records_arriving_after_a_finished_run_are_not_lost_by_the_next() {
     );
     let twice = repeated(&read_topic(&cfg.brokers, &cfg.topics.dead_letter));
     assert!(twice.is_empty(), "no dead letter twice: {twice:?}");
+    scratch.done();
+}
+
+/// `clock = wall` (the default) under kill -9: what the rules derive from the clock (SLA
+/// breaches, escalations, the times in derived events) depends on when records were read,
+/// so there is no exact reference. What must hold: every output record once (read_committed),
+/// every input offset committed, and the clock-independent state (task and workflow status,
+/// progress, readiness, dead letters) equal to an uninterrupted wall-clock run's.
+///
+/// Ignored while it fails (about one run in two, seen 2026-11-26): after a restart in wall
+/// mode, the replay stamps the whole history at one time, so clock-dependent rules recompute
+/// their history differently; re-escalations (WORKFLOW_ESCALATED, `UNANSWERED_ESCALATION`,
+/// levels 2 and 3) were re-derived after the restart with the same eventId but another
+/// reason and time, and published a second time. Run it with `-- --ignored`.
+#[test]
+#[ignore = "known failure in clock = wall: re-escalations re-derived after a restart are published twice (docs/guarantees.md)"]
+fn wall_clock_kill_9_publishes_each_event_once_and_keeps_the_state_exact() {
+    let _turn = exclusive();
+    let (brokers, db) = shared_services();
+    let scratch = Scratch::new("wall");
+    let mut cfg = private_config("fault_wall", &brokers, &db);
+    cfg.clock = hmis_flow::config::ClockMode::Wall;
+    // The wall clock stamps a whole poll with nearly one time: several times faster than the
+    // event clock, hence a larger workload, so that kills land mid-stream.
+    let records = workload(28, 6_000, START_MS);
+    let total = records.len() as i64;
+    produce(&cfg, &records);
+    let reference = sibling_config(&cfg, "fault_wall_ref", &db);
+    reference_run(&reference, &scratch, "reference");
+
+    let seed = seed();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    // Kill at random moments 0.2-1.2 s after each start (start-up, replay, batches; a poll
+    // is 2,000 records), until 5 kills have hit a stream with input left, at most 10.
+    let mut mid_stream = 0;
+    let mut i = 0;
+    while mid_stream < 5 && i < 10 {
+        let workers = rng.random_range(1..=2usize).to_string();
+        let before = progress(&cfg).unwrap_or_default();
+        if before.offsets >= total {
+            break;
+        }
+        let mut p = Pipeline::start(
+            &cfg,
+            &scratch,
+            &format!("run{i}"),
+            &["--workers", &workers, "--poll-batch", "2000"],
+        );
+        std::thread::sleep(Duration::from_millis(rng.random_range(200..1200)));
+        assert!(
+            p.try_wait().is_none(),
+            "incarnation {i} ended by itself\n{}",
+            p.logs()
+        );
+        p.kill9();
+        let after = progress(&cfg).unwrap_or_default();
+        if after.offsets < total {
+            mid_stream += 1;
+        }
+        eprintln!(
+            "wall kill {i} (seed {seed}): {workers} worker(s), committed offsets {} -> {} of {total}, outbox {}",
+            before.offsets, after.offsets, after.outbox
+        );
+        i += 1;
+    }
+    assert!(
+        mid_stream >= 3,
+        "at least 3 kills left input to process ({mid_stream})"
+    );
+    Pipeline::start(&cfg, &scratch, "finish", &["--until-caught-up"])
+        .expect_success(Duration::from_secs(300));
+
+    let p = progress(&cfg).unwrap();
+    assert_eq!(p.offsets, total, "every input offset is committed");
+    assert_eq!(p.outbox, 0, "everything committed is published");
+    for (table, sql) in [
+        ("workflow_instances", "SELECT concat_ws('|', workflow_instance_id, status, progress_percentage) FROM workflow_instances"),
+        ("task_instances", "SELECT concat_ws('|', task_instance_id, status, attempt) FROM task_instances"),
+        ("task_readiness", "SELECT concat_ws('|', workflow_instance_id, task_def_id, next_attempt) FROM task_readiness"),
+        ("dead_letters", "SELECT concat_ws('|', topic, partition, \"offset\", reason) FROM dead_letters"),
+        ("orders", "SELECT concat_ws('|', order_id, order_status) FROM orders"),
+    ] {
+        let (g, w) = (query_texts(&cfg, sql), query_texts(&reference, sql));
+        assert!(!w.is_empty() || table == "task_readiness", "{table}: a meaningful workload");
+        assert!(g == w, "{table}: {} rows, the uninterrupted run has {}", g.len(), w.len());
+    }
+    let mut published = Vec::new();
+    for topic in [
+        &cfg.topics.derived,
+        &cfg.topics.alerts,
+        &cfg.topics.dead_letter,
+    ] {
+        let msgs = read_topic(&cfg.brokers, topic);
+        let twice = repeated(&msgs);
+        assert!(
+            twice.is_empty(),
+            "{topic}: {} event ids published more than once, e.g. {:?}",
+            twice.len(),
+            &twice[..twice.len().min(5)]
+        );
+        published.push(msgs.len());
+    }
+    let dead = read_topic(&cfg.brokers, &cfg.topics.dead_letter).len();
+    assert_eq!(
+        dead,
+        query_texts(&cfg, "SELECT 'x' FROM dead_letters").len(),
+        "one dead-letter record per dead letter"
+    );
+    eprintln!("wall clock: {total} records; published {published:?} (derived, alerts, dead letters), each once");
     scratch.done();
 }

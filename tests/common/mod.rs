@@ -380,6 +380,26 @@ pub fn table_rows(cfg: &Config, table: &str) -> Vec<String> {
     rows
 }
 
+/// The rows of a query returning one text column, sorted.
+pub fn query_texts(cfg: &Config, sql: &str) -> Vec<String> {
+    let url = cfg.database_url.clone();
+    let sql = sql.to_string();
+    let mut rows: Vec<String> = rt().block_on(async move {
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        c.query(&sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    });
+    rows.sort();
+    rows
+}
+
 /// Asserts that every table of [`TABLES`] holds the same rows in both schemas; returns the
 /// row count per table.
 pub fn assert_same_tables(got: &Config, want: &Config) -> BTreeMap<&'static str, usize> {
