@@ -212,8 +212,14 @@ pub fn time_rules<'s>(wf_out: VecCollection<'s, u64, (String, WfOut)>) -> VecCol
         })
         .delay_until(|(_, r): &((String, i32), ReEscalation)| Some(r.deadline))
         .reduce_named("ReEscalations", |_key, input, output| {
-            // The earliest deadline is the one that fired first.
-            output.push((input[0].0.clone(), 1));
+            // One per (workflow, level), with content that does not depend on which of several
+            // escalations fired it (nor when): a second source firing later, or the first one
+            // retracting, must not change it, or the same eventId would be emitted again.
+            let r: &ReEscalation = input[0].0;
+            output.push((
+                ReEscalation { deadline: 0, source: String::new(), ..r.clone() },
+                1,
+            ));
         });
     let fired_reesc = reesc.clone();
     let reesc_out = appearances(reesc)
@@ -228,7 +234,7 @@ pub fn time_rules<'s>(wf_out: VecCollection<'s, u64, (String, WfOut)>) -> VecCol
                 d.template_id = Some(r.template_id.clone());
                 d.template_version = Some(r.template_version);
                 d.escalation_level = Some(r.level);
-                d.escalation_reason = Some(format!("UNANSWERED_ESCALATION:{}", r.source));
+                d.escalation_reason = Some("UNANSWERED_ESCALATION".to_string());
                 emit(d, t)
             })
         })
