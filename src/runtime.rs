@@ -143,13 +143,32 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
             (sessions, probe)
         });
         drop(sender);
-        let mut source = match Source::new(&cfg, &partitions, index, peers, &committed, resume) {
-            Ok(s) => s,
-            Err(e) => {
-                error!(error = %e, "source start failed");
-                *shared.fatal.lock().unwrap() = Some(format!("source: {e:#}"));
-                shared.stop.store(true, Ordering::SeqCst);
-                return;
+        // Assigning partitions reads their watermarks from the broker: retried with backoff
+        // for up to a minute (a broker restarting under us), then fatal. Either way this worker
+        // must not leave the closure with its dataflow installed: timely would wait for it to
+        // complete, which needs the other workers' operators, so the process would hang.
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        let mut source = loop {
+            match Source::new(&cfg, &partitions, index, peers, &committed, resume) {
+                Ok(s) => break s,
+                Err(e) if started.elapsed() < Duration::from_secs(60) && !shared.stop.load(Ordering::SeqCst) => {
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "source start failed, retrying");
+                    shared.kafka_errors.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    error!(error = %e, "source start failed");
+                    let mut fatal = shared.fatal.lock().unwrap();
+                    fatal.get_or_insert_with(|| format!("source: {e:#}"));
+                    drop(fatal);
+                    shared.stop.store(true, Ordering::SeqCst);
+                    for id in worker.installed_dataflows() {
+                        worker.drop_dataflow(id);
+                    }
+                    return;
+                }
             }
         };
         sessions.advance_to(source.restore_time());

@@ -483,10 +483,13 @@ fn broker_restarted_mid_run_is_retried_and_the_result_is_exact() {
     // Mid-run: as soon as the pipeline has read its first records. Whatever it has read by
     // the time the broker is gone, its output cannot all be published without the broker.
     let total = records.len() as i64;
+    // (kill -9: a clean stop lets the broker serve for a while, enough for this run to end.)
     wait_until(Duration::from_secs(120), "the first records read", || {
         metric(&http, "hmis_events_processed_total").is_some_and(|n| n > 0.0)
     });
-    broker.stop();
+    let t_kill = Instant::now();
+    broker.kill();
+    eprintln!("broker killed in {:.2?}", t_kill.elapsed());
     let before = progress(&cfg).unwrap_or_default();
     assert!(
         before.offsets < total || before.outbox > 0,

@@ -779,6 +779,14 @@ impl PrivateBroker {
         });
     }
 
+    /// `kill -9`: the broker crashes, clients see their connections cut at once.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops it with SIGTERM (a clean shutdown), waiting up to 30 s, then SIGKILL.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
