@@ -591,13 +591,10 @@ fn records_arriving_after_a_finished_run_are_not_lost_by_the_next() {
 /// every input offset committed, and the clock-independent state (task and workflow status,
 /// progress, readiness, dead letters) equal to an uninterrupted wall-clock run's.
 ///
-/// Ignored while it fails (about one run in two, seen 2026-11-26): after a restart in wall
-/// mode, the replay stamps the whole history at one time, so clock-dependent rules recompute
-/// their history differently; re-escalations (WORKFLOW_ESCALATED, `UNANSWERED_ESCALATION`,
-/// levels 2 and 3) were re-derived after the restart with the same eventId but another
-/// reason and time, and published a second time. Run it with `-- --ignored`.
+/// It found re-escalations (WORKFLOW_ESCALATED, `UNANSWERED_ESCALATION`) re-derived after a
+/// restart with the same eventId but another reason, published twice (fixed in the rules:
+/// their content no longer depends on which escalation fired them).
 #[test]
-#[ignore = "known failure in clock = wall: re-escalations re-derived after a restart are published twice (docs/guarantees.md)"]
 fn wall_clock_kill_9_publishes_each_event_once_and_keeps_the_state_exact() {
     let _turn = exclusive();
     let (brokers, db) = shared_services();
