@@ -149,6 +149,13 @@ pg_start() {
         as_pg "'$PGBIN/initdb' -D '$PGDATA' --auth=trust --username=$PG_SUPERUSER --encoding=UTF8 --locale=C.UTF-8 >'$PG_DIR/initdb.log' 2>&1" \
             || die "initdb failed, see $PG_DIR/initdb.log"
     fi
+    # Under load the status check can miss a running server once: ask again before deciding
+    # that the port belongs to someone else.
+    local tries=0
+    while ! pg_running && port_open "$PG_PORT" && [ "$tries" -lt 5 ]; do
+        tries=$((tries + 1))
+        sleep 1
+    done
     if pg_running; then
         log "PostgreSQL already running (data $PGDATA)"
     else

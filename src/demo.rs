@@ -149,8 +149,15 @@ pub struct DemoOptions {
     pub database_configured: bool,
 }
 
+/// The checkout whose `scripts/services.sh` manages the local services: the current
+/// directory when it is one (`cargo run` from the repository), else the one built from.
 fn repo_root() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let cwd = std::env::current_dir().unwrap_or_default();
+    if cwd.join("scripts/services.sh").is_file() {
+        cwd
+    } else {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    }
 }
 
 /// `hmis-flow demo`.

@@ -150,7 +150,8 @@ fn load(common: &Common) -> anyhow::Result<Config> {
 fn main() {
     // The demo prints its own summary: keep its log to warnings unless HMIS_LOG says otherwise.
     let quiet = std::env::args().nth(1).as_deref() == Some("demo");
-    let default_filter = if quiet { "warn" } else { "info,rdkafka=warn,tokio_postgres=warn" };
+    // librdkafka warns that enable.gapless.guarantee (which the outbox relies on) is "experimental".
+    let default_filter = if quiet { "warn,librdkafka=error" } else { "info,rdkafka=warn,librdkafka=error,tokio_postgres=warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HMIS_LOG").unwrap_or_else(|_| default_filter.into()),
