@@ -173,12 +173,18 @@ mod tests {
         assert_eq!(cfg.brokers, "b:9092");
         assert_eq!(cfg.clock, ClockMode::Event);
         assert_eq!(cfg.topics.tasks, "t");
-        assert_eq!(cfg.topics.orders, "workflow-order-events", "unset fields keep their defaults");
+        assert_eq!(
+            cfg.topics.orders, "workflow-order-events",
+            "unset fields keep their defaults"
+        );
         assert_eq!(cfg.kafka["security.protocol"], "SASL_SSL");
         assert_eq!(cfg.rules.time.stale_after_ms, 1000);
         assert_eq!(cfg.rules.time.re_escalate_after_ms, 3_600_000);
         assert_eq!(cfg.rules.orders.fulfillment_minutes["LAB_TEST"], 5);
-        assert!(toml::from_str::<Config>("brokerz = \"x\"").is_err(), "a misspelled key is an error");
+        assert!(
+            toml::from_str::<Config>("brokerz = \"x\"").is_err(),
+            "a misspelled key is an error"
+        );
         assert!(toml::from_str::<Config>("[rules.time]\nstale_after = 1").is_err());
     }
 }

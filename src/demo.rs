@@ -80,7 +80,10 @@ pub async fn produce(cfg: &Config, records: &[WorkloadRecord]) -> anyhow::Result
                     pending.push(f);
                     break;
                 }
-                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r2)) => {
+                Err((
+                    KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    r2,
+                )) => {
                     rec = r2;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -90,7 +93,10 @@ pub async fn produce(cfg: &Config, records: &[WorkloadRecord]) -> anyhow::Result
     }
     let n = pending.len();
     for f in pending {
-        f.await.map_err(|_| anyhow::anyhow!("delivery cancelled"))?.map_err(|(e, _)| e).context("delivery")?;
+        f.await
+            .map_err(|_| anyhow::anyhow!("delivery cancelled"))?
+            .map_err(|(e, _)| e)
+            .context("delivery")?;
     }
     Ok(n)
 }
@@ -106,7 +112,12 @@ pub fn read_topic(cfg: &Config, topic: &str) -> anyhow::Result<Vec<(Option<Strin
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let mut tpl = TopicPartitionList::new();
     let mut ends = BTreeMap::new();
-    for p in md.topics().first().map(|t| t.partitions()).unwrap_or_default() {
+    for p in md
+        .topics()
+        .first()
+        .map(|t| t.partitions())
+        .unwrap_or_default()
+    {
         let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
         if high > low {
             tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
@@ -121,7 +132,10 @@ pub fn read_topic(cfg: &Config, topic: &str) -> anyhow::Result<Vec<(Option<Strin
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut done = BTreeMap::new();
     while done.len() < ends.len() {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "timed out reading {topic}");
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "timed out reading {topic}"
+        );
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 out.push((
@@ -175,9 +189,13 @@ pub fn demo(mut cfg: Config, opts: DemoOptions) -> anyhow::Result<()> {
     let mock = if opts.brokers_configured {
         None
     } else {
-        let mock = rdkafka::mocking::MockCluster::new(1).context("starting the in-process Kafka mock cluster")?;
+        let mock = rdkafka::mocking::MockCluster::new(1)
+            .context("starting the in-process Kafka mock cluster")?;
         cfg.brokers = mock.bootstrap_servers();
-        println!("==> no HMIS_BROKERS: using an in-process Kafka-protocol mock cluster at {}", cfg.brokers);
+        println!(
+            "==> no HMIS_BROKERS: using an in-process Kafka-protocol mock cluster at {}",
+            cfg.brokers
+        );
         for spec in topic_specs(&cfg) {
             mock.create_topic(&spec.name, spec.partitions, 1)?;
         }
@@ -190,7 +208,11 @@ pub fn demo(mut cfg: Config, opts: DemoOptions) -> anyhow::Result<()> {
         rt.block_on(async {
             let (client, conn) = tokio_postgres::connect(&base_url, tokio_postgres::NoTls).await?;
             tokio::spawn(conn);
-            client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};")).await?;
+            client
+                .batch_execute(&format!(
+                    "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};"
+                ))
+                .await?;
             Ok::<_, anyhow::Error>(())
         })
         .context("preparing the demo schema")?;
@@ -198,13 +220,27 @@ pub fn demo(mut cfg: Config, opts: DemoOptions) -> anyhow::Result<()> {
         cfg.database_url = format!("{base_url}{sep}options=-c%20search_path%3D{schema}");
     } else {
         let created = rt.block_on(create_topics(&cfg))?;
-        println!("==> topics: {}", if created.is_empty() { "all exist".into() } else { created.join(", ") });
+        println!(
+            "==> topics: {}",
+            if created.is_empty() {
+                "all exist".into()
+            } else {
+                created.join(", ")
+            }
+        );
     }
     let applied = rt.block_on(async {
         let mut pg = hmis_sinks::PgSink::connect(&cfg.database_url).await?;
         pg.migrate().await
     })?;
-    println!("==> migrations applied: {}", if applied.is_empty() { "none (up to date)".into() } else { applied.join(", ") });
+    println!(
+        "==> migrations applied: {}",
+        if applied.is_empty() {
+            "none (up to date)".into()
+        } else {
+            applied.join(", ")
+        }
+    );
 
     let records = crate::workload::generate(&WorkloadConfig {
         seed: opts.seed,
@@ -214,12 +250,18 @@ pub fn demo(mut cfg: Config, opts: DemoOptions) -> anyhow::Result<()> {
         duplicate_ratio: 0.02,
     });
     let n = rt.block_on(produce(&cfg, &records))?;
-    println!("==> produced {n} input records for {} workflows (1% malformed, 2% duplicates)", opts.workflows);
+    println!(
+        "==> produced {n} input records for {} workflows (1% malformed, 2% duplicates)",
+        opts.workflows
+    );
 
     cfg.clock = ClockMode::Event;
     cfg.until_caught_up = true;
     cfg.workers = opts.workers.max(1);
-    println!("==> running: hmis-flow run --clock event --until-caught-up --workers {}", cfg.workers);
+    println!(
+        "==> running: hmis-flow run --clock event --until-caught-up --workers {}",
+        cfg.workers
+    );
     let summary = crate::run(cfg.clone(), std::sync::Arc::new(crate::Shared::default()))?;
     println!(
         "    read {} records, {} dead letters, {} transactions, {} records published, in {:.2}s",
@@ -234,9 +276,15 @@ pub fn demo(mut cfg: Config, opts: DemoOptions) -> anyhow::Result<()> {
     let mut by_type: BTreeMap<String, usize> = BTreeMap::new();
     for (_, payload) in &derived {
         let v: serde_json::Value = serde_json::from_str(payload).unwrap_or_default();
-        *by_type.entry(v["eventType"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+        *by_type
+            .entry(v["eventType"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
     }
-    println!("\nDerived events on {} ({} in all):", cfg.topics.derived, derived.len());
+    println!(
+        "\nDerived events on {} ({} in all):",
+        cfg.topics.derived,
+        derived.len()
+    );
     for (t, c) in &by_type {
         println!("  {t:<28} {c:>6}");
     }
@@ -244,13 +292,19 @@ pub fn demo(mut cfg: Config, opts: DemoOptions) -> anyhow::Result<()> {
         println!("  e.g. {first}");
     }
     println!("\nLook further:");
-    println!("  psql '{base_url}' -c 'SET search_path={}; SELECT * FROM task_readiness LIMIT 10'", if mock.is_some() { schema } else { "public" });
+    println!(
+        "  psql '{base_url}' -c 'SET search_path={}; SELECT * FROM task_readiness LIMIT 10'",
+        if mock.is_some() { schema } else { "public" }
+    );
     if mock.is_some() {
         println!("  (the mock broker ends with this process; against a real broker, e.g. after `scripts/services.sh start`");
         println!("   and `eval \"$(scripts/services.sh env)\"`, rerun the demo and read the output with:");
         println!("   cargo run --release -- tail {})", cfg.topics.derived);
     } else {
-        println!("  cargo run --release -- tail {}      (brokers from HMIS_BROKERS)", cfg.topics.derived);
+        println!(
+            "  cargo run --release -- tail {}      (brokers from HMIS_BROKERS)",
+            cfg.topics.derived
+        );
     }
     drop(mock);
     Ok(())
@@ -260,7 +314,13 @@ async fn print_summary(cfg: &Config) -> anyhow::Result<()> {
     let (client, conn) = tokio_postgres::connect(&cfg.database_url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     println!("\nWorkflows by status:");
-    for r in client.query("SELECT status, count(*) FROM workflow_instances GROUP BY 1 ORDER BY 1", &[]).await? {
+    for r in client
+        .query(
+            "SELECT status, count(*) FROM workflow_instances GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await?
+    {
         println!("  {:<12} {:>6}", r.get::<_, String>(0), r.get::<_, i64>(1));
     }
     println!("Progress distribution:");
@@ -271,11 +331,23 @@ async fn print_summary(cfg: &Config) -> anyhow::Result<()> {
         println!("  {:<12} {:>6}", r.get::<_, String>(0), r.get::<_, i64>(1));
     }
     println!("Ready tasks by definition (task_readiness):");
-    for r in client.query("SELECT task_def_id, count(*) FROM task_readiness GROUP BY 1 ORDER BY 2 DESC, 1", &[]).await? {
+    for r in client
+        .query(
+            "SELECT task_def_id, count(*) FROM task_readiness GROUP BY 1 ORDER BY 2 DESC, 1",
+            &[],
+        )
+        .await?
+    {
         println!("  {:<24} {:>6}", r.get::<_, String>(0), r.get::<_, i64>(1));
     }
     println!("Dead letters by reason:");
-    for r in client.query("SELECT reason, count(*) FROM dead_letters GROUP BY 1 ORDER BY 1", &[]).await? {
+    for r in client
+        .query(
+            "SELECT reason, count(*) FROM dead_letters GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await?
+    {
         println!("  {:<24} {:>6}", r.get::<_, String>(0), r.get::<_, i64>(1));
     }
     Ok(())

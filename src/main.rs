@@ -151,10 +151,15 @@ fn main() {
     // The demo prints its own summary: keep its log to warnings unless HMIS_LOG says otherwise.
     let quiet = std::env::args().nth(1).as_deref() == Some("demo");
     // librdkafka warns that enable.gapless.guarantee (which the outbox relies on) is "experimental".
-    let default_filter = if quiet { "warn,librdkafka=error" } else { "info,rdkafka=warn,librdkafka=error,tokio_postgres=warn" };
+    let default_filter = if quiet {
+        "warn,librdkafka=error"
+    } else {
+        "info,rdkafka=warn,librdkafka=error,tokio_postgres=warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HMIS_LOG").unwrap_or_else(|_| default_filter.into()),
+            tracing_subscriber::EnvFilter::try_from_env("HMIS_LOG")
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -167,14 +172,27 @@ fn main() {
 fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Topics { action: TopicsAction::Create { common, replication_factor } } => {
+        Command::Topics {
+            action:
+                TopicsAction::Create {
+                    common,
+                    replication_factor,
+                },
+        } => {
             let mut cfg = load(&common)?;
             if let Some(r) = replication_factor {
                 cfg.replication_factor = r;
             }
             let rt = tokio::runtime::Runtime::new()?;
             let created = rt.block_on(hmis_flow::demo::create_topics(&cfg))?;
-            println!("topics created: {}", if created.is_empty() { "none (all exist)".to_string() } else { created.join(", ") });
+            println!(
+                "topics created: {}",
+                if created.is_empty() {
+                    "none (all exist)".to_string()
+                } else {
+                    created.join(", ")
+                }
+            );
             Ok(())
         }
         Command::Migrate(common) => {
@@ -184,7 +202,14 @@ fn real_main() -> anyhow::Result<()> {
                 let mut pg = hmis_sinks::PgSink::connect(&cfg.database_url).await?;
                 pg.migrate().await
             })?;
-            println!("migrations applied: {}", if applied.is_empty() { "none (up to date)".to_string() } else { applied.join(", ") });
+            println!(
+                "migrations applied: {}",
+                if applied.is_empty() {
+                    "none (up to date)".to_string()
+                } else {
+                    applied.join(", ")
+                }
+            );
             Ok(())
         }
         Command::Run(args) => {
@@ -210,13 +235,19 @@ fn real_main() -> anyhow::Result<()> {
             }
             let shared = Arc::new(Shared::default());
             // Signals and HTTP run on a small side runtime; the pipeline has its own threads.
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
             if let Some(addr) = cfg.http {
-                rt.block_on(hmis_flow::http::serve(addr, shared.clone())).context("binding the HTTP endpoints")?;
+                rt.block_on(hmis_flow::http::serve(addr, shared.clone()))
+                    .context("binding the HTTP endpoints")?;
             }
             let sig = shared.clone();
             rt.spawn(async move {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {},
                     _ = term.recv() => {},
@@ -238,7 +269,8 @@ fn real_main() -> anyhow::Result<()> {
         }
         Command::Demo(args) => {
             let explicit = args.common.brokers.is_some() || std::env::var("HMIS_BROKERS").is_ok();
-            let explicit_db = args.common.database_url.is_some() || std::env::var("HMIS_DATABASE_URL").is_ok();
+            let explicit_db =
+                args.common.database_url.is_some() || std::env::var("HMIS_DATABASE_URL").is_ok();
             let cfg = load(&args.common)?;
             hmis_flow::demo::demo(
                 cfg,

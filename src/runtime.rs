@@ -108,7 +108,11 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
         }
     };
     let resume = progress.frontier_ms.unwrap_or(0);
-    info!(resume_frontier = resume, offsets = progress.offsets.len(), "restoring from committed progress");
+    info!(
+        resume_frontier = resume,
+        offsets = progress.offsets.len(),
+        "restoring from committed progress"
+    );
     shared.committed.store(resume, Ordering::SeqCst);
     shared.published.store(resume, Ordering::SeqCst);
 
@@ -245,7 +249,9 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
     })
     .map_err(|e| anyhow::anyhow!("starting timely workers: {e}"))?;
     drop(guards);
-    let sink_result = sink.join().map_err(|_| anyhow::anyhow!("sink thread panicked"))?;
+    let sink_result = sink
+        .join()
+        .map_err(|_| anyhow::anyhow!("sink thread panicked"))?;
     if let Some(f) = shared.fatal.lock().unwrap().clone() {
         anyhow::bail!(f);
     }
@@ -271,8 +277,16 @@ struct Merger {
 
 impl Merger {
     fn new(first: FlushBatch) -> Merger {
-        let index = first.rows.iter().enumerate().map(|(i, (k, _))| (k.clone(), i)).collect();
-        Merger { batch: first, index }
+        let index = first
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(i, (k, _))| (k.clone(), i))
+            .collect();
+        Merger {
+            batch: first,
+            index,
+        }
     }
 
     /// Rows in the accumulated transaction.
@@ -299,7 +313,11 @@ fn merge(a: &mut FlushBatch, rows: &mut HashMap<(u8, String, String), usize>, b:
     a.records.extend(b.records);
     a.dead_letters.extend(b.dead_letters);
     for m in b.offsets {
-        match a.offsets.iter_mut().find(|x| x.topic == m.topic && x.partition == m.partition) {
+        match a
+            .offsets
+            .iter_mut()
+            .find(|x| x.topic == m.topic && x.partition == m.partition)
+        {
             Some(x) => x.next_offset = x.next_offset.max(m.next_offset),
             None => a.offsets.push(m),
         }
@@ -326,7 +344,12 @@ impl Backoff {
 /// Applies a batch, retrying transient failures (the input stays paused meanwhile).
 /// A lost connection is re-opened, re-locked and re-claimed (a new epoch) before retrying;
 /// if another instance took the group meanwhile, we are fenced out (permanent).
-async fn apply_with_retry(pg: &mut PgSink, cfg: &Config, batch: &FlushBatch, shared: &Shared) -> Result<(), SinkError> {
+async fn apply_with_retry(
+    pg: &mut PgSink,
+    cfg: &Config,
+    batch: &FlushBatch,
+    shared: &Shared,
+) -> Result<(), SinkError> {
     let group = cfg.group_id.as_str();
     let mut backoff = Backoff::new();
     loop {
@@ -359,11 +382,24 @@ async fn reconnect(cfg: &Config, previous: Option<i64>) -> Result<PgSink, SinkEr
     let ours = previous.unwrap_or(0);
     let mut pg = PgSink::connect(&cfg.database_url).await?;
     if !pg.try_lock_group(&cfg.group_id).await? {
-        return Err(SinkError::Fenced { group_id: cfg.group_id.clone(), ours, current: None });
+        return Err(SinkError::Fenced {
+            group_id: cfg.group_id.clone(),
+            ours,
+            current: None,
+        });
     }
-    let epoch = pg.claim(&cfg.group_id, &format!("{}:{}", hostname(), std::process::id())).await?;
+    let epoch = pg
+        .claim(
+            &cfg.group_id,
+            &format!("{}:{}", hostname(), std::process::id()),
+        )
+        .await?;
     if epoch != ours + 1 {
-        return Err(SinkError::Fenced { group_id: cfg.group_id.clone(), ours, current: Some(epoch - 1) });
+        return Err(SinkError::Fenced {
+            group_id: cfg.group_id.clone(),
+            ours,
+            current: Some(epoch - 1),
+        });
     }
     info!(group = cfg.group_id, epoch, "reconnected to PostgreSQL");
     Ok(pg)
@@ -425,15 +461,23 @@ fn sink_thread(
     progress_tx: std::sync::mpsc::Sender<anyhow::Result<hmis_sinks::Progress>>,
     shared: Arc<Shared>,
 ) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let result = rt.block_on(async {
         let start = async {
-            let mut pg = PgSink::connect(&cfg.database_url).await.context("connecting to PostgreSQL")?;
+            let mut pg = PgSink::connect(&cfg.database_url)
+                .await
+                .context("connecting to PostgreSQL")?;
             pg.migrate().await.context("applying migrations")?;
             let deadline = Instant::now() + Duration::from_secs(cfg.lock_wait_secs);
             while !pg.try_lock_group(&cfg.group_id).await? {
                 if Instant::now() > deadline {
-                    anyhow::bail!("another instance holds group `{}` (waited {} s)", cfg.group_id, cfg.lock_wait_secs);
+                    anyhow::bail!(
+                        "another instance holds group `{}` (waited {} s)",
+                        cfg.group_id,
+                        cfg.lock_wait_secs
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -448,7 +492,9 @@ fn sink_thread(
             };
             pcfg.epoch = Some(epoch);
             pcfg.producer_options = cfg.kafka.clone();
-            let mut publisher = Publisher::recover(pcfg.clone()).await.context("recovering the outbox publisher")?;
+            let mut publisher = Publisher::recover(pcfg.clone())
+                .await
+                .context("recovering the outbox publisher")?;
             // Whatever an earlier run committed but did not publish goes out first.
             publisher.publish_pending(pg.client_mut()).await?;
             info!(group = cfg.group_id, epoch, "sink ready");
@@ -484,7 +530,10 @@ fn sink_thread(
                 && batch.offsets.is_empty();
             // Progress-only batches are committed at most every 500 ms (or when finishing).
             let finishing = shared.final_frontier.load(Ordering::SeqCst) > 0;
-            if !is_empty || finishing || batch.frontier >= shared.committed.load(Ordering::SeqCst) + 500 {
+            if !is_empty
+                || finishing
+                || batch.frontier >= shared.committed.load(Ordering::SeqCst) + 500
+            {
                 let res = apply_with_retry(&mut pg, &cfg, &batch, &shared).await;
                 if let Err(e) = res {
                     error!(error = %e, "sink failed permanently");
@@ -494,14 +543,19 @@ fn sink_thread(
                     break;
                 }
                 lag_monitor.commit(&batch);
-                shared.rows_written.fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
+                shared
+                    .rows_written
+                    .fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
                 shared.batches_committed.fetch_add(1, Ordering::Relaxed);
                 shared.committed.store(batch.frontier, Ordering::SeqCst);
                 if !batch.records.is_empty() {
-                    let res = publish_with_retry(&mut publisher, &mut pcfg, &mut pg, &cfg, &shared).await;
+                    let res =
+                        publish_with_retry(&mut publisher, &mut pcfg, &mut pg, &cfg, &shared).await;
                     match res {
                         Ok(k) => {
-                            shared.events_published.fetch_add(k as u64, Ordering::Relaxed);
+                            shared
+                                .events_published
+                                .fetch_add(k as u64, Ordering::Relaxed);
                         }
                         Err(e) => {
                             error!(error = %e, "publisher failed permanently");
@@ -531,7 +585,8 @@ struct LagMonitor(Option<rdkafka::consumer::BaseConsumer>);
 
 impl LagMonitor {
     fn new(cfg: &Config) -> LagMonitor {
-        let consumer = crate::source::client_config(cfg).create::<rdkafka::consumer::BaseConsumer>();
+        let consumer =
+            crate::source::client_config(cfg).create::<rdkafka::consumer::BaseConsumer>();
         if let Err(e) = &consumer {
             warn!(error = %e, "no consumer-group lag reporting");
         }
@@ -546,7 +601,11 @@ impl LagMonitor {
         }
         let mut tpl = rdkafka::TopicPartitionList::new();
         for m in &batch.offsets {
-            let _ = tpl.add_partition_offset(&m.topic, m.partition, rdkafka::Offset::Offset(m.next_offset));
+            let _ = tpl.add_partition_offset(
+                &m.topic,
+                m.partition,
+                rdkafka::Offset::Offset(m.next_offset),
+            );
         }
         if let Err(e) = c.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
             warn!(error = %e, "consumer-group commit (lag monitoring) failed");
@@ -557,5 +616,7 @@ impl LagMonitor {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }

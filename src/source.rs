@@ -74,7 +74,10 @@ pub fn enumerate_partitions(cfg: &Config) -> anyhow::Result<Vec<(InputTopic, Str
         let md = consumer
             .fetch_metadata(Some(&name), Duration::from_secs(10))
             .map_err(|e| anyhow::anyhow!("metadata of topic {name}: {e}"))?;
-        let t = md.topics().first().ok_or_else(|| anyhow::anyhow!("topic {name}: no metadata"))?;
+        let t = md
+            .topics()
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("topic {name}: no metadata"))?;
         if t.partitions().is_empty() {
             anyhow::bail!("input topic {name} does not exist (run `hmis-flow topics create`)");
         }
@@ -148,7 +151,12 @@ impl Source {
         committed: &HashMap<(String, i32), i64>,
         resume_frontier: u64,
     ) -> anyhow::Result<Source> {
-        let mine: Vec<&(InputTopic, String, i32)> = all.iter().enumerate().filter(|(i, _)| i % peers == index).map(|(_, p)| p).collect();
+        let mine: Vec<&(InputTopic, String, i32)> = all
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % peers == index)
+            .map(|(_, p)| p)
+            .collect();
         let mut consumers = Vec::new();
         let mut parts = HashMap::new();
         for role in InputTopic::ALL {
@@ -215,7 +223,9 @@ impl Source {
 
     /// Definitions partitions not yet read to the end they had at start.
     pub fn bootstrapping_definitions(&self) -> bool {
-        self.parts.values().any(|p| p.role == InputTopic::Definitions && p.next_offset < p.end_at_start)
+        self.parts
+            .values()
+            .any(|p| p.role == InputTopic::Definitions && p.next_offset < p.end_at_start)
     }
 
     /// Every partition read up to the end offset it had at start.
@@ -242,7 +252,9 @@ impl Source {
         let mut marks: HashMap<(usize, i32), (u64, i64)> = HashMap::new();
         let mut drained = vec![false; self.consumers.len()];
         while n < budget {
-            let Some(ci) = self.lagging_consumer(&drained) else { break };
+            let Some(ci) = self.lagging_consumer(&drained) else {
+                break;
+            };
             let chunk_end = (n + CHUNK).min(budget);
             while n < chunk_end {
                 let msg = match self.consumers[ci].1.poll(Duration::ZERO) {
@@ -269,16 +281,22 @@ impl Source {
                 let role = self.consumers[ci].0;
                 let partition = msg.partition();
                 let offset = msg.offset();
-                let Some(ps) = self.parts.get_mut(&(ci, partition)) else { continue };
+                let Some(ps) = self.parts.get_mut(&(ci, partition)) else {
+                    continue;
+                };
                 ps.next_offset = offset + 1;
                 ps.at_end = false;
                 let restoring = offset < ps.restore_until;
                 let pos = Pos { partition, offset };
-                let size = msg.payload().map(|p| p.len()).unwrap_or(0) + msg.key().map(|k| k.len()).unwrap_or(0);
+                let size = msg.payload().map(|p| p.len()).unwrap_or(0)
+                    + msg.key().map(|k| k.len()).unwrap_or(0);
                 let decoded = if size > self.max_record_bytes {
                     Err(hmis_dataflows::events::Rejection {
                         reason: RejectReason::SchemaViolation,
-                        detail: format!("record of {size} bytes exceeds max_record_bytes ({})", self.max_record_bytes),
+                        detail: format!(
+                            "record of {size} bytes exceeds max_record_bytes ({})",
+                            self.max_record_bytes
+                        ),
                     })
                 } else {
                     decode(role, msg.key(), msg.payload(), pos)
@@ -307,7 +325,14 @@ impl Source {
                     shared.max_stamp.fetch_max(t, Ordering::Relaxed);
                     if let Some((before, next)) = marks.insert((ci, partition), (t, offset + 1)) {
                         if before < t {
-                            sessions.emit(Emit::Offset(OffsetMark { topic: ps.topic.clone(), partition, next_offset: next }), before);
+                            sessions.emit(
+                                Emit::Offset(OffsetMark {
+                                    topic: ps.topic.clone(),
+                                    partition,
+                                    next_offset: next,
+                                }),
+                                before,
+                            );
                         }
                     }
                 }
@@ -316,13 +341,22 @@ impl Source {
                     Err(rej) => {
                         if !restoring {
                             self.dead_letters += 1;
-                            debug!(topic = ps.topic, partition, offset, reason = rej.reason.as_str(), "rejected record");
+                            debug!(
+                                topic = ps.topic,
+                                partition,
+                                offset,
+                                reason = rej.reason.as_str(),
+                                "rejected record"
+                            );
                         }
-                        let (payload, payload_encoding) = match msg.payload().map(std::str::from_utf8) {
-                            Some(Ok(s)) => (s.to_string(), "utf8"),
-                            Some(Err(_)) => (base64_encode(msg.payload().unwrap_or_default()), "base64"),
-                            None => (String::new(), "null"),
-                        };
+                        let (payload, payload_encoding) =
+                            match msg.payload().map(std::str::from_utf8) {
+                                Some(Ok(s)) => (s.to_string(), "utf8"),
+                                Some(Err(_)) => {
+                                    (base64_encode(msg.payload().unwrap_or_default()), "base64")
+                                }
+                                None => (String::new(), "null"),
+                            };
                         let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
                         sessions.emit(
                             Emit::Dead(DeadLetter {
@@ -344,7 +378,14 @@ impl Source {
         }
         for ((ci, p), (t, next)) in marks {
             let ps = &self.parts[&(ci, p)];
-            sessions.emit(Emit::Offset(OffsetMark { topic: ps.topic.clone(), partition: p, next_offset: next }), t);
+            sessions.emit(
+                Emit::Offset(OffsetMark {
+                    topic: ps.topic.clone(),
+                    partition: p,
+                    next_offset: next,
+                }),
+                t,
+            );
         }
         self.records_read += n as u64;
         n
@@ -353,7 +394,9 @@ impl Source {
     /// The consumer to read next: the one, not drained in this call, whose input is read
     /// least far in eventTime.
     fn lagging_consumer(&self, drained: &[bool]) -> Option<usize> {
-        (0..self.consumers.len()).filter(|&ci| !drained[ci]).min_by_key(|&ci| self.read_position(ci))
+        (0..self.consumers.len())
+            .filter(|&ci| !drained[ci])
+            .min_by_key(|&ci| self.read_position(ci))
     }
 
     /// How far a consumer's input is read, in eventTime: the lowest highest-eventTime of its
@@ -363,7 +406,13 @@ impl Source {
         self.parts
             .iter()
             .filter(|((c, _), p)| *c == ci && !p.at_end)
-            .map(|(_, p)| if p.role == InputTopic::Definitions { 0 } else { p.max_event_time.unwrap_or(0) })
+            .map(|(_, p)| {
+                if p.role == InputTopic::Definitions {
+                    0
+                } else {
+                    p.max_event_time.unwrap_or(0)
+                }
+            })
             .min()
             .unwrap_or(u64::MAX)
     }
@@ -379,7 +428,10 @@ impl Source {
         let f = match self.clock {
             ClockMode::Wall => wall_ms(),
             ClockMode::Event => {
-                let mut active = self.parts.values().filter(|p| p.role != InputTopic::Definitions && !p.at_end);
+                let mut active = self
+                    .parts
+                    .values()
+                    .filter(|p| p.role != InputTopic::Definitions && !p.at_end);
                 let mut low: Option<u64> = None;
                 let mut unknown = false;
                 for p in active.by_ref() {
@@ -405,7 +457,10 @@ impl Source {
 
 /// Milliseconds since the Unix epoch.
 pub fn wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn base64_encode(bytes: &[u8]) -> String {

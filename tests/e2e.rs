@@ -45,9 +45,14 @@ async fn private_config(tag: &str) -> Config {
         analytics: p(&d.analytics),
     };
     let base = env("HMIS_TEST_DATABASE_URL");
-    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await.expect("connect to test PostgreSQL");
+    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+        .await
+        .expect("connect to test PostgreSQL");
     tokio::spawn(conn);
-    client.batch_execute(&format!("CREATE SCHEMA \"{id}\"")).await.unwrap();
+    client
+        .batch_execute(&format!("CREATE SCHEMA \"{id}\""))
+        .await
+        .unwrap();
     let sep = if base.contains('?') { '&' } else { '?' };
     let mut cfg = Config {
         brokers: env("HMIS_TEST_BROKERS"),
@@ -60,13 +65,22 @@ async fn private_config(tag: &str) -> Config {
         ..Config::default()
     };
     cfg.tick_ms = 20;
-    let created = hmis_flow::demo::create_topics(&cfg).await.expect("create topics");
-    assert_eq!(created.len(), 9, "all nine contract topics are created: {created:?}");
+    let created = hmis_flow::demo::create_topics(&cfg)
+        .await
+        .expect("create topics");
+    assert_eq!(
+        created.len(),
+        9,
+        "all nine contract topics are created: {created:?}"
+    );
     cfg
 }
 
 fn role_of(topic: &str) -> InputTopic {
-    InputTopic::ALL.into_iter().find(|r| r.default_name() == topic).unwrap()
+    InputTopic::ALL
+        .into_iter()
+        .find(|r| r.default_name() == topic)
+        .unwrap()
 }
 
 /// The in-memory dataflow on the same records, stamped as the event clock stamps them.
@@ -74,8 +88,16 @@ fn expected(records: &[WorkloadRecord], workers: usize) -> Outcome {
     let mut defs = Vec::new();
     let mut feed = Vec::new();
     for (i, r) in records.iter().enumerate() {
-        let pos = Pos { partition: 0, offset: i as i64 };
-        if let Ok(ev) = decode(role_of(r.topic), r.key.as_deref().map(str::as_bytes), Some(&r.payload), pos) {
+        let pos = Pos {
+            partition: 0,
+            offset: i as i64,
+        };
+        if let Ok(ev) = decode(
+            role_of(r.topic),
+            r.key.as_deref().map(str::as_bytes),
+            Some(&r.payload),
+            pos,
+        ) {
             match ev.event_time() {
                 Some(t) => feed.push((t, ev)),
                 None => defs.push(ev),
@@ -90,7 +112,11 @@ fn expected(records: &[WorkloadRecord], workers: usize) -> Outcome {
     harness::run(Run::new(workers, all, end))
 }
 
-type Picture = (BTreeSet<(String, String, i32)>, BTreeSet<(String, String, i32)>, BTreeSet<(String, String)>);
+type Picture = (
+    BTreeSet<(String, String, i32)>,
+    BTreeSet<(String, String, i32)>,
+    BTreeSet<(String, String)>,
+);
 
 /// (workflow id, status, progress), (task id, status, attempt), (workflow, ready task def).
 fn picture_of(o: &Outcome) -> Picture {
@@ -100,7 +126,11 @@ fn picture_of(o: &Outcome) -> Picture {
     for row in o.rows.values() {
         match row {
             Row::Workflow(x) => {
-                w.insert((x.workflow_instance_id.clone(), x.status.clone(), x.progress_percentage));
+                w.insert((
+                    x.workflow_instance_id.clone(),
+                    x.status.clone(),
+                    x.progress_percentage,
+                ));
             }
             Row::Task(x) => {
                 t.insert((x.task_instance_id.clone(), x.status.clone(), x.attempt));
@@ -115,24 +145,35 @@ fn picture_of(o: &Outcome) -> Picture {
 }
 
 async fn picture_in_pg(cfg: &Config) -> (Picture, BTreeMap<String, i64>) {
-    let (c, conn) = tokio_postgres::connect(&cfg.database_url, tokio_postgres::NoTls).await.unwrap();
+    let (c, conn) = tokio_postgres::connect(&cfg.database_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let w = c
-        .query("SELECT workflow_instance_id, status, progress_percentage FROM workflow_instances", &[])
+        .query(
+            "SELECT workflow_instance_id, status, progress_percentage FROM workflow_instances",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     let t = c
-        .query("SELECT task_instance_id, status, attempt FROM task_instances", &[])
+        .query(
+            "SELECT task_instance_id, status, attempt FROM task_instances",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     let r = c
-        .query("SELECT workflow_instance_id, task_def_id FROM task_readiness", &[])
+        .query(
+            "SELECT workflow_instance_id, task_def_id FROM task_readiness",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -161,8 +202,13 @@ fn derived_ids(cfg: &Config) -> BTreeMap<String, usize> {
     let mut ids = BTreeMap::new();
     for (key, payload) in hmis_flow::demo::read_topic(cfg, &cfg.topics.derived).unwrap() {
         let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
-        assert_eq!(key.as_deref(), v["workflowInstanceId"].as_str(), "derived events are keyed by workflowInstanceId");
-        *ids.entry(v["eventId"].as_str().unwrap().to_string()).or_insert(0) += 1;
+        assert_eq!(
+            key.as_deref(),
+            v["workflowInstanceId"].as_str(),
+            "derived events are keyed by workflowInstanceId"
+        );
+        *ids.entry(v["eventId"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
     }
     ids
 }
@@ -192,16 +238,33 @@ async fn event_mode_run_matches_the_dataflow_and_publishes_each_event_once() {
     let want = expected(&records, 1);
     let (got, dead) = picture_in_pg(&cfg).await;
     let want_picture = picture_of(&want);
-    assert!(!want_picture.0.is_empty() && !want_picture.2.is_empty(), "a meaningful workload");
-    assert_eq!(got, want_picture, "PostgreSQL holds exactly what the dataflow computes");
-    let decode_level: i64 = ["INVALID_JSON", "SCHEMA_VIOLATION", "UNKNOWN_EVENT_TYPE", "INVALID_DEFINITION"]
-        .iter()
-        .filter_map(|r| dead.get(*r))
-        .sum();
-    assert_eq!(decode_level as usize, malformed, "every malformed record is dead-lettered: {dead:?}");
+    assert!(
+        !want_picture.0.is_empty() && !want_picture.2.is_empty(),
+        "a meaningful workload"
+    );
+    assert_eq!(
+        got, want_picture,
+        "PostgreSQL holds exactly what the dataflow computes"
+    );
+    let decode_level: i64 = [
+        "INVALID_JSON",
+        "SCHEMA_VIOLATION",
+        "UNKNOWN_EVENT_TYPE",
+        "INVALID_DEFINITION",
+    ]
+    .iter()
+    .filter_map(|r| dead.get(*r))
+    .sum();
+    assert_eq!(
+        decode_level as usize, malformed,
+        "every malformed record is dead-lettered: {dead:?}"
+    );
 
     let ids = derived_ids(&cfg);
-    assert!(ids.values().all(|&n| n == 1), "each derived eventId exactly once");
+    assert!(
+        ids.values().all(|&n| n == 1),
+        "each derived eventId exactly once"
+    );
     let want_ids: BTreeSet<String> = want
         .records
         .iter()
@@ -212,7 +275,9 @@ async fn event_mode_run_matches_the_dataflow_and_publishes_each_event_once() {
     let missing: Vec<&str> = want
         .records
         .iter()
-        .filter(|r| r.topic == hmis_dataflows::output::OutTopic::Derived && !got_ids.contains(&r.event_id))
+        .filter(|r| {
+            r.topic == hmis_dataflows::output::OutTopic::Derived && !got_ids.contains(&r.event_id)
+        })
         .map(|r| r.payload.as_str())
         .collect();
     let published = hmis_flow::demo::read_topic(&cfg, &cfg.topics.derived).unwrap();
@@ -221,7 +286,10 @@ async fn event_mode_run_matches_the_dataflow_and_publishes_each_event_once() {
         .map(|(_, p)| p.as_str())
         .filter(|p| !want_ids.iter().any(|id| p.contains(id.as_str())))
         .collect();
-    assert!(missing.is_empty() && extra.is_empty(), "derived events differ from the dataflow's: missing {missing:#?} extra {extra:#?}");
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "derived events differ from the dataflow's: missing {missing:#?} extra {extra:#?}"
+    );
 
     // The consumer group mirrors the committed positions (lag monitoring).
     {
@@ -232,13 +300,22 @@ async fn event_mode_run_matches_the_dataflow_and_publishes_each_event_once() {
             .create()
             .unwrap();
         let mut tpl = rdkafka::TopicPartitionList::new();
-        for topic in [&cfg.topics.definitions, &cfg.topics.tasks, &cfg.topics.orders, &cfg.topics.workflows] {
-            let md = c.fetch_metadata(Some(topic), std::time::Duration::from_secs(10)).unwrap();
+        for topic in [
+            &cfg.topics.definitions,
+            &cfg.topics.tasks,
+            &cfg.topics.orders,
+            &cfg.topics.workflows,
+        ] {
+            let md = c
+                .fetch_metadata(Some(topic), std::time::Duration::from_secs(10))
+                .unwrap();
             for p in md.topics()[0].partitions() {
                 tpl.add_partition(topic, p.id());
             }
         }
-        let committed = c.committed_offsets(tpl, std::time::Duration::from_secs(10)).unwrap();
+        let committed = c
+            .committed_offsets(tpl, std::time::Duration::from_secs(10))
+            .unwrap();
         let total: i64 = committed
             .elements()
             .iter()
@@ -247,15 +324,26 @@ async fn event_mode_run_matches_the_dataflow_and_publishes_each_event_once() {
                 _ => 0,
             })
             .sum();
-        assert_eq!(total as usize, records.len(), "group offsets cover every record read");
+        assert_eq!(
+            total as usize,
+            records.len(),
+            "group offsets cover every record read"
+        );
     }
 
     // Dead letters reach their topic too, one per rejected record, keyed by the input's key.
     let dead_topic = hmis_flow::demo::read_topic(&cfg, &cfg.topics.dead_letter).unwrap();
-    assert_eq!(dead_topic.len() as i64, dead.values().sum::<i64>(), "dead-letter topic matches the table");
+    assert_eq!(
+        dead_topic.len() as i64,
+        dead.values().sum::<i64>(),
+        "dead-letter topic matches the table"
+    );
     for (_, p) in &dead_topic {
         let v: serde_json::Value = serde_json::from_str(p).unwrap();
-        assert!(v["reason"].is_string() && v["payload"].is_string() && v["offset"].is_i64(), "{p}");
+        assert!(
+            v["reason"].is_string() && v["payload"].is_string() && v["offset"].is_i64(),
+            "{p}"
+        );
     }
 
     // A second run with nothing new changes nothing and publishes nothing.
@@ -270,9 +358,13 @@ async fn restart_between_batches_equals_one_run() {
     let cfg = private_config("e2e_b").await;
     let (records, _) = workload(12, 40);
     let cut = records.len() / 2;
-    hmis_flow::demo::produce(&cfg, &records[..cut]).await.unwrap();
+    hmis_flow::demo::produce(&cfg, &records[..cut])
+        .await
+        .unwrap();
     run_pipeline(&cfg);
-    hmis_flow::demo::produce(&cfg, &records[cut..]).await.unwrap();
+    hmis_flow::demo::produce(&cfg, &records[cut..])
+        .await
+        .unwrap();
     let mut three = cfg.clone();
     three.workers = 3;
     run_pipeline(&three);
@@ -289,7 +381,10 @@ async fn restart_between_batches_equals_one_run() {
             counts[v["eventId"].as_str().unwrap()] > 1
         })
         .collect();
-    assert!(dupes.is_empty(), "no derived event twice across the restart: {dupes:#?}");
+    assert!(
+        dupes.is_empty(),
+        "no derived event twice across the restart: {dupes:#?}"
+    );
 }
 
 /// Wall clock: a task whose 2-second deadline passes with no other input still breaches,
@@ -338,13 +433,22 @@ async fn wall_clock_breach_fires_with_no_further_input() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     shared.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    pipeline.join().unwrap().expect("pipeline stops cleanly on request");
+    pipeline
+        .join()
+        .unwrap()
+        .expect("pipeline stops cleanly on request");
     let seen_at = seen_at.expect("TASK_SLA_BREACHED published with no further input");
     assert!(seen_at > now + 2_000, "not before the deadline");
-    let (c, conn) = tokio_postgres::connect(&cfg.database_url, tokio_postgres::NoTls).await.unwrap();
+    let (c, conn) = tokio_postgres::connect(&cfg.database_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let row = c.query_one("SELECT sla_breached, is_escalated FROM task_instances WHERE task_instance_id = 'task-wall'", &[]).await.unwrap();
     assert!(row.get::<_, bool>(0) && row.get::<_, bool>(1));
-    let n: i64 = c.query_one("SELECT count(*) FROM sla_breaches", &[]).await.unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM sla_breaches", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1);
 }

@@ -16,19 +16,35 @@ fn events(seed: u64, workflows: usize) -> Vec<Event> {
         bad_record_ratio: 0.02,
         duplicate_ratio: 0.05,
     });
-    let role = |t: &str| InputTopic::ALL.into_iter().find(|r| r.default_name() == t).unwrap();
+    let role = |t: &str| {
+        InputTopic::ALL
+            .into_iter()
+            .find(|r| r.default_name() == t)
+            .unwrap()
+    };
     recs.iter()
         .enumerate()
         .filter_map(|(i, r)| {
-            decode(role(r.topic), r.key.as_deref().map(str::as_bytes), Some(&r.payload), Pos { partition: 0, offset: i as i64 })
-                .ok()
+            decode(
+                role(r.topic),
+                r.key.as_deref().map(str::as_bytes),
+                Some(&r.payload),
+                Pos {
+                    partition: 0,
+                    offset: i as i64,
+                },
+            )
+            .ok()
         })
         .collect()
 }
 
 /// Stamps like the event clock: eventTime, never below `low` (definitions get `low`).
 fn feed(evs: &[Event], low: u64) -> Vec<(u64, Event)> {
-    let mut f: Vec<_> = evs.iter().map(|e| (e.event_time().unwrap_or(low).max(low), e.clone())).collect();
+    let mut f: Vec<_> = evs
+        .iter()
+        .map(|e| (e.event_time().unwrap_or(low).max(low), e.clone()))
+        .collect();
     f.sort_by_key(|x| x.0);
     f
 }
@@ -52,7 +68,10 @@ fn each_event_id_once_in_a_run_and_across_restarts() {
         let full = run(Run::new(2, full_feed, end));
         let ids = emitted_ids(&full);
         let twice: Vec<_> = ids.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(twice.is_empty(), "seed {seed}: emitted more than once in one run: {twice:?}");
+        assert!(
+            twice.is_empty(),
+            "seed {seed}: emitted more than once in one run: {twice:?}"
+        );
 
         for cut in [evs.len() / 3, evs.len() / 2, 2 * evs.len() / 3] {
             let (a, b) = evs.split_at(cut);
@@ -73,15 +92,28 @@ fn each_event_id_once_in_a_run_and_across_restarts() {
                 .iter()
                 .filter(|(k, v)| tables.rows.get(*k) != Some(*v))
                 .map(|(k, v)| format!("want {v:?}\n got {:?}", tables.rows.get(k)))
-                .chain(tables.rows.iter().filter(|(k, _)| !full.rows.contains_key(*k)).map(|(_, v)| format!("extra {v:?}")))
+                .chain(
+                    tables
+                        .rows
+                        .iter()
+                        .filter(|(k, _)| !full.rows.contains_key(*k))
+                        .map(|(_, v)| format!("extra {v:?}")),
+                )
                 .collect();
-            assert!(diff.is_empty(), "seed {seed} cut {cut}: tables after a restart differ:\n{}", diff.join("\n"));
+            assert!(
+                diff.is_empty(),
+                "seed {seed} cut {cut}: tables after a restart differ:\n{}",
+                diff.join("\n")
+            );
             let mut both = emitted_ids(&first);
             for (id, n) in emitted_ids(&second) {
                 *both.entry(id).or_insert(0) += n;
             }
             let twice: Vec<_> = both.iter().filter(|(_, n)| **n > 1).collect();
-            assert!(twice.is_empty(), "seed {seed} cut {cut}: emitted again after restart: {twice:?}");
+            assert!(
+                twice.is_empty(),
+                "seed {seed} cut {cut}: emitted again after restart: {twice:?}"
+            );
         }
     }
 }

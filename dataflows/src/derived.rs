@@ -129,9 +129,18 @@ impl Derived {
             m.insert(k.to_string(), v);
         };
         put("eventId", self.event_id.clone().into());
-        put("eventType", self.event_type.map(|t| t.as_str()).unwrap_or("UNKNOWN").into());
+        put(
+            "eventType",
+            self.event_type
+                .map(|t| t.as_str())
+                .unwrap_or("UNKNOWN")
+                .into(),
+        );
         put("eventTime", format_time(event_time).into());
-        put("workflowInstanceId", self.workflow_instance_id.clone().into());
+        put(
+            "workflowInstanceId",
+            self.workflow_instance_id.clone().into(),
+        );
         macro_rules! opt {
             ($name:literal, $v:expr) => {
                 if let Some(v) = &$v {
@@ -165,7 +174,10 @@ impl Derived {
         opt!("errorMessage", self.error_message);
         opt!("causeEventId", self.cause_event_id);
         if !self.blocking_order_ids.is_empty() {
-            put("blockingOrderIds", serde_json::json!(self.blocking_order_ids));
+            put(
+                "blockingOrderIds",
+                serde_json::json!(self.blocking_order_ids),
+            );
         }
         Value::Object(m).to_string()
     }
@@ -181,7 +193,11 @@ impl Derived {
         OutRecord {
             topic: OutTopic::Derived,
             event_id: self.event_id.clone(),
-            event_type: self.event_type.map(|t| t.as_str()).unwrap_or("UNKNOWN").to_string(),
+            event_type: self
+                .event_type
+                .map(|t| t.as_str())
+                .unwrap_or("UNKNOWN")
+                .to_string(),
             key: Some(self.workflow_instance_id.clone()),
             payload: self.to_json(event_time),
         }

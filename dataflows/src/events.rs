@@ -53,7 +53,9 @@ impl InputTopic {
 
 /// Where a record came from: its partition and offset within its topic.
 /// Orders ties between events (contract §5: "(eventTime, offset) order").
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Pos {
     pub partition: i32,
     pub offset: i64,
@@ -68,7 +70,10 @@ pub struct Rejection {
 
 impl Rejection {
     fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
-        Rejection { reason, detail: detail.into() }
+        Rejection {
+            reason,
+            detail: detail.into(),
+        }
     }
     fn schema(detail: impl Into<String>) -> Self {
         Self::new(RejectReason::SchemaViolation, detail)
@@ -196,7 +201,10 @@ impl OrderStatus {
     pub fn is_open(&self) -> bool {
         matches!(
             self,
-            OrderStatus::Proposed | OrderStatus::Authorized | OrderStatus::Activated | OrderStatus::InProgress
+            OrderStatus::Proposed
+                | OrderStatus::Authorized
+                | OrderStatus::Activated
+                | OrderStatus::InProgress
         )
     }
 }
@@ -350,7 +358,8 @@ pub struct SystemEvent {
 
 /// Parses an RFC 3339 timestamp into milliseconds since the epoch.
 pub fn parse_time(s: &str) -> Result<Millis, String> {
-    let t = chrono::DateTime::parse_from_rfc3339(s).map_err(|e| format!("`{s}` is not an RFC 3339 timestamp: {e}"))?;
+    let t = chrono::DateTime::parse_from_rfc3339(s)
+        .map_err(|e| format!("`{s}` is not an RFC 3339 timestamp: {e}"))?;
     let ms = t.timestamp_millis();
     u64::try_from(ms).map_err(|_| format!("`{s}` is before 1970"))
 }
@@ -463,46 +472,73 @@ fn required<T>(v: Option<T>, field: &str, event_type: &str) -> Result<T, Rejecti
 fn non_empty(v: Option<String>, field: &str, event_type: &str) -> Result<String, Rejection> {
     let v = required(v, field, event_type)?;
     if v.is_empty() {
-        return Err(Rejection::schema(format!("{event_type}: field `{field}` is empty")));
+        return Err(Rejection::schema(format!(
+            "{event_type}: field `{field}` is empty"
+        )));
     }
     Ok(v)
 }
 
 /// Decodes one record of `topic` (its key and value) into an event.
-pub fn decode(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u8]>, pos: Pos) -> Result<Event, Rejection> {
+pub fn decode(
+    topic: InputTopic,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    pos: Pos,
+) -> Result<Event, Rejection> {
     if topic == InputTopic::Definitions {
         return decode_definition(key, value, pos).map(Event::Definition);
     }
     let Some(bytes) = value else {
-        return Err(Rejection::new(RejectReason::InvalidJson, "empty (null) value"));
+        return Err(Rejection::new(
+            RejectReason::InvalidJson,
+            "empty (null) value",
+        ));
     };
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| Rejection::new(RejectReason::InvalidJson, format!("payload is not UTF-8: {e}")))?;
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        Rejection::new(
+            RejectReason::InvalidJson,
+            format!("payload is not UTF-8: {e}"),
+        )
+    })?;
     // An object is required; check it first so `[]` or `3` get INVALID_JSON, as a non-event.
     let value: Value = parse_json(text, "event")?;
     let Value::Object(_) = &value else {
-        return Err(Rejection::new(RejectReason::InvalidJson, "payload is JSON but not an object"));
+        return Err(Rejection::new(
+            RejectReason::InvalidJson,
+            "payload is JSON but not an object",
+        ));
     };
-    let env: RawEnvelope = serde_json::from_value(value.clone()).map_err(|e| Rejection::schema(format!("envelope: {e}")))?;
+    let env: RawEnvelope = serde_json::from_value(value.clone())
+        .map_err(|e| Rejection::schema(format!("envelope: {e}")))?;
     if let Some(md) = value.get("metadata") {
         if !md.is_object() && !md.is_null() {
             return Err(Rejection::schema("field `metadata` must be an object"));
         }
     }
-    let event_type = env.event_type.ok_or_else(|| Rejection::schema("lacks required field `eventType`"))?;
+    let event_type = env
+        .event_type
+        .ok_or_else(|| Rejection::schema("lacks required field `eventType`"))?;
     // The type decides before the other fields: an unknown type is its own reason.
     match (topic, event_type.as_str()) {
-        (InputTopic::Tasks, "TASK_CREATED" | "TASK_STARTED" | "TASK_COMPLETED" | "TASK_FAILED") => {}
+        (InputTopic::Tasks, "TASK_CREATED" | "TASK_STARTED" | "TASK_COMPLETED" | "TASK_FAILED") => {
+        }
         (
             InputTopic::Workflows,
             "WORKFLOW_STARTED" | "WORKFLOW_ESCALATED" | "WORKFLOW_FAILED" | "WORKFLOW_COMPLETED",
         ) => {}
         (InputTopic::Orders, t) if OrderEventKind::ALL.iter().any(|k| k.as_str() == t) => {}
-        (InputTopic::System, "HEALTH_CHECK" | "PERFORMANCE_METRIC" | "ERROR_REPORT" | "AUDIT_EVENT") => {}
+        (
+            InputTopic::System,
+            "HEALTH_CHECK" | "PERFORMANCE_METRIC" | "ERROR_REPORT" | "AUDIT_EVENT",
+        ) => {}
         _ => {
             return Err(Rejection::new(
                 RejectReason::UnknownEventType,
-                format!("eventType `{event_type}` is not a type of topic {}", topic.default_name()),
+                format!(
+                    "eventType `{event_type}` is not a type of topic {}",
+                    topic.default_name()
+                ),
             ))
         }
     }
@@ -513,7 +549,8 @@ pub fn decode(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u8]>, pos: 
 
     match topic {
         InputTopic::Tasks => {
-            let raw: RawTask = serde_json::from_value(value).map_err(|e| Rejection::schema(format!("{et}: {e}")))?;
+            let raw: RawTask = serde_json::from_value(value)
+                .map_err(|e| Rejection::schema(format!("{et}: {e}")))?;
             let status = match et {
                 "TASK_CREATED" => TaskStatus::Pending,
                 "TASK_STARTED" => TaskStatus::InProgress,
@@ -533,7 +570,9 @@ pub fn decode(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u8]>, pos: 
                 return Err(Rejection::schema(format!("{et}: attempt must be >= 1")));
             }
             let due_at = match raw.due_at {
-                Some(d) => Some(parse_time(&d).map_err(|e| Rejection::schema(format!("{et}: dueAt {e}")))?),
+                Some(d) => Some(
+                    parse_time(&d).map_err(|e| Rejection::schema(format!("{et}: dueAt {e}")))?,
+                ),
                 None => None,
             };
             Ok(Event::Task(TaskEvent {
@@ -541,7 +580,11 @@ pub fn decode(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u8]>, pos: 
                 event_time,
                 pos,
                 task_instance_id: non_empty(raw.task_instance_id, "taskInstanceId", et)?,
-                workflow_instance_id: non_empty(raw.workflow_instance_id, "workflowInstanceId", et)?,
+                workflow_instance_id: non_empty(
+                    raw.workflow_instance_id,
+                    "workflowInstanceId",
+                    et,
+                )?,
                 patient_id: raw.patient_id,
                 task_def_id: non_empty(raw.task_def_id, "taskDefId", et)?,
                 task_name: raw.task_name,
@@ -552,8 +595,8 @@ pub fn decode(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u8]>, pos: 
             }))
         }
         InputTopic::Workflows => {
-            let raw: RawWorkflow =
-                serde_json::from_value(value).map_err(|e| Rejection::schema(format!("{et}: {e}")))?;
+            let raw: RawWorkflow = serde_json::from_value(value)
+                .map_err(|e| Rejection::schema(format!("{et}: {e}")))?;
             let kind = match et {
                 "WORKFLOW_STARTED" => WorkflowEventKind::Started,
                 "WORKFLOW_ESCALATED" => WorkflowEventKind::Escalated,
@@ -572,7 +615,11 @@ pub fn decode(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u8]>, pos: 
                 event_id,
                 event_time,
                 pos,
-                workflow_instance_id: non_empty(raw.workflow_instance_id, "workflowInstanceId", et)?,
+                workflow_instance_id: non_empty(
+                    raw.workflow_instance_id,
+                    "workflowInstanceId",
+                    et,
+                )?,
                 kind,
                 patient_id: raw.patient_id,
                 template_id,
@@ -582,21 +629,38 @@ pub fn decode(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u8]>, pos: 
             }))
         }
         InputTopic::Orders => {
-            let raw: RawOrder = serde_json::from_value(value).map_err(|e| Rejection::schema(format!("{et}: {e}")))?;
-            let kind = OrderEventKind::ALL.iter().copied().find(|k| k.as_str() == et).expect("checked above");
+            let raw: RawOrder = serde_json::from_value(value)
+                .map_err(|e| Rejection::schema(format!("{et}: {e}")))?;
+            let kind = OrderEventKind::ALL
+                .iter()
+                .copied()
+                .find(|k| k.as_str() == et)
+                .expect("checked above");
             let order_status = match (kind, raw.order_status) {
-                (OrderEventKind::CompensationCompleted, s) => s.and_then(|s| OrderStatus::parse(&s)),
-                (_, None) => return Err(Rejection::schema(format!("{et} lacks required field `orderStatus`"))),
+                (OrderEventKind::CompensationCompleted, s) => {
+                    s.and_then(|s| OrderStatus::parse(&s))
+                }
+                (_, None) => {
+                    return Err(Rejection::schema(format!(
+                        "{et} lacks required field `orderStatus`"
+                    )))
+                }
                 (k, Some(s)) => {
-                    let st = OrderStatus::parse(&s)
-                        .ok_or_else(|| Rejection::schema(format!("{et}: orderStatus `{s}` is not an order state")))?;
+                    let st = OrderStatus::parse(&s).ok_or_else(|| {
+                        Rejection::schema(format!("{et}: orderStatus `{s}` is not an order state"))
+                    })?;
                     let fits = match k {
                         OrderEventKind::Created => st == OrderStatus::Proposed,
                         OrderEventKind::Authorized => st == OrderStatus::Authorized,
                         OrderEventKind::Activated => st == OrderStatus::Activated,
                         OrderEventKind::Started => st == OrderStatus::InProgress,
                         OrderEventKind::Resulted => {
-                            matches!(st, OrderStatus::Resulted | OrderStatus::Dispensed | OrderStatus::Completed)
+                            matches!(
+                                st,
+                                OrderStatus::Resulted
+                                    | OrderStatus::Dispensed
+                                    | OrderStatus::Completed
+                            )
                         }
                         OrderEventKind::Verified => st == OrderStatus::Verified,
                         OrderEventKind::Closed => st == OrderStatus::Closed,
@@ -604,18 +668,24 @@ pub fn decode(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u8]>, pos: 
                         OrderEventKind::CompensationCompleted => true,
                     };
                     if !fits {
-                        return Err(Rejection::schema(format!("{et}: orderStatus `{s}` does not fit the event type")));
+                        return Err(Rejection::schema(format!(
+                            "{et}: orderStatus `{s}` does not fit the event type"
+                        )));
                     }
                     Some(st)
                 }
             };
             let md = raw.metadata.unwrap_or_default();
             if kind == OrderEventKind::CompensationCompleted && md.action_id.is_none() {
-                return Err(Rejection::schema(format!("{et} lacks required field `metadata.actionId`")));
+                return Err(Rejection::schema(format!(
+                    "{et} lacks required field `metadata.actionId`"
+                )));
             }
             let order_type = raw.order_type;
             if kind == OrderEventKind::Created && order_type.is_none() {
-                return Err(Rejection::schema(format!("{et} lacks required field `orderType`")));
+                return Err(Rejection::schema(format!(
+                    "{et} lacks required field `orderType`"
+                )));
             }
             Ok(Event::Order(OrderEvent {
                 event_id,
@@ -642,8 +712,16 @@ pub fn decode(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u8]>, pos: 
         InputTopic::System => {
             let component = match value.get("component") {
                 Some(Value::String(c)) if !c.is_empty() => c.clone(),
-                Some(_) => return Err(Rejection::schema(format!("{et}: field `component` must be a non-empty string"))),
-                None => return Err(Rejection::schema(format!("{et} lacks required field `component`"))),
+                Some(_) => {
+                    return Err(Rejection::schema(format!(
+                        "{et}: field `component` must be a non-empty string"
+                    )))
+                }
+                None => {
+                    return Err(Rejection::schema(format!(
+                        "{et} lacks required field `component`"
+                    )))
+                }
             };
             Ok(Event::System(SystemEvent {
                 event_id,
@@ -660,31 +738,65 @@ pub fn decode(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u8]>, pos: 
 
 /// Parses a definitions key `templateId:version` (split at the last colon).
 fn parse_def_key(key: Option<&[u8]>) -> Result<(String, i64), Rejection> {
-    let key = key.ok_or_else(|| Rejection::new(RejectReason::InvalidDefinition, "definition record without a key"))?;
-    let key = std::str::from_utf8(key)
-        .map_err(|_| Rejection::new(RejectReason::InvalidDefinition, "definition key is not UTF-8"))?;
+    let key = key.ok_or_else(|| {
+        Rejection::new(
+            RejectReason::InvalidDefinition,
+            "definition record without a key",
+        )
+    })?;
+    let key = std::str::from_utf8(key).map_err(|_| {
+        Rejection::new(
+            RejectReason::InvalidDefinition,
+            "definition key is not UTF-8",
+        )
+    })?;
     let (id, ver) = key.rsplit_once(':').ok_or_else(|| {
-        Rejection::new(RejectReason::InvalidDefinition, format!("definition key `{key}` is not `templateId:version`"))
+        Rejection::new(
+            RejectReason::InvalidDefinition,
+            format!("definition key `{key}` is not `templateId:version`"),
+        )
     })?;
     let ver: i64 = ver.parse().map_err(|_| {
-        Rejection::new(RejectReason::InvalidDefinition, format!("definition key `{key}`: version is not an integer"))
+        Rejection::new(
+            RejectReason::InvalidDefinition,
+            format!("definition key `{key}`: version is not an integer"),
+        )
     })?;
     if id.is_empty() {
-        return Err(Rejection::new(RejectReason::InvalidDefinition, format!("definition key `{key}`: empty templateId")));
+        return Err(Rejection::new(
+            RejectReason::InvalidDefinition,
+            format!("definition key `{key}`: empty templateId"),
+        ));
     }
     Ok((id.to_string(), ver))
 }
 
-fn decode_definition(key: Option<&[u8]>, value: Option<&[u8]>, pos: Pos) -> Result<DefinitionRecord, Rejection> {
+fn decode_definition(
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    pos: Pos,
+) -> Result<DefinitionRecord, Rejection> {
     let Some(bytes) = value else {
         let (template_id, version) = parse_def_key(key)?;
-        return Ok(DefinitionRecord { template_id, version, pos, template: None });
+        return Ok(DefinitionRecord {
+            template_id,
+            version,
+            pos,
+            template: None,
+        });
     };
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| Rejection::new(RejectReason::InvalidJson, format!("payload is not UTF-8: {e}")))?;
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        Rejection::new(
+            RejectReason::InvalidJson,
+            format!("payload is not UTF-8: {e}"),
+        )
+    })?;
     let value: Value = parse_json(text, "definition")?;
     if !value.is_object() {
-        return Err(Rejection::new(RejectReason::InvalidJson, "definition is JSON but not an object"));
+        return Err(Rejection::new(
+            RejectReason::InvalidJson,
+            "definition is JSON but not an object",
+        ));
     }
     let raw: RawTemplate =
         serde_json::from_value(value).map_err(|e| Rejection::schema(format!("definition: {e}")))?;
@@ -702,7 +814,11 @@ fn decode_definition(key: Option<&[u8]>, value: Option<&[u8]>, pos: Pos) -> Resu
     let raw_tasks = required(raw.tasks, "tasks", "definition")?;
     let mut tasks = Vec::with_capacity(raw_tasks.len());
     for (i, t) in raw_tasks.into_iter().enumerate() {
-        let task_def_id = non_empty(t.task_def_id, &format!("tasks[{i}].taskDefId"), "definition")?;
+        let task_def_id = non_empty(
+            t.task_def_id,
+            &format!("tasks[{i}].taskDefId"),
+            "definition",
+        )?;
         tasks.push(TaskDef {
             task_def_id,
             name: t.name,
@@ -716,7 +832,12 @@ fn decode_definition(key: Option<&[u8]>, value: Option<&[u8]>, pos: Pos) -> Resu
             automatic: t.automatic.unwrap_or(false),
         });
     }
-    let template = Template { template_id, version, template_name: raw.template_name, tasks };
+    let template = Template {
+        template_id,
+        version,
+        template_name: raw.template_name,
+        tasks,
+    };
     validate_template(&template).map_err(|d| Rejection::new(RejectReason::InvalidDefinition, d))?;
     Ok(DefinitionRecord {
         template_id: template.template_id.clone(),
@@ -735,17 +856,30 @@ pub fn validate_template(t: &Template) -> Result<(), String> {
         }
     }
     for d in &t.tasks {
-        for (field, target) in [("nextTaskId", &d.next_task_id), ("failureTaskId", &d.failure_task_id)] {
+        for (field, target) in [
+            ("nextTaskId", &d.next_task_id),
+            ("failureTaskId", &d.failure_task_id),
+        ] {
             if let Some(target) = target {
                 if !ids.contains(target.as_str()) {
-                    return Err(format!("task `{}`: {field} `{target}` names no task of the template", d.task_def_id));
+                    return Err(format!(
+                        "task `{}`: {field} `{target}` names no task of the template",
+                        d.task_def_id
+                    ));
                 }
             }
         }
     }
     // Each node has at most one outgoing nextTaskId edge: follow chains, detect a revisit.
-    let next: BTreeMap<&str, &str> =
-        t.tasks.iter().filter_map(|d| d.next_task_id.as_deref().map(|n| (d.task_def_id.as_str(), n))).collect();
+    let next: BTreeMap<&str, &str> = t
+        .tasks
+        .iter()
+        .filter_map(|d| {
+            d.next_task_id
+                .as_deref()
+                .map(|n| (d.task_def_id.as_str(), n))
+        })
+        .collect();
     for start in next.keys() {
         let mut seen = BTreeSet::new();
         let mut cur = *start;

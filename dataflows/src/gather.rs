@@ -55,7 +55,9 @@ impl Collapser {
                         }
                     }
                 }
-                Emit::Record(_, rec) if r > 0 && self.seen.insert((rec.topic, rec.event_id.clone())) => {
+                Emit::Record(_, rec)
+                    if r > 0 && self.seen.insert((rec.topic, rec.event_id.clone())) =>
+                {
                     self.records.push(rec);
                 }
                 Emit::Dead(d) if r > 0 => {
@@ -66,7 +68,10 @@ impl Collapser {
                     self.dead.push(d);
                 }
                 Emit::Offset(m) if r > 0 => {
-                    let e = self.offsets.entry((m.topic, m.partition)).or_insert(m.next_offset);
+                    let e = self
+                        .offsets
+                        .entry((m.topic, m.partition))
+                        .or_insert(m.next_offset);
                     *e = (*e).max(m.next_offset);
                 }
                 _ => {}
@@ -75,7 +80,10 @@ impl Collapser {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty() && self.records.is_empty() && self.dead.is_empty() && self.offsets.is_empty()
+        self.rows.is_empty()
+            && self.records.is_empty()
+            && self.dead.is_empty()
+            && self.offsets.is_empty()
     }
 
     /// Takes the batch accumulated so far.
@@ -89,7 +97,11 @@ impl Collapser {
             dead_letters: std::mem::take(&mut self.dead),
             offsets: std::mem::take(&mut self.offsets)
                 .into_iter()
-                .map(|((topic, partition), next_offset)| OffsetMark { topic, partition, next_offset })
+                .map(|((topic, partition), next_offset)| OffsetMark {
+                    topic,
+                    partition,
+                    next_offset,
+                })
                 .collect(),
         }
     }
@@ -118,30 +130,34 @@ impl Gather for VecCollection<'_, u64, Emit> {
         let mut collapser = Collapser::default();
         let mut last_frontier: Option<u64> = None;
         let is_gatherer = self.scope().index() == 0;
-        self.inner.sink(Exchange::new(|_| 0u64), "Gather", move |(input, frontier)| {
-            input.for_each(|_cap, data| {
-                for (e, t, r) in data.drain(..) {
-                    if t >= suppress_before {
-                        pending.entry(t).or_default().push((e, r));
+        self.inner.sink(
+            Exchange::new(|_| 0u64),
+            "Gather",
+            move |(input, frontier)| {
+                input.for_each(|_cap, data| {
+                    for (e, t, r) in data.drain(..) {
+                        if t >= suppress_before {
+                            pending.entry(t).or_default().push((e, r));
+                        }
                     }
+                });
+                if !is_gatherer {
+                    return;
                 }
-            });
-            if !is_gatherer {
-                return;
-            }
-            let f: AntichainRef<u64> = frontier.frontier();
-            let upper = f.first().copied().unwrap_or(u64::MAX);
-            if last_frontier == Some(upper) {
-                return;
-            }
-            let later = pending.split_off(&upper);
-            let done = std::mem::replace(&mut pending, later);
-            for (_t, mut updates) in done {
-                updates.sort_by(|a, b| order_key(&a.0).cmp(&order_key(&b.0)));
-                collapser.add_time(updates);
-            }
-            last_frontier = Some(upper);
-            flush(collapser.take(upper.max(suppress_before)));
-        });
+                let f: AntichainRef<u64> = frontier.frontier();
+                let upper = f.first().copied().unwrap_or(u64::MAX);
+                if last_frontier == Some(upper) {
+                    return;
+                }
+                let later = pending.split_off(&upper);
+                let done = std::mem::replace(&mut pending, later);
+                for (_t, mut updates) in done {
+                    updates.sort_by(|a, b| order_key(&a.0).cmp(&order_key(&b.0)));
+                    collapser.add_time(updates);
+                }
+                last_frontier = Some(upper);
+                flush(collapser.take(upper.max(suppress_before)));
+            },
+        );
     }
 }

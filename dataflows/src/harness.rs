@@ -36,7 +36,11 @@ impl Outcome {
             }
         }
         for r in &b.records {
-            if !self.records.iter().any(|x| x.topic == r.topic && x.event_id == r.event_id) {
+            if !self
+                .records
+                .iter()
+                .any(|x| x.topic == r.topic && x.event_id == r.event_id)
+            {
                 self.records.push(r.clone());
             }
         }
@@ -126,7 +130,8 @@ pub fn run(run: Run) -> Outcome {
             }
         }
         sessions.advance_to(run.end);
-        worker.step_while(|| probe.less_than(&run.end) || gathered.load(Ordering::SeqCst) < run.end);
+        worker
+            .step_while(|| probe.less_than(&run.end) || gathered.load(Ordering::SeqCst) < run.end);
     })
     .expect("timely workers");
     let out = outcome.lock().unwrap().clone();

@@ -81,13 +81,15 @@ pub struct Inputs<'s> {
 pub fn templates<'s>(
     definitions: VecCollection<'s, u64, DefinitionRecord>,
 ) -> VecCollection<'s, u64, ((String, i64), Arc<Template>)> {
-    definitions.map(|d| ((d.template_id.clone(), d.version), d)).reduce_named("Templates", |_key, input, output| {
-        if let Some((latest, _)) = input.iter().max_by_key(|(d, _)| d.pos) {
-            if let Some(t) = &latest.template {
-                output.push((t.clone(), 1));
+    definitions
+        .map(|d| ((d.template_id.clone(), d.version), d))
+        .reduce_named("Templates", |_key, input, output| {
+            if let Some((latest, _)) = input.iter().max_by_key(|(d, _)| d.pos) {
+                if let Some(t) = &latest.template {
+                    output.push((t.clone(), 1));
+                }
             }
-        }
-    })
+        })
 }
 
 /// Builds the rules over `inputs`; returns everything to emit.
@@ -104,13 +106,25 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
 
     let pinned = wf_states
         .clone()
-        .flat_map(|(wid, st)| st.started.map(|s| ((s.template_id, s.template_version), wid)))
-        .join_map(templates, |_key, wid, t| (wid.clone(), WfFact::Template(t.clone())));
+        .flat_map(|(wid, st)| {
+            st.started
+                .map(|s| ((s.template_id, s.template_version), wid))
+        })
+        .join_map(templates, |_key, wid, t| {
+            (wid.clone(), WfFact::Template(t.clone()))
+        });
 
-    let task_facts = inputs.tasks.task_states().map(|(_, s)| (s.workflow_instance_id.clone(), WfFact::Task(s)));
+    let task_facts = inputs
+        .tasks
+        .task_states()
+        .map(|(_, s)| (s.workflow_instance_id.clone(), WfFact::Task(s)));
 
-    let order_states = inputs.orders.order_states(Arc::new(cfg.eligibility.clone()));
-    let order_facts = order_states.clone().flat_map(|(_, st)| OrderFact::of(&st).map(|(w, f)| (w, WfFact::Order(f))));
+    let order_states = inputs
+        .orders
+        .order_states(Arc::new(cfg.eligibility.clone()));
+    let order_facts = order_states
+        .clone()
+        .flat_map(|(_, st)| OrderFact::of(&st).map(|(w, f)| (w, WfFact::Order(f))));
 
     let facts = wf_states
         .map(|(wid, st)| (wid, WfFact::State(st)))
@@ -120,7 +134,9 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
 
     let wf_out = timers::time_rules(facts.workflow_rules(cfg.time.clone()));
 
-    wf_out.concat(inputs.side).concat(orders::order_rules(order_states, &cfg.orders))
+    wf_out
+        .concat(inputs.side)
+        .concat(orders::order_rules(order_states, &cfg.orders))
 }
 
 /// The input handles matching [`Inputs`]: what a source (the Kafka runtime, a test, a
@@ -143,8 +159,20 @@ impl Sessions {
         let (orders, o) = scope.new_collection();
         let (side, s) = scope.new_collection();
         (
-            Sessions { definitions, tasks, workflows, orders, side },
-            Inputs { definitions: d, tasks: t, workflows: w, orders: o, side: s },
+            Sessions {
+                definitions,
+                tasks,
+                workflows,
+                orders,
+                side,
+            },
+            Inputs {
+                definitions: d,
+                tasks: t,
+                workflows: w,
+                orders: o,
+                side: s,
+            },
         )
     }
 

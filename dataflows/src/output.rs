@@ -275,8 +275,14 @@ impl DeadLetter {
     pub fn to_record(&self) -> OutRecord {
         let id = uuid::Uuid::new_v5(
             &uuid::Uuid::NAMESPACE_URL,
-            format!("hmis-flow:dead-letter:{}:{}:{}:{}", self.topic, self.partition, self.offset, self.reason.as_str())
-                .as_bytes(),
+            format!(
+                "hmis-flow:dead-letter:{}:{}:{}:{}",
+                self.topic,
+                self.partition,
+                self.offset,
+                self.reason.as_str()
+            )
+            .as_bytes(),
         )
         .to_string();
         let doc = serde_json::json!({

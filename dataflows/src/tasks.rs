@@ -70,7 +70,9 @@ impl AttemptInfo {
 }
 
 /// Removes duplicate eventIds, keeping the first by input position.
-pub fn dedup_by_event_id<'a>(events: impl IntoIterator<Item = &'a TaskEvent>) -> Vec<&'a TaskEvent> {
+pub fn dedup_by_event_id<'a>(
+    events: impl IntoIterator<Item = &'a TaskEvent>,
+) -> Vec<&'a TaskEvent> {
     let mut v: Vec<&TaskEvent> = events.into_iter().collect();
     v.sort_by(|a, b| a.event_id.cmp(&b.event_id).then(a.pos.cmp(&b.pos)));
     v.dedup_by(|b, a| a.event_id == b.event_id);
@@ -83,11 +85,22 @@ pub fn fold_task(events: &[&TaskEvent]) -> Option<TaskState> {
         .iter()
         .max_by_key(|e| (e.attempt, e.status.rank(), e.event_time, e.pos))?;
     let same_attempt = || events.iter().filter(|e| e.attempt == winner.attempt);
-    let created = same_attempt().filter(|e| e.status == TaskStatus::Pending).min_by_key(|e| (e.event_time, e.pos));
-    let started = same_attempt().filter(|e| e.status == TaskStatus::InProgress).min_by_key(|e| (e.event_time, e.pos));
-    let finished_at = matches!(winner.status, TaskStatus::Completed | TaskStatus::Failed).then_some(winner.event_time);
-    let patient_id = winner.patient_id.clone().or_else(|| events.iter().find_map(|e| e.patient_id.clone()));
-    let task_name = winner.task_name.clone().or_else(|| events.iter().find_map(|e| e.task_name.clone()));
+    let created = same_attempt()
+        .filter(|e| e.status == TaskStatus::Pending)
+        .min_by_key(|e| (e.event_time, e.pos));
+    let started = same_attempt()
+        .filter(|e| e.status == TaskStatus::InProgress)
+        .min_by_key(|e| (e.event_time, e.pos));
+    let finished_at = matches!(winner.status, TaskStatus::Completed | TaskStatus::Failed)
+        .then_some(winner.event_time);
+    let patient_id = winner
+        .patient_id
+        .clone()
+        .or_else(|| events.iter().find_map(|e| e.patient_id.clone()));
+    let task_name = winner
+        .task_name
+        .clone()
+        .or_else(|| events.iter().find_map(|e| e.task_name.clone()));
     Some(TaskState {
         task_instance_id: winner.task_instance_id.clone(),
         workflow_instance_id: winner.workflow_instance_id.clone(),
@@ -102,8 +115,16 @@ pub fn fold_task(events: &[&TaskEvent]) -> Option<TaskState> {
         due_at_explicit: created.and_then(|e| e.due_at),
         started_at: started.map(|e| e.event_time),
         finished_at,
-        error_message: if winner.status == TaskStatus::Failed { winner.error_message.clone() } else { None },
-        last_event_time: events.iter().map(|e| e.event_time).max().unwrap_or(winner.event_time),
+        error_message: if winner.status == TaskStatus::Failed {
+            winner.error_message.clone()
+        } else {
+            None
+        },
+        last_event_time: events
+            .iter()
+            .map(|e| e.event_time)
+            .max()
+            .unwrap_or(winner.event_time),
         attempts: attempts(events),
     })
 }
@@ -116,12 +137,17 @@ fn attempts(events: &[&TaskEvent]) -> Vec<AttemptInfo> {
         .iter()
         .map(|&a| {
             let of = |st: TaskStatus| {
-                events.iter().filter(|e| e.attempt == a && e.status == st).min_by_key(|e| (e.event_time, e.pos))
+                events
+                    .iter()
+                    .filter(|e| e.attempt == a && e.status == st)
+                    .min_by_key(|e| (e.event_time, e.pos))
             };
             let created = of(TaskStatus::Pending);
             let finished = events
                 .iter()
-                .filter(|e| e.attempt == a && matches!(e.status, TaskStatus::Completed | TaskStatus::Failed))
+                .filter(|e| {
+                    e.attempt == a && matches!(e.status, TaskStatus::Completed | TaskStatus::Failed)
+                })
                 .map(|e| e.event_time)
                 .min();
             AttemptInfo {
@@ -130,8 +156,13 @@ fn attempts(events: &[&TaskEvent]) -> Vec<AttemptInfo> {
                 due_at_explicit: created.and_then(|e| e.due_at),
                 started_at: of(TaskStatus::InProgress).map(|e| e.event_time),
                 finished_at: finished,
-                superseded_at: events.iter().filter(|e| e.attempt > a).map(|e| e.event_time).min(),
-                failed: of(TaskStatus::Failed).map(|e| (e.event_id.clone(), e.error_message.clone())),
+                superseded_at: events
+                    .iter()
+                    .filter(|e| e.attempt > a)
+                    .map(|e| e.event_time)
+                    .min(),
+                failed: of(TaskStatus::Failed)
+                    .map(|e| (e.event_id.clone(), e.error_message.clone())),
             }
         })
         .collect()
@@ -145,11 +176,14 @@ pub trait TaskStates<'s> {
 
 impl<'s> TaskStates<'s> for VecCollection<'s, u64, TaskEvent> {
     fn task_states(self) -> VecCollection<'s, u64, (String, TaskState)> {
-        self.map(|e| (e.task_instance_id.clone(), e)).reduce_named("TaskState", |_key, input, output| {
-            let events = dedup_by_event_id(input.iter().map(|(e, _)| *e));
-            if let Some(state) = fold_task(&events) {
-                output.push((state, 1));
-            }
-        })
+        self.map(|e| (e.task_instance_id.clone(), e)).reduce_named(
+            "TaskState",
+            |_key, input, output| {
+                let events = dedup_by_event_id(input.iter().map(|(e, _)| *e));
+                if let Some(state) = fold_task(&events) {
+                    output.push((state, 1));
+                }
+            },
+        )
     }
 }

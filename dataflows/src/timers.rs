@@ -24,11 +24,17 @@ use crate::output::Millis;
 pub trait DelayUntil<'s, D> {
     /// Every update `(d, t, r)` is moved to `max(t, deadline(d) + 1)`; records without a
     /// deadline pass unchanged.
-    fn delay_until(self, deadline: impl Fn(&D) -> Option<Millis> + 'static) -> VecCollection<'s, u64, D>;
+    fn delay_until(
+        self,
+        deadline: impl Fn(&D) -> Option<Millis> + 'static,
+    ) -> VecCollection<'s, u64, D>;
 }
 
 impl<'s, D: Clone + 'static> DelayUntil<'s, D> for VecCollection<'s, u64, D> {
-    fn delay_until(self, deadline: impl Fn(&D) -> Option<Millis> + 'static) -> VecCollection<'s, u64, D> {
+    fn delay_until(
+        self,
+        deadline: impl Fn(&D) -> Option<Millis> + 'static,
+    ) -> VecCollection<'s, u64, D> {
         self.inner
             .map(move |(d, t, r)| {
                 let t2 = match deadline(&d) {
@@ -55,11 +61,17 @@ fn appearances<'s, D: differential_dataflow::ExchangeData + std::hash::Hash>(
 
 fn emit(d: Derived, t: u64) -> (Emit, u64, isize) {
     let rank = d.event_type.map(|t| t as u8).unwrap_or(u8::MAX);
-    (Emit::Record((d.workflow_instance_id.clone(), rank), d.to_record(t)), t, 1)
+    (
+        Emit::Record((d.workflow_instance_id.clone(), rank), d.to_record(t)),
+        t,
+        1,
+    )
 }
 
 /// Combined escalation facts merged into a workflow row.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 enum WfRowPart {
     Base(crate::output::WorkflowRow, Option<Millis>),
     Breach(Millis, String),
@@ -67,7 +79,9 @@ enum WfRowPart {
 }
 
 /// Facts merged into a task row.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 enum TaskRowPart {
     Base(crate::output::TaskRow),
     Breach(u32, String),
@@ -76,7 +90,9 @@ enum TaskRowPart {
 /// The time rules (contract §4 SLA, stale tasks, unanswered escalations) and the rows they
 /// change, from the workflow rules' output. Returns everything to emit, including the final
 /// `workflow_instances` and `task_instances` rows and every non-timer output passed through.
-pub fn time_rules<'s>(wf_out: VecCollection<'s, u64, (String, WfOut)>) -> VecCollection<'s, u64, Emit> {
+pub fn time_rules<'s>(
+    wf_out: VecCollection<'s, u64, (String, WfOut)>,
+) -> VecCollection<'s, u64, Emit> {
     // Plain rows and events pass through; events are emitted when they appear.
     let passthrough = wf_out
         .clone()
@@ -103,9 +119,11 @@ pub fn time_rules<'s>(wf_out: VecCollection<'s, u64, (String, WfOut)>) -> VecCol
             _ => None,
         })
         .delay_until(|(_, i): &((String, u32), SlaInfo)| Some(i.due_at));
-    let breaches = late.concat(open).reduce_named("SlaBreaches", |_key, input, output| {
-        output.push((input[0].0.clone(), 1));
-    });
+    let breaches = late
+        .concat(open)
+        .reduce_named("SlaBreaches", |_key, input, output| {
+            output.push((input[0].0.clone(), 1));
+        });
     let breach_out = appearances(breaches.clone())
         .flat_map(|((_, i), t, r): (((String, u32), SlaInfo), u64, isize)| {
             let mut out = Vec::new();
@@ -127,7 +145,10 @@ pub fn time_rules<'s>(wf_out: VecCollection<'s, u64, (String, WfOut)>) -> VecCol
             };
             let mut b = base(
                 DerivedType::TaskSlaBreached,
-                format!("hmis-flow:TASK_SLA_BREACHED:{}:{}", i.task_instance_id, i.attempt),
+                format!(
+                    "hmis-flow:TASK_SLA_BREACHED:{}:{}",
+                    i.task_instance_id, i.attempt
+                ),
             );
             b.due_at = Some(i.due_at);
             b.minutes_overdue = Some(minutes);
@@ -135,7 +156,10 @@ pub fn time_rules<'s>(wf_out: VecCollection<'s, u64, (String, WfOut)>) -> VecCol
             out.push(emit(b, t));
             let mut e = base(
                 DerivedType::TaskEscalated,
-                format!("hmis-flow:TASK_ESCALATED:{}:{}", i.task_instance_id, i.attempt),
+                format!(
+                    "hmis-flow:TASK_ESCALATED:{}:{}",
+                    i.task_instance_id, i.attempt
+                ),
             );
             e.escalated_to = Some(i.escalate_to.clone());
             e.escalation_reason = Some(reason.clone());
@@ -189,7 +213,10 @@ pub fn time_rules<'s>(wf_out: VecCollection<'s, u64, (String, WfOut)>) -> VecCol
             (r > 0 && t > s.deadline).then(|| {
                 let mut d = Derived::new(
                     DerivedType::TaskStale,
-                    &format!("hmis-flow:TASK_STALE:{}:{}:{}", s.task_instance_id, s.attempt, s.last_event_time),
+                    &format!(
+                        "hmis-flow:TASK_STALE:{}:{}:{}",
+                        s.task_instance_id, s.attempt, s.last_event_time
+                    ),
                     &s.workflow_instance_id,
                 );
                 d.patient_id = s.patient_id.clone();
@@ -217,27 +244,36 @@ pub fn time_rules<'s>(wf_out: VecCollection<'s, u64, (String, WfOut)>) -> VecCol
             // retracting, must not change it, or the same eventId would be emitted again.
             let r: &ReEscalation = input[0].0;
             output.push((
-                ReEscalation { deadline: 0, source: String::new(), ..r.clone() },
+                ReEscalation {
+                    deadline: 0,
+                    source: String::new(),
+                    ..r.clone()
+                },
                 1,
             ));
         });
     let fired_reesc = reesc.clone();
     let reesc_out = appearances(reesc)
-        .flat_map(|((_, r), t, diff): (((String, i32), ReEscalation), u64, isize)| {
-            (diff > 0).then(|| {
-                let mut d = Derived::new(
-                    DerivedType::WorkflowEscalated,
-                    &format!("hmis-flow:WORKFLOW_ESCALATED:{}:UNANSWERED:{}", r.workflow_instance_id, r.level),
-                    &r.workflow_instance_id,
-                );
-                d.patient_id = r.patient_id.clone();
-                d.template_id = Some(r.template_id.clone());
-                d.template_version = Some(r.template_version);
-                d.escalation_level = Some(r.level);
-                d.escalation_reason = Some("UNANSWERED_ESCALATION".to_string());
-                emit(d, t)
-            })
-        })
+        .flat_map(
+            |((_, r), t, diff): (((String, i32), ReEscalation), u64, isize)| {
+                (diff > 0).then(|| {
+                    let mut d = Derived::new(
+                        DerivedType::WorkflowEscalated,
+                        &format!(
+                            "hmis-flow:WORKFLOW_ESCALATED:{}:UNANSWERED:{}",
+                            r.workflow_instance_id, r.level
+                        ),
+                        &r.workflow_instance_id,
+                    );
+                    d.patient_id = r.patient_id.clone();
+                    d.template_id = Some(r.template_id.clone());
+                    d.template_version = Some(r.template_version);
+                    d.escalation_level = Some(r.level);
+                    d.escalation_reason = Some("UNANSWERED_ESCALATION".to_string());
+                    emit(d, t)
+                })
+            },
+        )
         .as_collection();
 
     // Rows with the timers' escalations merged in.
@@ -247,7 +283,12 @@ pub fn time_rules<'s>(wf_out: VecCollection<'s, u64, (String, WfOut)>) -> VecCol
             WfOut::WorkflowBase(row, t) => Some((wid, WfRowPart::Base(row, t))),
             _ => None,
         })
-        .concat(breaches.clone().map(|(_, i)| (i.workflow_instance_id.clone(), WfRowPart::Breach(i.due_at, i.task_def_id))))
+        .concat(breaches.clone().map(|(_, i)| {
+            (
+                i.workflow_instance_id.clone(),
+                WfRowPart::Breach(i.due_at, i.task_def_id),
+            )
+        }))
         .concat(fired_reesc.map(|((wid, level), _)| (wid, WfRowPart::Level(level))));
     let wf_rows = wf_parts
         .reduce_named("WorkflowRow", |_wid, input, output| {
@@ -265,7 +306,9 @@ pub fn time_rules<'s>(wf_out: VecCollection<'s, u64, (String, WfOut)>) -> VecCol
                     WfRowPart::Level(l) => level = level.max(*l),
                 }
             }
-            let Some((row, reason_time)) = base else { return };
+            let Some((row, reason_time)) = base else {
+                return;
+            };
             let mut row = row.clone();
             if let Some((due, def)) = breach {
                 row.is_escalated = true;
@@ -286,7 +329,12 @@ pub fn time_rules<'s>(wf_out: VecCollection<'s, u64, (String, WfOut)>) -> VecCol
             WfOut::TaskBase(row) => Some((row.task_instance_id.clone(), TaskRowPart::Base(row))),
             _ => None,
         })
-        .concat(breaches.map(|(_, i)| (i.task_instance_id.clone(), TaskRowPart::Breach(i.attempt, i.escalate_to))));
+        .concat(breaches.map(|(_, i)| {
+            (
+                i.task_instance_id.clone(),
+                TaskRowPart::Breach(i.attempt, i.escalate_to),
+            )
+        }));
     let task_rows = task_parts
         .reduce_named("TaskRow", |_id, input, output| {
             let mut base = None;
@@ -308,5 +356,10 @@ pub fn time_rules<'s>(wf_out: VecCollection<'s, u64, (String, WfOut)>) -> VecCol
         })
         .map(|(_, row)| Emit::Row(row));
 
-    passthrough.concat(breach_out).concat(stale_out).concat(reesc_out).concat(wf_rows).concat(task_rows)
+    passthrough
+        .concat(breach_out)
+        .concat(stale_out)
+        .concat(reesc_out)
+        .concat(wf_rows)
+        .concat(task_rows)
 }

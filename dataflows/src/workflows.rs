@@ -86,7 +86,9 @@ pub fn fold_workflow(wid: &str, events: &[&WorkflowEvent]) -> WfState {
                 st.upstream_terminal = Some((e.kind, e.event_time));
                 st.first_upstream_terminal.get_or_insert(e.event_time);
             }
-            WorkflowEventKind::Escalated => st.upstream_escalation = Some((e.event_time, e.escalation_reason.clone())),
+            WorkflowEventKind::Escalated => {
+                st.upstream_escalation = Some((e.event_time, e.escalation_reason.clone()))
+            }
         }
     }
     st
@@ -124,7 +126,10 @@ impl OrderFact {
                 closed_by: st
                     .accepted
                     .iter()
-                    .find(|e| e.order_status.is_some_and(|s| !s.is_open()) && e.kind != crate::events::OrderEventKind::CompensationCompleted)
+                    .find(|e| {
+                        e.order_status.is_some_and(|s| !s.is_open())
+                            && e.kind != crate::events::OrderEventKind::CompensationCompleted
+                    })
                     .map(|e| (e.event_time, e.event_id.clone())),
             },
         ))
@@ -207,7 +212,11 @@ pub struct TimeRules {
 
 impl Default for TimeRules {
     fn default() -> Self {
-        TimeRules { stale_after_ms: 4 * 3_600_000, re_escalate_after_ms: 3_600_000, max_escalation_level: 3 }
+        TimeRules {
+            stale_after_ms: 4 * 3_600_000,
+            re_escalate_after_ms: 3_600_000,
+            max_escalation_level: 3,
+        }
     }
 }
 
@@ -244,7 +253,9 @@ struct DefSummary<'a> {
 impl DefSummary<'_> {
     /// The attempt an executor works on next: a waiting one, else the retry of a failed one, else 1.
     fn next_attempt(&self) -> u32 {
-        self.pending.unwrap_or(1).max(self.failed_retriable.map(|a| a + 1).unwrap_or(1))
+        self.pending
+            .unwrap_or(1)
+            .max(self.failed_retriable.map(|a| a + 1).unwrap_or(1))
     }
 }
 
@@ -265,27 +276,42 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
     }
     // Without WORKFLOW_STARTED nothing about W is known yet (the events may still be on their way).
     let Some(state) = state else { return out };
-    let Some(started) = &state.started else { return out };
-    let patient = state.patient_id.clone().or_else(|| tasks.iter().find_map(|t| t.patient_id.clone()));
+    let Some(started) = &state.started else {
+        return out;
+    };
+    let patient = state
+        .patient_id
+        .clone()
+        .or_else(|| tasks.iter().find_map(|t| t.patient_id.clone()));
 
     let mut summary: BTreeMap<&str, DefSummary> = BTreeMap::new();
     if let Some(t) = template {
         for task in &tasks {
-            let Some(def) = t.task(&task.task_def_id) else { continue };
+            let Some(def) = t.task(&task.task_def_id) else {
+                continue;
+            };
             let s = summary.entry(def.task_def_id.as_str()).or_default();
             match task.status {
                 TaskStatus::Completed => {
-                    if s.completed.is_none_or(|c| (task.finished_at, &task.task_instance_id) < (c.finished_at, &c.task_instance_id)) {
+                    if s.completed.is_none_or(|c| {
+                        (task.finished_at, &task.task_instance_id)
+                            < (c.finished_at, &c.task_instance_id)
+                    }) {
                         s.completed = Some(task);
                     }
                 }
                 TaskStatus::InProgress => s.in_progress = true,
                 TaskStatus::Failed if task.attempt > def.max_retries => {
-                    if s.failed_for_good.is_none_or(|c| (task.finished_at, &task.task_instance_id) < (c.finished_at, &c.task_instance_id)) {
+                    if s.failed_for_good.is_none_or(|c| {
+                        (task.finished_at, &task.task_instance_id)
+                            < (c.finished_at, &c.task_instance_id)
+                    }) {
                         s.failed_for_good = Some(task);
                     }
                 }
-                TaskStatus::Failed => s.failed_retriable = s.failed_retriable.max(Some(task.attempt)),
+                TaskStatus::Failed => {
+                    s.failed_retriable = s.failed_retriable.max(Some(task.attempt))
+                }
                 TaskStatus::Pending => s.pending = s.pending.max(Some(task.attempt)),
             }
         }
@@ -299,18 +325,36 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
         let required: Vec<_> = t.tasks.iter().filter(|d| d.required).collect();
         let done: Vec<Millis> = required
             .iter()
-            .filter_map(|d| summary.get(d.task_def_id.as_str()).and_then(|s| s.completed))
+            .filter_map(|d| {
+                summary
+                    .get(d.task_def_id.as_str())
+                    .and_then(|s| s.completed)
+            })
             .map(|c| c.finished_at.unwrap_or(c.event_time))
             .collect();
-        progress = if required.is_empty() { 100 } else { (100 * done.len() / required.len()) as i32 };
+        progress = if required.is_empty() {
+            100
+        } else {
+            (100 * done.len() / required.len()) as i32
+        };
         if progress == 100 {
-            derived_completion = Some(done.iter().copied().max().unwrap_or(started.at).max(started.at));
+            derived_completion = Some(
+                done.iter()
+                    .copied()
+                    .max()
+                    .unwrap_or(started.at)
+                    .max(started.at),
+            );
         }
         derived_failure = t
             .tasks
             .iter()
             .filter(|d| d.failure_task_id.is_none())
-            .filter_map(|d| summary.get(d.task_def_id.as_str()).and_then(|s| s.failed_for_good))
+            .filter_map(|d| {
+                summary
+                    .get(d.task_def_id.as_str())
+                    .and_then(|s| s.failed_for_good)
+            })
             .min_by_key(|f| (f.finished_at, f.task_instance_id.clone()));
     }
     // The first terminal state the rules derive, by eventTime (failure on a tie): a workflow
@@ -330,7 +374,14 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
         _ => None,
     };
     let upstream_status = state.upstream_terminal.map(|(k, at)| {
-        (if k == WorkflowEventKind::Completed { WfStatus::Completed } else { WfStatus::Failed }, at)
+        (
+            if k == WorkflowEventKind::Completed {
+                WfStatus::Completed
+            } else {
+                WfStatus::Failed
+            },
+            at,
+        )
     });
     let (status, completed_at) = match (upstream_status, derived_first) {
         (Some((us, _)), Some((ds, dat))) if us == ds => (us, Some(dat)),
@@ -348,11 +399,17 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
     };
 
     // Escalation: upstream WORKFLOW_ESCALATED, or a derived failure.
-    let mut escalation_reason = state.upstream_escalation.as_ref().map(|(_, r)| r.clone().unwrap_or_default());
+    let mut escalation_reason = state
+        .upstream_escalation
+        .as_ref()
+        .map(|(_, r)| r.clone().unwrap_or_default());
     let mut escalation_time = state.upstream_escalation.as_ref().map(|(t, _)| *t);
     if template.is_some() {
         out.push(WfOut::Event({
-            let mut d = base(DerivedType::WorkflowProgress, format!("hmis-flow:WORKFLOW_PROGRESS:{wid}:{progress}"));
+            let mut d = base(
+                DerivedType::WorkflowProgress,
+                format!("hmis-flow:WORKFLOW_PROGRESS:{wid}:{progress}"),
+            );
             d.progress_percentage = Some(progress);
             d.per_transition = true;
             d
@@ -360,21 +417,30 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
     }
     {
         if let (Some((WfStatus::Completed, _)), Some(at)) = (derived_first, derived_completion) {
-            let mut d = base(DerivedType::WorkflowCompleted, format!("hmis-flow:WORKFLOW_COMPLETED:{wid}"));
+            let mut d = base(
+                DerivedType::WorkflowCompleted,
+                format!("hmis-flow:WORKFLOW_COMPLETED:{wid}"),
+            );
             d.progress_percentage = Some(progress);
             d.duration_seconds = Some((at.saturating_sub(started.at) / 1000) as i64);
             out.push(WfOut::Event(d));
         }
         if let (Some((WfStatus::Failed, _)), Some(f)) = (derived_first, derived_failure) {
             let reason = format!("TASK_FAILED:{}", f.task_def_id);
-            let mut d = base(DerivedType::WorkflowFailed, format!("hmis-flow:WORKFLOW_FAILED:{wid}"));
+            let mut d = base(
+                DerivedType::WorkflowFailed,
+                format!("hmis-flow:WORKFLOW_FAILED:{wid}"),
+            );
             d.task_instance_id = Some(f.task_instance_id.clone());
             d.task_def_id = Some(f.task_def_id.clone());
             d.reason = Some(reason.clone());
             d.error_message = f.error_message.clone();
             d.cause_event_id = Some(f.event_id.clone());
             out.push(WfOut::Event(d));
-            let mut e = base(DerivedType::WorkflowEscalated, format!("hmis-flow:WORKFLOW_ESCALATED:{wid}:{reason}:1"));
+            let mut e = base(
+                DerivedType::WorkflowEscalated,
+                format!("hmis-flow:WORKFLOW_ESCALATED:{wid}:{reason}:1"),
+            );
             e.task_instance_id = Some(f.task_instance_id.clone());
             e.task_def_id = Some(f.task_def_id.clone());
             e.escalation_reason = Some(reason.clone());
@@ -389,13 +455,24 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
     // Retries: a failed attempt with retries left schedules the next one (once per (task, attempt)).
     if let Some(t) = template {
         for task in &tasks {
-            let Some(def) = t.task(&task.task_def_id) else { continue };
+            let Some(def) = t.task(&task.task_def_id) else {
+                continue;
+            };
             // Per attempt, so a retry created in the same instant as the failure still counts.
-            for a in task.attempts.iter().filter(|a| a.attempt <= def.max_retries) {
-                let Some((failed_event, error)) = &a.failed else { continue };
+            for a in task
+                .attempts
+                .iter()
+                .filter(|a| a.attempt <= def.max_retries)
+            {
+                let Some((failed_event, error)) = &a.failed else {
+                    continue;
+                };
                 let mut d = base(
                     DerivedType::TaskRetryScheduled,
-                    format!("hmis-flow:TASK_RETRY_SCHEDULED:{}:{}", task.task_instance_id, a.attempt),
+                    format!(
+                        "hmis-flow:TASK_RETRY_SCHEDULED:{}:{}",
+                        task.task_instance_id, a.attempt
+                    ),
                 );
                 d.task_instance_id = Some(task.task_instance_id.clone());
                 d.task_def_id = Some(task.task_def_id.clone());
@@ -412,24 +489,31 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
     // identifies it (its eventId's name), so that it is emitted once: a readiness event names
     // the definition, not the instance (which may be created while the task stays ready).
     if let (Some(t), WfStatus::Active) = (template, status) {
-        let failure_namers: BTreeMap<&str, Vec<&str>> = t.tasks.iter().fold(BTreeMap::new(), |mut m, d| {
-            if let Some(f) = &d.failure_task_id {
-                m.entry(f.as_str()).or_insert_with(Vec::new).push(d.task_def_id.as_str());
-            }
-            m
-        });
+        let failure_namers: BTreeMap<&str, Vec<&str>> =
+            t.tasks.iter().fold(BTreeMap::new(), |mut m, d| {
+                if let Some(f) = &d.failure_task_id {
+                    m.entry(f.as_str())
+                        .or_insert_with(Vec::new)
+                        .push(d.task_def_id.as_str());
+                }
+                m
+            });
         for d in &t.tasks {
             let id = d.task_def_id.as_str();
             let s = summary.get(id);
             // Condition 3.
-            if s.is_some_and(|s| s.in_progress || s.completed.is_some() || s.failed_for_good.is_some()) {
+            if s.is_some_and(|s| {
+                s.in_progress || s.completed.is_some() || s.failed_for_good.is_some()
+            }) {
                 continue;
             }
             // Condition 1 (or the failure-task rule), with the events that satisfied it.
             let mut causes: Vec<(Millis, String)> = Vec::new();
             if let Some(namers) = failure_namers.get(id) {
-                let failed: Vec<&TaskState> =
-                    namers.iter().filter_map(|n| summary.get(n).and_then(|s| s.failed_for_good)).collect();
+                let failed: Vec<&TaskState> = namers
+                    .iter()
+                    .filter_map(|n| summary.get(n).and_then(|s| s.failed_for_good))
+                    .collect();
                 if failed.is_empty() {
                     continue;
                 }
@@ -456,9 +540,17 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             // Condition 2.
             let blocking: Vec<&&OrderFact> = orders
                 .iter()
-                .filter(|o| o.order_type.as_ref().is_some_and(|ty| d.blocking_order_types.contains(ty)))
+                .filter(|o| {
+                    o.order_type
+                        .as_ref()
+                        .is_some_and(|ty| d.blocking_order_types.contains(ty))
+                })
                 .collect();
-            let open: BTreeSet<&str> = blocking.iter().filter(|o| o.open).map(|o| o.order_id.as_str()).collect();
+            let open: BTreeSet<&str> = blocking
+                .iter()
+                .filter(|o| o.open)
+                .map(|o| o.order_id.as_str())
+                .collect();
             let next_attempt = s.map(|s| s.next_attempt()).unwrap_or(1);
             if open.is_empty() {
                 let closed: BTreeSet<&str> = blocking.iter().map(|o| o.order_id.as_str()).collect();
@@ -467,7 +559,10 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                 // Content names only the readiness itself: what made it ready (which
                 // completion, which order closing) is in the event's time; a transition
                 // into readiness is one event (`per_transition`).
-                let mut e = base(DerivedType::TaskReady, format!("hmis-flow:TASK_READY:{wid}:{id}:{next_attempt}"));
+                let mut e = base(
+                    DerivedType::TaskReady,
+                    format!("hmis-flow:TASK_READY:{wid}:{id}:{next_attempt}"),
+                );
                 e.task_def_id = Some(id.to_string());
                 e.task_name = d.name.clone();
                 e.attempt = Some(next_attempt);
@@ -486,7 +581,10 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                 })));
             } else {
                 // Which orders block may change while the task stays blocked: not content.
-                let mut e = base(DerivedType::TaskBlocked, format!("hmis-flow:TASK_BLOCKED:{wid}:{id}:{next_attempt}"));
+                let mut e = base(
+                    DerivedType::TaskBlocked,
+                    format!("hmis-flow:TASK_BLOCKED:{wid}:{id}:{next_attempt}"),
+                );
                 e.task_def_id = Some(id.to_string());
                 e.task_name = d.name.clone();
                 e.attempt = Some(next_attempt);
@@ -504,21 +602,31 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             patient_id: patient.clone(),
             template_id: started.template_id.clone(),
             template_version: started.template_version,
-            template_name: started.template_name.clone().or_else(|| template.and_then(|t| t.template_name.clone())),
+            template_name: started
+                .template_name
+                .clone()
+                .or_else(|| template.and_then(|t| t.template_name.clone())),
             status: status.as_str().to_string(),
             progress_percentage: progress,
             is_escalated: escalation_reason.is_some(),
             escalation_level: if escalation_reason.is_some() { 1 } else { 0 },
             escalation_reason,
             started_at: Some(started.at),
-            completed_at: if status == WfStatus::Active { None } else { completed_at },
+            completed_at: if status == WfStatus::Active {
+                None
+            } else {
+                completed_at
+            },
         },
         escalation_time,
     ));
     let active = status == WfStatus::Active;
     // Completion times of W's tasks: an escalation is answered by a completion after it.
-    let completions: Vec<Millis> =
-        tasks.iter().filter(|t| t.status == TaskStatus::Completed).filter_map(|t| t.finished_at).collect();
+    let completions: Vec<Millis> = tasks
+        .iter()
+        .filter(|t| t.status == TaskStatus::Completed)
+        .filter_map(|t| t.finished_at)
+        .collect();
     let re_escalate = |source: String, at: Millis, out: &mut Vec<WfOut>| {
         if !active {
             return;
@@ -540,7 +648,11 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
         }
     };
     if let Some((at, reason)) = &state.upstream_escalation {
-        re_escalate(reason.clone().unwrap_or_else(|| "UPSTREAM".into()), *at, &mut out);
+        re_escalate(
+            reason.clone().unwrap_or_else(|| "UPSTREAM".into()),
+            *at,
+            &mut out,
+        );
     }
     for task in &tasks {
         let def = template.and_then(|t| t.task(&task.task_def_id));
@@ -548,7 +660,10 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             explicit.or_else(|| Some(created? + u64::from(def?.sla_minutes?) * 60_000))
         };
         let due_at = sla_due(task.created_at, task.due_at_explicit);
-        let task_name = task.task_name.clone().or_else(|| def.and_then(|d| d.name.clone()));
+        let task_name = task
+            .task_name
+            .clone()
+            .or_else(|| def.and_then(|d| d.name.clone()));
         out.push(WfOut::TaskBase(TaskRow {
             task_instance_id: task.task_instance_id.clone(),
             workflow_instance_id: wid.to_string(),
@@ -568,7 +683,9 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
         }));
         // SLA per attempt: late (data) or open (clock).
         for a in &task.attempts {
-            let Some(due) = sla_due(a.created_at, a.due_at_explicit) else { continue };
+            let Some(due) = sla_due(a.created_at, a.due_at_explicit) else {
+                continue;
+            };
             let info = SlaInfo {
                 task_instance_id: task.task_instance_id.clone(),
                 attempt: a.attempt,
@@ -579,9 +696,12 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                 task_def_id: task.task_def_id.clone(),
                 task_name: task_name.clone(),
                 due_at: due,
-                escalate_to: def.map(|d| d.escalate_to.clone()).unwrap_or_else(|| "MANAGER".into()),
+                escalate_to: def
+                    .map(|d| d.escalate_to.clone())
+                    .unwrap_or_else(|| "MANAGER".into()),
             };
-            let late = a.started_at.is_some_and(|s| s > due) || a.ended_at().is_some_and(|e| e > due);
+            let late =
+                a.started_at.is_some_and(|s| s > due) || a.ended_at().is_some_and(|e| e > due);
             let open = a.ended_at().is_none()
                 && a.attempt == task.attempt
                 && matches!(task.status, TaskStatus::Pending | TaskStatus::InProgress);

@@ -15,14 +15,21 @@ const H: Millis = 60 * MIN;
 
 /// Runs events at their eventTimes (definitions at T0 - 1) with the clock at `clock`.
 fn at_clock(events: Vec<Event>, clock: Millis) -> Outcome {
-    let mut feed: Vec<_> = events.into_iter().map(|e| (e.event_time().unwrap_or(T0 - 1), e)).collect();
+    let mut feed: Vec<_> = events
+        .into_iter()
+        .map(|e| (e.event_time().unwrap_or(T0 - 1), e))
+        .collect();
     feed.sort_by_key(|(t, _)| *t);
     run(Run::new(2, feed, clock + 1))
 }
 
 fn base() -> Vec<Event> {
     // triage: slaMinutes 15, escalateTo CHARGE_NURSE.
-    vec![def(sepsis(3)), wf_started("w1", "sepsis-bundle", 3, T0), task("TASK_CREATED", "t1", "w1", "triage", 1, T0)]
+    vec![
+        def(sepsis(3)),
+        wf_started("w1", "sepsis-bundle", 3, T0),
+        task("TASK_CREATED", "t1", "w1", "triage", 1, T0),
+    ]
 }
 
 fn count(o: &Outcome, ty: &str) -> usize {
@@ -36,8 +43,16 @@ fn json(o: &Outcome, ty: &str) -> serde_json::Value {
 #[test]
 fn sla_breach_fires_only_once_the_clock_passes_due() {
     let due = T0 + 15 * MIN;
-    assert_eq!(count(&at_clock(base(), due - 1), "TASK_SLA_BREACHED"), 0, "just before");
-    assert_eq!(count(&at_clock(base(), due), "TASK_SLA_BREACHED"), 0, "at dueAt the clock has not passed it");
+    assert_eq!(
+        count(&at_clock(base(), due - 1), "TASK_SLA_BREACHED"),
+        0,
+        "just before"
+    );
+    assert_eq!(
+        count(&at_clock(base(), due), "TASK_SLA_BREACHED"),
+        0,
+        "at dueAt the clock has not passed it"
+    );
     let o = at_clock(base(), due + 1);
     assert_eq!(count(&o, "TASK_SLA_BREACHED"), 1, "just after");
     assert_eq!(count(&o, "TASK_ESCALATED"), 1);
@@ -46,7 +61,10 @@ fn sla_breach_fires_only_once_the_clock_passes_due() {
     assert_eq!(b["dueAt"], iso(due));
     assert_eq!(b["minutesOverdue"], 0);
     assert_eq!(json(&o, "TASK_ESCALATED")["escalatedTo"], "CHARGE_NURSE");
-    assert_eq!(json(&o, "WORKFLOW_ESCALATED")["escalationReason"], "SLA_BREACH:triage");
+    assert_eq!(
+        json(&o, "WORKFLOW_ESCALATED")["escalationReason"],
+        "SLA_BREACH:triage"
+    );
     // Rows: the breach, the task's flags, the workflow's escalation.
     let mut breach_rows = 0;
     for r in o.rows.values() {
@@ -55,10 +73,17 @@ fn sla_breach_fires_only_once_the_clock_passes_due() {
                 breach_rows += 1;
                 assert_eq!((b.due_at, b.attempt), (due, 1));
             }
-            Row::Task(t) => assert!(t.sla_breached && t.is_escalated && t.escalated_to.as_deref() == Some("CHARGE_NURSE")),
+            Row::Task(t) => assert!(
+                t.sla_breached
+                    && t.is_escalated
+                    && t.escalated_to.as_deref() == Some("CHARGE_NURSE")
+            ),
             Row::Workflow(w) => {
                 assert!(w.is_escalated);
-                assert_eq!((w.escalation_level, w.escalation_reason.as_deref()), (1, Some("SLA_BREACH:triage")));
+                assert_eq!(
+                    (w.escalation_level, w.escalation_reason.as_deref()),
+                    (1, Some("SLA_BREACH:triage"))
+                );
             }
             _ => {}
         }
@@ -74,15 +99,26 @@ fn completion_at_due_is_on_time_and_after_due_is_a_breach() {
     let due = T0 + 15 * MIN;
     let mut on_time = base();
     on_time.push(task("TASK_COMPLETED", "t1", "w1", "triage", 1, due));
-    assert_eq!(count(&at_clock(on_time, due + H / 2), "TASK_SLA_BREACHED"), 0);
+    assert_eq!(
+        count(&at_clock(on_time, due + H / 2), "TASK_SLA_BREACHED"),
+        0
+    );
 
     // Completed 1 ms late; the pipeline saw everything only afterwards (all inserted at one time).
     let mut late = base();
     late.push(task("TASK_COMPLETED", "t1", "w1", "triage", 1, due + 1));
     let feed = late.into_iter().map(|e| (due + 5 * MIN, e)).collect();
     let o = run(Run::new(1, feed, due + 5 * MIN + 1));
-    assert_eq!(count(&o, "TASK_SLA_BREACHED"), 1, "late completion while the pipeline was down");
-    assert_eq!(json(&o, "TASK_SLA_BREACHED")["minutesOverdue"], 5, "minutes past dueAt when detected");
+    assert_eq!(
+        count(&o, "TASK_SLA_BREACHED"),
+        1,
+        "late completion while the pipeline was down"
+    );
+    assert_eq!(
+        json(&o, "TASK_SLA_BREACHED")["minutesOverdue"],
+        5,
+        "minutes past dueAt when detected"
+    );
 }
 
 #[test]
@@ -101,8 +137,10 @@ fn dec_task_with_due(tid: &str, wid: &str, def_id: &str, at: Millis, due: Millis
     dec(
         hmis_dataflows::events::InputTopic::Tasks,
         Some(tid),
-        Some(serde_json::json!({"eventId": format!("c-{tid}"), "eventType": "TASK_CREATED", "eventTime": iso(at),
-            "taskInstanceId": tid, "workflowInstanceId": wid, "taskDefId": def_id, "dueAt": iso(due)})),
+        Some(
+            serde_json::json!({"eventId": format!("c-{tid}"), "eventType": "TASK_CREATED", "eventTime": iso(at),
+            "taskInstanceId": tid, "workflowInstanceId": wid, "taskDefId": def_id, "dueAt": iso(due)}),
+        ),
     )
 }
 
@@ -111,26 +149,63 @@ fn each_retry_attempt_has_its_own_sla() {
     // blood-cultures: slaMinutes 30, maxRetries 2.
     let mut evs = base();
     evs.push(task("TASK_COMPLETED", "t1", "w1", "triage", 1, T0 + MIN));
-    evs.push(task("TASK_CREATED", "t2", "w1", "blood-cultures", 1, T0 + 2 * MIN));
-    evs.push(task("TASK_FAILED", "t2", "w1", "blood-cultures", 1, T0 + 40 * MIN)); // late: attempt 1 breached
-    evs.push(task("TASK_CREATED", "t2", "w1", "blood-cultures", 2, T0 + 41 * MIN));
+    evs.push(task(
+        "TASK_CREATED",
+        "t2",
+        "w1",
+        "blood-cultures",
+        1,
+        T0 + 2 * MIN,
+    ));
+    evs.push(task(
+        "TASK_FAILED",
+        "t2",
+        "w1",
+        "blood-cultures",
+        1,
+        T0 + 40 * MIN,
+    )); // late: attempt 1 breached
+    evs.push(task(
+        "TASK_CREATED",
+        "t2",
+        "w1",
+        "blood-cultures",
+        2,
+        T0 + 41 * MIN,
+    ));
     let o = at_clock(evs, T0 + 41 * MIN + 31 * MIN); // attempt 2 open past its due too
     let breached: Vec<_> = o
         .of_type("TASK_SLA_BREACHED")
         .iter()
         .map(|r| serde_json::from_str::<serde_json::Value>(&r.payload).unwrap())
-        .map(|v| (v["taskInstanceId"].as_str().unwrap().to_string(), v["attempt"].as_u64().unwrap()))
+        .map(|v| {
+            (
+                v["taskInstanceId"].as_str().unwrap().to_string(),
+                v["attempt"].as_u64().unwrap(),
+            )
+        })
         .collect();
-    assert!(breached.contains(&("t2".into(), 1)) && breached.contains(&("t2".into(), 2)), "{breached:?}");
+    assert!(
+        breached.contains(&("t2".into(), 1)) && breached.contains(&("t2".into(), 2)),
+        "{breached:?}"
+    );
 }
 
 #[test]
 fn stale_pending_task_once() {
     let last = T0;
-    assert_eq!(count(&at_clock(base(), last + 4 * H), "TASK_STALE"), 0, "at staleAfter");
+    assert_eq!(
+        count(&at_clock(base(), last + 4 * H), "TASK_STALE"),
+        0,
+        "at staleAfter"
+    );
     let o = at_clock(base(), last + 4 * H + 1);
     assert_eq!(count(&o, "TASK_STALE"), 1);
-    assert_eq!(count(&at_clock(base(), last + 9 * H), "TASK_STALE"), 1, "once");
+    assert_eq!(
+        count(&at_clock(base(), last + 9 * H), "TASK_STALE"),
+        1,
+        "once"
+    );
     // Started before staleAfter: not stale.
     let mut started = base();
     started.push(task("TASK_STARTED", "t1", "w1", "triage", 1, T0 + H));
@@ -144,20 +219,45 @@ fn unanswered_escalation_climbs_to_level_three_and_stops() {
         let mut l: Vec<i64> = o
             .of_type("WORKFLOW_ESCALATED")
             .iter()
-            .map(|r| serde_json::from_str::<serde_json::Value>(&r.payload).unwrap()["escalationLevel"].as_i64().unwrap())
+            .map(|r| {
+                serde_json::from_str::<serde_json::Value>(&r.payload).unwrap()["escalationLevel"]
+                    .as_i64()
+                    .unwrap()
+            })
             .collect();
         l.sort();
         l
     };
-    assert_eq!(levels(&at_clock(base(), due + H)), vec![1], "re-escalation needs reEscalateAfter to pass");
+    assert_eq!(
+        levels(&at_clock(base(), due + H)),
+        vec![1],
+        "re-escalation needs reEscalateAfter to pass"
+    );
     assert_eq!(levels(&at_clock(base(), due + H + 1)), vec![1, 2]);
     let o = at_clock(base(), due + 5 * H);
     assert_eq!(levels(&o), vec![1, 2, 3], "at most level 3");
-    let w = o.rows.values().find_map(|r| if let Row::Workflow(w) = r { Some(w.clone()) } else { None }).unwrap();
+    let w = o
+        .rows
+        .values()
+        .find_map(|r| {
+            if let Row::Workflow(w) = r {
+                Some(w.clone())
+            } else {
+                None
+            }
+        })
+        .unwrap();
     assert_eq!(w.escalation_level, 3);
     // A task completed after the escalation answers it: no level 2.
     let mut answered = base();
-    answered.push(task("TASK_COMPLETED", "t1", "w1", "triage", 1, due + 30 * MIN));
+    answered.push(task(
+        "TASK_COMPLETED",
+        "t1",
+        "w1",
+        "triage",
+        1,
+        due + 30 * MIN,
+    ));
     assert_eq!(levels(&at_clock(answered, due + 5 * H)), vec![1]);
 }
 
@@ -175,8 +275,22 @@ fn timers_do_not_apply_to_finished_workflows() {
 fn event_clock_results_do_not_depend_on_batching_or_workers() {
     let mut evs = base();
     evs.push(task("TASK_STARTED", "t1", "w1", "triage", 1, T0 + 20 * MIN));
-    evs.push(task("TASK_COMPLETED", "t1", "w1", "triage", 1, T0 + 30 * MIN));
-    evs.push(task("TASK_CREATED", "t2", "w1", "blood-cultures", 1, T0 + 31 * MIN));
+    evs.push(task(
+        "TASK_COMPLETED",
+        "t1",
+        "w1",
+        "triage",
+        1,
+        T0 + 30 * MIN,
+    ));
+    evs.push(task(
+        "TASK_CREATED",
+        "t2",
+        "w1",
+        "blood-cultures",
+        1,
+        T0 + 31 * MIN,
+    ));
     let clock = T0 + 6 * H;
     let a = at_clock(evs.clone(), clock);
     // Same records, batched: each at the next 10-minute boundary (never earlier than its eventTime).
@@ -194,7 +308,11 @@ fn event_clock_results_do_not_depend_on_batching_or_workers() {
         let mut v: Vec<String> = o
             .records
             .iter()
-            .filter(|r| ["TASK_SLA_BREACHED", "TASK_ESCALATED", "TASK_STALE"].contains(&r.event_type.as_str()) || r.event_type == "WORKFLOW_ESCALATED")
+            .filter(|r| {
+                ["TASK_SLA_BREACHED", "TASK_ESCALATED", "TASK_STALE"]
+                    .contains(&r.event_type.as_str())
+                    || r.event_type == "WORKFLOW_ESCALATED"
+            })
             .map(|r| r.event_id.clone())
             .collect();
         v.sort();
