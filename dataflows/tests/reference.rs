@@ -828,7 +828,7 @@ fn check_seed(seed: u64, found: &mut Found) {
             check_restart(found, &cx.name, workers, &batched, &o, &mut rng);
         }
     }
-    let workers = if seed % 2 == 0 { 3 } else { 1 };
+    let workers = if seed.is_multiple_of(2) { 3 } else { 1 };
     let o = go(workers, &interleaved_feed(&h, &mut rng));
     let cx = Cx {
         name: format!("seed {seed}, interleaved, {workers} workers"),
