@@ -122,6 +122,11 @@ impl Derived {
         }
     }
 
+    /// Publication rank within one instant and workflow (the [`DerivedType`] order).
+    pub fn rank(&self) -> u8 {
+        self.event_type.map(|t| t as u8).unwrap_or(u8::MAX)
+    }
+
     /// The JSON document, stamped with the pipeline clock at which it was derived.
     pub fn to_json(&self, event_time: Millis) -> String {
         let mut m = Map::new();

@@ -361,11 +361,7 @@ impl Notice {
     }
 
     fn emit(&self, t: Millis) -> (Emit, Millis, isize) {
-        let rank = self
-            .derived
-            .event_type
-            .map(|ty| ty as u8)
-            .unwrap_or(u8::MAX);
+        let rank = self.derived.rank();
         (
             Emit::Record(
                 (self.derived.workflow_instance_id.clone(), rank),

@@ -60,9 +60,8 @@ fn appearances<'s, D: differential_dataflow::ExchangeData + std::hash::Hash>(
 }
 
 fn emit(d: Derived, t: u64) -> (Emit, u64, isize) {
-    let rank = d.event_type.map(|t| t as u8).unwrap_or(u8::MAX);
     (
-        Emit::Record((d.workflow_instance_id.clone(), rank), d.to_record(t)),
+        Emit::Record((d.workflow_instance_id.clone(), d.rank()), d.to_record(t)),
         t,
         1,
     )
@@ -99,10 +98,7 @@ pub fn time_rules<'s>(
         .inner
         .flat_map(|((wid, out), t, r)| match out {
             WfOut::Row(row) => Some((Emit::Row(row), t, r)),
-            WfOut::Event(d) if r > 0 => {
-                let rank = d.event_type.map(|t| t as u8).unwrap_or(u8::MAX);
-                Some((Emit::Record((wid, rank), d.to_record(t)), t, 1))
-            }
+            WfOut::Event(d) if r > 0 => Some((Emit::Record((wid, d.rank()), d.to_record(t)), t, 1)),
             _ => None,
         })
         .as_collection();

@@ -15,7 +15,7 @@
 //!                                     └─► reduce(evaluate) ─► WfOut: rows and derived events
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -109,8 +109,6 @@ pub struct OrderFact {
     pub order_id: String,
     pub order_type: Option<String>,
     pub open: bool,
-    /// The accepted event that first took the order out of the open states: (eventTime, eventId).
-    pub closed_by: Option<(Millis, String)>,
 }
 
 impl OrderFact {
@@ -123,14 +121,6 @@ impl OrderFact {
                 order_id: st.order_id.clone(),
                 order_type: st.order_type.clone(),
                 open: st.is_open(),
-                closed_by: st
-                    .accepted
-                    .iter()
-                    .find(|e| {
-                        e.order_status.is_some_and(|s| !s.is_open())
-                            && e.kind != crate::events::OrderEventKind::CompensationCompleted
-                    })
-                    .map(|e| (e.event_time, e.event_id.clone())),
             },
         ))
     }
@@ -507,55 +497,33 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             }) {
                 continue;
             }
-            // Condition 1 (or the failure-task rule), with the events that satisfied it.
-            let mut causes: Vec<(Millis, String)> = Vec::new();
-            if let Some(namers) = failure_namers.get(id) {
-                let failed: Vec<&TaskState> = namers
+            // Condition 1 (or the failure-task rule).
+            let satisfied = match failure_namers.get(id) {
+                Some(namers) => namers
                     .iter()
-                    .filter_map(|n| summary.get(n).and_then(|s| s.failed_for_good))
-                    .collect();
-                if failed.is_empty() {
-                    continue;
-                }
-                causes.extend(failed.iter().map(|f| (f.event_time, f.event_id.clone())));
-            } else {
-                let preds: Vec<&str> = t
+                    .any(|n| summary.get(n).is_some_and(|s| s.failed_for_good.is_some())),
+                None => t
                     .tasks
                     .iter()
                     .filter(|p| p.next_task_id.as_deref() == Some(id))
-                    .map(|p| p.task_def_id.as_str())
-                    .collect();
-                let mut all = true;
-                for p in preds {
-                    match summary.get(p).and_then(|s| s.completed) {
-                        Some(c) => causes.push((c.event_time, c.event_id.clone())),
-                        None => all = false,
-                    }
-                }
-                if !all {
-                    continue;
-                }
-                causes.push((started.at, started.event_id.clone()));
+                    .all(|p| {
+                        summary
+                            .get(p.task_def_id.as_str())
+                            .is_some_and(|s| s.completed.is_some())
+                    }),
+            };
+            if !satisfied {
+                continue;
             }
             // Condition 2.
-            let blocking: Vec<&&OrderFact> = orders
-                .iter()
-                .filter(|o| {
-                    o.order_type
+            let blocked = orders.iter().any(|o| {
+                o.open
+                    && o.order_type
                         .as_ref()
                         .is_some_and(|ty| d.blocking_order_types.contains(ty))
-                })
-                .collect();
-            let open: BTreeSet<&str> = blocking
-                .iter()
-                .filter(|o| o.open)
-                .map(|o| o.order_id.as_str())
-                .collect();
+            });
             let next_attempt = s.map(|s| s.next_attempt()).unwrap_or(1);
-            if open.is_empty() {
-                let closed: BTreeSet<&str> = blocking.iter().map(|o| o.order_id.as_str()).collect();
-                causes.extend(blocking.iter().filter_map(|o| o.closed_by.clone()));
-                let _ = (closed, causes);
+            if !blocked {
                 // Content names only the readiness itself: what made it ready (which
                 // completion, which order closing) is in the event's time; a transition
                 // into readiness is one event (`per_transition`).
