@@ -124,6 +124,11 @@ pub struct TaskEvent {
     pub attempt: u32,
     pub error_message: Option<String>,
     pub due_at: Option<Millis>,
+    /// The record's Kafka key as text (for a dead letter).
+    pub raw_key: Option<Arc<str>>,
+    /// The record's original payload, kept so that an event dead-lettered later (an unknown
+    /// reference after its grace, contract §7) carries its bytes. Shared: copies cost a pointer.
+    pub raw: Option<Arc<str>>,
 }
 
 /// Upstream workflow event kinds (contract §4).
@@ -150,6 +155,11 @@ pub struct WorkflowEvent {
     pub template_version: Option<i64>,
     pub template_name: Option<String>,
     pub escalation_reason: Option<String>,
+    /// The record's Kafka key as text (for a dead letter).
+    pub raw_key: Option<Arc<str>>,
+    /// The record's original payload, kept so that an event dead-lettered later (an unknown
+    /// reference after its grace, contract §7) carries its bytes. Shared: copies cost a pointer.
+    pub raw: Option<Arc<str>>,
 }
 
 /// Order lifecycle states (contract §5).
@@ -592,6 +602,8 @@ pub fn decode(
                 attempt,
                 error_message: raw.error_message,
                 due_at,
+                raw_key: key.map(|k| Arc::from(String::from_utf8_lossy(k).as_ref())),
+                raw: Some(Arc::from(text)),
             }))
         }
         InputTopic::Workflows => {
@@ -626,6 +638,8 @@ pub fn decode(
                 template_version,
                 template_name: raw.workflow_template_name,
                 escalation_reason: raw.escalation_reason,
+                raw_key: key.map(|k| Arc::from(String::from_utf8_lossy(k).as_ref())),
+                raw: Some(Arc::from(text)),
             }))
         }
         InputTopic::Orders => {

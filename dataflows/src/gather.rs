@@ -9,7 +9,9 @@
 //!   each touched row's final state (`None`: delete);
 //! - records and dead letters: those with a positive change, in (time, workflow, type) order,
 //!   duplicates (same topic and eventId) removed;
-//! - offsets: the highest position per partition.
+//! - offsets: the highest position per partition;
+//! - a row retraction at a time where its owner is [`Emit::Retired`] is ignored: the state
+//!   was forgotten to bound memory, the row stays.
 //!
 //! Times below `suppress_before` are dropped: on restart the source replays history at one
 //! time below the committed frontier to rebuild state, and its effects were already durable.
@@ -22,7 +24,7 @@ use timely::progress::frontier::AntichainRef;
 
 use differential_dataflow::VecCollection;
 
-use crate::output::{FlushBatch, Millis, OffsetMark};
+use crate::output::{FlushBatch, Millis, OffsetMark, Owner};
 use crate::Emit;
 
 /// Accumulates the changes of completed times into a batch. Public so tests and the
@@ -41,9 +43,23 @@ impl Collapser {
     pub fn add_time(&mut self, mut updates: Vec<(Emit, isize)>) {
         // Retractions first, so a row replaced at this time ends at its new value.
         updates.sort_by_key(|u| u.1 > 0);
+        // State retired at this time: its rows' retractions forget, they do not delete.
+        let retired: HashSet<Owner> = updates
+            .iter()
+            .filter_map(|(e, r)| match e {
+                Emit::Retired(o) if *r > 0 => Some(o.clone()),
+                _ => None,
+            })
+            .collect();
         for (e, r) in updates {
             match e {
                 Emit::Row(row) => {
+                    if r < 0
+                        && !retired.is_empty()
+                        && row.owner().is_some_and(|o| retired.contains(&o))
+                    {
+                        continue;
+                    }
                     let key = row.key();
                     if r > 0 {
                         self.rows.insert(key, Some(row));

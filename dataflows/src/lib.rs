@@ -23,6 +23,7 @@ pub mod derived;
 pub mod events;
 pub mod gather;
 pub mod harness;
+pub mod lifecycle;
 pub mod orders;
 pub mod output;
 pub mod tasks;
@@ -51,6 +52,8 @@ pub struct RulesConfig {
     pub orders: orders::OrderRules,
     /// Stale-task and re-escalation durations.
     pub time: workflows::TimeRules,
+    /// Unknown-reference grace, retirement of finished work.
+    pub lifecycle: lifecycle::LifecycleRules,
 }
 
 /// Everything the dataflow emits, as one collection.
@@ -64,6 +67,8 @@ pub enum Emit {
     Dead(DeadLetter),
     /// The input position after a record.
     Offset(OffsetMark),
+    /// The state of a workflow or order was retired ([`lifecycle`]) at this time.
+    Retired(output::Owner),
 }
 
 /// The dataflow's input collections.
@@ -94,10 +99,24 @@ pub fn templates<'s>(
 
 /// Builds the rules over `inputs`; returns everything to emit.
 pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64, Emit> {
+    use lifecycle::{Signal, WfInput};
+
     let templates = templates(inputs.definitions);
 
-    let wf_states = inputs
-        .workflows
+    // Task and workflow events, tracked per workflow instance; order events per order.
+    let (wf_live, wf_life, wf_loop) = lifecycle::track(
+        inputs
+            .tasks
+            .map(WfInput::Task)
+            .concat(inputs.workflows.map(WfInput::Workflow)),
+        &cfg.lifecycle,
+        "WorkflowLifecycle",
+    );
+    let (tasks, workflows) = lifecycle::split(wf_live);
+    let (orders, order_life, order_loop) =
+        lifecycle::track(inputs.orders, &cfg.lifecycle, "OrderLifecycle");
+
+    let wf_states = workflows
         .map(|e| (e.workflow_instance_id.clone(), e))
         .reduce_named("WorkflowState", |wid, input, output| {
             let events: Vec<&WorkflowEvent> = input.iter().map(|(e, _)| *e).collect();
@@ -114,28 +133,42 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
             (wid.clone(), WfFact::Template(t.clone()))
         });
 
-    let task_facts = inputs
-        .tasks
+    let task_facts = tasks
         .task_states()
         .map(|(_, s)| (s.workflow_instance_id.clone(), WfFact::Task(s)));
 
-    let order_states = inputs
-        .orders
-        .order_states(Arc::new(cfg.eligibility.clone()));
+    let order_states = orders.order_states(Arc::new(cfg.eligibility.clone()));
     let order_facts = order_states
         .clone()
         .flat_map(|(_, st)| OrderFact::of(&st).map(|(w, f)| (w, WfFact::Order(f))));
 
     let facts = wf_states
         .map(|(wid, st)| (wid, WfFact::State(st)))
-        .concat(pinned)
+        .concat(pinned.clone())
         .concat(task_facts)
         .concat(order_facts);
 
-    let wf_out = timers::time_rules(facts.workflow_rules(cfg.time.clone()));
+    let wf_out = facts.workflow_rules(cfg.time.clone());
 
-    wf_out
+    // What the lifecycle trackers need to know: which workflows are known, which closed.
+    let known = pinned.map(|(wid, _)| Signal::Known(wid));
+    let closed = wf_out.clone().flat_map(|(wid, o)| match o {
+        workflows::WfOut::WorkflowBase(row, _) if row.status != "ACTIVE" => {
+            let at = row.completed_at.unwrap_or_default();
+            Some(Signal::Closed(wid, at))
+        }
+        _ => None,
+    });
+    wf_loop.connect(known.concat(closed));
+    let order_rules_cfg = cfg.orders.clone();
+    order_loop.connect(order_states.clone().flat_map(move |(oid, st)| {
+        orders::retirable(&st, &order_rules_cfg).map(|at| Signal::Closed(oid, at))
+    }));
+
+    timers::time_rules(wf_out)
         .concat(inputs.side)
+        .concat(wf_life)
+        .concat(order_life)
         .concat(orders::order_rules(order_states, &cfg.orders))
 }
 

@@ -897,6 +897,24 @@ pub fn order_rules<'s>(
     direct.concat(overdue_out).concat(rows)
 }
 
+/// When an order's state may be retired ([`crate::lifecycle`]): once CLOSED, or CANCELLED
+/// with every compensation action completed. Returns the (data) time it closed.
+pub fn retirable(st: &OrderState, rules: &OrderRules) -> Option<Millis> {
+    match st.status? {
+        OrderStatus::Closed => st.last_event_time,
+        OrderStatus::Cancelled => {
+            let mut last = st.last_event_time?;
+            for o in evaluate_order(st, rules) {
+                if let OrderOut::Row(Row::Compensation(c)) = o {
+                    last = last.max(c.completed_at?);
+                }
+            }
+            Some(last)
+        }
+        _ => None,
+    }
+}
+
 /// The dead letter of a rejected order event: the original record, byte for byte.
 fn dead_letter(rej: &RejectedOrderEvent, topic: &str, t: Millis) -> DeadLetter {
     let e = &rej.event;

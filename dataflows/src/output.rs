@@ -201,6 +201,34 @@ impl Row {
     }
 }
 
+/// The state a row belongs to: when that state is retired (its inputs retracted to bound
+/// memory), the row's retraction means "forget", not "delete".
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Owner {
+    Workflow(String),
+    Order(String),
+}
+
+impl Row {
+    /// Whose state produced the row.
+    pub fn owner(&self) -> Option<Owner> {
+        Some(match self {
+            Row::Workflow(w) => Owner::Workflow(w.workflow_instance_id.clone()),
+            Row::Task(t) => Owner::Workflow(t.workflow_instance_id.clone()),
+            Row::Readiness(r) => Owner::Workflow(r.workflow_instance_id.clone()),
+            Row::SlaBreach(b) => Owner::Workflow(b.workflow_instance_id.clone()),
+            Row::Order(o) => Owner::Order(o.order_id.clone()),
+            Row::OrderTransition(t) => Owner::Order(t.order_id.clone()),
+            Row::Compensation(c) => Owner::Order(c.order_id.clone()),
+            Row::Alert(a) => match (&a.order_id, &a.workflow_instance_id) {
+                (Some(o), _) => Owner::Order(o.clone()),
+                (None, Some(w)) => Owner::Workflow(w.clone()),
+                (None, None) => return None,
+            },
+        })
+    }
+}
+
 /// The output topics hmis-flow writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum OutTopic {

@@ -8,8 +8,9 @@
 //!                                          (workflow_instances, task_instances,
 //!                                          task_readiness, orders, order_transitions,
 //!                                          compensation_actions, sla_breaches, alerts)
-//!   3 INSERT INTO hmis_outbox              batch order -> seq order, duplicates ignored
-//!   4 INSERT INTO dead_letters             one per input record, duplicates ignored
+//!   3 INSERT INTO dead_letters             one per input record, duplicates ignored
+//!   4 INSERT INTO hmis_outbox              batch order -> seq order, duplicates ignored;
+//!                                          a dead letter only if step 3 stored it
 //!   5 upsert hmis_input_offsets            where consumption resumes
 //!     UPDATE hmis_pipeline_progress        the completed frontier
 //!  COMMIT
@@ -28,7 +29,7 @@
 //! a second live instance outright.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use hmis_dataflows::output::{
@@ -267,8 +268,21 @@ impl PgSink {
         }
 
         plan.write_rows(&tx, statements, ready_since).await?;
-        write_outbox(&tx, statements, group_id, &batch.records).await?;
-        write_dead_letters(&tx, statements, &batch.dead_letters).await?;
+        // A dead letter is published only when it is stored for the first time: an input
+        // record decided again after a restart (an unknown reference whose grace ended before
+        // the crash is re-decided after the replay) is not published twice.
+        let stored = write_dead_letters(&tx, statements, &batch.dead_letters).await?;
+        if batch.dead_letters.len() == stored.len() {
+            write_outbox(&tx, statements, group_id, &batch.records).await?;
+        } else {
+            let records: Vec<OutRecord> = batch
+                .records
+                .iter()
+                .filter(|r| r.topic != OutTopic::DeadLetter || stored.contains(&r.event_id))
+                .cloned()
+                .collect();
+            write_outbox(&tx, statements, group_id, &records).await?;
+        }
 
         let mut offsets: BTreeMap<(&str, i32), i64> = BTreeMap::new();
         for mark in &batch.offsets {
@@ -969,11 +983,13 @@ async fn write_outbox(
     Ok(())
 }
 
+/// Stores dead letters not stored before; returns the ids (`deadLetterId`) of those it stored.
 async fn write_dead_letters(
     tx: &Transaction<'_>,
     st: &Statements,
     dead_letters: &[DeadLetter],
-) -> Result<(), SinkError> {
+) -> Result<HashSet<String>, SinkError> {
+    let mut stored = HashSet::new();
     for chunk in dead_letters.chunks(CHUNK) {
         let topic: Vec<&str> = chunk.iter().map(|d| d.topic.as_str()).collect();
         let partition: Vec<i32> = chunk.iter().map(|d| d.partition).collect();
@@ -990,11 +1006,20 @@ async fn write_dead_letters(
         let params: [&(dyn ToSql + Sync); 9] = [
             &topic, &partition, &offset, &key, &payload, &encoding, &reason, &detail, &rejected,
         ];
-        tx.execute(&st.insert_dead_letters, &params)
+        let inserted: HashSet<(String, i32, i64)> = tx
+            .query(&st.insert_dead_letters, &params)
             .await
-            .map_err(SinkError::pg("insert dead_letters"))?;
+            .map_err(SinkError::pg("insert dead_letters"))?
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect();
+        for d in chunk {
+            if inserted.contains(&(d.topic.clone(), d.partition, d.offset)) {
+                stored.insert(d.to_record().event_id);
+            }
+        }
     }
-    Ok(())
+    Ok(stored)
 }
 
 fn to_i64(ms: Millis, what: &str) -> Result<i64, SinkError> {
@@ -1272,7 +1297,8 @@ impl Statements {
                      payload_encoding, reason, detail, rejected_at)
                  SELECT * FROM UNNEST($1::text[], $2::int4[], $3::int8[], $4::text[], $5::text[],
                                       $6::text[], $7::text[], $8::text[], $9::timestamptz[])
-                 ON CONFLICT (topic, partition, \"offset\") DO NOTHING"
+                 ON CONFLICT (topic, partition, \"offset\") DO NOTHING
+                 RETURNING topic, partition, \"offset\""
                     .into(),
                 "insert dead_letters",
             )

@@ -181,9 +181,11 @@ async fn apply_upserts_deletes_and_records_progress() {
         record(OutTopic::Alerts, "a-1", Some("monitor")),
         record(OutTopic::Derived, "e-2", Some("wf-1")),
         record(OutTopic::Derived, "e-1", Some("wf-1")), // duplicate event id
-        record(OutTopic::DeadLetter, "d-1", None),
+        dead_letter(3, 17).to_record(),
     ];
     first.dead_letters = vec![dead_letter(3, 17), dead_letter(3, 17)];
+    let d1 = dead_letter(3, 17).to_record();
+    let d2 = dead_letter(4, 1).to_record();
     first.offsets = vec![
         offset("workflow-task-events", 3, 10),
         offset("workflow-task-events", 3, 18),
@@ -250,7 +252,7 @@ async fn apply_upserts_deletes_and_records_progress() {
             ("derived".into(), "e-1".into(), Some("wf-1".into())),
             ("alerts".into(), "a-1".into(), Some("monitor".into())),
             ("derived".into(), "e-2".into(), Some("wf-1".into())),
-            ("dead_letter".into(), "d-1".into(), None),
+            ("dead_letter".into(), d1.event_id.clone(), d1.key.clone()),
         ]
     );
 
@@ -297,9 +299,17 @@ async fn apply_upserts_deletes_and_records_progress() {
         upsert(ready("wf-2", "triage")),
         delete(ready("wf-2", "triage")),
     ];
+    // The dead letter of the first flush was published (its outbox row deleted): decided
+    // again, (3, 17) must not be published again; (4, 1) is new.
+    client
+        .execute("DELETE FROM hmis_outbox WHERE topic = 'dead_letter'", &[])
+        .await
+        .unwrap();
     second.records = vec![
         record(OutTopic::Derived, "e-2", Some("wf-1")),
+        d1.clone(),
         record(OutTopic::Derived, "e-3", Some("wf-1")),
+        d2.clone(),
     ];
     second.dead_letters = vec![dead_letter(3, 17), dead_letter(4, 1)];
     second.offsets = vec![offset("workflow-task-events", 3, 25)];
@@ -350,7 +360,10 @@ async fn apply_upserts_deletes_and_records_progress() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(event_ids, ["e-1", "a-1", "e-2", "d-1", "e-3"]);
+    assert_eq!(
+        event_ids,
+        ["e-1", "a-1", "e-2", "e-3", d2.event_id.as_str()]
+    );
 
     let dead: i64 = client
         .query_one("SELECT count(*) FROM dead_letters", &[])

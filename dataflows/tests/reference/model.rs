@@ -251,6 +251,10 @@ pub fn expect(events: &[Event]) -> Expected {
         }
     }
 
+    // A workflow is known when its pinned version exists (every definition is read before
+    // any event here, so "exists" is the latest record's verdict); the records of any other
+    // workflow are dead-lettered once their grace has passed (contract §7).
+
     // Group by workflow.
     let mut wf_events: BTreeMap<String, Vec<WorkflowEvent>> = BTreeMap::new();
     for e in wfs {
@@ -292,6 +296,13 @@ pub fn expect(events: &[Event]) -> Expected {
         else {
             continue;
         };
+        let pinned = (
+            start.template_id.clone().unwrap_or_default(),
+            start.template_version.unwrap_or_default(),
+        );
+        if latest.get(&pinned).is_none_or(|(_, t)| t.is_none()) {
+            continue;
+        }
         let tasks_of_w = task_events.get(wid).unwrap_or(&empty_tasks);
         let orders_of_w = order_events.get(wid).unwrap_or(&empty_orders);
         let template: Option<Arc<Template>> = latest

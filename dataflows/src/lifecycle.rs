@@ -1,0 +1,612 @@
+//! The lifecycle of input records: unknown references (contract §7) and retiring finished
+//! work, so that the dataflow's state is bounded by open work, not by history.
+//!
+//! Every task and workflow event passes through one [`track`] operator keyed by its
+//! workflowInstanceId, every order event through another keyed by its orderId. The operator
+//! forwards each record at once and keeps a copy while the record's key is live. The rules
+//! downstream tell it, through a feedback loop one millisecond later, what they learnt:
+//!
+//! ```text
+//!  input ──► track ──► rules ──► rows, events
+//!              ▲         │
+//!              └─(t+1)───┘  Known(W): W started and its template exists
+//!                           Closed(W, at): W is COMPLETED/FAILED (an order: CLOSED, or
+//!                                          CANCELLED with every compensation done)
+//! ```
+//!
+//! - **Unknown references.** A record whose workflow is not known is checked when the clock
+//!   passes its arrival plus `unknown_reference_grace_ms` (event clock: its eventTime plus the
+//!   grace, or its arrival if later). If the workflow is still not known then, the record is
+//!   retracted and dead-lettered: `UNKNOWN_TEMPLATE` for a WORKFLOW_STARTED (its template
+//!   never arrived), `UNKNOWN_WORKFLOW` for anything else. A WORKFLOW_STARTED (and template)
+//!   that arrives within the grace wins.
+//! - **Retirement.** `retire_after_ms` after a key closed (its closing time is data, so a
+//!   replay retires at the same instant), every record of the key is retracted: the
+//!   arrangements downstream consolidate them away, and the rows they produced stay in
+//!   PostgreSQL (the operator emits [`Emit::Retired`], which tells the sink that the
+//!   retractions at that instant forget, not delete). A tombstone remembers the key and the
+//!   hashes of its eventIds for `tombstone_retention_ms`: a duplicate changes nothing, a new
+//!   event for a retired key is dead-lettered (`UNKNOWN_WORKFLOW` / `INVALID_TRANSITION`).
+//!
+//! Records at a time are forwarded before anything about that time is decided, and a
+//! decision at time `d` waits until both inputs have passed `d`, so the result does not
+//! depend on how records and feedback interleave.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use differential_dataflow::{AsCollection, VecCollection};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::core::OkErr;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::Map as _;
+use timely::dataflow::operators::{Capability, ConnectLoop, Feedback};
+
+use crate::events::{OrderEvent, TaskEvent, WorkflowEvent, WorkflowEventKind};
+use crate::output::{DeadLetter, Millis, Owner, RejectReason};
+use crate::Emit;
+
+/// Lifecycle parameters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LifecycleRules {
+    /// How long an event may wait for the workflow (or template) it names (default 10 min).
+    pub unknown_reference_grace_ms: u64,
+    /// How long after a workflow or order closed its state is kept (default 1 h): events
+    /// arriving later than this after closure are dead-lettered, duplicates ignored.
+    pub retire_after_ms: u64,
+    /// How long a retired key is remembered, for duplicates and late events (default 7 days,
+    /// the input topics' retention).
+    pub tombstone_retention_ms: u64,
+    /// Count the grace from the eventTime (`clock = event`; the default) instead of the
+    /// arrival (`clock = wall`; set by the runtime), so that a replay decides at the same
+    /// instant.
+    #[serde(skip)]
+    pub grace_from_event_time: bool,
+    /// Input topic names, for dead letters (set by the runtime).
+    #[serde(skip)]
+    pub tasks_topic: String,
+    #[serde(skip)]
+    pub workflows_topic: String,
+    #[serde(skip)]
+    pub orders_topic: String,
+    /// Gauges and counters, read by the runtime's metrics.
+    #[serde(skip)]
+    pub stats: Stats,
+}
+
+impl Default for LifecycleRules {
+    fn default() -> Self {
+        LifecycleRules {
+            unknown_reference_grace_ms: 10 * 60_000,
+            retire_after_ms: 3_600_000,
+            tombstone_retention_ms: 7 * 24 * 3_600_000,
+            grace_from_event_time: true,
+            tasks_topic: crate::events::InputTopic::Tasks.default_name().to_string(),
+            workflows_topic: crate::events::InputTopic::Workflows
+                .default_name()
+                .to_string(),
+            orders_topic: crate::events::InputTopic::Orders.default_name().to_string(),
+            stats: Stats::default(),
+        }
+    }
+}
+
+/// Shared gauges and counters of the lifecycle operators (all workers add into them).
+#[derive(Clone, Debug, Default)]
+pub struct Stats(pub Arc<StatsInner>);
+
+#[derive(Debug, Default)]
+pub struct StatsInner {
+    /// Input records kept for live keys.
+    pub held_records: AtomicI64,
+    /// Live keys (workflows and orders with state).
+    pub live_keys: AtomicI64,
+    /// Retired keys remembered.
+    pub tombstones: AtomicI64,
+    /// Keys retired so far.
+    pub retired_total: AtomicU64,
+    /// Records dead-lettered for an unknown reference.
+    pub unknown_total: AtomicU64,
+    /// Records for a retired key: dead-lettered, or dropped as duplicates.
+    pub late_total: AtomicU64,
+    pub duplicates_total: AtomicU64,
+}
+
+impl PartialEq for Stats {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for Stats {}
+
+/// What the rules tell the tracker about a key.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Signal {
+    /// The workflow is started and its template version exists.
+    Known(String),
+    /// The key closed at (data time) `at`.
+    Closed(String, Millis),
+}
+
+impl Signal {
+    fn key(&self) -> &str {
+        match self {
+            Signal::Known(k) | Signal::Closed(k, _) => k,
+        }
+    }
+}
+
+/// An input record the lifecycle operator can track.
+pub trait Tracked: differential_dataflow::ExchangeData + Hash + std::fmt::Debug + 'static {
+    /// The key whose lifecycle the record follows.
+    fn key(&self) -> &str;
+    fn event_id(&self) -> &str;
+    fn event_time(&self) -> Millis;
+    /// Why the record is rejected if its key stays unknown past the grace; `None`: no check.
+    fn unknown_reason(&self) -> Option<RejectReason>;
+    /// Why a new record for a retired key is rejected.
+    fn late_reason(&self) -> RejectReason;
+    fn owner(key: String) -> Owner;
+    fn dead_letter(
+        &self,
+        rules: &LifecycleRules,
+        reason: RejectReason,
+        detail: String,
+        at: Millis,
+    ) -> DeadLetter;
+}
+
+/// A task or workflow event, keyed by its workflow instance.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum WfInput {
+    Task(TaskEvent),
+    Workflow(WorkflowEvent),
+}
+
+fn letter(
+    topic: &str,
+    pos: crate::events::Pos,
+    key: Option<String>,
+    raw: &Option<Arc<str>>,
+    fallback: impl FnOnce() -> String,
+    reason: RejectReason,
+    detail: String,
+    at: Millis,
+) -> DeadLetter {
+    DeadLetter {
+        topic: topic.to_string(),
+        partition: pos.partition,
+        offset: pos.offset,
+        key,
+        payload: raw.as_deref().map(str::to_string).unwrap_or_else(fallback),
+        payload_encoding: "utf8".into(),
+        reason,
+        detail,
+        rejected_at: at,
+    }
+}
+
+impl Tracked for WfInput {
+    fn key(&self) -> &str {
+        match self {
+            WfInput::Task(e) => &e.workflow_instance_id,
+            WfInput::Workflow(e) => &e.workflow_instance_id,
+        }
+    }
+    fn event_id(&self) -> &str {
+        match self {
+            WfInput::Task(e) => &e.event_id,
+            WfInput::Workflow(e) => &e.event_id,
+        }
+    }
+    fn event_time(&self) -> Millis {
+        match self {
+            WfInput::Task(e) => e.event_time,
+            WfInput::Workflow(e) => e.event_time,
+        }
+    }
+    fn unknown_reason(&self) -> Option<RejectReason> {
+        Some(match self {
+            WfInput::Workflow(e) if e.kind == WorkflowEventKind::Started => {
+                RejectReason::UnknownTemplate
+            }
+            _ => RejectReason::UnknownWorkflow,
+        })
+    }
+    fn late_reason(&self) -> RejectReason {
+        RejectReason::UnknownWorkflow
+    }
+    fn owner(key: String) -> Owner {
+        Owner::Workflow(key)
+    }
+    fn dead_letter(
+        &self,
+        rules: &LifecycleRules,
+        reason: RejectReason,
+        detail: String,
+        at: Millis,
+    ) -> DeadLetter {
+        match self {
+            WfInput::Task(e) => letter(
+                &rules.tasks_topic,
+                e.pos,
+                e.raw_key
+                    .as_deref()
+                    .map(str::to_string)
+                    .or_else(|| Some(e.task_instance_id.clone())),
+                &e.raw,
+                || serde_json::to_string(e).unwrap_or_default(),
+                reason,
+                detail,
+                at,
+            ),
+            WfInput::Workflow(e) => letter(
+                &rules.workflows_topic,
+                e.pos,
+                e.raw_key
+                    .as_deref()
+                    .map(str::to_string)
+                    .or_else(|| Some(e.workflow_instance_id.clone())),
+                &e.raw,
+                || serde_json::to_string(e).unwrap_or_default(),
+                reason,
+                detail,
+                at,
+            ),
+        }
+    }
+}
+
+impl Tracked for OrderEvent {
+    fn key(&self) -> &str {
+        &self.order_id
+    }
+    fn event_id(&self) -> &str {
+        &self.event_id
+    }
+    fn event_time(&self) -> Millis {
+        self.event_time
+    }
+    /// An order's lifecycle is its own: it is applied whether or not its workflow is known.
+    fn unknown_reason(&self) -> Option<RejectReason> {
+        None
+    }
+    fn late_reason(&self) -> RejectReason {
+        RejectReason::InvalidTransition
+    }
+    fn owner(key: String) -> Owner {
+        Owner::Order(key)
+    }
+    fn dead_letter(
+        &self,
+        rules: &LifecycleRules,
+        reason: RejectReason,
+        detail: String,
+        at: Millis,
+    ) -> DeadLetter {
+        letter(
+            &rules.orders_topic,
+            self.pos,
+            self.raw_key
+                .as_deref()
+                .map(str::to_string)
+                .or_else(|| Some(self.order_id.clone())),
+            &self.raw,
+            || serde_json::to_string(self).unwrap_or_default(),
+            reason,
+            detail,
+            at,
+        )
+    }
+}
+
+/// The other end of a tracker's feedback loop: connect the rules' [`Signal`]s to it, once.
+pub struct SignalLoop<'s> {
+    handle: timely::dataflow::operators::core::feedback::Handle<'s, u64, Vec<(Signal, u64, isize)>>,
+}
+
+impl<'s> SignalLoop<'s> {
+    /// Feeds `signals` back to the tracker, one millisecond later.
+    pub fn connect(self, signals: VecCollection<'s, u64, Signal>) {
+        signals
+            .inner
+            .map(|(s, t, r)| (s, t.saturating_add(1), r))
+            .connect_loop(self.handle);
+    }
+}
+
+fn hash_str(s: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
+}
+
+fn late_detail(key: &str, retired_at: u64) -> String {
+    format!(
+        "{key} was closed and its state retired at {}; an event arriving more than retire_after_ms after closure is not applied",
+        crate::events::format_time(retired_at)
+    )
+}
+
+/// The instant the grace of record `r`, arrived at `t`, ends.
+fn grace_end<R: Tracked>(rules: &LifecycleRules, r: &R, t: u64) -> u64 {
+    if rules.grace_from_event_time {
+        t.max(
+            r.event_time()
+                .saturating_add(rules.unknown_reference_grace_ms),
+        )
+    } else {
+        t.saturating_add(rules.unknown_reference_grace_ms)
+    }
+}
+
+#[derive(Debug)]
+struct Entry<R> {
+    held: Vec<(R, u64)>,
+    /// Earliest time at which the key was known.
+    known_since: Option<u64>,
+    /// Set while the rules report the key closed.
+    closed: bool,
+}
+
+impl<R> Default for Entry<R> {
+    fn default() -> Self {
+        Entry {
+            held: Vec::new(),
+            known_since: None,
+            closed: false,
+        }
+    }
+}
+
+struct Tomb {
+    at: u64,
+    ids: HashSet<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Timer {
+    Check,
+    Retire,
+}
+
+type Out<R> = Result<(R, u64, isize), (Emit, u64, isize)>;
+
+/// Tracks `records` (see the module doc). Returns the live records, the emits (dead letters
+/// and retirement markers), and the loop to connect the rules' signals to.
+pub fn track<'s, R: Tracked>(
+    records: VecCollection<'s, u64, R>,
+    rules: &LifecycleRules,
+    name: &str,
+) -> (
+    VecCollection<'s, u64, R>,
+    VecCollection<'s, u64, Emit>,
+    SignalLoop<'s>,
+) {
+    let scope = records.scope();
+    let (handle, feedback) = scope.feedback::<Vec<(Signal, u64, isize)>>(1);
+    let rules = rules.clone();
+    let stats = rules.stats.0.clone();
+
+    let out = records.inner.binary_frontier::<_, CapacityContainerBuilder<Vec<Out<R>>>, _, _, _, _>(
+        feedback,
+        Exchange::new(|u: &(R, u64, isize)| hash_str(u.0.key())),
+        Exchange::new(|u: &(Signal, u64, isize)| hash_str(u.0.key())),
+        name,
+        move |_cap, _info| {
+            let mut entries: HashMap<String, Entry<R>> = HashMap::new();
+            let mut tombs: HashMap<String, Tomb> = HashMap::new();
+            let mut expiry: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+            let mut timers: BTreeMap<u64, Vec<(String, Timer)>> = BTreeMap::new();
+            let mut caps: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
+            // What this worker last added to the shared gauges.
+            let (mut held_n, mut keys_n, mut tombs_n) = (0i64, 0i64, 0i64);
+            // Records held now (kept up to date as records come and go).
+            let mut held = 0i64;
+            let grace = rules.unknown_reference_grace_ms;
+            move |(data, data_f), (sigs, sig_f), output| {
+                data.for_each(|cap, batch| {
+                    let mut session = output.session(&cap);
+                    for (r, t, diff) in batch.drain(..) {
+                        if let Some(tomb) = tombs.get_mut(r.key()) {
+                            if !tomb.ids.insert(hash_str(r.event_id())) {
+                                stats.duplicates_total.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            stats.late_total.fetch_add(1, Ordering::Relaxed);
+                            let detail = late_detail(r.key(), tomb.at);
+                            let dl = r.dead_letter(&rules, r.late_reason(), detail, t);
+                            session.give(Err((Emit::Dead(dl), t, 1)));
+                            continue;
+                        }
+                        session.give(Ok((r.clone(), t, diff)));
+                        let e = entries.entry(r.key().to_string()).or_default();
+                        if diff > 0 {
+                            let known = e.known_since.is_some_and(|k| k <= t);
+                            if !known && r.unknown_reason().is_some() {
+                                // "After the grace": decided once the clock has passed it.
+                                let d = grace_end(&rules, &r, t).saturating_add(1);
+                                caps.entry(d).or_insert_with(|| cap.delayed(&d, 0));
+                                timers
+                                    .entry(d)
+                                    .or_default()
+                                    .push((r.key().to_string(), Timer::Check));
+                            }
+                            e.held.push((r, t));
+                            held += 1;
+                        } else if let Some(i) = e.held.iter().position(|(h, _)| *h == r) {
+                            e.held.swap_remove(i);
+                            held -= 1;
+                        }
+                    }
+                });
+                sigs.for_each(|cap, batch| {
+                    for (s, t, diff) in batch.drain(..) {
+                        let Some(e) = entries.get_mut(s.key()) else {
+                            continue;
+                        };
+                        match s {
+                            Signal::Known(_) if diff > 0 => {
+                                e.known_since = Some(e.known_since.map_or(t, |k| k.min(t)));
+                            }
+                            Signal::Closed(key, at) => {
+                                e.closed = diff > 0;
+                                if diff > 0 {
+                                    let d = t.max(at.saturating_add(rules.retire_after_ms));
+                                    caps.entry(d).or_insert_with(|| cap.delayed(&d, 0));
+                                    timers.entry(d).or_default().push((key, Timer::Retire));
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                });
+
+                if data_f.is_empty() {
+                    // Input exhausted: nothing decided from here on can matter.
+                    timers.clear();
+                    caps.clear();
+                } else {
+                    let passed = |d: u64| !data_f.less_equal(&d) && !sig_f.less_equal(&d);
+                    while let Some((&d, _)) = timers.first_key_value() {
+                        if !passed(d) {
+                            break;
+                        }
+                        let (_, due) = timers.pop_first().expect("first timer");
+                        let cap = caps.remove(&d).expect("a capability per timer");
+                        let mut session = output.session(&cap);
+                        for (key, what) in due {
+                            let Some(e) = entries.get_mut(&key) else {
+                                continue;
+                            };
+                            match what {
+                                Timer::Check => {
+                                    if e.known_since.is_some_and(|k| k <= d) {
+                                        continue;
+                                    }
+                                    let (late, keep): (Vec<_>, Vec<_>) =
+                                        std::mem::take(&mut e.held).into_iter().partition(
+                                            |(r, t)| {
+                                                r.unknown_reason().is_some()
+                                                    && grace_end(&rules, r, *t) < d
+                                            },
+                                        );
+                                    e.held = keep;
+                                    for (r, _) in late {
+                                        held -= 1;
+                                        let reason = r.unknown_reason().expect("checked");
+                                        let detail = match reason {
+                                            RejectReason::UnknownTemplate => format!(
+                                                "workflow {} names a template version that did not arrive within unknown_reference_grace_ms ({} ms)",
+                                                r.key(),
+                                                grace
+                                            ),
+                                            _ => format!(
+                                                "workflow {} was not started (or its template is unknown) within unknown_reference_grace_ms ({} ms)",
+                                                r.key(),
+                                                grace
+                                            ),
+                                        };
+                                        stats.unknown_total.fetch_add(1, Ordering::Relaxed);
+                                        let dl = r.dead_letter(&rules, reason, detail, d);
+                                        session.give(Err((Emit::Dead(dl), d, 1)));
+                                        session.give(Ok((r, d, -1)));
+                                    }
+                                    if e.held.is_empty() && !e.closed {
+                                        entries.remove(&key);
+                                    }
+                                }
+                                Timer::Retire => {
+                                    if !e.closed {
+                                        continue;
+                                    }
+                                    let mut e = entries.remove(&key).expect("entry");
+                                    // Records stamped after `d` arrived ahead of this decision:
+                                    // they are treated as if they had found the tombstone.
+                                    e.held.sort_by_key(|(_, t)| *t);
+                                    let mut ids = HashSet::with_capacity(e.held.len());
+                                    for (r, t) in e.held {
+                                        held -= 1;
+                                        let new = ids.insert(hash_str(r.event_id()));
+                                        if t > d {
+                                            if new {
+                                                stats.late_total.fetch_add(1, Ordering::Relaxed);
+                                                let detail = late_detail(r.key(), d);
+                                                let dl =
+                                                    r.dead_letter(&rules, r.late_reason(), detail, t);
+                                                session.give(Err((Emit::Dead(dl), t, 1)));
+                                            } else {
+                                                stats
+                                                    .duplicates_total
+                                                    .fetch_add(1, Ordering::Relaxed);
+                                            }
+                                        }
+                                        session.give(Ok((r, t.max(d), -1)));
+                                    }
+                                    session.give(Err((Emit::Retired(R::owner(key.clone())), d, 1)));
+                                    stats.retired_total.fetch_add(1, Ordering::Relaxed);
+                                    expiry
+                                        .entry(d.saturating_add(rules.tombstone_retention_ms))
+                                        .or_default()
+                                        .push(key.clone());
+                                    tombs.insert(key, Tomb { at: d, ids });
+                                }
+                            }
+                        }
+                    }
+                    // Forget tombstones whose retention the clock has passed.
+                    while let Some((&d, _)) = expiry.first_key_value() {
+                        if data_f.less_equal(&d) {
+                            break;
+                        }
+                        for key in expiry.pop_first().expect("first").1 {
+                            if tombs.get(&key).is_some_and(|t| {
+                                t.at.saturating_add(rules.tombstone_retention_ms) == d
+                            }) {
+                                tombs.remove(&key);
+                            }
+                        }
+                    }
+                }
+
+                stats.held_records.fetch_add(held - held_n, Ordering::Relaxed);
+                stats
+                    .live_keys
+                    .fetch_add(entries.len() as i64 - keys_n, Ordering::Relaxed);
+                stats
+                    .tombstones
+                    .fetch_add(tombs.len() as i64 - tombs_n, Ordering::Relaxed);
+                (held_n, keys_n, tombs_n) = (held, entries.len() as i64, tombs.len() as i64);
+            }
+        },
+    );
+    let (live, emits) = out.ok_err::<Vec<_>, _, Vec<_>, _, _>(|x: Out<R>| x);
+    (
+        live.as_collection(),
+        emits.as_collection(),
+        SignalLoop { handle },
+    )
+}
+
+/// Splits tracked workflow-keyed records back into task and workflow events.
+pub fn split<'s>(
+    live: VecCollection<'s, u64, WfInput>,
+) -> (
+    VecCollection<'s, u64, TaskEvent>,
+    VecCollection<'s, u64, WorkflowEvent>,
+) {
+    let (tasks, workflows) =
+        live.inner
+            .ok_err::<Vec<_>, _, Vec<_>, _, _>(|(x, t, r): (WfInput, u64, isize)| match x {
+                WfInput::Task(e) => Ok((e, t, r)),
+                WfInput::Workflow(e) => Err((e, t, r)),
+            });
+    (tasks.as_collection(), workflows.as_collection())
+}

@@ -1,0 +1,369 @@
+//! The lifecycle of input records: unknown references dead-lettered after the grace (contract
+//! §7), and the state of finished work retired without changing any row.
+//!
+//! In the harness, `end` is the dataflow frontier, so the pipeline clock is `end - 1`, and
+//! "the clock passes t" needs `end >= t + 2` (as in time_rules.rs).
+
+mod common;
+
+use common::*;
+use hmis_dataflows::events::Event;
+use hmis_dataflows::harness::{run, Outcome, Run};
+use hmis_dataflows::lifecycle::{LifecycleRules, Stats};
+use hmis_dataflows::output::{DeadLetter, Millis, RejectReason, Row};
+use hmis_dataflows::RulesConfig;
+use serde_json::json;
+
+const GRACE: Millis = 10 * MIN;
+
+/// Runs `feed` (events at their given pipeline times) with the clock at `clock`.
+fn at_clock_with(mut feed: Vec<(Millis, Event)>, clock: Millis, config: RulesConfig) -> Outcome {
+    feed.sort_by_key(|(t, _)| *t);
+    let mut r = Run::new(2, feed, clock + 1);
+    r.config = config;
+    run(r)
+}
+
+/// Events at their eventTimes (definitions at T0 - 1), default rules.
+fn at_clock(events: Vec<Event>, clock: Millis) -> Outcome {
+    at_clock_with(stamped(events), clock, RulesConfig::default())
+}
+
+fn stamped(events: Vec<Event>) -> Vec<(Millis, Event)> {
+    events
+        .into_iter()
+        .map(|e| (e.event_time().unwrap_or(T0 - 1), e))
+        .collect()
+}
+
+fn dead(o: &Outcome) -> Vec<&DeadLetter> {
+    o.batches.iter().flat_map(|b| &b.dead_letters).collect()
+}
+
+fn reasons(o: &Outcome) -> Vec<RejectReason> {
+    dead(o).iter().map(|d| d.reason).collect()
+}
+
+fn task_rows(o: &Outcome) -> Vec<(String, String)> {
+    o.rows
+        .values()
+        .filter_map(|r| match r {
+            Row::Task(t) => Some((t.task_instance_id.clone(), t.status.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn workflow_status(o: &Outcome, wid: &str) -> Option<String> {
+    o.rows.values().find_map(|r| match r {
+        Row::Workflow(w) if w.workflow_instance_id == wid => Some(w.status.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_task_of_an_unknown_workflow_is_dead_lettered_only_after_the_grace() {
+    let events = || {
+        vec![
+            def(sepsis(3)),
+            task("TASK_CREATED", "t1", "w9", "triage", 1, T0),
+        ]
+    };
+    assert!(
+        dead(&at_clock(events(), T0 + GRACE - 1)).is_empty(),
+        "before"
+    );
+    assert!(
+        dead(&at_clock(events(), T0 + GRACE)).is_empty(),
+        "at the end of the grace the clock has not passed it"
+    );
+    let o = at_clock(events(), T0 + GRACE + 1);
+    let d = dead(&o);
+    assert_eq!(d.len(), 1, "after");
+    assert_eq!(d[0].reason, RejectReason::UnknownWorkflow);
+    assert_eq!(d[0].topic, "workflow-task-events");
+    assert_eq!(d[0].key.as_deref(), Some("t1"));
+    assert_eq!(d[0].rejected_at, T0 + GRACE + 1);
+    let payload: serde_json::Value = serde_json::from_str(&d[0].payload).unwrap();
+    assert_eq!(payload["taskInstanceId"], "t1", "the original payload");
+    assert!(d[0].detail.contains("w9"), "{}", d[0].detail);
+    // Published on the dead-letter topic too.
+    assert_eq!(o.of_type("UNKNOWN_WORKFLOW").len(), 1);
+}
+
+#[test]
+fn a_workflow_started_within_the_grace_wins() {
+    let just_in_time = vec![
+        def(sepsis(3)),
+        task("TASK_CREATED", "t1", "w1", "triage", 1, T0),
+        wf_started("w1", "sepsis-bundle", 3, T0 + GRACE),
+    ];
+    let o = at_clock(just_in_time, T0 + GRACE + 5 * MIN);
+    assert!(dead(&o).is_empty(), "{:?}", reasons(&o));
+    assert_eq!(task_rows(&o), [("t1".to_string(), "PENDING".to_string())]);
+
+    let too_late = vec![
+        def(sepsis(3)),
+        task("TASK_CREATED", "t1", "w1", "triage", 1, T0),
+        wf_started("w1", "sepsis-bundle", 3, T0 + GRACE + 1),
+    ];
+    let o = at_clock(too_late, T0 + GRACE + 5 * MIN);
+    assert_eq!(reasons(&o), [RejectReason::UnknownWorkflow]);
+    assert!(task_rows(&o).is_empty(), "the task was not applied");
+    assert_eq!(workflow_status(&o, "w1").as_deref(), Some("ACTIVE"));
+}
+
+#[test]
+fn an_unknown_template_is_dead_lettered_after_the_grace_unless_it_arrives() {
+    let events = || {
+        vec![
+            def(sepsis(3)),
+            wf_started("w1", "sepsis-bundle", 4, T0),
+            task("TASK_CREATED", "t1", "w1", "triage", 1, T0 + MIN),
+        ]
+    };
+    let o = at_clock(events(), T0 + GRACE);
+    assert!(dead(&o).is_empty());
+    assert_eq!(workflow_status(&o, "w1").as_deref(), Some("ACTIVE"));
+
+    let o = at_clock(events(), T0 + MIN + GRACE + 1);
+    let mut got = reasons(&o);
+    got.sort();
+    assert_eq!(
+        got,
+        [RejectReason::UnknownTemplate, RejectReason::UnknownWorkflow]
+    );
+    let started = dead(&o)
+        .into_iter()
+        .find(|d| d.reason == RejectReason::UnknownTemplate)
+        .unwrap();
+    assert_eq!(started.topic, "workflow-state-events");
+    assert!(started.payload.contains("WORKFLOW_STARTED"));
+    assert_eq!(workflow_status(&o, "w1"), None, "its rows are gone");
+    assert!(task_rows(&o).is_empty());
+
+    // The version arriving within the grace wins.
+    let mut feed = stamped(events());
+    feed.push((T0 + GRACE - 1, def(sepsis(4))));
+    let o = at_clock_with(feed, T0 + 2 * GRACE, RulesConfig::default());
+    assert!(dead(&o).is_empty(), "{:?}", reasons(&o));
+    assert_eq!(workflow_status(&o, "w1").as_deref(), Some("ACTIVE"));
+    assert_eq!(task_rows(&o).len(), 1);
+}
+
+#[test]
+fn wall_clock_grace_counts_from_arrival() {
+    // In wall mode the grace starts when the record arrives, not at its eventTime.
+    let mut cfg = RulesConfig::default();
+    cfg.lifecycle.grace_from_event_time = false;
+    let arrival = T0 + 3 * GRACE;
+    let feed = vec![
+        (T0 - 1, def(sepsis(3))),
+        (arrival, task("TASK_CREATED", "t1", "w9", "triage", 1, T0)),
+    ];
+    let o = at_clock_with(feed.clone(), arrival + GRACE, cfg.clone());
+    assert!(dead(&o).is_empty());
+    let o = at_clock_with(feed, arrival + GRACE + 1, cfg);
+    assert_eq!(reasons(&o), [RejectReason::UnknownWorkflow]);
+}
+
+fn retiring(retire_after: Millis) -> (RulesConfig, Stats) {
+    let stats = Stats::default();
+    let cfg = RulesConfig {
+        lifecycle: LifecycleRules {
+            retire_after_ms: retire_after,
+            stats: stats.clone(),
+            ..LifecycleRules::default()
+        },
+        ..RulesConfig::default()
+    };
+    (cfg, stats)
+}
+
+fn finished_workflow() -> Vec<Event> {
+    vec![
+        def(sepsis(3)),
+        wf_started("w1", "sepsis-bundle", 3, T0),
+        task("TASK_CREATED", "t1", "w1", "triage", 1, T0 + MIN),
+        task("TASK_STARTED", "t1", "w1", "triage", 1, T0 + 2 * MIN),
+        task("TASK_COMPLETED", "t1", "w1", "triage", 1, T0 + 3 * MIN),
+        task(
+            "TASK_CREATED",
+            "t2",
+            "w1",
+            "blood-cultures",
+            1,
+            T0 + 4 * MIN,
+        ),
+        task("TASK_FAILED", "t2", "w1", "blood-cultures", 1, T0 + 5 * MIN),
+        wf_event("w1", "WORKFLOW_FAILED", T0 + 6 * MIN),
+    ]
+}
+
+#[test]
+fn a_finished_workflow_is_retired_and_its_rows_stay() {
+    let clock = T0 + 40 * MIN;
+    let (keep_cfg, _) = retiring(u64::MAX / 4);
+    let kept = at_clock_with(stamped(finished_workflow()), clock, keep_cfg);
+    let (cfg, stats) = retiring(5 * MIN);
+    let retired = at_clock_with(stamped(finished_workflow()), clock, cfg);
+
+    assert_eq!(retired.rows, kept.rows, "retiring changes no row");
+    assert_eq!(workflow_status(&retired, "w1").as_deref(), Some("FAILED"));
+    assert_eq!(retired.records, kept.records, "nor any published record");
+    let s = &stats.0;
+    use std::sync::atomic::Ordering::SeqCst;
+    assert_eq!(s.retired_total.load(SeqCst), 1);
+    assert_eq!(s.held_records.load(SeqCst), 0, "nothing of w1 is held");
+    assert_eq!(s.live_keys.load(SeqCst), 0);
+    assert_eq!(s.tombstones.load(SeqCst), 1);
+
+    // Not before its time: closed at T0 + 6 min, retired when the clock passes T0 + 11 min.
+    let (cfg, stats) = retiring(5 * MIN);
+    at_clock_with(stamped(finished_workflow()), T0 + 11 * MIN - 1, cfg);
+    assert_eq!(stats.0.retired_total.load(SeqCst), 0);
+    assert_eq!(stats.0.held_records.load(SeqCst), 7);
+}
+
+#[test]
+fn after_retirement_a_duplicate_changes_nothing_and_a_new_event_is_dead_lettered() {
+    let clock = T0 + 60 * MIN;
+    let (cfg, _) = retiring(5 * MIN);
+    let before = at_clock_with(stamped(finished_workflow()), clock, cfg);
+
+    // The same TASK_COMPLETED again (same eventId), long after the retirement.
+    let mut feed = stamped(finished_workflow());
+    feed.push((
+        T0 + 30 * MIN,
+        task("TASK_COMPLETED", "t1", "w1", "triage", 1, T0 + 3 * MIN),
+    ));
+    let (cfg, stats) = retiring(5 * MIN);
+    let dup = at_clock_with(feed, clock, cfg);
+    assert_eq!(dup.rows, before.rows);
+    assert_eq!(dup.records, before.records);
+    assert!(dead(&dup).is_empty());
+    assert_eq!(
+        stats
+            .0
+            .duplicates_total
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+
+    // A new event for the retired workflow: dead-lettered, with the reason why.
+    let mut feed = stamped(finished_workflow());
+    feed.push((
+        T0 + 30 * MIN,
+        task(
+            "TASK_CREATED",
+            "t3",
+            "w1",
+            "manual-review",
+            1,
+            T0 + 30 * MIN,
+        ),
+    ));
+    let (cfg, _) = retiring(5 * MIN);
+    let late = at_clock_with(feed, clock, cfg);
+    assert_eq!(late.rows, before.rows);
+    let d = dead(&late);
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].reason, RejectReason::UnknownWorkflow);
+    assert!(d[0].detail.contains("retired"), "{}", d[0].detail);
+}
+
+fn closed_order() -> Vec<Event> {
+    let o = |ty: &str, status: &str, at: Millis, md: serde_json::Value| {
+        order(ty, status, "o1", "w1", "LAB_TEST", at, md)
+    };
+    vec![
+        o("ORDER_CREATED", "PROPOSED", T0, json!({"cost": 25})),
+        o(
+            "ORDER_AUTHORIZED",
+            "AUTHORIZED",
+            T0 + MIN,
+            json!({"actorRole": "PHYSICIAN"}),
+        ),
+        o("ORDER_ACTIVATED", "ACTIVATED", T0 + 2 * MIN, json!({})),
+        o("ORDER_RESULTED", "RESULTED", T0 + 3 * MIN, json!({})),
+        o("ORDER_VERIFIED", "VERIFIED", T0 + 4 * MIN, json!({})),
+        o("ORDER_CLOSED", "CLOSED", T0 + 5 * MIN, json!({})),
+    ]
+}
+
+#[test]
+fn a_closed_order_is_retired_and_a_later_event_is_an_invalid_transition() {
+    let clock = T0 + 60 * MIN;
+    let events = closed_order();
+    let (keep_cfg, _) = retiring(u64::MAX / 4);
+    let kept = at_clock_with(stamped(events.clone()), clock, keep_cfg);
+    let (cfg, stats) = retiring(5 * MIN);
+    let retired = at_clock_with(stamped(events.clone()), clock, cfg);
+    assert_eq!(retired.rows, kept.rows);
+    assert!(retired
+        .rows
+        .values()
+        .any(|r| matches!(r, Row::Order(o) if o.order_status == "CLOSED")));
+    assert_eq!(
+        stats
+            .0
+            .retired_total
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+
+    let mut feed = stamped(events);
+    feed.push((
+        T0 + 30 * MIN,
+        order(
+            "ORDER_CANCELLED",
+            "CANCELLED",
+            "o1",
+            "w1",
+            "LAB_TEST",
+            T0 + 30 * MIN,
+            json!({"reason": "late"}),
+        ),
+    ));
+    let (cfg, _) = retiring(5 * MIN);
+    let late = at_clock_with(feed, clock, cfg);
+    assert_eq!(reasons(&late), [RejectReason::InvalidTransition]);
+    assert_eq!(late.rows, kept.rows, "the order stays CLOSED");
+}
+
+#[test]
+fn state_is_bounded_by_open_work() {
+    // 300 workflows, one after another, each closed within minutes: at the end only the
+    // open ones (the last 10) are held; all others are retired.
+    let mut events = vec![def(sepsis(3))];
+    for i in 0..300u64 {
+        let wid = format!("w{i}");
+        let t = T0 + i * MIN;
+        events.push(wf_started(&wid, "sepsis-bundle", 3, t));
+        events.push(task(
+            "TASK_CREATED",
+            &format!("{wid}-t"),
+            &wid,
+            "triage",
+            1,
+            t,
+        ));
+        if i < 290 {
+            events.push(wf_event(&wid, "WORKFLOW_COMPLETED", t + 30_000));
+        }
+    }
+    let (cfg, stats) = retiring(2 * MIN);
+    let o = at_clock_with(stamped(events), T0 + 300 * MIN + 5 * MIN, cfg);
+    let s = &stats.0;
+    use std::sync::atomic::Ordering::SeqCst;
+    assert_eq!(s.retired_total.load(SeqCst), 290);
+    assert_eq!(s.live_keys.load(SeqCst), 10);
+    assert_eq!(s.held_records.load(SeqCst), 20);
+    // Every workflow still has its row.
+    let workflows = o
+        .rows
+        .values()
+        .filter(|r| matches!(r, Row::Workflow(_)))
+        .count();
+    assert_eq!(workflows, 300);
+}
