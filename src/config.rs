@@ -112,8 +112,9 @@ pub struct Config {
     pub kafka: BTreeMap<String, String>,
     /// Rule parameters: `[rules.time]` (stale_after_ms, re_escalate_after_ms,
     /// max_escalation_level), `[rules.eligibility]` (by_type, other), `[rules.orders]`
-    /// (fulfillment_minutes, auto_activate, alert_source). `rules.orders.topic` is set from
-    /// `topics.orders`.
+    /// (fulfillment_minutes, auto_activate, alert_source), `[rules.lifecycle]`
+    /// (unknown_reference_grace_ms, retire_after_ms, tombstone_retention_ms).
+    /// `rules.orders.topic` and the lifecycle's topic names are set from `topics`.
     pub rules: hmis_dataflows::RulesConfig,
 }
 
@@ -167,6 +168,8 @@ mod tests {
             stale_after_ms = 1000
             [rules.orders.fulfillment_minutes]
             LAB_TEST = 5
+            [rules.lifecycle]
+            retire_after_ms = 60000
             "#,
         )
         .unwrap();
@@ -181,6 +184,8 @@ mod tests {
         assert_eq!(cfg.rules.time.stale_after_ms, 1000);
         assert_eq!(cfg.rules.time.re_escalate_after_ms, 3_600_000);
         assert_eq!(cfg.rules.orders.fulfillment_minutes["LAB_TEST"], 5);
+        assert_eq!(cfg.rules.lifecycle.retire_after_ms, 60_000);
+        assert_eq!(cfg.rules.lifecycle.unknown_reference_grace_ms, 600_000);
         assert!(
             toml::from_str::<Config>("brokerz = \"x\"").is_err(),
             "a misspelled key is an error"

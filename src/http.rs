@@ -1,7 +1,9 @@
 //! HTTP endpoints (hyper): `/health/live`, `/health/ready`, `/metrics` (Prometheus text).
 //!
-//! Ready means: state restored, the sink connected and not retrying an outage. The metric
-//! names follow the seed document where it has one (`hmis_events_processed_total`, …).
+//! Ready means: state restored, not stopping, the Kafka brokers reachable (the runtime's
+//! broker probe, see [`Shared::kafka_down_since`]) and the sink not retrying a PostgreSQL or
+//! Kafka failure; otherwise `/health/ready` answers 503 with the reasons. The metric names
+//! follow the seed document where it has one (`hmis_events_processed_total`, …).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -82,6 +84,62 @@ pub fn metrics_text(s: &Shared) -> String {
         s.in_flight.load(Ordering::Relaxed) as u64,
     );
     counter(
+        "hmis_kafka_up",
+        "1 while the Kafka brokers answer the broker probe (every second), 0 while they do not.",
+        "gauge",
+        u64::from(s.kafka_down_since.load(Ordering::SeqCst) == 0),
+    );
+    counter(
+        "hmis_postgres_up",
+        "1 unless the sink is retrying a PostgreSQL failure (the connection or a transaction).",
+        "gauge",
+        u64::from(s.postgres_down_since.load(Ordering::SeqCst) == 0),
+    );
+    let l = &s.lifecycle.0;
+    let gauge = |v: &std::sync::atomic::AtomicI64| v.load(Ordering::Relaxed).max(0) as u64;
+    counter(
+        "hmis_state_held_records",
+        "Input records held in the dataflow's state for open workflows and orders.",
+        "gauge",
+        gauge(&l.held_records),
+    );
+    counter(
+        "hmis_state_live_keys",
+        "Workflows and orders with state (open, or closed less than retire_after_ms ago).",
+        "gauge",
+        gauge(&l.live_keys),
+    );
+    counter(
+        "hmis_state_tombstones",
+        "Retired workflows and orders remembered for duplicates and late events.",
+        "gauge",
+        gauge(&l.tombstones),
+    );
+    counter(
+        "hmis_state_retired_total",
+        "Workflows and orders whose state was retired after closing.",
+        "counter",
+        l.retired_total.load(Ordering::Relaxed),
+    );
+    counter(
+        "hmis_unknown_reference_dead_letters_total",
+        "Records dead-lettered because their workflow or template stayed unknown past the grace.",
+        "counter",
+        l.unknown_total.load(Ordering::Relaxed),
+    );
+    counter(
+        "hmis_late_events_total",
+        "New events for a retired workflow or order (dead-lettered).",
+        "counter",
+        l.late_total.load(Ordering::Relaxed),
+    );
+    counter(
+        "hmis_duplicate_events_after_retirement_total",
+        "Duplicates (same eventId) of events of a retired workflow or order, ignored.",
+        "counter",
+        l.duplicates_total.load(Ordering::Relaxed),
+    );
+    counter(
         "hmis_ready",
         "1 when ready.",
         "gauge",
@@ -91,9 +149,41 @@ pub fn metrics_text(s: &Shared) -> String {
 }
 
 fn is_ready(s: &Shared) -> bool {
-    s.ready.load(Ordering::SeqCst)
-        && !s.degraded.load(Ordering::SeqCst)
-        && !s.stop.load(Ordering::SeqCst)
+    not_ready_reason(s).is_none()
+}
+
+/// Why the pipeline is not ready, or `None` when it is.
+fn not_ready_reason(s: &Shared) -> Option<String> {
+    let since = |ms: u64| {
+        let at = chrono::DateTime::from_timestamp_millis(ms as i64)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_default();
+        let secs = crate::source::wall_ms().saturating_sub(ms) as f64 / 1000.0;
+        format!("since {at} ({secs:.1} s)")
+    };
+    let mut reasons = Vec::new();
+    if s.stop.load(Ordering::SeqCst) {
+        reasons.push("stopping".to_string());
+    } else if !s.ready.load(Ordering::SeqCst) {
+        reasons.push("starting or restoring state".to_string());
+    }
+    match s.kafka_down_since.load(Ordering::SeqCst) {
+        0 => {}
+        ms => reasons.push(format!("kafka unreachable {}", since(ms))),
+    }
+    match s.postgres_down_since.load(Ordering::SeqCst) {
+        0 => {}
+        ms => reasons.push(format!("postgres failing, sink retrying {}", since(ms))),
+    }
+    match s.publish_retrying_since.load(Ordering::SeqCst) {
+        0 => {}
+        ms => reasons.push(format!("kafka publish failing, retrying {}", since(ms))),
+    }
+    if reasons.is_empty() {
+        None
+    } else {
+        Some(format!("not ready: {}\n", reasons.join("; ")))
+    }
 }
 
 async fn handle(
@@ -102,8 +192,10 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, body) = match req.uri().path() {
         "/health/live" => (StatusCode::OK, "ok\n".to_string()),
-        "/health/ready" if is_ready(&shared) => (StatusCode::OK, "ready\n".to_string()),
-        "/health/ready" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string()),
+        "/health/ready" => match not_ready_reason(&shared) {
+            None => (StatusCode::OK, "ready\n".to_string()),
+            Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+        },
         "/metrics" => (StatusCode::OK, metrics_text(&shared)),
         _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
     };

@@ -59,8 +59,13 @@ pub struct Shared {
     pub stop: AtomicBool,
     /// Set once state is restored and the sink is connected.
     pub ready: AtomicBool,
-    /// Set while the sink cannot reach PostgreSQL or Kafka.
-    pub degraded: AtomicBool,
+    /// Since when (ms since the epoch) the Kafka brokers have been unreachable, 0 while they
+    /// answer. Owned by the broker probe ([`kafka_probe`]).
+    pub kafka_down_since: AtomicU64,
+    /// Since when the sink has been retrying a PostgreSQL failure, 0 when not.
+    pub postgres_down_since: AtomicU64,
+    /// Since when the sink has been retrying a Kafka failure of the outbox publisher, 0 when not.
+    pub publish_retrying_since: AtomicU64,
     pub records_read: AtomicU64,
     pub dead_letters: AtomicU64,
     pub batches_committed: AtomicU64,
@@ -70,6 +75,24 @@ pub struct Shared {
     pub sink_retries: AtomicU64,
     /// A permanent sink failure, reported as the run's error.
     pub fatal: Mutex<Option<String>>,
+    /// Gauges of the dataflow's lifecycle trackers (held records, tombstones, retirements).
+    pub lifecycle: hmis_dataflows::lifecycle::Stats,
+}
+
+impl Shared {
+    /// Marks `flag` (one of the `*_since` fields) as failing since now, unless it already is;
+    /// true if it was not.
+    fn mark_down(flag: &AtomicU64) -> bool {
+        flag.compare_exchange(0, wall_ms().max(1), Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// Clears `flag`.
+    fn mark_up(flag: &AtomicU64) {
+        if flag.load(Ordering::Relaxed) != 0 {
+            flag.store(0, Ordering::SeqCst);
+        }
+    }
 }
 
 /// What a finished run reports.
@@ -87,6 +110,8 @@ pub struct RunSummary {
 pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
     let started = Instant::now();
     let partitions = enumerate_partitions(&cfg).context("reading input topic metadata")?;
+    // Stops the broker probe when the run ends, however it ends.
+    let _probe = kafka_probe(&cfg, shared.clone()).context("starting the broker probe")?;
 
     // The sink thread connects, locks, claims and loads progress before workers start.
     let (tx, rx) = tokio::sync::mpsc::channel::<FlushBatch>(16);
@@ -130,6 +155,11 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
         let mut rules: RulesConfig = cfg.rules.clone();
         // Dead letters of rejected order events name the configured topic.
         rules.orders.topic = cfg.topics.orders.clone();
+        rules.lifecycle.orders_topic = cfg.topics.orders.clone();
+        rules.lifecycle.tasks_topic = cfg.topics.tasks.clone();
+        rules.lifecycle.workflows_topic = cfg.topics.workflows.clone();
+        rules.lifecycle.grace_from_event_time = cfg.clock == crate::config::ClockMode::Event;
+        rules.lifecycle.stats = shared.lifecycle.clone();
         let sender = if index == 0 { tx.lock().unwrap().take() } else { None };
         let gshared = shared.clone();
         let (mut sessions, probe) = worker.dataflow::<u64, _, _>(|scope| {
@@ -332,8 +362,18 @@ impl Backoff {
     fn new() -> Self {
         Backoff(Duration::from_millis(100))
     }
+    /// Waits before retrying `e`, which [`SinkError::is_transient`] classified as transient,
+    /// and marks the service it came from as down for readiness.
     async fn wait(&mut self, what: &str, e: &SinkError, shared: &Shared) {
-        shared.degraded.store(true, Ordering::SeqCst);
+        match e {
+            // Kafka calls, and the publisher's Kafka waits that timed out.
+            SinkError::Kafka { .. } | SinkError::Timeout(_) => {
+                Shared::mark_down(&shared.publish_retrying_since);
+            }
+            _ => {
+                Shared::mark_down(&shared.postgres_down_since);
+            }
+        }
         shared.sink_retries.fetch_add(1, Ordering::Relaxed);
         warn!(error = %e, retry_in_ms = self.0.as_millis() as u64, "{what} failed, retrying");
         tokio::time::sleep(self.0).await;
@@ -365,7 +405,7 @@ async fn apply_with_retry(
         }
         match pg.apply(group, batch).await {
             Ok(()) => {
-                shared.degraded.store(false, Ordering::SeqCst);
+                Shared::mark_up(&shared.postgres_down_since);
                 return Ok(());
             }
             Err(e) if e.is_transient() => backoff.wait("commit", &e, shared).await,
@@ -434,6 +474,7 @@ async fn publish_with_retry(
             renewed.epoch = pg.epoch();
             match Publisher::recover(renewed.clone()).await {
                 Ok(p) => {
+                    Shared::mark_up(&shared.publish_retrying_since);
                     *publisher = p;
                     *pcfg = renewed;
                 }
@@ -446,7 +487,8 @@ async fn publish_with_retry(
         }
         match publisher.publish_pending(pg.client_mut()).await {
             Ok(n) => {
-                shared.degraded.store(false, Ordering::SeqCst);
+                Shared::mark_up(&shared.postgres_down_since);
+                Shared::mark_up(&shared.publish_retrying_since);
                 return Ok(n);
             }
             Err(e) if e.is_transient() => backoff.wait("publish", &e, shared).await,
@@ -577,6 +619,99 @@ fn sink_thread(
         shared.stop.store(true, Ordering::SeqCst);
     }
     result
+}
+
+/// How often [`kafka_probe`] asks the brokers for metadata, and how long it waits.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Context of the probe's client: librdkafka's `AllBrokersDown` (all of this client's broker
+/// connections are down) marks Kafka unreachable at once. Its connection failures are logged
+/// at debug level only: the pipeline's other clients report them already.
+struct ProbeContext(Arc<Shared>);
+
+impl rdkafka::client::ClientContext for ProbeContext {
+    fn log(&self, _level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        tracing::debug!(target: "librdkafka", "probe: {fac} {message}");
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "kafka probe client error");
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
+            && Shared::mark_down(&self.0.kafka_down_since)
+        {
+            warn!(%error, reason, "kafka brokers unreachable");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ProbeContext {}
+
+/// Stops the probe thread when dropped (the thread ends within [`PROBE_TIMEOUT`]; it is not
+/// waited for).
+struct ProbeGuard(Arc<AtomicBool>);
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The broker probe, for readiness: a thread of its own, so that it answers whatever the
+/// workers and the sink are blocked on (while the brokers are down the sink typically waits
+/// in a publish and the workers stop reading, backpressured, so their own clients' errors are
+/// not even polled). Every [`PROBE_EVERY`] it asks for the metadata of an input topic: an
+/// answer marks Kafka reachable, a failure that [`SinkError::is_transient`] classifies as
+/// transient (unreachable, timed out, ...) marks it unreachable; between requests librdkafka's
+/// `AllBrokersDown` marks it unreachable at once. The request is the last word of each round,
+/// so an old event cannot override a newer answer.
+fn kafka_probe(cfg: &Config, shared: Arc<Shared>) -> anyhow::Result<ProbeGuard> {
+    use rdkafka::consumer::Consumer as _;
+    let mut config = crate::source::client_config(cfg);
+    // No group: the probe needs no coordinator, and its events stay on its own queue.
+    config.remove("group.id");
+    let consumer: rdkafka::consumer::BaseConsumer<ProbeContext> =
+        config.create_with_context(ProbeContext(shared.clone()))?;
+    let topic = cfg
+        .topics
+        .input(hmis_dataflows::events::InputTopic::ALL[0])
+        .to_string();
+    let done = Arc::new(AtomicBool::new(false));
+    let stop = done.clone();
+    std::thread::Builder::new()
+        .name("hmis-kafka-probe".into())
+        .spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let round = Instant::now();
+                // Serve the queued events first (they are older than the answer below).
+                while consumer.poll(Duration::ZERO).is_some() {}
+                match consumer.fetch_metadata(Some(&topic), PROBE_TIMEOUT) {
+                    Ok(_) => {
+                        if shared.kafka_down_since.load(Ordering::Relaxed) != 0 {
+                            info!("kafka brokers reachable again");
+                        }
+                        Shared::mark_up(&shared.kafka_down_since);
+                    }
+                    Err(source) => {
+                        let e = SinkError::Kafka {
+                            context: format!("metadata of {topic} (broker probe)"),
+                            source,
+                        };
+                        if e.is_transient() {
+                            if Shared::mark_down(&shared.kafka_down_since) {
+                                warn!(error = %e, "kafka brokers unreachable");
+                            }
+                        } else {
+                            warn!(error = %e, "kafka broker probe failed");
+                        }
+                    }
+                }
+                while round.elapsed() < PROBE_EVERY && !stop.load(Ordering::SeqCst) {
+                    let _ = consumer.poll(Duration::from_millis(100));
+                }
+            }
+        })?;
+    Ok(ProbeGuard(done))
 }
 
 /// Mirrors the committed input positions into the Kafka consumer group, for lag dashboards

@@ -452,3 +452,117 @@ async fn wall_clock_breach_fires_with_no_further_input() {
         .get(0);
     assert_eq!(n, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_references_are_dead_lettered_after_the_grace_and_only_once() {
+    let cfg = private_config("e2e_u").await;
+    let iso = hmis_dataflows::events::format_time;
+    let t0: u64 = 1_795_687_200_000;
+    let min = 60_000;
+    let rec = |topic: &'static str, key: &str, v: serde_json::Value| WorkloadRecord {
+        topic,
+        key: Some(key.into()),
+        payload: v.to_string().into_bytes(),
+    };
+    let started = |id: &str, wid: &str, tpl: &str, at: u64| {
+        rec(
+            "workflow-state-events",
+            wid,
+            serde_json::json!({"eventId": id, "eventType": "WORKFLOW_STARTED",
+            "eventTime": iso(at), "workflowInstanceId": wid, "templateId": tpl, "templateVersion": 1}),
+        )
+    };
+    let created = |id: &str, tid: &str, wid: &str, at: u64| {
+        rec(
+            "workflow-task-events",
+            tid,
+            serde_json::json!({"eventId": id, "eventType": "TASK_CREATED",
+            "eventTime": iso(at), "taskInstanceId": tid, "workflowInstanceId": wid, "taskDefId": "only"}),
+        )
+    };
+    let records = vec![
+        rec(
+            "workflow-definitions",
+            "t-u:1",
+            serde_json::json!({"templateId": "t-u", "version": 1,
+                "tasks": [{"taskDefId": "only", "name": "Only task"}]}),
+        ),
+        started("e1", "w-ok", "t-u", t0),
+        created("e2", "t-ok", "w-ok", t0 + min),
+        // Never started: UNKNOWN_WORKFLOW once the clock passes t0 + 1 min + grace.
+        created("e3", "t-ghost", "w-ghost", t0 + min),
+        // A template that never arrives: UNKNOWN_TEMPLATE.
+        started("e4", "w-nt", "nosuch", t0 + 2 * min),
+        // Started 4 minutes after its task: within the grace, so it wins.
+        created("e5", "t-late", "w-late", t0 + 2 * min),
+        started("e6", "w-late", "t-u", t0 + 6 * min),
+        // Moves the event clock well past every grace.
+        created("e7", "t-ok2", "w-ok", t0 + 30 * min),
+    ];
+    hmis_flow::demo::produce(&cfg, &records).await.unwrap();
+    run_pipeline(&cfg);
+
+    let (c, conn) = tokio_postgres::connect(&cfg.database_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let dead: Vec<(String, String, String)> = c
+        .query(
+            "SELECT reason, key, payload FROM dead_letters ORDER BY reason",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(
+        (dead[0].0.as_str(), dead[0].1.as_str()),
+        ("UNKNOWN_TEMPLATE", "w-nt")
+    );
+    assert!(dead[0].2.contains("\"nosuch\""), "the original payload");
+    assert_eq!(
+        (dead[1].0.as_str(), dead[1].1.as_str()),
+        ("UNKNOWN_WORKFLOW", "t-ghost")
+    );
+    let tasks: BTreeSet<String> = c
+        .query("SELECT task_instance_id FROM task_instances", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let want: BTreeSet<String> = ["t-ok", "t-ok2", "t-late"].map(String::from).into();
+    assert_eq!(tasks, want);
+    let workflows: i64 = c
+        .query_one(
+            "SELECT count(*) FROM workflow_instances WHERE workflow_instance_id = 'w-nt'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        workflows, 0,
+        "the workflow with an unknown template left no row"
+    );
+    let topic = hmis_flow::demo::read_topic(&cfg, &cfg.topics.dead_letter).unwrap();
+    assert_eq!(topic.len(), 2);
+
+    // A restart replays the input and decides the same records again: nothing is published
+    // twice, nothing is stored twice.
+    run_pipeline(&cfg);
+    assert_eq!(
+        hmis_flow::demo::read_topic(&cfg, &cfg.topics.dead_letter)
+            .unwrap()
+            .len(),
+        2
+    );
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM dead_letters", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+}

@@ -461,6 +461,73 @@ fn postgres_restarted_mid_run_is_retried_and_the_result_is_exact() {
     scratch.done();
 }
 
+/// Waits until `/health/ready` answers 503 naming Kafka and `/metrics` has `hmis_kafka_up 0`;
+/// returns how long that took and the readiness body.
+fn wait_for_kafka_outage_report(http: &str, p: &mut Pipeline) -> (Duration, String) {
+    let t = Instant::now();
+    let mut body = String::new();
+    wait_until(
+        Duration::from_secs(30),
+        "/health/ready 503 naming kafka, and hmis_kafka_up 0",
+        || {
+            assert!(
+                p.try_wait().is_none(),
+                "the pipeline survives the outage\n{}",
+                p.logs()
+            );
+            let (status, b) = http_get(http, "/health/ready");
+            body = b;
+            status == 503
+                && body.contains("kafka unreachable")
+                && metric(http, "hmis_kafka_up") == Some(0.0)
+        },
+    );
+    let body = body
+        .rsplit("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    (t.elapsed(), body)
+}
+
+/// Keeps the broker down until `outage` since `down`, checking every 100 ms that the
+/// pipeline runs on, is live, and stays not ready.
+fn hold_outage(http: &str, p: &mut Pipeline, down: Instant, outage: Duration) {
+    while down.elapsed() < outage {
+        assert!(
+            p.try_wait().is_none(),
+            "the pipeline survives the outage\n{}",
+            p.logs()
+        );
+        assert_eq!(http_status(http, "/health/live"), 200);
+        assert_eq!(
+            http_status(http, "/health/ready"),
+            503,
+            "not ready for as long as the broker is down"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until `/health/ready` answers 200 and `/metrics` has `hmis_kafka_up 1`.
+fn wait_for_kafka_recovery(http: &str, p: &mut Pipeline) -> Duration {
+    let t = Instant::now();
+    wait_until(
+        Duration::from_secs(60),
+        "/health/ready 200 and hmis_kafka_up 1 after the broker is back",
+        || {
+            assert!(p.try_wait().is_none(), "the pipeline runs on\n{}", p.logs());
+            http_status(http, "/health/ready") == 200 && metric(http, "hmis_kafka_up") == Some(1.0)
+        },
+    );
+    t.elapsed()
+}
+
+/// The broker crashes twice: mid-run (with input left to read and output to publish), and
+/// when the pipeline is idle (caught up: no record arrives to show the broker is back). Each
+/// time readiness must report it (503 naming Kafka, `hmis_kafka_up 0`) and recover by itself
+/// once the broker is back; the pipeline never exits, and the result is exact.
 #[test]
 fn broker_restarted_mid_run_is_retried_and_the_result_is_exact() {
     let _turn = exclusive();
@@ -473,20 +540,23 @@ fn broker_restarted_mid_run_is_retried_and_the_result_is_exact() {
     let reference = sibling_config(&cfg, "fault_broker_ref", &db);
     reference_run(&reference, &scratch, "reference");
 
+    // No --until-caught-up: the run must still be there when the broker is back, to show
+    // readiness recovering; it is stopped with SIGTERM once everything is committed.
     let http = format!("127.0.0.1:{}", free_port());
-    let mut p = Pipeline::start(
-        &cfg,
-        &scratch,
-        "run",
-        &["--until-caught-up", "--http", &http],
-    );
-    // Mid-run: as soon as the pipeline has read its first records. Whatever it has read by
-    // the time the broker is gone, its output cannot all be published without the broker.
+    let mut p = Pipeline::start(&cfg, &scratch, "run", &["--http", &http]);
+    // Mid-run: as soon as the pipeline is ready and has read its first records. Whatever it
+    // has read by the time the broker is gone, its output cannot all be published without
+    // the broker.
     let total = records.len() as i64;
     // (kill -9: a clean stop lets the broker serve for a while, enough for this run to end.)
-    wait_until(Duration::from_secs(120), "the first records read", || {
-        metric(&http, "hmis_events_processed_total").is_some_and(|n| n > 0.0)
-    });
+    wait_until(
+        Duration::from_secs(120),
+        "ready, first records read",
+        || {
+            http_status(&http, "/health/ready") == 200
+                && metric(&http, "hmis_events_processed_total").is_some_and(|n| n > 0.0)
+        },
+    );
     let t_kill = Instant::now();
     broker.kill();
     eprintln!("broker killed in {:.2?}", t_kill.elapsed());
@@ -496,22 +566,40 @@ fn broker_restarted_mid_run_is_retried_and_the_result_is_exact() {
         "the broker must go down mid-run: resize the workload"
     );
     let down = Instant::now();
-    let mut readiness = std::collections::BTreeSet::new();
-    while down.elapsed() < Duration::from_secs(3) {
-        readiness.insert(http_status(&http, "/health/ready"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        p.try_wait().is_none(),
-        "the pipeline survives the outage\n{}",
-        p.logs()
-    );
+    let (reported, body) = wait_for_kafka_outage_report(&http, &mut p);
+    hold_outage(&http, &mut p, down, Duration::from_secs(3));
     broker.start_again();
     let outage = down.elapsed();
-    p.expect_success(Duration::from_secs(240));
+    let recovered = wait_for_kafka_recovery(&http, &mut p);
+    wait_until(
+        Duration::from_secs(240),
+        "everything committed and published",
+        || {
+            assert!(p.try_wait().is_none(), "the pipeline runs on\n{}", p.logs());
+            progress(&cfg).is_some_and(|q| q.offsets == total && q.outbox == 0)
+        },
+    );
+
+    // Idle: only librdkafka's own signals can show the broker gone and back.
+    broker.kill();
+    let idle_down = Instant::now();
+    let (idle_reported, _) = wait_for_kafka_outage_report(&http, &mut p);
+    hold_outage(&http, &mut p, idle_down, Duration::from_secs(3));
+    broker.start_again();
+    let idle_recovered = wait_for_kafka_recovery(&http, &mut p);
+
+    p.signal("TERM");
+    let status = p.wait_timeout(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit 0 on SIGTERM: {status:?}\n{}",
+        p.logs()
+    );
     let summary = assert_equivalent(&cfg, &reference, records.len());
     eprintln!(
-        "broker restart: {} records, stopped at {} committed offsets, down {outage:.1?}, readiness during the outage {readiness:?}; {summary}",
+        "broker restart: {} records, stopped at {} committed offsets, down {outage:.1?}; \
+         readiness 503 after {reported:.1?} (\"{body}\"), 200 again {recovered:.1?} after the \
+         restart; idle: 503 after {idle_reported:.1?}, 200 again after {idle_recovered:.1?}; {summary}",
         records.len(),
         before.offsets
     );

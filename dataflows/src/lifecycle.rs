@@ -350,8 +350,11 @@ fn grace_end<R: Tracked>(rules: &LifecycleRules, r: &R, t: u64) -> u64 {
 #[derive(Debug)]
 struct Entry<R> {
     held: Vec<(R, u64)>,
-    /// Earliest time at which the key was known.
-    known_since: Option<u64>,
+    /// Net Known signals applied (> 0: known).
+    known: isize,
+    /// The pending unknown-reference check of the key, if any (one at a time: each check
+    /// schedules the next while the key stays unknown).
+    check_at: Option<u64>,
     /// Set while the rules report the key closed.
     closed: bool,
 }
@@ -360,7 +363,8 @@ impl<R> Default for Entry<R> {
     fn default() -> Self {
         Entry {
             held: Vec::new(),
-            known_since: None,
+            known: 0,
+            check_at: None,
             closed: false,
         }
     }
@@ -377,10 +381,13 @@ enum Timer {
     Retire,
 }
 
+/// The operator's one output, split by `ok_err` into live records and emits.
 type Out<R> = Result<(R, u64, isize), (Emit, u64, isize)>;
 
 /// Tracks `records` (see the module doc). Returns the live records, the emits (dead letters
 /// and retirement markers), and the loop to connect the rules' signals to.
+// `Out` is a `Result` only to be split by timely's `ok_err`; neither side is an error.
+#[allow(clippy::result_large_err)]
 pub fn track<'s, R: Tracked>(
     records: VecCollection<'s, u64, R>,
     rules: &LifecycleRules,
@@ -405,6 +412,7 @@ pub fn track<'s, R: Tracked>(
             let mut tombs: HashMap<String, Tomb> = HashMap::new();
             let mut expiry: BTreeMap<u64, Vec<String>> = BTreeMap::new();
             let mut timers: BTreeMap<u64, Vec<(String, Timer)>> = BTreeMap::new();
+            let mut signals: BTreeMap<u64, Vec<(Signal, isize)>> = BTreeMap::new();
             let mut caps: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
             // What this worker last added to the shared gauges.
             let (mut held_n, mut keys_n, mut tombs_n) = (0i64, 0i64, 0i64);
@@ -429,15 +437,17 @@ pub fn track<'s, R: Tracked>(
                         session.give(Ok((r.clone(), t, diff)));
                         let e = entries.entry(r.key().to_string()).or_default();
                         if diff > 0 {
-                            let known = e.known_since.is_some_and(|k| k <= t);
-                            if !known && r.unknown_reason().is_some() {
+                            if e.known <= 0 && r.unknown_reason().is_some() {
                                 // "After the grace": decided once the clock has passed it.
                                 let d = grace_end(&rules, &r, t).saturating_add(1);
-                                caps.entry(d).or_insert_with(|| cap.delayed(&d, 0));
-                                timers
-                                    .entry(d)
-                                    .or_default()
-                                    .push((r.key().to_string(), Timer::Check));
+                                if e.check_at.is_none_or(|c| c > d) {
+                                    e.check_at = Some(d);
+                                    caps.entry(d).or_insert_with(|| cap.delayed(&d, 0));
+                                    timers
+                                        .entry(d)
+                                        .or_default()
+                                        .push((r.key().to_string(), Timer::Check));
+                                }
                             }
                             e.held.push((r, t));
                             held += 1;
@@ -447,25 +457,18 @@ pub fn track<'s, R: Tracked>(
                         }
                     }
                 });
+                // Signals change the state in time order (below, interleaved with the timers);
+                // a closure schedules its retirement now, while its capability is at hand.
                 sigs.for_each(|cap, batch| {
                     for (s, t, diff) in batch.drain(..) {
-                        let Some(e) = entries.get_mut(s.key()) else {
-                            continue;
-                        };
-                        match s {
-                            Signal::Known(_) if diff > 0 => {
-                                e.known_since = Some(e.known_since.map_or(t, |k| k.min(t)));
+                        if let (Signal::Closed(key, at), true) = (&s, diff > 0) {
+                            if entries.contains_key(key.as_str()) {
+                                let d = t.max(at.saturating_add(rules.retire_after_ms));
+                                caps.entry(d).or_insert_with(|| cap.delayed(&d, 0));
+                                timers.entry(d).or_default().push((key.clone(), Timer::Retire));
                             }
-                            Signal::Closed(key, at) => {
-                                e.closed = diff > 0;
-                                if diff > 0 {
-                                    let d = t.max(at.saturating_add(rules.retire_after_ms));
-                                    caps.entry(d).or_insert_with(|| cap.delayed(&d, 0));
-                                    timers.entry(d).or_default().push((key, Timer::Retire));
-                                }
-                            }
-                            _ => {}
                         }
+                        signals.entry(t).or_default().push((s, diff));
                     }
                 });
 
@@ -473,11 +476,31 @@ pub fn track<'s, R: Tracked>(
                     // Input exhausted: nothing decided from here on can matter.
                     timers.clear();
                     caps.clear();
+                    signals.clear();
                 } else {
                     let passed = |d: u64| !data_f.less_equal(&d) && !sig_f.less_equal(&d);
-                    while let Some((&d, _)) = timers.first_key_value() {
+                    loop {
+                        let next_signal = signals.first_key_value().map(|(t, _)| *t);
+                        let next_timer = timers.first_key_value().map(|(t, _)| *t);
+                        let Some(d) = next_signal.into_iter().chain(next_timer).min() else {
+                            break;
+                        };
                         if !passed(d) {
                             break;
+                        }
+                        // The signals of an instant before its timers: a timer at `d` sees
+                        // what the rules knew at `d`.
+                        if next_signal == Some(d) {
+                            for (s, diff) in signals.pop_first().expect("first signal").1 {
+                                let Some(e) = entries.get_mut(s.key()) else {
+                                    continue;
+                                };
+                                match s {
+                                    Signal::Known(_) => e.known += diff,
+                                    Signal::Closed(..) => e.closed = diff > 0,
+                                }
+                            }
+                            continue;
                         }
                         let (_, due) = timers.pop_first().expect("first timer");
                         let cap = caps.remove(&d).expect("a capability per timer");
@@ -488,7 +511,11 @@ pub fn track<'s, R: Tracked>(
                             };
                             match what {
                                 Timer::Check => {
-                                    if e.known_since.is_some_and(|k| k <= d) {
+                                    if e.check_at != Some(d) {
+                                        continue; // superseded by an earlier check
+                                    }
+                                    e.check_at = None;
+                                    if e.known > 0 {
                                         continue;
                                     }
                                     let (late, keep): (Vec<_>, Vec<_>) =
@@ -518,6 +545,21 @@ pub fn track<'s, R: Tracked>(
                                         let dl = r.dead_letter(&rules, reason, detail, d);
                                         session.give(Err((Emit::Dead(dl), d, 1)));
                                         session.give(Ok((r, d, -1)));
+                                    }
+                                    // Records of the key that arrived while it was known
+                                    // (and so were not scheduled) are checked at their own
+                                    // grace's end: the earliest one next.
+                                    let next = e
+                                        .held
+                                        .iter()
+                                        .filter(|(r, _)| r.unknown_reason().is_some())
+                                        .map(|(r, t)| grace_end(&rules, r, *t).saturating_add(1))
+                                        .min();
+                                    if let Some(n) = next {
+                                        let n = n.max(d + 1);
+                                        e.check_at = Some(n);
+                                        caps.entry(n).or_insert_with(|| cap.delayed(&n));
+                                        timers.entry(n).or_default().push((key.clone(), Timer::Check));
                                     }
                                     if e.held.is_empty() && !e.closed {
                                         entries.remove(&key);
@@ -596,6 +638,7 @@ pub fn track<'s, R: Tracked>(
 }
 
 /// Splits tracked workflow-keyed records back into task and workflow events.
+#[allow(clippy::result_large_err)]
 pub fn split<'s>(
     live: VecCollection<'s, u64, WfInput>,
 ) -> (

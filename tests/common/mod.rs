@@ -536,9 +536,15 @@ pub fn assert_same_outputs(got: &Config, want: &Config) -> (usize, usize, usize)
         let gm = read_topic(&got.brokers, g);
         let wm = read_topic(&want.brokers, w);
         let twice = repeated(&gm);
+        // Where the copies are (adjacent offsets: a producer retry; apart: emitted twice).
+        let at: Vec<(i32, i64)> = gm
+            .iter()
+            .filter(|m| twice.iter().take(5).any(|(id, _)| *id == m.event_id))
+            .map(|m| (m.partition, m.offset))
+            .collect();
         assert!(
             twice.is_empty(),
-            "{g}: {} event ids published more than once, e.g. {:?}",
+            "{g}: {} event ids published more than once, e.g. {:?} at (partition, offset) {at:?}",
             twice.len(),
             &twice[..twice.len().min(5)]
         );

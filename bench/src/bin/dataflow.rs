@@ -86,6 +86,9 @@ struct Args {
     /// Write the result here instead.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Finished workflows fed for the history-memory measurement (0: skip it).
+    #[arg(long, default_value_t = 100_000)]
+    finished_workflows: usize,
     /// Internal: measure one memory variant in this process, print its JSON on stdout.
     #[arg(long, hide = true)]
     memory_variant: Option<String>,
@@ -573,6 +576,123 @@ fn memory_variant(variant: &str, n: usize) -> Value {
     v
 }
 
+/// Runs in the child process: `n` workflows that start, complete their task and complete,
+/// 10,000 per minute of event time; `retire` keeps state for 1 minute after closure, else
+/// for ever (the state before retirement existed). Reports resident bytes per finished
+/// workflow: with retirement only tombstones should remain.
+fn history_variant(retire: bool, n: usize) -> Value {
+    let base: u64 = 1_800_000_000_000;
+    let chunk = 10_000;
+    let out = Arc::new(Mutex::new(json!({})));
+    let result = out.clone();
+    timely::execute(timely::Config::process(1), move |worker| {
+        let mut rules = RulesConfig::default();
+        rules.lifecycle.retire_after_ms = if retire { 60_000 } else { u64::MAX / 4 };
+        let stats = rules.lifecycle.stats.clone();
+        let (mut sessions, probe) = worker.dataflow::<u64, _, _>(|scope| {
+            let (sessions, inputs) = Sessions::new(scope);
+            let (probe, emits) = build(inputs, &rules).probe();
+            emits.gather(0, |_b| {});
+            (sessions, probe)
+        });
+        let template = json!({"templateId": "bench-mem", "version": 1, "tasks": [{"taskDefId": "only", "name": "Only task"}]});
+        sessions.advance_to(base - 1);
+        let def = decode(InputTopic::Definitions, Some(b"bench-mem:1"), Some(template.to_string().as_bytes()), Pos::default())
+            .expect("valid template");
+        sessions.insert(def, base - 1);
+        sessions.advance_to(base);
+        worker.step_while(|| probe.less_than(&base));
+        let rss_before = proc_status_bytes("VmRSS").unwrap_or(0);
+        let started = Instant::now();
+        let mut t = base;
+        let mut offset = 0i64;
+        let mut samples = Vec::new();
+        for from in (0..n).step_by(chunk) {
+            let iso = |ms: u64| format_time(ms);
+            for i in from..(from + chunk).min(n) {
+                let wid = format!("wf-{i:08}");
+                let tid = format!("task-{i:08}");
+                let recs = [
+                    (InputTopic::Workflows, &wid, json!({"eventId": format!("ws-{i}"), "eventType": "WORKFLOW_STARTED", "eventTime": iso(t),
+                        "workflowInstanceId": wid, "patientId": format!("p-{i}"), "templateId": "bench-mem", "templateVersion": 1})),
+                    (InputTopic::Tasks, &tid, json!({"eventId": format!("tc-{i}"), "eventType": "TASK_CREATED", "eventTime": iso(t),
+                        "taskInstanceId": tid, "workflowInstanceId": wid, "taskDefId": "only"})),
+                    (InputTopic::Tasks, &tid, json!({"eventId": format!("td-{i}"), "eventType": "TASK_COMPLETED", "eventTime": iso(t),
+                        "taskInstanceId": tid, "workflowInstanceId": wid, "taskDefId": "only"})),
+                ];
+                for (role, key, v) in recs {
+                    offset += 1;
+                    let pos = Pos { partition: 0, offset };
+                    let ev = decode(role, Some(key.as_bytes()), Some(v.to_string().as_bytes()), pos).expect("valid event");
+                    sessions.insert(ev, t);
+                }
+            }
+            t += 60_000;
+            sessions.advance_to(t);
+            worker.step_while(|| probe.less_than(&t));
+            samples.push(json!({"finished": (from + chunk).min(n), "rss_bytes": proc_status_bytes("VmRSS").unwrap_or(0)}));
+        }
+        // Past the last retirement, then let the arrangements merge as in an idle pipeline.
+        for _ in 0..200 {
+            t += 1_000;
+            sessions.advance_to(t);
+            worker.step_while(|| probe.less_than(&t));
+        }
+        let rss_after = proc_status_bytes("VmRSS").unwrap_or(0);
+        let s = &stats.0;
+        *out.lock().unwrap() = json!({
+            "variant": if retire { "finished:retire" } else { "finished:keep" },
+            "finished_workflows": n,
+            "seconds": (started.elapsed().as_secs_f64() * 100.0).round() / 100.0,
+            "rss_before_bytes": rss_before,
+            "rss_after_bytes": rss_after,
+            "peak_rss_bytes": proc_status_bytes("VmHWM").unwrap_or(0),
+            "bytes_per_finished_workflow_resident": (rss_after.saturating_sub(rss_before) as f64 / n.max(1) as f64).round(),
+            "samples": samples,
+            "held_records": s.held_records.load(Ordering::SeqCst),
+            "tombstones": s.tombstones.load(Ordering::SeqCst),
+            "retired": s.retired_total.load(Ordering::SeqCst),
+        });
+        for id in worker.installed_dataflows() {
+            worker.drop_dataflow(id);
+        }
+    })
+    .expect("timely worker");
+    let v = result.lock().unwrap().clone();
+    v
+}
+
+fn measure_history(n: usize) -> anyhow::Result<Value> {
+    let exe = std::env::current_exe()?;
+    let mut variants = serde_json::Map::new();
+    for v in ["finished:keep", "finished:retire"] {
+        let out = std::process::Command::new(&exe)
+            .args([
+                "--memory-variant",
+                v,
+                "--finished-workflows",
+                &n.to_string(),
+            ])
+            .stderr(std::process::Stdio::inherit())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "variant {v} failed: {}", out.status);
+        let value: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim())?;
+        eprintln!(
+            "  {v:<16} {:>7} B per finished workflow resident ({:.1}s)",
+            value["bytes_per_finished_workflow_resident"],
+            value["seconds"].as_f64().unwrap_or(0.0)
+        );
+        variants.insert(v.to_string(), value);
+    }
+    let get = |v: &str| {
+        variants[v]["bytes_per_finished_workflow_resident"]
+            .as_f64()
+            .unwrap_or(0.0)
+    };
+    let ratio = get("finished:retire") / get("finished:keep").max(1.0);
+    Ok(json!({ "variants": variants, "retire_over_keep": (ratio * 1000.0).round() / 1000.0 }))
+}
+
 fn measure_memory(n: usize) -> anyhow::Result<Value> {
     let exe = std::env::current_exe()?;
     let mut variants = serde_json::Map::new();
@@ -614,6 +734,13 @@ fn measure_memory(n: usize) -> anyhow::Result<Value> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(v) = &args.memory_variant {
+        if let Some(kind) = v.strip_prefix("finished:") {
+            println!(
+                "{}",
+                history_variant(kind == "retire", args.finished_workflows)
+            );
+            return Ok(());
+        }
         anyhow::ensure!(
             MEMORY_VARIANTS.contains(&v.as_str()),
             "unknown memory variant {v}"
@@ -630,6 +757,7 @@ fn main() -> anyhow::Result<()> {
         "config": {
             "workflows": args.workflows, "seed": args.seed, "batch": args.batch,
             "workers": args.workers, "repeat": args.repeat, "open_tasks": args.open_tasks,
+            "finished_workflows": args.finished_workflows,
         },
     });
 
@@ -796,6 +924,34 @@ fn main() -> anyhow::Result<()> {
             b("sla_timer_bytes_per_task_resident")
         );
         result["memory"] = mem;
+    }
+    if args.finished_workflows > 0 {
+        eprintln!(
+            "memory over history ({} finished workflows, one child process per variant):",
+            args.finished_workflows
+        );
+        let h = measure_history(args.finished_workflows)?;
+        let b = |v: &str| {
+            format!(
+                "{:.0} B",
+                h["variants"][v]["bytes_per_finished_workflow_resident"]
+                    .as_f64()
+                    .unwrap_or(0.0)
+            )
+        };
+        println!();
+        println!(
+            "| resident memory per finished workflow ({}) | bytes |",
+            args.finished_workflows
+        );
+        println!("|---|---:|");
+        println!("| state kept for ever | {} |", b("finished:keep"));
+        println!(
+            "| retired 1 min after closure (tombstone left) | {} |",
+            b("finished:retire")
+        );
+        println!("| ratio retire / keep | {} |", h["retire_over_keep"]);
+        result["history_memory"] = h;
     }
     result["load"] = load.finish();
     eprintln!("load during the run: {}", result["load"]);
