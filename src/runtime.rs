@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use hmis_dataflows::gather::Gather;
 use hmis_dataflows::output::FlushBatch;
@@ -209,6 +209,7 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
         let mut counted_caught_up = false;
         let tick = Duration::from_millis(cfg.tick_ms.max(1));
         let mut last_read = 0u64;
+        let mut finishing_log = std::time::Instant::now();
         loop {
             let final_frontier = shared.final_frontier.load(Ordering::SeqCst);
             if final_frontier > 0 {
@@ -219,6 +220,20 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
                 let fatal = shared.fatal.lock().unwrap().is_some();
                 if fatal || shared.published.load(Ordering::SeqCst) >= final_frontier {
                     break;
+                }
+                if finishing_log.elapsed() > Duration::from_secs(1) {
+                    finishing_log = std::time::Instant::now();
+                    let mut dataflow = None;
+                    probe.with_frontier(|f| dataflow = f.first().copied());
+                    debug!(
+                        worker = index,
+                        final_frontier,
+                        dataflow_frontier = ?dataflow,
+                        committed = shared.committed.load(Ordering::SeqCst),
+                        published = shared.published.load(Ordering::SeqCst),
+                        in_flight = shared.in_flight.load(Ordering::SeqCst),
+                        "finishing"
+                    );
                 }
                 continue;
             }
@@ -233,7 +248,11 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
             } else {
                 0
             };
-            let f = source.frontier(sessions.time(), shared.max_event_time.load(Ordering::Relaxed));
+            let f = source.frontier(
+                sessions.time(),
+                shared.max_event_time.load(Ordering::Relaxed),
+                shared.max_stamp.load(Ordering::Relaxed),
+            );
             if f > sessions.time() {
                 sessions.advance_to(f);
             } else {

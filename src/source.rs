@@ -421,7 +421,11 @@ impl Source {
     ///
     /// Held while restoring, and while the definitions read at start are not all read: templates
     /// are bootstrapped at the earliest pipeline time, before any event that may need them.
-    pub fn frontier(&self, current: u64, global_max_event_time: u64) -> u64 {
+    ///
+    /// In `clock = event`, once every partition is read to its end the clock is the highest
+    /// eventTime seen — or the highest stamp, if higher: records read after a restart with
+    /// eventTimes below the resumed frontier are stamped at it, and must still complete.
+    pub fn frontier(&self, current: u64, global_max_event_time: u64, global_max_stamp: u64) -> u64 {
         if self.restoring() || self.bootstrapping_definitions() {
             return current;
         }
@@ -445,7 +449,9 @@ impl Source {
                 } else {
                     match low {
                         Some(l) => l.saturating_sub(self.lateness),
-                        None if global_max_event_time > 0 => global_max_event_time + 1,
+                        None if global_max_event_time > 0 => {
+                            (global_max_event_time + 1).max(global_max_stamp.saturating_add(1))
+                        }
                         None => current,
                     }
                 }

@@ -4,19 +4,19 @@
 //! Every task and workflow event passes through one [`track`] operator keyed by its
 //! workflowInstanceId, every order event through another keyed by its orderId. The operator
 //! forwards each record at once and keeps a copy while the record's key is live. The rules
-//! downstream tell it, through a feedback loop one millisecond later, what they learnt:
+//! downstream tell it, through a feedback loop [`SIGNAL_DELAY_MS`] later, what they learnt:
 //!
 //! ```text
 //!  input ──► track ──► rules ──► rows, events
 //!              ▲         │
-//!              └─(t+1)───┘  Known(W): W started and its template exists
+//!              └─(t+1m)──┘  Known(W): W started and its template exists
 //!                           Closed(W, at): W is COMPLETED/FAILED (an order: CLOSED, or
 //!                                          CANCELLED with every compensation done)
 //! ```
 //!
-//! - **Unknown references.** A record whose workflow is not known is checked when the clock
-//!   passes its arrival plus `unknown_reference_grace_ms` (event clock: its eventTime plus the
-//!   grace, or its arrival if later). If the workflow is still not known then, the record is
+//! - **Unknown references.** A record whose workflow is not known is checked once the clock
+//!   has passed its arrival plus `unknown_reference_grace_ms` (event clock: its eventTime plus
+//!   the grace, or its arrival if later) — decided [`SIGNAL_DELAY_MS`] after that instant. If the workflow is still not known then, the record is
 //!   retracted and dead-lettered: `UNKNOWN_TEMPLATE` for a WORKFLOW_STARTED (its template
 //!   never arrived), `UNKNOWN_WORKFLOW` for anything else. A WORKFLOW_STARTED (and template)
 //!   that arrives within the grace wins.
@@ -64,9 +64,9 @@ pub struct LifecycleRules {
     /// How long a retired key is remembered, for duplicates and late events (default 7 days,
     /// the input topics' retention).
     pub tombstone_retention_ms: u64,
-    /// Count the grace from the eventTime (`clock = event`; the default) instead of the
-    /// arrival (`clock = wall`; set by the runtime), so that a replay decides at the same
-    /// instant.
+    /// Count the grace and the retirement delay from eventTimes (`clock = event`; the
+    /// default) instead of the pipeline clock at arrival or closure (`clock = wall`; set by
+    /// the runtime), so that a replay decides at the same instant.
     #[serde(skip)]
     pub grace_from_event_time: bool,
     /// Input topic names, for dead letters (set by the runtime).
@@ -308,16 +308,17 @@ impl Tracked for OrderEvent {
 }
 
 /// The other end of a tracker's feedback loop: connect the rules' [`Signal`]s to it, once.
+/// They arrive [`SIGNAL_DELAY_MS`] later.
 pub struct SignalLoop<'s> {
     handle: timely::dataflow::operators::core::feedback::Handle<'s, u64, Vec<(Signal, u64, isize)>>,
 }
 
 impl<'s> SignalLoop<'s> {
-    /// Feeds `signals` back to the tracker, one millisecond later.
+    /// Feeds `signals` back to the tracker, [`SIGNAL_DELAY_MS`] later.
     pub fn connect(self, signals: VecCollection<'s, u64, Signal>) {
         signals
             .inner
-            .map(|(s, t, r)| (s, t.saturating_add(1), r))
+            .map(|(s, t, r)| (s, t.saturating_add(SIGNAL_DELAY_MS), r))
             .connect_loop(self.handle);
     }
 }
@@ -326,6 +327,25 @@ fn hash_str(s: &str) -> u64 {
     let mut h = DefaultHasher::new();
     s.hash(&mut h);
     h.finish()
+}
+
+/// How much later the rules' signals reach the tracker (the feedback loop's delay), and so how
+/// long after the end of a grace its check is decided. A loop can only run this far ahead of
+/// its slowest part: with a 1 ms delay, a backlog read in event mode (one distinct time per
+/// record) advanced one millisecond of records per round trip through the loop (a SIGTERM
+/// drain over 25 h of event time took minutes); with a minute, a round trip covers a minute.
+/// Decisions stay exact: a check at `grace end + delay` sees exactly the signals caused by
+/// records stamped up to the grace end.
+pub const SIGNAL_DELAY_MS: u64 = 60_000;
+
+/// Retirements happen on whole minutes of the pipeline clock: each distinct instant at which
+/// the tracker decides costs a round trip through the feedback loop (and a flush), so
+/// thousands of closures an hour share at most 60 instants.
+const RETIRE_QUANTUM_MS: u64 = 60_000;
+
+fn retire_at(t: u64) -> u64 {
+    t.div_ceil(RETIRE_QUANTUM_MS)
+        .saturating_mul(RETIRE_QUANTUM_MS)
 }
 
 fn late_detail(key: &str, retired_at: u64) -> String {
@@ -398,7 +418,7 @@ pub fn track<'s, R: Tracked>(
     SignalLoop<'s>,
 ) {
     let scope = records.scope();
-    let (handle, feedback) = scope.feedback::<Vec<(Signal, u64, isize)>>(1);
+    let (handle, feedback) = scope.feedback::<Vec<(Signal, u64, isize)>>(SIGNAL_DELAY_MS);
     let rules = rules.clone();
     let stats = rules.stats.0.clone();
 
@@ -439,7 +459,7 @@ pub fn track<'s, R: Tracked>(
                         if diff > 0 {
                             if e.known <= 0 && r.unknown_reason().is_some() {
                                 // "After the grace": decided once the clock has passed it.
-                                let d = grace_end(&rules, &r, t).saturating_add(1);
+                                let d = grace_end(&rules, &r, t).saturating_add(SIGNAL_DELAY_MS);
                                 if e.check_at.is_none_or(|c| c > d) {
                                     e.check_at = Some(d);
                                     caps.entry(d).or_insert_with(|| cap.delayed(&d, 0));
@@ -461,9 +481,48 @@ pub fn track<'s, R: Tracked>(
                 // a closure schedules its retirement now, while its capability is at hand.
                 sigs.for_each(|cap, batch| {
                     for (s, t, diff) in batch.drain(..) {
+                        // A key known by the time of its pending check needs no check: cancel
+                        // it now, so that its capability does not hold the clock back.
+                        // A key no longer known (its template version deleted) is checked
+                        // again at the next end of a grace among its records.
+                        if let (Signal::Known(key), true) = (&s, diff < 0) {
+                            if let Some(e) = entries.get_mut(key.as_str()) {
+                                let next = e
+                                    .held
+                                    .iter()
+                                    .filter(|(r, _)| r.unknown_reason().is_some())
+                                    .map(|(r, rt)| grace_end(&rules, r, *rt).saturating_add(SIGNAL_DELAY_MS))
+                                    .filter(|n| *n > t)
+                                    .min();
+                                if let Some(n) = next.filter(|n| e.check_at.is_none_or(|c| c > *n)) {
+                                    e.check_at = Some(n);
+                                    caps.entry(n).or_insert_with(|| cap.delayed(&n, 0));
+                                    timers.entry(n).or_default().push((key.clone(), Timer::Check));
+                                }
+                            }
+                        }
+                        if let (Signal::Known(key), true) = (&s, diff > 0) {
+                            if let Some(e) = entries.get_mut(key.as_str()) {
+                                if let Some(d) = e.check_at.filter(|d| t <= *d) {
+                                    e.check_at = None;
+                                    if let Some(due) = timers.get_mut(&d) {
+                                        due.retain(|(k, w)| !(*w == Timer::Check && k == key));
+                                        if due.is_empty() {
+                                            timers.remove(&d);
+                                            caps.remove(&d);
+                                        }
+                                    }
+                                }
+                            }
+                        }
                         if let (Signal::Closed(key, at), true) = (&s, diff > 0) {
                             if entries.contains_key(key.as_str()) {
-                                let d = t.max(at.saturating_add(rules.retire_after_ms));
+                                // Event clock: from the closing eventTime (a replay retires
+                                // at the same instant). Wall clock: from when the pipeline
+                                // saw it close, so a backlog of old events is not retired
+                                // the moment it closes.
+                                let from = if rules.grace_from_event_time { *at } else { t };
+                                let d = retire_at(t.max(from.saturating_add(rules.retire_after_ms)));
                                 caps.entry(d).or_insert_with(|| cap.delayed(&d, 0));
                                 timers.entry(d).or_default().push((key.clone(), Timer::Retire));
                             }
@@ -553,7 +612,7 @@ pub fn track<'s, R: Tracked>(
                                         .held
                                         .iter()
                                         .filter(|(r, _)| r.unknown_reason().is_some())
-                                        .map(|(r, t)| grace_end(&rules, r, *t).saturating_add(1))
+                                        .map(|(r, t)| grace_end(&rules, r, *t).saturating_add(SIGNAL_DELAY_MS))
                                         .min();
                                     if let Some(n) = next {
                                         let n = n.max(d + 1);

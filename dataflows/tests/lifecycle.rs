@@ -9,12 +9,14 @@ mod common;
 use common::*;
 use hmis_dataflows::events::Event;
 use hmis_dataflows::harness::{run, Outcome, Run};
-use hmis_dataflows::lifecycle::{LifecycleRules, Stats};
+use hmis_dataflows::lifecycle::{LifecycleRules, Stats, SIGNAL_DELAY_MS};
 use hmis_dataflows::output::{DeadLetter, Millis, RejectReason, Row};
 use hmis_dataflows::RulesConfig;
 use serde_json::json;
 
 const GRACE: Millis = 10 * MIN;
+/// A record's grace check is decided this long after the grace ends (the signal delay).
+const DECIDED: Millis = GRACE + SIGNAL_DELAY_MS;
 
 /// Runs `feed` (events at their given pipeline times) with the clock at `clock`.
 fn at_clock_with(mut feed: Vec<(Millis, Event)>, clock: Millis, config: RulesConfig) -> Outcome {
@@ -77,13 +79,17 @@ fn a_task_of_an_unknown_workflow_is_dead_lettered_only_after_the_grace() {
         dead(&at_clock(events(), T0 + GRACE)).is_empty(),
         "at the end of the grace the clock has not passed it"
     );
-    let o = at_clock(events(), T0 + GRACE + 1);
+    assert!(
+        dead(&at_clock(events(), T0 + DECIDED - 1)).is_empty(),
+        "decided once the signals of the grace's last instant are in"
+    );
+    let o = at_clock(events(), T0 + DECIDED);
     let d = dead(&o);
     assert_eq!(d.len(), 1, "after");
     assert_eq!(d[0].reason, RejectReason::UnknownWorkflow);
     assert_eq!(d[0].topic, "workflow-task-events");
     assert_eq!(d[0].key.as_deref(), Some("t1"));
-    assert_eq!(d[0].rejected_at, T0 + GRACE + 1);
+    assert_eq!(d[0].rejected_at, T0 + DECIDED);
     let payload: serde_json::Value = serde_json::from_str(&d[0].payload).unwrap();
     assert_eq!(payload["taskInstanceId"], "t1", "the original payload");
     assert!(d[0].detail.contains("w9"), "{}", d[0].detail);
@@ -126,7 +132,7 @@ fn an_unknown_template_is_dead_lettered_after_the_grace_unless_it_arrives() {
     assert!(dead(&o).is_empty());
     assert_eq!(workflow_status(&o, "w1").as_deref(), Some("ACTIVE"));
 
-    let o = at_clock(events(), T0 + MIN + GRACE + 1);
+    let o = at_clock(events(), T0 + MIN + DECIDED);
     let mut got = reasons(&o);
     got.sort();
     assert_eq!(
@@ -163,7 +169,7 @@ fn wall_clock_grace_counts_from_arrival() {
     ];
     let o = at_clock_with(feed.clone(), arrival + GRACE, cfg.clone());
     assert!(dead(&o).is_empty());
-    let o = at_clock_with(feed, arrival + GRACE + 1, cfg);
+    let o = at_clock_with(feed, arrival + DECIDED, cfg);
     assert_eq!(reasons(&o), [RejectReason::UnknownWorkflow]);
 }
 

@@ -544,7 +544,11 @@ fn end_of(feed: &Feed) -> Millis {
         .lifecycle
         .unknown_reference_grace_ms;
     feed.iter()
-        .map(|(t, e)| (*t).max(e.event_time().unwrap_or(0).saturating_add(grace)) + 2)
+        .map(|(t, e)| {
+            (*t).max(e.event_time().unwrap_or(0).saturating_add(grace))
+                + hmis_dataflows::lifecycle::SIGNAL_DELAY_MS
+                + 1
+        })
         .max()
         .unwrap_or(history::T0 + 1)
 }

@@ -131,7 +131,7 @@ pub fn private_config(tag: &str, brokers: &str, database: &str) -> Config {
     pg_execute(database, &format!("CREATE SCHEMA \"{id}\""));
     let p = |name: &str| format!("{id}.{name}");
     let d = Topics::default();
-    let cfg = Config {
+    let mut cfg = Config {
         brokers: brokers.to_string(),
         database_url: with_schema(database, &id),
         group_id: id.clone(),
@@ -150,6 +150,9 @@ pub fn private_config(tag: &str, brokers: &str, database: &str) -> Config {
         },
         ..Config::default()
     };
+    if let Ok(ms) = std::env::var("HMIS_FAULT_RETIRE_MS") {
+        cfg.rules.lifecycle.retire_after_ms = ms.parse().unwrap();
+    }
     rt().block_on(hmis_flow::demo::create_topics(&cfg))
         .expect("create topics");
     cfg
@@ -215,7 +218,9 @@ impl Pipeline {
                 cmd.env_remove(k);
             }
         }
-        cmd.env("HMIS_LOG", "warn,hmis_flow=info,hmis_sinks=info")
+        let log = std::env::var("HMIS_FAULT_LOG")
+            .unwrap_or_else(|_| "warn,hmis_flow=info,hmis_sinks=info".into());
+        cmd.env("HMIS_LOG", log)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&stdout).unwrap())
             .stderr(std::fs::File::create(&stderr).unwrap());
