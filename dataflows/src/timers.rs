@@ -59,6 +59,77 @@ fn appearances<'s, D: differential_dataflow::ExchangeData + std::hash::Hash>(
     c.consolidate().inner
 }
 
+/// The first appearance of each key of `c`: `((key, value), t, +1)` when the key goes from no
+/// record to some record at `t`, with the value it appears with. A later change of the value
+/// (the old one retracted, a new one inserted at one time) is not an appearance: whatever
+/// was derived when the key appeared stands, so one cause is never published twice with two
+/// contents. Updates are applied in time order, once the frontier has passed their time.
+fn key_appearances<'s, K, V>(
+    c: VecCollection<'s, u64, (K, V)>,
+) -> timely::dataflow::Stream<'s, u64, Vec<((K, V), u64, isize)>>
+where
+    K: differential_dataflow::ExchangeData + std::hash::Hash,
+    V: differential_dataflow::ExchangeData,
+{
+    use std::collections::{BTreeMap, HashMap};
+    use timely::dataflow::channels::pact::Exchange;
+    use timely::dataflow::operators::generic::Operator;
+    use timely::dataflow::operators::Capability;
+
+    let hash = |k: &K| {
+        use std::hash::Hasher;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        k.hash(&mut h);
+        h.finish()
+    };
+    c.inner.unary_frontier(
+        Exchange::new(move |u: &((K, V), u64, isize)| hash(&u.0 .0)),
+        "KeyAppearances",
+        |_cap, _info| {
+            let mut counts: HashMap<K, isize> = HashMap::new();
+            let mut stash: BTreeMap<u64, Vec<((K, V), isize)>> = BTreeMap::new();
+            let mut caps: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
+            move |(input, frontier), output| {
+                input.for_each(|cap, batch| {
+                    for (d, t, r) in batch.drain(..) {
+                        caps.entry(t).or_insert_with(|| cap.delayed(&t, 0));
+                        stash.entry(t).or_default().push((d, r));
+                    }
+                });
+                while let Some((&t, _)) = stash.first_key_value() {
+                    if frontier.less_equal(&t) {
+                        break;
+                    }
+                    let (_, updates) = stash.pop_first().expect("first");
+                    let cap = caps.remove(&t).expect("a capability per stashed time");
+                    let mut before: HashMap<K, isize> = HashMap::new();
+                    for ((k, _), _) in &updates {
+                        before
+                            .entry(k.clone())
+                            .or_insert_with(|| counts.get(k).copied().unwrap_or(0));
+                    }
+                    let mut appeared = Vec::new();
+                    for ((k, v), r) in updates {
+                        let n = counts.entry(k.clone()).or_insert(0);
+                        *n += r;
+                        if *n <= 0 {
+                            counts.remove(&k);
+                        } else if r > 0 && before.get(&k).copied().unwrap_or(0) <= 0 {
+                            appeared.push((k, v));
+                        }
+                    }
+                    let mut session = output.session(&cap);
+                    for (k, v) in appeared {
+                        if counts.contains_key(&k) {
+                            session.give(((k, v), t, 1));
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
 fn emit(d: Derived, t: u64) -> (Emit, u64, isize) {
     (
         Emit::Record((d.workflow_instance_id.clone(), d.rank()), d.to_record(t)),
@@ -120,7 +191,7 @@ pub fn time_rules<'s>(
         .reduce_named("SlaBreaches", |_key, input, output| {
             output.push((input[0].0.clone(), 1));
         });
-    let breach_out = appearances(breaches.clone())
+    let breach_out = key_appearances(breaches.clone())
         .flat_map(|((_, i), t, r): (((String, u32), SlaInfo), u64, isize)| {
             let mut out = Vec::new();
             if r <= 0 {

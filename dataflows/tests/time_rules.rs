@@ -321,3 +321,39 @@ fn event_clock_results_do_not_depend_on_batching_or_workers() {
     assert_eq!(timer_ids(&a), timer_ids(&b));
     assert!(!timer_ids(&a).is_empty());
 }
+
+#[test]
+fn a_breach_is_published_once_even_when_the_task_changes_after_it() {
+    // The clock breaches triage at dueAt + 1; 20 minutes later the task starts (late) with a
+    // taskName it did not have: the breach's facts change, its events must not be re-derived
+    // with new contents (published twice with the same eventIds, when the two instants fall in
+    // different flushes).
+    let due = T0 + 15 * MIN;
+    let started = dec(
+        hmis_dataflows::events::InputTopic::Tasks,
+        Some("t1"),
+        Some(
+            serde_json::json!({"eventId": "start-t1", "eventType": "TASK_STARTED",
+            "eventTime": iso(due + 20 * MIN), "taskInstanceId": "t1", "workflowInstanceId": "w1",
+            "patientId": "p-1", "taskDefId": "triage", "taskName": "Triage (renamed)", "attempt": 1}),
+        ),
+    );
+    let mut events = base();
+    events.push(started);
+    // One flush per instant: the harness flushes whenever the frontier advances.
+    let o = at_clock(events, due + 30 * MIN);
+    let published: Vec<_> = o
+        .batches
+        .iter()
+        .flat_map(|b| &b.records)
+        .filter(|r| {
+            matches!(
+                r.event_type.as_str(),
+                "TASK_SLA_BREACHED" | "TASK_ESCALATED" | "WORKFLOW_ESCALATED"
+            )
+        })
+        .collect();
+    assert_eq!(published.len(), 3, "{published:#?}");
+    let breach: serde_json::Value = serde_json::from_str(&published[0].payload).unwrap();
+    assert_eq!(breach["minutesOverdue"], 0, "the clock's breach stands");
+}
