@@ -333,15 +333,16 @@ fn hash_str(s: &str) -> u64 {
 /// long after the end of a grace its check is decided. A loop can only run this far ahead of
 /// its slowest part: with a 1 ms delay, a backlog read in event mode (one distinct time per
 /// record) advanced one millisecond of records per round trip through the loop (a SIGTERM
-/// drain over 25 h of event time took minutes); with a minute, a round trip covers a minute.
+/// drain over 25 h of event time took minutes; with a minute, still over 30 s); with ten
+/// minutes, a round trip covers ten.
 /// Decisions stay exact: a check at `grace end + delay` sees exactly the signals caused by
 /// records stamped up to the grace end.
-pub const SIGNAL_DELAY_MS: u64 = 60_000;
+pub const SIGNAL_DELAY_MS: u64 = 600_000;
 
-/// Retirements happen on whole minutes of the pipeline clock: each distinct instant at which
-/// the tracker decides costs a round trip through the feedback loop (and a flush), so
-/// thousands of closures an hour share at most 60 instants.
-const RETIRE_QUANTUM_MS: u64 = 60_000;
+/// Retirements happen on whole multiples of ten minutes of the pipeline clock: each distinct
+/// instant at which the tracker decides costs a round trip through the feedback loop (and a
+/// flush), so thousands of closures an hour share at most 6 instants.
+const RETIRE_QUANTUM_MS: u64 = SIGNAL_DELAY_MS;
 
 fn retire_at(t: u64) -> u64 {
     t.div_ceil(RETIRE_QUANTUM_MS)

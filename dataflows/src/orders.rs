@@ -848,9 +848,9 @@ pub fn order_rules<'s>(
         .reduce_named("OrdersOverdue", |_id, input, output| {
             output.push((input[0].0.clone(), 1));
         });
-    let overdue_out = overdue
-        .clone()
-        .inner
+    // The first appearance per order stands (a later change of the order's facts must not
+    // re-derive ORDER_OVERDUE with new contents under the same eventId).
+    let overdue_out = crate::timers::key_appearances(overdue.clone())
         .flat_map(|((_, i), t, r): ((String, OverdueInfo), Millis, isize)| {
             (r > 0).then(|| {
                 let ident = Identity {

@@ -52,19 +52,12 @@ use crate::output::{Row, SlaBreachRow};
 use crate::workflows::{ReEscalation, SlaInfo, StaleInfo, WfOut};
 use crate::Emit;
 
-/// Changes that appeared (`+`) in a consolidated collection, with their times.
-fn appearances<'s, D: differential_dataflow::ExchangeData + std::hash::Hash>(
-    c: VecCollection<'s, u64, D>,
-) -> timely::dataflow::Stream<'s, u64, Vec<(D, u64, isize)>> {
-    c.consolidate().inner
-}
-
 /// The first appearance of each key of `c`: `((key, value), t, +1)` when the key goes from no
 /// record to some record at `t`, with the value it appears with. A later change of the value
 /// (the old one retracted, a new one inserted at one time) is not an appearance: whatever
 /// was derived when the key appeared stands, so one cause is never published twice with two
 /// contents. Updates are applied in time order, once the frontier has passed their time.
-fn key_appearances<'s, K, V>(
+pub(crate) fn key_appearances<'s, K, V>(
     c: VecCollection<'s, u64, (K, V)>,
 ) -> timely::dataflow::Stream<'s, u64, Vec<((K, V), u64, isize)>>
 where
@@ -275,8 +268,14 @@ pub fn time_rules<'s>(
             _ => None,
         })
         .delay_until(|s: &StaleInfo| Some(s.deadline));
-    let stale_out = appearances(stale)
-        .flat_map(|(s, t, r): (StaleInfo, u64, isize)| {
+    let stale_out = key_appearances(stale.map(|s| {
+        (
+            (s.task_instance_id.clone(), s.attempt, s.last_event_time),
+            s,
+        )
+    }))
+    .flat_map(
+        |((_, s), t, r): (((String, u32, Millis), StaleInfo), u64, isize)| {
             (r > 0 && t > s.deadline).then(|| {
                 let mut d = Derived::new(
                     DerivedType::TaskStale,
@@ -294,8 +293,9 @@ pub fn time_rules<'s>(
                 d.minutes_overdue = Some(((t - s.last_event_time) / 60_000) as i64);
                 emit(d, t)
             })
-        })
-        .as_collection();
+        },
+    )
+    .as_collection();
 
     // Unanswered escalations: one per (workflow, level).
     let reesc = wf_out
@@ -320,7 +320,7 @@ pub fn time_rules<'s>(
             ));
         });
     let fired_reesc = reesc.clone();
-    let reesc_out = appearances(reesc)
+    let reesc_out = key_appearances(reesc)
         .flat_map(
             |((_, r), t, diff): (((String, i32), ReEscalation), u64, isize)| {
                 (diff > 0).then(|| {

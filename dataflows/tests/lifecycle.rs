@@ -104,7 +104,7 @@ fn a_workflow_started_within_the_grace_wins() {
         task("TASK_CREATED", "t1", "w1", "triage", 1, T0),
         wf_started("w1", "sepsis-bundle", 3, T0 + GRACE),
     ];
-    let o = at_clock(just_in_time, T0 + GRACE + 5 * MIN);
+    let o = at_clock(just_in_time, T0 + DECIDED + MIN);
     assert!(dead(&o).is_empty(), "{:?}", reasons(&o));
     assert_eq!(task_rows(&o), [("t1".to_string(), "PENDING".to_string())]);
 
@@ -113,7 +113,7 @@ fn a_workflow_started_within_the_grace_wins() {
         task("TASK_CREATED", "t1", "w1", "triage", 1, T0),
         wf_started("w1", "sepsis-bundle", 3, T0 + GRACE + 1),
     ];
-    let o = at_clock(too_late, T0 + GRACE + 5 * MIN);
+    let o = at_clock(too_late, T0 + DECIDED + MIN);
     assert_eq!(reasons(&o), [RejectReason::UnknownWorkflow]);
     assert!(task_rows(&o).is_empty(), "the task was not applied");
     assert_eq!(workflow_status(&o, "w1").as_deref(), Some("ACTIVE"));
@@ -151,7 +151,7 @@ fn an_unknown_template_is_dead_lettered_after_the_grace_unless_it_arrives() {
     // The version arriving within the grace wins.
     let mut feed = stamped(events());
     feed.push((T0 + GRACE - 1, def(sepsis(4))));
-    let o = at_clock_with(feed, T0 + 2 * GRACE, RulesConfig::default());
+    let o = at_clock_with(feed, T0 + MIN + DECIDED + MIN, RulesConfig::default());
     assert!(dead(&o).is_empty(), "{:?}", reasons(&o));
     assert_eq!(workflow_status(&o, "w1").as_deref(), Some("ACTIVE"));
     assert_eq!(task_rows(&o).len(), 1);
@@ -224,9 +224,10 @@ fn a_finished_workflow_is_retired_and_its_rows_stay() {
     assert_eq!(s.live_keys.load(SeqCst), 0);
     assert_eq!(s.tombstones.load(SeqCst), 1);
 
-    // Not before its time: closed at T0 + 6 min, retired when the clock passes T0 + 11 min.
+    // Not before its time: closed at T0 + 6 min, known to the tracker 10 min later, retired
+    // on the next whole ten minutes (T0 is one).
     let (cfg, stats) = retiring(5 * MIN);
-    at_clock_with(stamped(finished_workflow()), T0 + 11 * MIN - 1, cfg);
+    at_clock_with(stamped(finished_workflow()), T0 + 20 * MIN - 1, cfg);
     assert_eq!(stats.0.retired_total.load(SeqCst), 0);
     assert_eq!(stats.0.held_records.load(SeqCst), 7);
 }
