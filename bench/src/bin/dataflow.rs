@@ -576,10 +576,10 @@ fn memory_variant(variant: &str, n: usize) -> Value {
     v
 }
 
-/// Runs in the child process: `n` workflows that start, complete their task and complete,
-/// 10,000 per minute of event time; `retire` keeps state for 1 minute after closure, else
+/// Runs in the child process: `n` workflows that start, complete their task and complete; `retire` keeps state for 1 minute after closure, else
 /// for ever (the state before retirement existed). Reports resident bytes per finished
-/// workflow: with retirement only tombstones should remain.
+/// workflow: with retirement only tombstones should remain. Event time advances 10 min per
+/// 10,000 workflows, then 50 min more.
 fn history_variant(retire: bool, n: usize) -> Value {
     let base: u64 = 1_800_000_000_000;
     let chunk = 10_000;
@@ -627,14 +627,16 @@ fn history_variant(retire: bool, n: usize) -> Value {
                     sessions.insert(ev, t);
                 }
             }
-            t += 60_000;
+            // Ten minutes of event time per 10,000 workflows: the tracker's signals arrive
+            // 10 min late and retirements fall on whole ten minutes.
+            t += 600_000;
             sessions.advance_to(t);
             worker.step_while(|| probe.less_than(&t));
             samples.push(json!({"finished": (from + chunk).min(n), "rss_bytes": proc_status_bytes("VmRSS").unwrap_or(0)}));
         }
         // Past the last retirement, then let the arrangements merge as in an idle pipeline.
         for _ in 0..200 {
-            t += 1_000;
+            t += 15_000;
             sessions.advance_to(t);
             worker.step_while(|| probe.less_than(&t));
         }
