@@ -170,29 +170,6 @@ pub enum WfInput {
     Workflow(WorkflowEvent),
 }
 
-fn letter(
-    topic: &str,
-    pos: crate::events::Pos,
-    key: Option<String>,
-    raw: &Option<Arc<str>>,
-    fallback: impl FnOnce() -> String,
-    reason: RejectReason,
-    detail: String,
-    at: Millis,
-) -> DeadLetter {
-    DeadLetter {
-        topic: topic.to_string(),
-        partition: pos.partition,
-        offset: pos.offset,
-        key,
-        payload: raw.as_deref().map(str::to_string).unwrap_or_else(fallback),
-        payload_encoding: "utf8".into(),
-        reason,
-        detail,
-        rejected_at: at,
-    }
-}
-
 impl Tracked for WfInput {
     fn key(&self) -> &str {
         match self {
@@ -234,27 +211,23 @@ impl Tracked for WfInput {
         at: Millis,
     ) -> DeadLetter {
         match self {
-            WfInput::Task(e) => letter(
+            WfInput::Task(e) => DeadLetter::of_record(
                 &rules.tasks_topic,
                 e.pos,
-                e.raw_key
-                    .as_deref()
-                    .map(str::to_string)
-                    .or_else(|| Some(e.task_instance_id.clone())),
-                &e.raw,
+                e.raw_key.as_deref(),
+                &e.task_instance_id,
+                e.raw.as_deref(),
                 || serde_json::to_string(e).unwrap_or_default(),
                 reason,
                 detail,
                 at,
             ),
-            WfInput::Workflow(e) => letter(
+            WfInput::Workflow(e) => DeadLetter::of_record(
                 &rules.workflows_topic,
                 e.pos,
-                e.raw_key
-                    .as_deref()
-                    .map(str::to_string)
-                    .or_else(|| Some(e.workflow_instance_id.clone())),
-                &e.raw,
+                e.raw_key.as_deref(),
+                &e.workflow_instance_id,
+                e.raw.as_deref(),
                 || serde_json::to_string(e).unwrap_or_default(),
                 reason,
                 detail,
@@ -291,14 +264,12 @@ impl Tracked for OrderEvent {
         detail: String,
         at: Millis,
     ) -> DeadLetter {
-        letter(
+        DeadLetter::of_record(
             &rules.orders_topic,
             self.pos,
-            self.raw_key
-                .as_deref()
-                .map(str::to_string)
-                .or_else(|| Some(self.order_id.clone())),
-            &self.raw,
+            self.raw_key.as_deref(),
+            &self.order_id,
+            self.raw.as_deref(),
             || serde_json::to_string(self).unwrap_or_default(),
             reason,
             detail,

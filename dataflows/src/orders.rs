@@ -918,24 +918,15 @@ pub fn retirable(st: &OrderState, rules: &OrderRules) -> Option<Millis> {
 /// The dead letter of a rejected order event: the original record, byte for byte.
 fn dead_letter(rej: &RejectedOrderEvent, topic: &str, t: Millis) -> DeadLetter {
     let e = &rej.event;
-    let payload = match &e.raw {
-        Some(raw) => raw.to_string(),
-        // Only events built without the decoder lack their payload.
-        None => serde_json::to_string(e).unwrap_or_default(),
-    };
-    DeadLetter {
-        topic: topic.to_string(),
-        partition: e.pos.partition,
-        offset: e.pos.offset,
-        key: e
-            .raw_key
-            .as_deref()
-            .map(str::to_string)
-            .or_else(|| Some(e.order_id.clone())),
-        payload,
-        payload_encoding: "utf8".into(),
-        reason: rej.reason,
-        detail: rej.detail.clone(),
-        rejected_at: t,
-    }
+    DeadLetter::of_record(
+        topic,
+        e.pos,
+        e.raw_key.as_deref(),
+        &e.order_id,
+        e.raw.as_deref(),
+        || serde_json::to_string(e).unwrap_or_default(),
+        rej.reason,
+        rej.detail.clone(),
+        t,
+    )
 }

@@ -298,6 +298,34 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// The dead letter of a decoded input record kept in state: its original payload and key
+    /// when the decoder kept them (`raw`, `raw_key`), else `fallback` (the event re-encoded,
+    /// for events built without the decoder) and `default_key`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn of_record(
+        topic: &str,
+        pos: crate::events::Pos,
+        raw_key: Option<&str>,
+        default_key: &str,
+        raw: Option<&str>,
+        fallback: impl FnOnce() -> String,
+        reason: RejectReason,
+        detail: String,
+        at: Millis,
+    ) -> DeadLetter {
+        DeadLetter {
+            topic: topic.to_string(),
+            partition: pos.partition,
+            offset: pos.offset,
+            key: Some(raw_key.unwrap_or(default_key).to_string()),
+            payload: raw.map(str::to_string).unwrap_or_else(fallback),
+            payload_encoding: "utf8".into(),
+            reason,
+            detail,
+            rejected_at: at,
+        }
+    }
+
     /// The document published on `workflow-dead-letter` (key: the input's key). Its id is
     /// deterministic in the input position, so a replay cannot publish it twice.
     pub fn to_record(&self) -> OutRecord {
