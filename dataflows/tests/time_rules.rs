@@ -357,3 +357,40 @@ fn a_breach_is_published_once_even_when_the_task_changes_after_it() {
     let breach: serde_json::Value = serde_json::from_str(&published[0].payload).unwrap();
     assert_eq!(breach["minutesOverdue"], 0, "the clock's breach stands");
 }
+
+#[test]
+fn a_breach_stays_when_the_workflow_closes_and_the_task_ends_late_afterwards() {
+    // The clock breaches triage at dueAt + 1; the workflow fails 5 minutes later (the timer's
+    // scope ends while the task is open); the task fails 5 minutes after that, late. The
+    // breach must not vanish with the scope and appear again from the late event: its
+    // eventIds would be published twice (found by the kill -9 fault test's reference run).
+    let due = T0 + 15 * MIN;
+    let mut events = base();
+    events.push(wf_event("w1", "WORKFLOW_FAILED", due + 5 * MIN));
+    events.push(task("TASK_FAILED", "t1", "w1", "triage", 1, due + 10 * MIN));
+    let o = at_clock(events, due + 30 * MIN);
+    let published: Vec<_> = o
+        .batches
+        .iter()
+        .flat_map(|b| &b.records)
+        .filter(|r| {
+            matches!(
+                r.event_type.as_str(),
+                "TASK_SLA_BREACHED" | "TASK_ESCALATED" | "WORKFLOW_ESCALATED"
+            )
+        })
+        .map(|r| r.event_id.clone())
+        .collect();
+    assert_eq!(published.len(), 3, "{published:#?}");
+    let breach = json(&o, "TASK_SLA_BREACHED");
+    assert_eq!(breach["minutesOverdue"], 0, "the clock's breach stands");
+    let task = o
+        .rows
+        .values()
+        .find_map(|r| match r {
+            Row::Task(t) if t.task_instance_id == "t1" => Some(t),
+            _ => None,
+        })
+        .expect("task row");
+    assert!(task.sla_breached, "the task row keeps its breach: {task:?}");
+}

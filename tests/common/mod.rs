@@ -553,6 +553,15 @@ pub fn assert_same_outputs(got: &Config, want: &Config) -> (usize, usize, usize)
             twice.len(),
             &twice[..twice.len().min(5)]
         );
+        // The uninterrupted run too: a rule that publishes one eventId twice is a bug of the
+        // rules, not of the restart.
+        let ref_twice = repeated(&wm);
+        assert!(
+            ref_twice.is_empty(),
+            "{w} (uninterrupted run): {} event ids published more than once, e.g. {:?}",
+            ref_twice.len(),
+            &ref_twice[..ref_twice.len().min(5)]
+        );
         assert!(
             gm.iter().all(|m| !m.event_id.is_empty()),
             "{g}: every record carries its event id header"
