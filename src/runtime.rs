@@ -55,6 +55,9 @@ pub struct Shared {
     pub caught_up: AtomicUsize,
     /// Agreed final frontier (0 = not finishing).
     pub final_frontier: AtomicU64,
+    /// Each worker's input time (its source's frontier), by worker index: their minimum is
+    /// the pipeline clock, the most a drain may complete in `clock = event`.
+    pub input_times: Mutex<Vec<u64>>,
     /// Set by a signal or a fatal sink error: stop reading, drain, exit.
     pub stop: AtomicBool,
     /// Set once state is restored and the sink is connected.
@@ -255,6 +258,11 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
             );
             if f > sessions.time() {
                 sessions.advance_to(f);
+                let mut times = shared.input_times.lock().unwrap();
+                if times.len() < peers {
+                    times.resize(peers, 0);
+                }
+                times[index] = f;
             } else {
                 sessions.flush();
             }
@@ -278,13 +286,32 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
                 // Agree on the final frontier: the first worker to get here decides.
                 let stamped = shared.max_stamp.load(Ordering::SeqCst).saturating_add(1);
                 let proposal = match cfg.clock {
-                    crate::config::ClockMode::Event => {
+                    // Caught up: every partition is read to its end, so the clock is past
+                    // everything read (contract §8), and all of it is completed.
+                    crate::config::ClockMode::Event if all_caught_up => {
                         let m = shared.max_event_time.load(Ordering::SeqCst);
-                        (if m > 0 { m + 1 } else { 0 }).max(sessions.time()).max(resume).max(1)
+                        (if m > 0 { m + 1 } else { 0 })
+                            .max(sessions.time())
+                            .max(resume)
+                            .max(stamped)
+                            .max(1)
                     }
-                    crate::config::ClockMode::Wall => wall_ms().max(sessions.time()),
-                }
-                .max(stamped);
+                    // Stopped mid-stream: complete only what the pipeline clock (the lowest
+                    // input time over all workers, the watermark) has reached. Going further
+                    // would fire deadlines and grace checks that records not read yet, in
+                    // partitions behind the others, may still change; records stamped at or
+                    // after it stay uncommitted and are read again by the next run.
+                    crate::config::ClockMode::Event => {
+                        let times = shared.input_times.lock().unwrap();
+                        let low = if times.len() < peers {
+                            0
+                        } else {
+                            times.iter().copied().min().unwrap_or(0)
+                        };
+                        low.max(resume).max(1)
+                    }
+                    crate::config::ClockMode::Wall => wall_ms().max(sessions.time()).max(stamped),
+                };
                 let _ = shared.final_frontier.compare_exchange(0, proposal, Ordering::SeqCst, Ordering::SeqCst);
             }
         }

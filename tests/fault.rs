@@ -144,7 +144,6 @@ fn metric(addr: &str, name: &str) -> Option<f64> {
 }
 
 #[test]
-#[ignore = "failing since Nov 27 2026 (3 of 3 runs): one SLA breach (3 derived events) published twice across restarts; see docs/guarantees.md, Limits; run with --ignored"]
 fn kill_9_at_random_moments_then_finish_equals_an_uninterrupted_run() {
     let _turn = exclusive();
     let t0 = Instant::now();
@@ -228,7 +227,6 @@ fn kill_9_at_random_moments_then_finish_equals_an_uninterrupted_run() {
 }
 
 #[test]
-#[ignore = "failing since Nov 27 2026: a mid-stream SIGTERM drains to the highest eventTime read, past partitions not yet read, so the next run decides their deadlines and grace checks too early; see docs/guarantees.md, Limits; run with --ignored"]
 fn sigterm_commits_what_was_read_and_exits_zero_in_bounded_time() {
     let _turn = exclusive();
     let (brokers, db) = shared_services();
