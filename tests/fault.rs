@@ -175,17 +175,21 @@ fn kill_9_at_random_moments_then_finish_equals_an_uninterrupted_run() {
         let before = progress(&cfg).unwrap_or_default();
         let mut p = Pipeline::start(&cfg, &scratch, &format!("run{i}"), &["--workers", &workers]);
         // Even incarnations die at a random moment of their first seconds (start-up, replay,
-        // first batches); odd ones at a random moment after their first commit of their own.
+        // first batches); odd ones once a commit of their own has taken the input past the
+        // next fraction of the stream (2/7, 4/7, 6/7), so the kills are spread over all of it.
         let delay = if i % 2 == 0 {
             Duration::from_millis(rng.random_range(300..4000))
         } else {
+            let target = total * (i as i64 + 1) / (KILLS as i64 + 1);
             wait_until(
-                Duration::from_secs(120),
-                "a commit of this incarnation",
+                Duration::from_secs(180),
+                "a commit of this incarnation past its share of the stream",
                 || {
                     p.try_wait().is_some()
-                        || progress(&cfg)
-                            .is_some_and(|q| q.frontier != before.frontier || q.offsets >= total)
+                        || progress(&cfg).is_some_and(|q| {
+                            (q.frontier != before.frontier && q.offsets >= target)
+                                || q.offsets >= total
+                        })
                 },
             );
             Duration::from_millis(rng.random_range(0..2000))

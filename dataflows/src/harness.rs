@@ -67,6 +67,9 @@ pub struct Run {
     pub restore_time: Millis,
     pub suppress_before: Millis,
     pub config: RulesConfig,
+    /// Wait for the dataflow to complete each time of `feed` before the next (one flush per
+    /// time, as a live pipeline whose sink keeps up); otherwise times may share a flush.
+    pub settle_each_time: bool,
 }
 
 impl Run {
@@ -79,6 +82,7 @@ impl Run {
             restore_time: 0,
             suppress_before: 0,
             config: RulesConfig::default(),
+            settle_each_time: false,
         }
     }
 }
@@ -122,8 +126,13 @@ pub fn run(run: Run) -> Outcome {
         }
         for (i, (t, e)) in run.feed.iter().enumerate() {
             if *t > sessions.time() {
+                let before = sessions.time();
                 sessions.advance_to(*t);
                 worker.step();
+                if run.settle_each_time {
+                    let reached = |g: &AtomicU64| g.load(Ordering::SeqCst) >= *t;
+                    worker.step_while(|| probe.less_than(t) || (before > 0 && !reached(&gathered)));
+                }
             }
             if i % peers == index {
                 sessions.insert(e.clone(), *t);

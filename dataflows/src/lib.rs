@@ -165,11 +165,19 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
         orders::retirable(&st, &order_rules_cfg).map(|at| Signal::Closed(oid, at))
     }));
 
-    timers::time_rules(wf_out)
+    // Retired workflows and orders: the time rules forget which of their keys appeared.
+    let retired = wf_life
+        .clone()
+        .concat(order_life.clone())
+        .flat_map(|e| match e {
+            Emit::Retired(o) => Some(o),
+            _ => None,
+        });
+    timers::time_rules(wf_out, &retired)
         .concat(inputs.side)
         .concat(wf_life)
         .concat(order_life)
-        .concat(orders::order_rules(order_states, &cfg.orders))
+        .concat(orders::order_rules(order_states, &cfg.orders, &retired))
 }
 
 /// The input handles matching [`Inputs`]: what a source (the Kafka runtime, a test, a

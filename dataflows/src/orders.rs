@@ -808,6 +808,7 @@ enum OrderRowPart {
 pub fn order_rules<'s>(
     states: VecCollection<'s, u64, (String, OrderState)>,
     rules: &OrderRules,
+    retired: &VecCollection<'s, u64, crate::output::Owner>,
 ) -> VecCollection<'s, u64, Emit> {
     let rules = Arc::new(rules.clone());
     let eval_rules = rules.clone();
@@ -850,7 +851,9 @@ pub fn order_rules<'s>(
         });
     // The first appearance per order stands (a later change of the order's facts must not
     // re-derive ORDER_OVERDUE with new contents under the same eventId).
-    let overdue_out = crate::timers::key_appearances(overdue.clone())
+    let overdue_out = crate::timers::key_appearances(overdue.clone(), retired, |id: &String, _| {
+        crate::output::Owner::Order(id.clone())
+    })
         .flat_map(|((_, i), t, r): ((String, OverdueInfo), Millis, isize)| {
             (r > 0).then(|| {
                 let ident = Identity {

@@ -48,79 +48,103 @@ impl<'s, D: Clone + 'static> DelayUntil<'s, D> for VecCollection<'s, u64, D> {
 }
 
 use crate::derived::{Derived, DerivedType};
-use crate::output::{Row, SlaBreachRow};
+use crate::output::{Owner, Row, SlaBreachRow};
 use crate::workflows::{ReEscalation, SlaInfo, StaleInfo, WfOut};
 use crate::Emit;
 
-/// The first appearance of each key of `c`: `((key, value), t, +1)` when the key goes from no
-/// record to some record at `t`, with the value it appears with. A later change of the value
-/// (the old one retracted, a new one inserted at one time) is not an appearance: whatever
-/// was derived when the key appeared stands, so one cause is never published twice with two
-/// contents. Updates are applied in time order, once the frontier has passed their time.
-pub(crate) fn key_appearances<'s, K, V>(
+/// The first appearance of each key of `c`: `((key, value), t, +1)` the first time the key
+/// has a record, with the value it appears with. Whatever was derived when a key appeared
+/// stands: a later change of its value is not an appearance, nor is the key coming back
+/// after it vanished (a wall-clock rule fired, then events dated before the deadline took its
+/// cause away, then another cause brought it back), so one cause is never published twice.
+/// The keys that appeared are remembered per `owner` (the workflow or order whose state
+/// produced them) until the owner is `retired`, which bounds the memory by open work.
+/// Updates are applied in time order, once both inputs have passed their time; retirements
+/// after the updates of their time.
+pub(crate) fn key_appearances<'s, K, V, O>(
     c: VecCollection<'s, u64, (K, V)>,
+    retired: &VecCollection<'s, u64, Owner>,
+    owner: O,
 ) -> timely::dataflow::Stream<'s, u64, Vec<((K, V), u64, isize)>>
 where
     K: differential_dataflow::ExchangeData + std::hash::Hash,
     V: differential_dataflow::ExchangeData,
+    O: Fn(&K, &V) -> Owner + Clone + 'static,
 {
-    use std::collections::{BTreeMap, HashMap};
+    use std::collections::{BTreeMap, HashMap, HashSet};
+    use timely::container::CapacityContainerBuilder;
     use timely::dataflow::channels::pact::Exchange;
     use timely::dataflow::operators::generic::Operator;
     use timely::dataflow::operators::Capability;
 
-    let hash = |k: &K| {
+    fn hash<T: std::hash::Hash>(x: &T) -> u64 {
         use std::hash::Hasher;
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        k.hash(&mut h);
+        x.hash(&mut h);
         h.finish()
-    };
-    c.inner.unary_frontier(
-        Exchange::new(move |u: &((K, V), u64, isize)| hash(&u.0 .0)),
-        "KeyAppearances",
-        |_cap, _info| {
-            let mut counts: HashMap<K, isize> = HashMap::new();
-            let mut stash: BTreeMap<u64, Vec<((K, V), isize)>> = BTreeMap::new();
-            let mut caps: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
-            move |(input, frontier), output| {
-                input.for_each(|cap, batch| {
-                    for (d, t, r) in batch.drain(..) {
-                        caps.entry(t).or_insert_with(|| cap.delayed(&t, 0));
-                        stash.entry(t).or_default().push((d, r));
-                    }
-                });
-                while let Some((&t, _)) = stash.first_key_value() {
-                    if frontier.less_equal(&t) {
-                        break;
-                    }
-                    let (_, updates) = stash.pop_first().expect("first");
-                    let cap = caps.remove(&t).expect("a capability per stashed time");
-                    let mut before: HashMap<K, isize> = HashMap::new();
-                    for ((k, _), _) in &updates {
-                        before
-                            .entry(k.clone())
-                            .or_insert_with(|| counts.get(k).copied().unwrap_or(0));
-                    }
-                    let mut appeared = Vec::new();
-                    for ((k, v), r) in updates {
-                        let n = counts.entry(k.clone()).or_insert(0);
-                        *n += r;
-                        if *n <= 0 {
-                            counts.remove(&k);
-                        } else if r > 0 && before.get(&k).copied().unwrap_or(0) <= 0 {
-                            appeared.push((k, v));
+    }
+    let route = owner.clone();
+    type Pending<K, V> = (Vec<((K, V), isize)>, Vec<Owner>);
+    c.inner
+        .binary_frontier::<_, CapacityContainerBuilder<Vec<((K, V), u64, isize)>>, _, _, _, _>(
+            retired.inner.clone(),
+            Exchange::new(move |u: &((K, V), u64, isize)| hash(&route(&u.0 .0, &u.0 .1))),
+            Exchange::new(|u: &(Owner, u64, isize)| hash(&u.0)),
+            "KeyAppearances",
+            move |_cap, _info| {
+                let mut counts: HashMap<K, isize> = HashMap::new();
+                let mut seen: HashMap<Owner, HashSet<K>> = HashMap::new();
+                let mut stash: BTreeMap<u64, Pending<K, V>> = BTreeMap::new();
+                let mut caps: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
+                move |(input, input_f), (ret, ret_f), output| {
+                    input.for_each(|cap, batch| {
+                        for (d, t, r) in batch.drain(..) {
+                            caps.entry(t).or_insert_with(|| cap.delayed(&t, 0));
+                            stash.entry(t).or_default().0.push((d, r));
                         }
-                    }
-                    let mut session = output.session(&cap);
-                    for (k, v) in appeared {
-                        if counts.contains_key(&k) {
-                            session.give(((k, v), t, 1));
+                    });
+                    ret.for_each(|cap, batch| {
+                        for (o, t, r) in batch.drain(..) {
+                            if r > 0 {
+                                caps.entry(t).or_insert_with(|| cap.delayed(&t, 0));
+                                stash.entry(t).or_default().1.push(o);
+                            }
+                        }
+                    });
+                    while let Some((&t, _)) = stash.first_key_value() {
+                        if input_f.less_equal(&t) || ret_f.less_equal(&t) {
+                            break;
+                        }
+                        let (_, (updates, retirements)) = stash.pop_first().expect("first");
+                        let cap = caps.remove(&t).expect("a capability per stashed time");
+                        let mut candidates: Vec<(K, V)> = Vec::new();
+                        for ((k, v), r) in updates {
+                            let n = counts.entry(k.clone()).or_insert(0);
+                            *n += r;
+                            if *n == 0 {
+                                counts.remove(&k);
+                            }
+                            if r > 0 {
+                                candidates.push((k, v));
+                            }
+                        }
+                        let mut session = output.session(&cap);
+                        for (k, v) in candidates {
+                            if counts.get(&k).is_some_and(|n| *n > 0) {
+                                let keys = seen.entry(owner(&k, &v)).or_default();
+                                if !keys.contains(&k) {
+                                    keys.insert(k.clone());
+                                    session.give(((k, v), t, 1));
+                                }
+                            }
+                        }
+                        for o in retirements {
+                            seen.remove(&o);
                         }
                     }
                 }
-            }
-        },
-    )
+            },
+        )
 }
 
 fn emit(d: Derived, t: u64) -> (Emit, u64, isize) {
@@ -155,6 +179,7 @@ enum TaskRowPart {
 /// `workflow_instances` and `task_instances` rows and every non-timer output passed through.
 pub fn time_rules<'s>(
     wf_out: VecCollection<'s, u64, (String, WfOut)>,
+    retired: &VecCollection<'s, u64, Owner>,
 ) -> VecCollection<'s, u64, Emit> {
     // Plain rows and events pass through; events are emitted when they appear.
     let passthrough = wf_out
@@ -184,7 +209,9 @@ pub fn time_rules<'s>(
         .reduce_named("SlaBreaches", |_key, input, output| {
             output.push((input[0].0.clone(), 1));
         });
-    let breach_out = key_appearances(breaches.clone())
+    let breach_out = key_appearances(breaches.clone(), retired, |_, i: &SlaInfo| {
+        Owner::Workflow(i.workflow_instance_id.clone())
+    })
         .flat_map(|((_, i), t, r): (((String, u32), SlaInfo), u64, isize)| {
             let mut out = Vec::new();
             if r <= 0 {
@@ -268,12 +295,16 @@ pub fn time_rules<'s>(
             _ => None,
         })
         .delay_until(|s: &StaleInfo| Some(s.deadline));
-    let stale_out = key_appearances(stale.map(|s| {
-        (
-            (s.task_instance_id.clone(), s.attempt, s.last_event_time),
-            s,
-        )
-    }))
+    let stale_out = key_appearances(
+        stale.map(|s| {
+            (
+                (s.task_instance_id.clone(), s.attempt, s.last_event_time),
+                s,
+            )
+        }),
+        retired,
+        |_, s: &StaleInfo| Owner::Workflow(s.workflow_instance_id.clone()),
+    )
     .flat_map(
         |((_, s), t, r): (((String, u32, Millis), StaleInfo), u64, isize)| {
             (r > 0 && t > s.deadline).then(|| {
@@ -320,7 +351,9 @@ pub fn time_rules<'s>(
             ));
         });
     let fired_reesc = reesc.clone();
-    let reesc_out = key_appearances(reesc)
+    let reesc_out = key_appearances(reesc, retired, |(wid, _): &(String, i32), _| {
+        Owner::Workflow(wid.clone())
+    })
         .flat_map(
             |((_, r), t, diff): (((String, i32), ReEscalation), u64, isize)| {
                 (diff > 0).then(|| {

@@ -658,6 +658,7 @@ fn check_restart(
         restore_time: f - 1,
         suppress_before: f,
         config: Default::default(),
+        settle_each_time: false,
     });
     let ctx = format!("{ctx}, restart at F={f}");
     let mut combined = first.clone();
@@ -1396,6 +1397,7 @@ fn restart_at(events: Vec<Event>, f: Millis) -> (Outcome, Outcome) {
         restore_time: f - 1,
         suppress_before: f,
         config: Default::default(),
+        settle_each_time: false,
     });
     (first, second)
 }

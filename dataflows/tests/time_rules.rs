@@ -394,3 +394,37 @@ fn a_breach_stays_when_the_workflow_closes_and_the_task_ends_late_afterwards() {
         .expect("task row");
     assert!(task.sla_breached, "the task row keeps its breach: {task:?}");
 }
+
+#[test]
+fn an_escalation_the_clock_fired_is_not_published_again_when_its_cause_comes_back() {
+    // As `clock = wall` reading a backlog: records stamped by arrival, long after their
+    // eventTimes. At C the clock fires triage's breach and both re-escalation levels; at C+1
+    // triage's completion (dated 30 minutes after dueAt) answers them by eventTime, so their
+    // facts vanish; at C+2 a second task, late too, is a new cause for the same levels. The
+    // same eventIds must not be published again (found by the wall-clock kill -9 test).
+    let c = T0 + 10 * H;
+    let due = T0 + 15 * MIN;
+    let feed = vec![
+        (c - 1, def(sepsis(3))),
+        (c, wf_started("w1", "sepsis-bundle", 3, T0)),
+        (c, task("TASK_CREATED", "t1", "w1", "triage", 1, T0)),
+        (c + 1, task("TASK_COMPLETED", "t1", "w1", "triage", 1, due + 30 * MIN)),
+        (c + 2, task("TASK_CREATED", "t2", "w1", "blood-cultures", 1, T0 + 40 * MIN)),
+    ];
+    let mut r = Run::new(2, feed, c + 3);
+    r.settle_each_time = true;
+    let o = run(r);
+    let mut ids: Vec<String> = o
+        .batches
+        .iter()
+        .flat_map(|b| &b.records)
+        .filter(|r| r.event_type == "WORKFLOW_ESCALATED")
+        .map(|r| r.event_id.clone())
+        .collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(n, ids.len(), "an eventId published twice");
+    // Level 1 twice (triage's and blood-cultures' breaches), levels 2 and 3 once.
+    assert_eq!(n, 4, "{ids:#?}");
+}
