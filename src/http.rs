@@ -122,6 +122,12 @@ pub fn metrics_text(s: &Shared) -> String {
         l.retired_total.load(Ordering::Relaxed),
     );
     counter(
+        "hmis_rederived_events_suppressed_total",
+        "Derived events and alerts derived again under an id already published (e.g. after a restart), not published again.",
+        "counter",
+        s.republish_suppressed.load(Ordering::Relaxed),
+    );
+    counter(
         "hmis_unknown_reference_dead_letters_total",
         "Records dead-lettered because their workflow or template stayed unknown past the grace.",
         "counter",

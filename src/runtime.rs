@@ -76,6 +76,8 @@ pub struct Shared {
     pub events_published: AtomicU64,
     pub kafka_errors: AtomicU64,
     pub sink_retries: AtomicU64,
+    /// Derived events and alerts derived again with an id already published: not published.
+    pub republish_suppressed: AtomicU64,
     /// A permanent sink failure, reported as the run's error.
     pub fatal: Mutex<Option<String>>,
     /// Gauges of the dataflow's lifecycle trackers (held records, tombstones, retirements).
@@ -449,8 +451,12 @@ async fn apply_with_retry(
                 Err(e) => return Err(e),
             }
         }
+        pg.ledger_retention = Duration::from_millis(cfg.rules.lifecycle.tombstone_retention_ms);
         match pg.apply(group, batch).await {
             Ok(()) => {
+                shared
+                    .republish_suppressed
+                    .fetch_add(std::mem::take(&mut pg.republish_suppressed), Ordering::Relaxed);
                 Shared::mark_up(&shared.postgres_down_since);
                 return Ok(());
             }

@@ -48,6 +48,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_reporting",
         sql: include_str!("../../migrations/0002_reporting.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_published_events",
+        sql: include_str!("../../migrations/0003_published_events.sql"),
+    },
 ];
 
 /// Advisory lock key serializing migrations across all instances on one database

@@ -83,6 +83,12 @@ pub struct PgSink {
     /// The group this sink claimed and the epoch it got.
     claimed: Option<(String, i64)>,
     statements: Option<Statements>,
+    /// Derived events and alerts not put in the outbox because their id was published
+    /// before (`hmis_published_events`): derived again, e.g. after a restart.
+    pub republish_suppressed: u64,
+    /// How long published ids are remembered (default 7 days, the input retention).
+    pub ledger_retention: std::time::Duration,
+    last_prune: Option<std::time::Instant>,
 }
 
 impl PgSink {
@@ -108,6 +114,9 @@ impl PgSink {
             client,
             claimed: None,
             statements: None,
+            republish_suppressed: 0,
+            ledger_retention: std::time::Duration::from_secs(7 * 24 * 3600),
+            last_prune: None,
         }
     }
 
@@ -272,8 +281,8 @@ impl PgSink {
         // record decided again after a restart (an unknown reference whose grace ended before
         // the crash is re-decided after the replay) is not published twice.
         let stored = write_dead_letters(&tx, statements, &batch.dead_letters).await?;
-        if batch.dead_letters.len() == stored.len() {
-            write_outbox(&tx, statements, group_id, &batch.records).await?;
+        let suppressed = if batch.dead_letters.len() == stored.len() {
+            write_outbox(&tx, statements, group_id, &batch.records).await?
         } else {
             let records: Vec<OutRecord> = batch
                 .records
@@ -281,8 +290,8 @@ impl PgSink {
                 .filter(|r| r.topic != OutTopic::DeadLetter || stored.contains(&r.event_id))
                 .cloned()
                 .collect();
-            write_outbox(&tx, statements, group_id, &records).await?;
-        }
+            write_outbox(&tx, statements, group_id, &records).await?
+        };
 
         let mut offsets: BTreeMap<(&str, i32), i64> = BTreeMap::new();
         for mark in &batch.offsets {
@@ -309,6 +318,11 @@ impl PgSink {
         tx.commit()
             .await
             .map_err(SinkError::pg(format!("commit flush of group {group_id}")))?;
+        if suppressed > 0 {
+            debug!(group_id, suppressed, "derived again and not published again");
+        }
+        self.republish_suppressed += suppressed;
+        self.prune_ledger(group_id).await;
         debug!(
             group_id,
             frontier = batch.frontier,
@@ -318,6 +332,35 @@ impl PgSink {
             "flush committed"
         );
         Ok(())
+    }
+}
+
+impl PgSink {
+    /// Forgets published ids older than [`PgSink::ledger_retention`], at most every 10
+    /// minutes, outside the flush transaction. Best effort: a failure is logged and retried
+    /// at the next chance.
+    async fn prune_ledger(&mut self, group_id: &str) {
+        if self
+            .last_prune
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(600))
+        {
+            return;
+        }
+        self.last_prune = Some(std::time::Instant::now());
+        let secs = self.ledger_retention.as_secs_f64();
+        let r = self
+            .client
+            .execute(
+                "DELETE FROM hmis_published_events
+                 WHERE group_id = $1 AND first_at < now() - make_interval(secs => $2)",
+                &[&group_id, &secs],
+            )
+            .await;
+        match r {
+            Ok(n) if n > 0 => debug!(group_id, pruned = n, "published-id ledger pruned"),
+            Ok(_) => {}
+            Err(e) => warn!(group_id, error = %e, "pruning hmis_published_events failed"),
+        }
     }
 }
 
@@ -959,12 +1002,14 @@ impl<'a> TaskColumns<'a> {
     }
 }
 
+/// Inserts the records whose ids were not published before; returns how many were not.
 async fn write_outbox(
     tx: &Transaction<'_>,
     st: &Statements,
     group_id: &str,
     records: &[OutRecord],
-) -> Result<(), SinkError> {
+) -> Result<u64, SinkError> {
+    let mut skipped = 0u64;
     // Chunks run in order and each keeps its order (WITH ORDINALITY ... ORDER BY), so seq
     // follows the batch's production order.
     for chunk in records.chunks(CHUNK) {
@@ -973,14 +1018,16 @@ async fn write_outbox(
         let event_id: Vec<&str> = chunk.iter().map(|r| r.event_id.as_str()).collect();
         let event_type: Vec<&str> = chunk.iter().map(|r| r.event_type.as_str()).collect();
         let payload: Vec<&str> = chunk.iter().map(|r| r.payload.as_str()).collect();
-        tx.execute(
-            &st.insert_outbox,
-            &[&group_id, &topic, &key, &event_id, &event_type, &payload],
-        )
-        .await
-        .map_err(SinkError::pg("insert hmis_outbox"))?;
+        let inserted = tx
+            .execute(
+                &st.insert_outbox,
+                &[&group_id, &topic, &key, &event_id, &event_type, &payload],
+            )
+            .await
+            .map_err(SinkError::pg("insert hmis_outbox"))?;
+        skipped += (chunk.len() as u64).saturating_sub(inserted);
     }
-    Ok(())
+    Ok(skipped)
 }
 
 /// Stores dead letters not stored before; returns the ids (`deadLetterId`) of those it stored.
@@ -1282,10 +1329,21 @@ impl Statements {
             )
             .await?,
             insert_outbox: prepare(
-                "INSERT INTO hmis_outbox (group_id, topic, key, event_id, event_type, payload)
+                // Derived events and alerts enter the outbox only with a first entry in the
+                // ledger; dead letters are published once by `write_dead_letters`.
+                "WITH u AS (
+                     SELECT * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+                          WITH ORDINALITY AS u(topic, key, event_id, event_type, payload, ord)),
+                 first AS (
+                     INSERT INTO hmis_published_events (group_id, topic, event_id)
+                     SELECT $1, u.topic, u.event_id FROM u WHERE u.topic <> 'dead_letter'
+                     ON CONFLICT DO NOTHING
+                     RETURNING topic, event_id)
+                 INSERT INTO hmis_outbox (group_id, topic, key, event_id, event_type, payload)
                  SELECT $1, u.topic, u.key, u.event_id, u.event_type, u.payload
-                 FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
-                      WITH ORDINALITY AS u(topic, key, event_id, event_type, payload, ord)
+                 FROM u
+                 WHERE u.topic = 'dead_letter'
+                    OR EXISTS (SELECT 1 FROM first f WHERE f.topic = u.topic AND f.event_id = u.event_id)
                  ORDER BY u.ord
                  ON CONFLICT (group_id, topic, event_id) DO NOTHING"
                     .into(),

@@ -22,7 +22,7 @@ async fn migrate_creates_the_schema_once() {
     let mut client = db.client().await;
 
     let applied = migrate(&mut client).await.unwrap();
-    assert_eq!(applied, ["0001_init", "0002_reporting"]);
+    assert_eq!(applied, ["0001_init", "0002_reporting", "0003_published_events"]);
     assert!(migrate(&mut client).await.unwrap().is_empty());
 
     let tables: Vec<String> = client
@@ -52,6 +52,7 @@ async fn migrate_creates_the_schema_once() {
         "hmis_input_offsets",
         "hmis_pipeline_progress",
         "hmis_outbox",
+        "hmis_published_events",
         "hmis_schema_migrations",
         "report_sla_compliance",
         "report_order_turnaround",
@@ -145,7 +146,7 @@ async fn concurrent_migrations_are_safe() {
             applied.push(run.await.unwrap().expect("concurrent migrate"));
         }
         applied.sort();
-        assert_eq!(applied, [0, 0, 0, 2], "exactly one instance migrates");
+        assert_eq!(applied, [0, 0, 0, 3], "exactly one instance migrates");
         let count: i64 = schema_db
             .client()
             .await
@@ -153,7 +154,7 @@ async fn concurrent_migrations_are_safe() {
             .await
             .unwrap()
             .get(0);
-        assert_eq!(count, 2);
+        assert_eq!(count, 3);
         schema_db.drop().await;
     }
     db.drop().await;
@@ -391,6 +392,33 @@ async fn apply_upserts_deletes_and_records_progress() {
         .unwrap()
         .get(0);
     assert_eq!(outbox_len, 5);
+
+    // Published (the publisher deleted the outbox rows), then derived again, as after a
+    // restart: ids in the ledger are not published again, a new one is.
+    client.execute("DELETE FROM hmis_outbox", &[]).await.unwrap();
+    let before = sink.republish_suppressed;
+    let mut third = batch(T0 + 3000);
+    third.records = vec![
+        record(OutTopic::Derived, "e-1", Some("wf-1")),
+        record(OutTopic::Alerts, "a-1", Some("monitor")),
+        record(OutTopic::Derived, "e-4", Some("wf-1")),
+    ];
+    sink.apply("g1", &third).await.unwrap();
+    let event_ids: Vec<String> = client
+        .query("SELECT event_id FROM hmis_outbox ORDER BY seq", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(event_ids, ["e-4"]);
+    assert_eq!(sink.republish_suppressed - before, 2);
+    let ledger: i64 = client
+        .query_one("SELECT count(*) FROM hmis_published_events WHERE group_id = 'g1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ledger, 5, "e-1, e-2, e-3, e-4 and a-1; dead letters are not in it");
     db.drop().await;
 }
 
