@@ -580,12 +580,79 @@ fn memory_variant(variant: &str, n: usize) -> Value {
 /// for ever (the state before retirement existed). Reports resident bytes per finished
 /// workflow: with retirement only tombstones should remain. Event time advances 10 min per
 /// 10,000 workflows, then 50 min more.
-fn history_variant(retire: bool, n: usize) -> Value {
+/// Updates held per arrangement, from differential's batch/merge/drop log events, with the
+/// operators' names from timely's log: what the arrangements hold, apart from the allocator.
+#[derive(Default)]
+struct Arranged {
+    records: HashMap<usize, i64>,
+    names: HashMap<usize, String>,
+}
+
+impl Arranged {
+    /// Registers the loggers on `worker`, before its dataflows are built.
+    fn register(worker: &mut timely::worker::Worker) -> std::rc::Rc<std::cell::RefCell<Arranged>> {
+        use differential_dataflow::logging::{DifferentialEvent, DifferentialEventBuilder};
+        use timely::logging::{TimelyEvent, TimelyEventBuilder};
+        let state = std::rc::Rc::new(std::cell::RefCell::new(Arranged::default()));
+        let mut reg = worker.log_register().expect("logging is on");
+        let s = state.clone();
+        reg.insert::<DifferentialEventBuilder, _>("differential/arrange", move |_t, data| {
+            let Some(data) = data else { return };
+            let mut a = s.borrow_mut();
+            for (_, e) in data.iter() {
+                match e {
+                    DifferentialEvent::Batch(b) => *a.records.entry(b.operator).or_default() += b.length as i64,
+                    DifferentialEvent::Merge(m) => {
+                        if let Some(done) = m.complete {
+                            *a.records.entry(m.operator).or_default() +=
+                                done as i64 - m.length1 as i64 - m.length2 as i64;
+                        }
+                    }
+                    DifferentialEvent::Drop(d) => *a.records.entry(d.operator).or_default() -= d.length as i64,
+                    _ => {}
+                }
+            }
+        });
+        let s = state.clone();
+        reg.insert::<TimelyEventBuilder, _>("timely", move |_t, data| {
+            let Some(data) = data else { return };
+            let mut a = s.borrow_mut();
+            for (_, e) in data.iter() {
+                if let TimelyEvent::Operates(o) = e {
+                    a.names.insert(o.id, o.name.clone());
+                }
+            }
+        });
+        state
+    }
+
+    /// Total updates held, and the largest arrangements by name.
+    fn summary(&self) -> Value {
+        let total: i64 = self.records.values().sum();
+        let mut by: Vec<(String, i64)> = self
+            .records
+            .iter()
+            .filter(|(_, n)| **n != 0)
+            .map(|(id, n)| (format!("{}#{id}", self.names.get(id).map(String::as_str).unwrap_or("?")), *n))
+            .collect();
+        by.sort_by_key(|(_, n)| -n);
+        by.truncate(12);
+        json!({"total_updates": total, "largest": by.into_iter().map(|(k, n)| json!([k, n])).collect::<Vec<_>>()})
+    }
+}
+
+fn history_variant(retire: bool, n: usize, idle_merge_effort: Option<isize>) -> Value {
     let base: u64 = 1_800_000_000_000;
     let chunk = 10_000;
     let out = Arc::new(Mutex::new(json!({})));
     let result = out.clone();
-    timely::execute(timely::Config::process(1), move |worker| {
+    let mut config = timely::Config::process(1);
+    differential_dataflow::configure(
+        &mut config.worker,
+        &differential_dataflow::Config::default().idle_merge_effort(idle_merge_effort),
+    );
+    timely::execute(config, move |worker| {
+        let arranged = Arranged::register(worker);
         let mut rules = RulesConfig::default();
         rules.lifecycle.retire_after_ms = if retire { 60_000 } else { u64::MAX / 4 };
         let stats = rules.lifecycle.stats.clone();
@@ -643,7 +710,13 @@ fn history_variant(retire: bool, n: usize) -> Value {
         let rss_after = proc_status_bytes("VmRSS").unwrap_or(0);
         let s = &stats.0;
         *out.lock().unwrap() = json!({
-            "variant": if retire { "finished:retire" } else { "finished:keep" },
+            "variant": match (retire, idle_merge_effort) {
+                (false, _) => "finished:keep",
+                (true, None) => "finished:retire",
+                (true, Some(_)) => "finished:retire-merge",
+            },
+            "idle_merge_effort": idle_merge_effort,
+            "arranged": arranged.borrow().summary(),
             "finished_workflows": n,
             "seconds": (started.elapsed().as_secs_f64() * 100.0).round() / 100.0,
             "rss_before_bytes": rss_before,
@@ -664,10 +737,13 @@ fn history_variant(retire: bool, n: usize) -> Value {
     v
 }
 
+/// The idle merge effort the `retire-merge` variant runs with.
+const IDLE_MERGE_EFFORT: isize = 1_000;
+
 fn measure_history(n: usize) -> anyhow::Result<Value> {
     let exe = std::env::current_exe()?;
     let mut variants = serde_json::Map::new();
-    for v in ["finished:keep", "finished:retire"] {
+    for v in ["finished:keep", "finished:retire", "finished:retire-merge"] {
         let out = std::process::Command::new(&exe)
             .args([
                 "--memory-variant",
@@ -680,8 +756,9 @@ fn measure_history(n: usize) -> anyhow::Result<Value> {
         anyhow::ensure!(out.status.success(), "variant {v} failed: {}", out.status);
         let value: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim())?;
         eprintln!(
-            "  {v:<16} {:>7} B per finished workflow resident ({:.1}s)",
+            "  {v:<22} {:>7} B per finished workflow resident, {} updates arranged ({:.1}s)",
             value["bytes_per_finished_workflow_resident"],
+            value["arranged"]["total_updates"],
             value["seconds"].as_f64().unwrap_or(0.0)
         );
         variants.insert(v.to_string(), value);
@@ -737,9 +814,11 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(v) = &args.memory_variant {
         if let Some(kind) = v.strip_prefix("finished:") {
+            // retire-merge: also let idle arrangements merge (differential's idle_merge_effort).
+            let effort = (kind == "retire-merge").then_some(IDLE_MERGE_EFFORT);
             println!(
                 "{}",
-                history_variant(kind == "retire", args.finished_workflows)
+                history_variant(kind != "keep", args.finished_workflows, effort)
             );
             return Ok(());
         }
