@@ -708,6 +708,21 @@ fn history_variant(retire: bool, n: usize, idle_merge_effort: Option<isize>) -> 
             worker.step_while(|| probe.less_than(&t));
         }
         let rss_after = proc_status_bytes("VmRSS").unwrap_or(0);
+        // Growth per finished workflow over the second half of the feed, once the workflows
+        // in flight (retired within the next chunk) have reached their steady number: what
+        // history costs, as opposed to open work.
+        let growth = {
+            let point = |i: usize| {
+                let v: &Value = &samples[i];
+                (v["finished"].as_f64().unwrap_or(0.0), v["rss_bytes"].as_f64().unwrap_or(0.0))
+            };
+            if samples.len() >= 4 {
+                let ((f0, r0), (f1, r1)) = (point(samples.len() / 2 - 1), point(samples.len() - 1));
+                ((r1 - r0) / (f1 - f0).max(1.0)).round()
+            } else {
+                f64::NAN
+            }
+        };
         let s = &stats.0;
         *out.lock().unwrap() = json!({
             "variant": match (retire, idle_merge_effort) {
@@ -723,6 +738,7 @@ fn history_variant(retire: bool, n: usize, idle_merge_effort: Option<isize>) -> 
             "rss_after_bytes": rss_after,
             "peak_rss_bytes": proc_status_bytes("VmHWM").unwrap_or(0),
             "bytes_per_finished_workflow_resident": (rss_after.saturating_sub(rss_before) as f64 / n.max(1) as f64).round(),
+            "rss_growth_second_half_bytes_per_workflow": growth,
             "samples": samples,
             "held_records": s.held_records.load(Ordering::SeqCst),
             "tombstones": s.tombstones.load(Ordering::SeqCst),
@@ -756,8 +772,9 @@ fn measure_history(n: usize) -> anyhow::Result<Value> {
         anyhow::ensure!(out.status.success(), "variant {v} failed: {}", out.status);
         let value: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim())?;
         eprintln!(
-            "  {v:<22} {:>7} B per finished workflow resident, {} updates arranged ({:.1}s)",
+            "  {v:<22} {:>7} B per finished workflow resident, {:>7} B per workflow in the second half, {} updates arranged ({:.1}s)",
             value["bytes_per_finished_workflow_resident"],
+            value["rss_growth_second_half_bytes_per_workflow"],
             value["arranged"]["total_updates"],
             value["seconds"].as_f64().unwrap_or(0.0)
         );
@@ -769,7 +786,17 @@ fn measure_history(n: usize) -> anyhow::Result<Value> {
             .unwrap_or(0.0)
     };
     let ratio = get("finished:retire") / get("finished:keep").max(1.0);
-    Ok(json!({ "variants": variants, "retire_over_keep": (ratio * 1000.0).round() / 1000.0 }))
+    let slope = |v: &str| {
+        variants[v]["rss_growth_second_half_bytes_per_workflow"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    };
+    let slope_ratio = slope("finished:retire") / slope("finished:keep").max(1.0);
+    Ok(json!({
+        "variants": variants,
+        "retire_over_keep": (ratio * 1000.0).round() / 1000.0,
+        "second_half_growth_retire_over_keep": (slope_ratio * 1000.0).round() / 1000.0,
+    }))
 }
 
 fn measure_memory(n: usize) -> anyhow::Result<Value> {
@@ -1032,6 +1059,10 @@ fn main() -> anyhow::Result<()> {
             b("finished:retire")
         );
         println!("| ratio retire / keep | {} |", h["retire_over_keep"]);
+        println!(
+            "| growth per workflow over the second half, retire / keep | {} |",
+            h["second_half_growth_retire_over_keep"]
+        );
         result["history_memory"] = h;
     }
     result["load"] = load.finish();

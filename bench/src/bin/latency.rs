@@ -98,6 +98,12 @@ struct Args {
     /// Write the result here instead.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Measure a restart instead of the latency (issue 5): catch up on the backlog of
+    /// `--open` open tasks with `--until-caught-up`, then run again and time the restart
+    /// (replay of the committed input, state rebuilt, caught up, committed, exited).
+    /// Writes bench/results/restart-<tag>-<date>.json.
+    #[arg(long)]
+    restart: bool,
 }
 
 /// One TASK_SLA_BREACHED as the consumer saw it (all in ms since the epoch).
@@ -391,7 +397,11 @@ fn main() -> anyhow::Result<()> {
         Ok::<_, anyhow::Error>(())
     })?;
 
-    let result = measure(&args, &cfg, &rt);
+    let result = if args.restart {
+        measure_restart(&args, &cfg, &rt)
+    } else {
+        measure(&args, &cfg, &rt)
+    };
 
     if !args.keep {
         if let Err(e) = rt.block_on(cleanup(&args, &cfg, &id)) {
@@ -404,9 +414,96 @@ fn main() -> anyhow::Result<()> {
     result["load"] = load.finish();
     result["total_seconds"] = json!((run_started.elapsed().as_secs_f64() * 10.0).round() / 10.0);
     eprintln!("load during the run: {}", result["load"]);
-    let path = write_result("latency", args.tag.as_deref(), args.out.as_ref(), &result)?;
+    let name = if args.restart { "restart" } else { "latency" };
+    let path = write_result(name, args.tag.as_deref(), args.out.as_ref(), &result)?;
     println!("\nwrote {}", path.display());
     Ok(())
+}
+
+/// Runs the pipeline in this process until it has caught up and exited; returns the seconds
+/// to exit, to readiness (state restored), and the run's summary.
+fn run_until_caught_up(cfg: &Config) -> anyhow::Result<(f64, Option<f64>, hmis_flow::RunSummary)> {
+    let mut cfg = cfg.clone();
+    cfg.until_caught_up = true;
+    let shared = Arc::new(Shared::default());
+    let run_shared = shared.clone();
+    let t = Instant::now();
+    let pipeline = std::thread::Builder::new()
+        .name("pipeline".into())
+        .spawn(move || hmis_flow::run(cfg, run_shared))?;
+    let mut ready = None;
+    while !pipeline.is_finished() {
+        if ready.is_none() && shared.ready.load(Ordering::SeqCst) {
+            ready = Some(t.elapsed().as_secs_f64());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let summary = pipeline
+        .join()
+        .map_err(|_| anyhow::anyhow!("pipeline thread panicked"))??;
+    Ok((t.elapsed().as_secs_f64(), ready, summary))
+}
+
+/// Issue 5's restart time: the backlog caught up by a first run, then a second run over the
+/// same committed input (nothing new), timed from its start to its exit.
+fn measure_restart(args: &Args, cfg: &Config, rt: &tokio::runtime::Runtime) -> anyhow::Result<Value> {
+    let records = backlog(args.open, wall_ms());
+    let n = records.len();
+    let t = Instant::now();
+    rt.block_on(hmis_flow::demo::produce(cfg, &records))?;
+    drop(records);
+    eprintln!("produced {n} records ({} open tasks) in {:.1}s", args.open, t.elapsed().as_secs_f64());
+    let rss_start = proc_status_bytes("VmRSS").unwrap_or(0);
+    let (first_secs, _, first) = run_until_caught_up(cfg)?;
+    let first_peak = proc_status_bytes("VmHWM").unwrap_or(0);
+    eprintln!(
+        "first run: caught up on {} records in {first_secs:.1}s (peak RSS {:.2} GB)",
+        first.records_read,
+        first_peak as f64 / 1e9
+    );
+    let rss_between = proc_status_bytes("VmRSS").unwrap_or(0);
+    // Reset the peak (Linux >= 4.0), so the restart's own peak is measured.
+    let peak_reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let (restart_secs, ready_secs, second) = run_until_caught_up(cfg)?;
+    let restart_peak = proc_status_bytes("VmHWM").unwrap_or(0);
+    eprintln!(
+        "restart: state of {} open tasks rebuilt from {} records, ready after {:.1}s, caught up and exited after {restart_secs:.1}s (peak RSS {:.2} GB)",
+        args.open,
+        second.records_read,
+        ready_secs.unwrap_or(f64::NAN),
+        restart_peak as f64 / 1e9
+    );
+    anyhow::ensure!(
+        second.records_read as usize == n,
+        "the restart replayed {} records, {n} expected",
+        second.records_read
+    );
+    let r2 = |x: f64| (x * 100.0).round() / 100.0;
+    Ok(json!({
+        "benchmark": "restart",
+        "open_tasks": args.open,
+        "input_records": n,
+        "workers": args.workers,
+        "clock": "wall",
+        "first_run": {
+            "seconds": r2(first_secs),
+            "records_read": first.records_read,
+            "published": first.published,
+            "peak_rss_bytes": first_peak,
+            "rss_before_bytes": rss_start,
+        },
+        "restart": {
+            "seconds_to_exit": r2(restart_secs),
+            "seconds_to_ready": ready_secs.map(r2),
+            "records_replayed": second.records_read,
+            "published": second.published,
+            "rss_before_bytes": rss_between,
+            "peak_rss_bytes": restart_peak,
+            "peak_reset": peak_reset,
+            "microseconds_per_open_task": r2(restart_secs * 1e6 / args.open.max(1) as f64),
+            "peak_rss_bytes_per_open_task": (restart_peak.saturating_sub(rss_start) as f64 / args.open.max(1) as f64).round(),
+        },
+    }))
 }
 
 fn measure(args: &Args, cfg: &Config, rt: &tokio::runtime::Runtime) -> anyhow::Result<Value> {
