@@ -14,8 +14,9 @@
 //!
 //! Start-up: the sink thread takes the group's advisory lock, claims a new epoch and loads
 //! the committed frontier F and offsets; workers replay every partition from its beginning,
-//! records below the committed offsets at time F-1 (state only; the gatherer suppresses
-//! times below F), then continue at F or later.
+//! records below the committed offsets a poll per millisecond from F - 17.5 min up to F-1
+//! (state only; the gatherer suppresses times below F; records dead-lettered before are
+//! skipped), then continue at F or later.
 //!
 //! Shutdown: on `until_caught_up` (every partition read to the end it had at start) or on a
 //! signal, the workers agree on a final frontier, advance to it, and wait until the sink has
@@ -148,6 +149,7 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
 
     let workers = cfg.workers.max(1);
     let committed = Arc::new(progress.offsets);
+    let dead_lettered = Arc::new(progress.dead_lettered);
     let partitions = Arc::new(partitions);
     let tx = Arc::new(Mutex::new(Some(tx)));
     let wcfg = cfg.clone();
@@ -164,6 +166,7 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
         rules.lifecycle.tasks_topic = cfg.topics.tasks.clone();
         rules.lifecycle.workflows_topic = cfg.topics.workflows.clone();
         rules.lifecycle.grace_from_event_time = cfg.clock == crate::config::ClockMode::Event;
+        rules.lifecycle.decide_from = resume;
         rules.lifecycle.stats = shared.lifecycle.clone();
         let sender = if index == 0 { tx.lock().unwrap().take() } else { None };
         let gshared = shared.clone();
@@ -189,7 +192,7 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(100);
         let mut source = loop {
-            match Source::new(&cfg, &partitions, index, peers, &committed, resume) {
+            match Source::new(&cfg, &partitions, index, peers, &committed, &dead_lettered, resume) {
                 Ok(s) => break s,
                 Err(e) if started.elapsed() < Duration::from_secs(60) && !shared.stop.load(Ordering::SeqCst) => {
                     warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "source start failed, retrying");

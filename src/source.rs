@@ -10,9 +10,13 @@
 //! ```
 //!
 //! **Pipeline time of a record.** While *restoring* (offset below the committed position
-//! loaded from PostgreSQL) every record is stamped `restore_time` (one below the committed
-//! frontier): history is replayed to rebuild state, and its effects, already durable, are
-//! suppressed by the gatherer. Afterwards: in `clock = event` a record is stamped with its
+//! loaded from PostgreSQL) records are stamped `restore_time`: one time per poll, from 35
+//! minutes below the committed frontier on (`hmis_dataflows::restore_times`), so the history is
+//! processed a poll at a time (memory of a normal run, not of the whole history at one
+//! instant; finished work retires during the replay). Its effects, already durable, are
+//! suppressed by the gatherer; records dead-lettered before the restart are skipped (decided
+//! for good), and no grace check is decided below the frontier (see
+//! `LifecycleRules::decide_from`). Afterwards: in `clock = event` a record is stamped with its
 //! eventTime, in `clock = wall` with the wall clock; either way never below the current
 //! frontier, the resumed frontier, nor the previous record of its partition, so positions
 //! per partition complete in offset order. Offset marks are exact (one per partition and
@@ -25,7 +29,7 @@
 //! highest eventTime seen by any worker, plus one millisecond (so that time is complete).
 //! Timely takes the minimum over workers, which is exactly the contract's watermark.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -63,6 +67,8 @@ pub struct PartitionState {
     pub at_end: bool,
     pub max_event_time: Option<u64>,
     pub last_time: u64,
+    /// Offsets below `restore_until` that were dead-lettered: skipped by the restore.
+    pub skip: HashSet<i64>,
 }
 
 /// The partitions of every input topic, in the fixed order used to deal them to workers.
@@ -149,6 +155,7 @@ impl Source {
         index: usize,
         peers: usize,
         committed: &HashMap<(String, i32), i64>,
+        dead_lettered: &HashMap<(String, i32), HashSet<i64>>,
         resume_frontier: u64,
     ) -> anyhow::Result<Source> {
         let mine: Vec<&(InputTopic, String, i32)> = all
@@ -192,6 +199,10 @@ impl Source {
                         at_end: false,
                         max_event_time: None,
                         last_time: 0,
+                        skip: dead_lettered
+                            .get(&(topic.clone(), *p))
+                            .cloned()
+                            .unwrap_or_default(),
                     },
                 );
             }
@@ -205,14 +216,14 @@ impl Source {
             clock: cfg.clock,
             lateness: cfg.allowed_lateness_ms,
             max_record_bytes: cfg.max_record_bytes,
-            restore_time: resume_frontier.saturating_sub(1),
+            restore_time: hmis_dataflows::restore_times(resume_frontier).0,
             resume_frontier,
             records_read: 0,
             dead_letters: 0,
         })
     }
 
-    /// Time records are replayed at while restoring.
+    /// Time the next records are replayed at while restoring.
     pub fn restore_time(&self) -> u64 {
         self.restore_time
     }
@@ -251,6 +262,7 @@ impl Source {
         // past the committed offset, applied twice.
         let mut marks: HashMap<(usize, i32), (u64, i64)> = HashMap::new();
         let mut drained = vec![false; self.consumers.len()];
+        let mut restored = false;
         while n < budget {
             let Some(ci) = self.lagging_consumer(&drained) else {
                 break;
@@ -287,6 +299,13 @@ impl Source {
                 ps.next_offset = offset + 1;
                 ps.at_end = false;
                 let restoring = offset < ps.restore_until;
+                if restoring {
+                    restored = true;
+                    if ps.skip.remove(&offset) {
+                        // Dead-lettered before the restart: decided for good.
+                        continue;
+                    }
+                }
                 let pos = Pos { partition, offset };
                 let size = msg.payload().map(|p| p.len()).unwrap_or(0)
                     + msg.key().map(|k| k.len()).unwrap_or(0);
@@ -387,6 +406,12 @@ impl Source {
                 t,
             );
         }
+        // The next poll of the restore replays at the next time (up to `F - 1`), so the
+        // history is processed a poll at a time, not all at one instant.
+        if restored {
+            let last = hmis_dataflows::restore_times(self.resume_frontier).1;
+            self.restore_time = (self.restore_time + 1).min(last);
+        }
         self.records_read += n as u64;
         n
     }
@@ -426,7 +451,10 @@ impl Source {
     /// eventTime seen — or the highest stamp, if higher: records read after a restart with
     /// eventTimes below the resumed frontier are stamped at it, and must still complete.
     pub fn frontier(&self, current: u64, global_max_event_time: u64, global_max_stamp: u64) -> u64 {
-        if self.restoring() || self.bootstrapping_definitions() {
+        if self.restoring() {
+            return current.max(self.restore_time);
+        }
+        if self.bootstrapping_definitions() {
             return current;
         }
         let f = match self.clock {

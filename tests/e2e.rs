@@ -565,4 +565,39 @@ async fn unknown_references_are_dead_lettered_after_the_grace_and_only_once() {
         .unwrap()
         .get(0);
     assert_eq!(n, 2);
+
+    // w-ghost starts after all (past t-ghost's grace): applied, t-ghost stays dead-lettered.
+    hmis_flow::demo::produce(&cfg, &[started("e8", "w-ghost", "t-u", t0 + 31 * min)])
+        .await
+        .unwrap();
+    run_pipeline(&cfg);
+    // A restart now replays both the dead-lettered TASK_CREATED and the WORKFLOW_STARTED that
+    // came too late for it: the decision stands (the replay skips what was dead-lettered), so
+    // the task's later completion makes a task without a creation.
+    let completed = rec(
+        "workflow-task-events",
+        "t-ghost",
+        serde_json::json!({"eventId": "e9", "eventType": "TASK_COMPLETED",
+        "eventTime": iso(t0 + 32 * min), "taskInstanceId": "t-ghost", "workflowInstanceId": "w-ghost", "taskDefId": "only"}),
+    );
+    hmis_flow::demo::produce(&cfg, &[completed]).await.unwrap();
+    run_pipeline(&cfg);
+    let ghost = c
+        .query_one(
+            "SELECT status, created_at IS NULL FROM task_instances WHERE task_instance_id = 't-ghost'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ghost.get::<_, String>(0), "COMPLETED");
+    assert!(
+        ghost.get::<_, bool>(1),
+        "the dead-lettered TASK_CREATED was not applied by the replay"
+    );
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM dead_letters", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
 }

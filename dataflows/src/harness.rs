@@ -70,6 +70,10 @@ pub struct Run {
     /// Wait for the dataflow to complete each time of `feed` before the next (one flush per
     /// time, as a live pipeline whose sink keeps up); otherwise times may share a flush.
     pub settle_each_time: bool,
+    /// Replay `replay` in chunks of this many events, one time each from
+    /// [`crate::restore_times`]`(suppress_before)`, as the runtime does; 0: all at
+    /// `restore_time`.
+    pub replay_chunk: usize,
 }
 
 impl Run {
@@ -83,6 +87,7 @@ impl Run {
             suppress_before: 0,
             config: RulesConfig::default(),
             settle_each_time: false,
+            replay_chunk: 0,
         }
     }
 }
@@ -102,7 +107,9 @@ pub fn run(run: Run) -> Outcome {
         let gathered = gathered.clone();
         let gathered2 = gathered.clone();
         let end = run.end;
-        let cfg = run.config.clone();
+        let mut cfg = run.config.clone();
+        // As the runtime: nothing is decided below the frontier a restart resumes from.
+        cfg.lifecycle.decide_from = cfg.lifecycle.decide_from.max(run.suppress_before);
         let suppress = run.suppress_before;
         let (mut sessions, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let (sessions, inputs) = Sessions::new(scope);
@@ -118,10 +125,27 @@ pub fn run(run: Run) -> Outcome {
             });
             (sessions, probe)
         });
-        sessions.advance_to(run.restore_time);
-        for (i, e) in run.replay.iter().enumerate() {
-            if i % peers == index {
-                sessions.insert(e.clone(), run.restore_time);
+        if run.replay_chunk == 0 {
+            sessions.advance_to(run.restore_time);
+            for (i, e) in run.replay.iter().enumerate() {
+                if i % peers == index {
+                    sessions.insert(e.clone(), run.restore_time);
+                }
+            }
+        } else {
+            // As the runtime replays: a chunk per time from restore_times(suppress_before).
+            let (first, last) = crate::restore_times(run.suppress_before);
+            for (c, chunk) in run.replay.chunks(run.replay_chunk).enumerate() {
+                let t = (first + c as u64).min(last);
+                if t > sessions.time() {
+                    sessions.advance_to(t);
+                    worker.step_while(|| probe.less_than(&sessions.time()));
+                }
+                for (i, e) in chunk.iter().enumerate() {
+                    if (c * run.replay_chunk + i) % peers == index {
+                        sessions.insert(e.clone(), t);
+                    }
+                }
             }
         }
         for (i, (t, e)) in run.feed.iter().enumerate() {

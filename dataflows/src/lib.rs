@@ -42,6 +42,19 @@ use output::{DeadLetter, OffsetMark, OutRecord, Row};
 use tasks::TaskStates;
 use workflows::{fold_workflow, OrderFact, WfFact, WorkflowRules};
 
+/// The times a restart replays committed history at, below the committed frontier `f`:
+/// consecutive milliseconds, one per poll, from `f - RESTORE_SPAN_MS` up to at most
+/// `f - 1 - SIGNAL_DELAY_MS` (further polls share that last time), so that every signal the
+/// replay causes reaches the lifecycle trackers below `f`, where its decisions are due.
+/// Returns (first, last); both 0 when `f` is too small to hold a replay.
+pub fn restore_times(f: u64) -> (u64, u64) {
+    let last = f.saturating_sub(1 + lifecycle::SIGNAL_DELAY_MS);
+    (f.saturating_sub(RESTORE_SPAN_MS).min(last), last)
+}
+
+/// See [`restore_times`]: 35 minutes, 25 of them distinct replay times.
+pub const RESTORE_SPAN_MS: u64 = 1 << 21;
+
 /// Rule parameters (contract defaults).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -173,11 +186,11 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
             Emit::Retired(o) => Some(o),
             _ => None,
         });
-    timers::time_rules(wf_out, &retired)
+    timers::time_rules(wf_out, &retired, cfg.lifecycle.decide_from)
         .concat(inputs.side)
         .concat(wf_life)
         .concat(order_life)
-        .concat(orders::order_rules(order_states, &cfg.orders, &retired))
+        .concat(orders::order_rules(order_states, &cfg.orders, &retired, cfg.lifecycle.decide_from))
 }
 
 /// The input handles matching [`Inputs`]: what a source (the Kafka runtime, a test, a

@@ -69,6 +69,13 @@ pub struct LifecycleRules {
     /// the runtime), so that a replay decides at the same instant.
     #[serde(skip)]
     pub grace_from_event_time: bool,
+    /// No grace check is decided below this time (set by the runtime to the committed
+    /// frontier it resumes from): a record replayed to rebuild state was decided before the
+    /// restart if its check fell below it — dead-lettered (the source skips those) or
+    /// accepted — and its check is not repeated at the replay's compressed times, where the
+    /// signal that accepted it might come later than in the original run.
+    #[serde(skip)]
+    pub decide_from: u64,
     /// Input topic names, for dead letters (set by the runtime).
     #[serde(skip)]
     pub tasks_topic: String,
@@ -88,6 +95,7 @@ impl Default for LifecycleRules {
             retire_after_ms: 3_600_000,
             tombstone_retention_ms: 7 * 24 * 3_600_000,
             grace_from_event_time: true,
+            decide_from: 0,
             tasks_topic: crate::events::InputTopic::Tasks.default_name().to_string(),
             workflows_topic: crate::events::InputTopic::Workflows
                 .default_name()
@@ -327,16 +335,19 @@ fn late_detail(key: &str, retired_at: u64) -> String {
     )
 }
 
-/// The instant the grace of record `r`, arrived at `t`, ends.
+/// The instant the grace of record `r`, arrived at `t`, ends (never before
+/// [`LifecycleRules::decide_from`] less the signal delay: its check is decided at or after
+/// `decide_from`).
 fn grace_end<R: Tracked>(rules: &LifecycleRules, r: &R, t: u64) -> u64 {
-    if rules.grace_from_event_time {
+    let end = if rules.grace_from_event_time {
         t.max(
             r.event_time()
                 .saturating_add(rules.unknown_reference_grace_ms),
         )
     } else {
         t.saturating_add(rules.unknown_reference_grace_ms)
-    }
+    };
+    end.max(rules.decide_from.saturating_sub(SIGNAL_DELAY_MS))
 }
 
 #[derive(Debug)]
@@ -494,7 +505,13 @@ pub fn track<'s, R: Tracked>(
                                 // saw it close, so a backlog of old events is not retired
                                 // the moment it closes.
                                 let from = if rules.grace_from_event_time { *at } else { t };
-                                let d = retire_at(t.max(from.saturating_add(rules.retire_after_ms)));
+                                // At least a signal delay after the signal: a closure that is
+                                // taken back (a replay's partial history can look closed for a
+                                // moment) is taken back before it retires anything.
+                                let d = retire_at(
+                                    t.saturating_add(SIGNAL_DELAY_MS)
+                                        .max(from.saturating_add(rules.retire_after_ms)),
+                                );
                                 caps.entry(d).or_insert_with(|| cap.delayed(&d, 0));
                                 timers.entry(d).or_default().push((key.clone(), Timer::Retire));
                             }

@@ -809,6 +809,7 @@ pub fn order_rules<'s>(
     states: VecCollection<'s, u64, (String, OrderState)>,
     rules: &OrderRules,
     retired: &VecCollection<'s, u64, crate::output::Owner>,
+    decide_from: u64,
 ) -> VecCollection<'s, u64, Emit> {
     let rules = Arc::new(rules.clone());
     let eval_rules = rules.clone();
@@ -851,7 +852,7 @@ pub fn order_rules<'s>(
         });
     // The first appearance per order stands (a later change of the order's facts must not
     // re-derive ORDER_OVERDUE with new contents under the same eventId).
-    let overdue_out = crate::timers::key_appearances(overdue.clone(), retired, |id: &String, _| {
+    let overdue_out = crate::timers::key_appearances(overdue.clone(), retired, decide_from, |id: &String, _| {
         crate::output::Owner::Order(id.clone())
     })
         .flat_map(|((_, i), t, r): ((String, OverdueInfo), Millis, isize)| {

@@ -61,9 +61,15 @@ use crate::Emit;
 /// produced them) until the owner is `retired`, which bounds the memory by open work.
 /// Updates are applied in time order, once both inputs have passed their time; retirements
 /// after the updates of their time.
+///
+/// Below `decide_from` (the restart's replay, whose effects are suppressed) nothing appears:
+/// the replay applies history a poll at a time, so a key can come and go there in states the
+/// original run never had. The keys present when the clock reaches `decide_from` count as
+/// appeared (they did, before the restart).
 pub(crate) fn key_appearances<'s, K, V, O>(
     c: VecCollection<'s, u64, (K, V)>,
     retired: &VecCollection<'s, u64, Owner>,
+    decide_from: u64,
     owner: O,
 ) -> timely::dataflow::Stream<'s, u64, Vec<((K, V), u64, isize)>>
 where
@@ -92,8 +98,9 @@ where
             Exchange::new(|u: &(Owner, u64, isize)| hash(&u.0)),
             "KeyAppearances",
             move |_cap, _info| {
-                let mut counts: HashMap<K, isize> = HashMap::new();
+                let mut counts: HashMap<K, (isize, Owner)> = HashMap::new();
                 let mut seen: HashMap<Owner, HashSet<K>> = HashMap::new();
+                let mut seeded = false;
                 let mut stash: BTreeMap<u64, Pending<K, V>> = BTreeMap::new();
                 let mut caps: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
                 move |(input, input_f), (ret, ret_f), output| {
@@ -117,20 +124,29 @@ where
                         }
                         let (_, (updates, retirements)) = stash.pop_first().expect("first");
                         let cap = caps.remove(&t).expect("a capability per stashed time");
+                        if !seeded && t >= decide_from {
+                            seeded = true;
+                            for (k, (n, o)) in &counts {
+                                if *n > 0 {
+                                    seen.entry(o.clone()).or_default().insert(k.clone());
+                                }
+                            }
+                        }
                         let mut candidates: Vec<(K, V)> = Vec::new();
                         for ((k, v), r) in updates {
-                            let n = counts.entry(k.clone()).or_insert(0);
-                            *n += r;
-                            if *n == 0 {
+                            let o = owner(&k, &v);
+                            let n = counts.entry(k.clone()).or_insert((0, o));
+                            n.0 += r;
+                            if n.0 == 0 {
                                 counts.remove(&k);
                             }
-                            if r > 0 {
+                            if r > 0 && seeded {
                                 candidates.push((k, v));
                             }
                         }
                         let mut session = output.session(&cap);
                         for (k, v) in candidates {
-                            if counts.get(&k).is_some_and(|n| *n > 0) {
+                            if counts.get(&k).is_some_and(|n| n.0 > 0) {
                                 let keys = seen.entry(owner(&k, &v)).or_default();
                                 if !keys.contains(&k) {
                                     keys.insert(k.clone());
@@ -180,6 +196,7 @@ enum TaskRowPart {
 pub fn time_rules<'s>(
     wf_out: VecCollection<'s, u64, (String, WfOut)>,
     retired: &VecCollection<'s, u64, Owner>,
+    decide_from: u64,
 ) -> VecCollection<'s, u64, Emit> {
     // Plain rows and events pass through; events are emitted when they appear.
     let passthrough = wf_out
@@ -209,7 +226,7 @@ pub fn time_rules<'s>(
         .reduce_named("SlaBreaches", |_key, input, output| {
             output.push((input[0].0.clone(), 1));
         });
-    let breach_out = key_appearances(breaches.clone(), retired, |_, i: &SlaInfo| {
+    let breach_out = key_appearances(breaches.clone(), retired, decide_from, |_, i: &SlaInfo| {
         Owner::Workflow(i.workflow_instance_id.clone())
     })
         .flat_map(|((_, i), t, r): (((String, u32), SlaInfo), u64, isize)| {
@@ -303,6 +320,7 @@ pub fn time_rules<'s>(
             )
         }),
         retired,
+        decide_from,
         |_, s: &StaleInfo| Owner::Workflow(s.workflow_instance_id.clone()),
     )
     .flat_map(
@@ -351,7 +369,7 @@ pub fn time_rules<'s>(
             ));
         });
     let fired_reesc = reesc.clone();
-    let reesc_out = key_appearances(reesc, retired, |(wid, _): &(String, i32), _| {
+    let reesc_out = key_appearances(reesc, retired, decide_from, |(wid, _): &(String, i32), _| {
         Owner::Workflow(wid.clone())
     })
         .flat_map(

@@ -225,9 +225,9 @@ fn a_finished_workflow_is_retired_and_its_rows_stay() {
     assert_eq!(s.tombstones.load(SeqCst), 1);
 
     // Not before its time: closed at T0 + 6 min, known to the tracker 10 min later, retired
-    // on the next whole ten minutes (T0 is one).
+    // on the first whole ten minutes a signal delay after that (T0 is one): T0 + 30 min.
     let (cfg, stats) = retiring(5 * MIN);
-    at_clock_with(stamped(finished_workflow()), T0 + 20 * MIN - 1, cfg);
+    at_clock_with(stamped(finished_workflow()), T0 + 30 * MIN - 1, cfg);
     assert_eq!(stats.0.retired_total.load(SeqCst), 0);
     assert_eq!(stats.0.held_records.load(SeqCst), 7);
 }
@@ -241,7 +241,7 @@ fn after_retirement_a_duplicate_changes_nothing_and_a_new_event_is_dead_lettered
     // The same TASK_COMPLETED again (same eventId), long after the retirement.
     let mut feed = stamped(finished_workflow());
     feed.push((
-        T0 + 30 * MIN,
+        T0 + 40 * MIN,
         task("TASK_COMPLETED", "t1", "w1", "triage", 1, T0 + 3 * MIN),
     ));
     let (cfg, stats) = retiring(5 * MIN);
@@ -260,14 +260,14 @@ fn after_retirement_a_duplicate_changes_nothing_and_a_new_event_is_dead_lettered
     // A new event for the retired workflow: dead-lettered, with the reason why.
     let mut feed = stamped(finished_workflow());
     feed.push((
-        T0 + 30 * MIN,
+        T0 + 40 * MIN,
         task(
             "TASK_CREATED",
             "t3",
             "w1",
             "manual-review",
             1,
-            T0 + 30 * MIN,
+            T0 + 40 * MIN,
         ),
     ));
     let (cfg, _) = retiring(5 * MIN);
@@ -321,14 +321,14 @@ fn a_closed_order_is_retired_and_a_later_event_is_an_invalid_transition() {
 
     let mut feed = stamped(events);
     feed.push((
-        T0 + 30 * MIN,
+        T0 + 40 * MIN,
         order(
             "ORDER_CANCELLED",
             "CANCELLED",
             "o1",
             "w1",
             "LAB_TEST",
-            T0 + 30 * MIN,
+            T0 + 40 * MIN,
             json!({"reason": "late"}),
         ),
     ));
@@ -360,7 +360,7 @@ fn state_is_bounded_by_open_work() {
         }
     }
     let (cfg, stats) = retiring(2 * MIN);
-    let o = at_clock_with(stamped(events), T0 + 300 * MIN + 5 * MIN, cfg);
+    let o = at_clock_with(stamped(events), T0 + 300 * MIN + 15 * MIN, cfg);
     let s = &stats.0;
     use std::sync::atomic::Ordering::SeqCst;
     assert_eq!(s.retired_total.load(SeqCst), 290);

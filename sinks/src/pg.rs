@@ -54,6 +54,12 @@ pub struct Progress {
     pub frontier_ms: Option<u64>,
     /// Next offset to consume per (topic, partition).
     pub offsets: HashMap<(String, i32), i64>,
+    /// Input records below the committed offsets that the lifecycle trackers dead-lettered
+    /// (`UNKNOWN_WORKFLOW`, `UNKNOWN_TEMPLATE`: taken out of the input), per (topic,
+    /// partition): decided for good, so a restore skips them instead of deciding again. (A
+    /// record the order rules rejected stays part of its order's history; one that failed to
+    /// decode is rejected again the same way.)
+    pub dead_lettered: HashMap<(String, i32), HashSet<i64>>,
 }
 
 /// The name an [`OutTopic`] has in `hmis_outbox.topic`: logical, so that topic names stay
@@ -225,9 +231,30 @@ impl PgSink {
             .iter()
             .map(|row| ((row.get(0), row.get(1)), row.get(2)))
             .collect();
+        let mut dead_lettered: HashMap<(String, i32), HashSet<i64>> = HashMap::new();
+        for row in self
+            .client
+            .query(
+                "SELECT d.topic, d.partition, d.\"offset\"
+                 FROM dead_letters d
+                 JOIN hmis_input_offsets o
+                   ON o.group_id = $1 AND o.topic = d.topic AND o.partition = d.partition
+                 WHERE d.\"offset\" < o.next_offset
+                   AND d.reason IN ('UNKNOWN_WORKFLOW', 'UNKNOWN_TEMPLATE')",
+                &[&group_id],
+            )
+            .await
+            .map_err(SinkError::pg(format!("read dead letters of group {group_id}")))?
+        {
+            dead_lettered
+                .entry((row.get(0), row.get(1)))
+                .or_default()
+                .insert(row.get(2));
+        }
         Ok(Progress {
             frontier_ms,
             offsets,
+            dead_lettered,
         })
     }
 
