@@ -335,19 +335,22 @@ fn late_detail(key: &str, retired_at: u64) -> String {
     )
 }
 
-/// The instant the grace of record `r`, arrived at `t`, ends (never before
-/// [`LifecycleRules::decide_from`] less the signal delay: its check is decided at or after
-/// `decide_from`).
+/// The instant the grace of record `r`, arrived at `t`, ends. Below
+/// [`LifecycleRules::decide_from`] (a restart's replay) nothing is decided: with the event
+/// clock a grace that ended before it is checked at `decide_from` (the original run decided
+/// it: dead-lettered, and skipped by the replay, or accepted); with the wall clock a
+/// replayed record's arrival is unknown, so its grace counts from `decide_from`.
 fn grace_end<R: Tracked>(rules: &LifecycleRules, r: &R, t: u64) -> u64 {
-    let end = if rules.grace_from_event_time {
+    if rules.grace_from_event_time {
         t.max(
             r.event_time()
                 .saturating_add(rules.unknown_reference_grace_ms),
         )
+        .max(rules.decide_from.saturating_sub(SIGNAL_DELAY_MS))
     } else {
-        t.saturating_add(rules.unknown_reference_grace_ms)
-    };
-    end.max(rules.decide_from.saturating_sub(SIGNAL_DELAY_MS))
+        t.max(rules.decide_from)
+            .saturating_add(rules.unknown_reference_grace_ms)
+    }
 }
 
 #[derive(Debug)]
