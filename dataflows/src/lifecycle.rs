@@ -489,15 +489,13 @@ pub fn track<'s, R: Tracked>(
                         }
                         if let (Signal::Known(key), true) = (&s, diff > 0) {
                             if let Some(e) = entries.get_mut(key.as_str()) {
-                                if let Some(d) = e.check_at.filter(|d| t <= *d) {
+                                // The pending check is cancelled lazily: its timer entry stays
+                                // and is skipped when it fires (`check_at` no longer names it).
+                                // Removing it from the instant's list here cost a scan of that
+                                // list per signal — quadratic when a restart's replay puts
+                                // hundreds of thousands of checks at one instant.
+                                if e.check_at.is_some_and(|d| t <= d) {
                                     e.check_at = None;
-                                    if let Some(due) = timers.get_mut(&d) {
-                                        due.retain(|(k, w)| !(*w == Timer::Check && k == key));
-                                        if due.is_empty() {
-                                            timers.remove(&d);
-                                            caps.remove(&d);
-                                        }
-                                    }
                                 }
                             }
                         }
