@@ -143,6 +143,28 @@ fn metric(addr: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// Waits until a commit of incarnation `p` has taken the input past `share` (numerator,
+/// denominator) of the `total` records (or all of it), or `p` ended.
+fn wait_for_share_of_stream(
+    cfg: &Config,
+    p: &mut Pipeline,
+    before: &Progress,
+    total: i64,
+    share: (usize, usize),
+) {
+    let target = total * share.0 as i64 / share.1 as i64;
+    wait_until(
+        Duration::from_secs(180),
+        "a commit of this incarnation past its share of the stream",
+        || {
+            p.try_wait().is_some()
+                || progress(cfg).is_some_and(|q| {
+                    (q.frontier != before.frontier && q.offsets >= target) || q.offsets >= total
+                })
+        },
+    );
+}
+
 #[test]
 fn kill_9_at_random_moments_then_finish_equals_an_uninterrupted_run() {
     let _turn = exclusive();
@@ -180,18 +202,7 @@ fn kill_9_at_random_moments_then_finish_equals_an_uninterrupted_run() {
         let delay = if i % 2 == 0 {
             Duration::from_millis(rng.random_range(300..4000))
         } else {
-            let target = total * (i as i64 + 1) / (KILLS as i64 + 1);
-            wait_until(
-                Duration::from_secs(180),
-                "a commit of this incarnation past its share of the stream",
-                || {
-                    p.try_wait().is_some()
-                        || progress(&cfg).is_some_and(|q| {
-                            (q.frontier != before.frontier && q.offsets >= target)
-                                || q.offsets >= total
-                        })
-                },
-            );
+            wait_for_share_of_stream(&cfg, &mut p, &before, total, (i + 1, KILLS + 1));
             Duration::from_millis(rng.random_range(0..2000))
         };
         std::thread::sleep(delay);
@@ -728,18 +739,7 @@ fn wall_clock_kill_9_publishes_each_event_once_and_keeps_the_state_exact() {
             &["--workers", &workers, "--poll-batch", "2000"],
         );
         if i % 2 == 1 {
-            let target = total * (i as i64 + 1) / (KILLS as i64 + 1);
-            wait_until(
-                Duration::from_secs(180),
-                "a commit of this incarnation past its share of the stream",
-                || {
-                    p.try_wait().is_some()
-                        || progress(&cfg).is_some_and(|q| {
-                            (q.frontier != before.frontier && q.offsets >= target)
-                                || q.offsets >= total
-                        })
-                },
-            );
+            wait_for_share_of_stream(&cfg, &mut p, &before, total, (i + 1, KILLS + 1));
             std::thread::sleep(Duration::from_millis(rng.random_range(0..1000)));
         } else {
             std::thread::sleep(Duration::from_millis(rng.random_range(200..1200)));

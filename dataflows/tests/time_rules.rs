@@ -36,6 +36,21 @@ fn count(o: &Outcome, ty: &str) -> usize {
     o.of_type(ty).len()
 }
 
+/// The breach events (TASK_SLA_BREACHED, TASK_ESCALATED, WORKFLOW_ESCALATED) of every flush,
+/// in order: a copy published by a later flush counts again.
+fn breach_events_published(o: &Outcome) -> Vec<&hmis_dataflows::output::OutRecord> {
+    o.batches
+        .iter()
+        .flat_map(|b| &b.records)
+        .filter(|r| {
+            matches!(
+                r.event_type.as_str(),
+                "TASK_SLA_BREACHED" | "TASK_ESCALATED" | "WORKFLOW_ESCALATED"
+            )
+        })
+        .collect()
+}
+
 fn json(o: &Outcome, ty: &str) -> serde_json::Value {
     serde_json::from_str(&o.of_type(ty)[0].payload).unwrap()
 }
@@ -342,17 +357,7 @@ fn a_breach_is_published_once_even_when_the_task_changes_after_it() {
     events.push(started);
     // One flush per instant: the harness flushes whenever the frontier advances.
     let o = at_clock(events, due + 30 * MIN);
-    let published: Vec<_> = o
-        .batches
-        .iter()
-        .flat_map(|b| &b.records)
-        .filter(|r| {
-            matches!(
-                r.event_type.as_str(),
-                "TASK_SLA_BREACHED" | "TASK_ESCALATED" | "WORKFLOW_ESCALATED"
-            )
-        })
-        .collect();
+    let published = breach_events_published(&o);
     assert_eq!(published.len(), 3, "{published:#?}");
     let breach: serde_json::Value = serde_json::from_str(&published[0].payload).unwrap();
     assert_eq!(breach["minutesOverdue"], 0, "the clock's breach stands");
@@ -369,18 +374,7 @@ fn a_breach_stays_when_the_workflow_closes_and_the_task_ends_late_afterwards() {
     events.push(wf_event("w1", "WORKFLOW_FAILED", due + 5 * MIN));
     events.push(task("TASK_FAILED", "t1", "w1", "triage", 1, due + 10 * MIN));
     let o = at_clock(events, due + 30 * MIN);
-    let published: Vec<_> = o
-        .batches
-        .iter()
-        .flat_map(|b| &b.records)
-        .filter(|r| {
-            matches!(
-                r.event_type.as_str(),
-                "TASK_SLA_BREACHED" | "TASK_ESCALATED" | "WORKFLOW_ESCALATED"
-            )
-        })
-        .map(|r| r.event_id.clone())
-        .collect();
+    let published = breach_events_published(&o);
     assert_eq!(published.len(), 3, "{published:#?}");
     let breach = json(&o, "TASK_SLA_BREACHED");
     assert_eq!(breach["minutesOverdue"], 0, "the clock's breach stands");

@@ -231,6 +231,12 @@ fn kafka_is_transient(err: &KafkaError) -> bool {
                     | C::NotEnoughReplicas
                     | C::NotEnoughReplicasAfterAppend
                     | C::PreferredLeaderNotAvailable
+                    // The broker failed inside (Kafka's UNKNOWN_SERVER_ERROR, storage errors):
+                    // nisshi reports its SQLite store being busy this way under load. The
+                    // outbox keeps the records and the producer is idempotent, so retrying
+                    // is safe; readiness reports the publisher failing meanwhile.
+                    | C::Unknown
+                    | C::KafkaStorageError
             )
         ),
     }
@@ -260,6 +266,9 @@ mod tests {
         let permanent = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
         assert!(kafka_is_transient(&transient));
         assert!(!kafka_is_transient(&permanent));
+        assert!(kafka_is_transient(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::Unknown
+        )));
         let fenced = SinkError::Fenced {
             group_id: "g".into(),
             ours: 1,
