@@ -237,6 +237,13 @@ fn kafka_is_transient(err: &KafkaError) -> bool {
                     // is safe; readiness reports the publisher failing meanwhile.
                     | C::Unknown
                     | C::KafkaStorageError
+                    // The idempotent producer failed fatally (e.g. on such a broker error
+                    // with the gapless guarantee) and purged its queue: the next attempt
+                    // replaces the producer and re-reads the published positions
+                    // (`Publisher::publish_pending`), so nothing is lost or doubled.
+                    | C::PurgeQueue
+                    | C::PurgeInflight
+                    | C::Fatal
             )
         ),
     }
@@ -266,9 +273,9 @@ mod tests {
         let permanent = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
         assert!(kafka_is_transient(&transient));
         assert!(!kafka_is_transient(&permanent));
-        assert!(kafka_is_transient(&KafkaError::MessageProduction(
-            RDKafkaErrorCode::Unknown
-        )));
+        for code in [RDKafkaErrorCode::Unknown, RDKafkaErrorCode::PurgeQueue] {
+            assert!(kafka_is_transient(&KafkaError::MessageProduction(code)));
+        }
         let fenced = SinkError::Fenced {
             group_id: "g".into(),
             ours: 1,
