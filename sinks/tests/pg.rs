@@ -16,9 +16,7 @@ fn at(ms: u64) -> DateTime<Utc> {
 
 #[tokio::test]
 async fn migrate_creates_the_schema_once() {
-    let Some(db) = TestDb::new().await else {
-        return;
-    };
+    let db = TestDb::new().await;
     let mut client = db.client().await;
 
     let applied = migrate(&mut client).await.unwrap();
@@ -82,9 +80,7 @@ async fn migrate_creates_the_schema_once() {
 
 #[tokio::test]
 async fn migrate_refuses_edited_and_unknown_migrations() {
-    let Some(db) = TestDb::new().await else {
-        return;
-    };
+    let db = TestDb::new().await;
     let mut client = db.client().await;
     migrate(&mut client).await.unwrap();
 
@@ -129,11 +125,9 @@ async fn migrate_refuses_edited_and_unknown_migrations() {
 
 #[tokio::test]
 async fn concurrent_migrations_are_safe() {
-    let Some(db) = TestDb::new().await else {
-        return;
-    };
+    let db = TestDb::new().await;
     for _ in 0..3 {
-        let schema_db = TestDb::new().await.unwrap();
+        let schema_db = TestDb::new().await;
         let mut clients = Vec::new();
         for _ in 0..4 {
             clients.push(schema_db.client().await);
@@ -162,9 +156,7 @@ async fn concurrent_migrations_are_safe() {
 
 #[tokio::test]
 async fn apply_upserts_deletes_and_records_progress() {
-    let Some(db) = TestDb::new().await else {
-        return;
-    };
+    let db = TestDb::new().await;
     let mut sink = db.claimed_sink("g1").await;
     let client = db.client().await;
 
@@ -424,9 +416,7 @@ async fn apply_upserts_deletes_and_records_progress() {
 
 #[tokio::test]
 async fn large_batches_keep_production_order_across_chunks() {
-    let Some(db) = TestDb::new().await else {
-        return;
-    };
+    let db = TestDb::new().await;
     let mut sink = db.claimed_sink("big").await;
     let n = hmis_sinks::pg::CHUNK * 2 + 123;
     let mut big = batch(T0 + 60_000);
@@ -471,9 +461,7 @@ async fn large_batches_keep_production_order_across_chunks() {
 
 #[tokio::test]
 async fn a_stale_epoch_is_fenced() {
-    let Some(db) = TestDb::new().await else {
-        return;
-    };
+    let db = TestDb::new().await;
     let mut old = db.claimed_sink("g").await;
     let mut unclaimed = db.sink().await;
 
@@ -533,9 +521,7 @@ async fn a_stale_epoch_is_fenced() {
 
 #[tokio::test]
 async fn group_lock_admits_one_session() {
-    let Some(db) = TestDb::new().await else {
-        return;
-    };
+    let db = TestDb::new().await;
     let group = format!("lock-{}", db.schema); // advisory locks are per database
     let a = db.sink().await;
     let b = db.sink().await;
@@ -557,9 +543,7 @@ async fn group_lock_admits_one_session() {
 
 #[tokio::test]
 async fn audit_log_rejects_changes() {
-    let Some(db) = TestDb::new().await else {
-        return;
-    };
+    let db = TestDb::new().await;
     let mut client = db.client().await;
     migrate(&mut client).await.unwrap();
     client
@@ -601,9 +585,7 @@ async fn audit_log_rejects_changes() {
 
 #[tokio::test]
 async fn reporting_views_summarize_the_tables() {
-    let Some(db) = TestDb::new().await else {
-        return;
-    };
+    let db = TestDb::new().await;
     let mut client = db.client().await;
     migrate(&mut client).await.unwrap();
     client
@@ -707,9 +689,7 @@ async fn errors_are_classified_transient_or_permanent() {
     };
     assert!(err.is_transient(), "{err}");
 
-    let Some(db) = TestDb::new().await else {
-        return;
-    };
+    let db = TestDb::new().await;
     let mut sink = db.claimed_sink("g").await;
 
     // A constraint violation is permanent, and the whole flush is rolled back.
@@ -844,9 +824,7 @@ fn alert_row(id: &str) -> AlertRow {
 
 #[tokio::test]
 async fn apply_writes_orders_transitions_compensations_breaches_and_alerts() {
-    let Some(db) = TestDb::new().await else {
-        return;
-    };
+    let db = TestDb::new().await;
     let mut sink = db.claimed_sink("orders").await;
     let client = db.client().await;
 

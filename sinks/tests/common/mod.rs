@@ -15,15 +15,16 @@ pub struct TestDb {
 }
 
 impl TestDb {
-    /// `None` (after saying so) when no test database is configured.
-    pub async fn new() -> Option<TestDb> {
-        let Some(url) = std::env::var("HMIS_TEST_DATABASE_URL")
+    /// Panics when no test database is configured: a test that cannot reach PostgreSQL
+    /// fails, it does not pass silently (`scripts/test.sh` starts the services and sets it).
+    pub async fn new() -> TestDb {
+        let url = std::env::var("HMIS_TEST_DATABASE_URL")
             .ok()
             .filter(|url| !url.is_empty())
-        else {
-            eprintln!("skipped: set HMIS_TEST_DATABASE_URL to run the PostgreSQL tests");
-            return None;
-        };
+            .expect(
+                "HMIS_TEST_DATABASE_URL is not set: start the services with `scripts/services.sh start` \
+                 and `eval \"$(scripts/services.sh env)\"`, or run scripts/test.sh",
+            );
         let schema = format!("test_{}", uuid::Uuid::new_v4().simple());
         let db = TestDb { url, schema };
         let admin = db.raw_client().await;
@@ -31,7 +32,7 @@ impl TestDb {
             .batch_execute(&format!("CREATE SCHEMA {}", db.schema))
             .await
             .expect("create test schema");
-        Some(db)
+        db
     }
 
     async fn raw_client(&self) -> Client {
