@@ -457,9 +457,10 @@ async fn apply_with_retry(
         pg.ledger_retention = Duration::from_millis(cfg.rules.lifecycle.tombstone_retention_ms);
         match pg.apply(group, batch).await {
             Ok(()) => {
-                shared
-                    .republish_suppressed
-                    .fetch_add(std::mem::take(&mut pg.republish_suppressed), Ordering::Relaxed);
+                shared.republish_suppressed.fetch_add(
+                    std::mem::take(&mut pg.republish_suppressed),
+                    Ordering::Relaxed,
+                );
                 Shared::mark_up(&shared.postgres_down_since);
                 return Ok(());
             }

@@ -190,7 +190,12 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
         .concat(inputs.side)
         .concat(wf_life)
         .concat(order_life)
-        .concat(orders::order_rules(order_states, &cfg.orders, &retired, cfg.lifecycle.decide_from))
+        .concat(orders::order_rules(
+            order_states,
+            &cfg.orders,
+            &retired,
+            cfg.lifecycle.decide_from,
+        ))
 }
 
 /// The input handles matching [`Inputs`]: what a source (the Kafka runtime, a test, a

@@ -852,9 +852,10 @@ pub fn order_rules<'s>(
         });
     // The first appearance per order stands (a later change of the order's facts must not
     // re-derive ORDER_OVERDUE with new contents under the same eventId).
-    let overdue_out = crate::timers::key_appearances(overdue.clone(), retired, decide_from, |id: &String, _| {
-        crate::output::Owner::Order(id.clone())
-    })
+    let overdue_out =
+        crate::timers::key_appearances(overdue.clone(), retired, decide_from, |id: &String, _| {
+            crate::output::Owner::Order(id.clone())
+        })
         .flat_map(|((_, i), t, r): ((String, OverdueInfo), Millis, isize)| {
             (r > 0).then(|| {
                 let ident = Identity {

@@ -229,80 +229,80 @@ pub fn time_rules<'s>(
     let breach_out = key_appearances(breaches.clone(), retired, decide_from, |_, i: &SlaInfo| {
         Owner::Workflow(i.workflow_instance_id.clone())
     })
-        .flat_map(|((_, i), t, r): (((String, u32), SlaInfo), u64, isize)| {
-            let mut out = Vec::new();
-            if r <= 0 {
-                return out;
-            }
-            let minutes = (t.saturating_sub(i.due_at) / 60_000) as i64;
-            let reason = format!("SLA_BREACH:{}", i.task_def_id);
-            let base = |ty: DerivedType, name: String| {
-                let mut d = Derived::new(ty, &name, &i.workflow_instance_id);
-                d.patient_id = i.patient_id.clone();
-                d.template_id = Some(i.template_id.clone());
-                d.template_version = Some(i.template_version);
-                d.task_instance_id = Some(i.task_instance_id.clone());
-                d.task_def_id = Some(i.task_def_id.clone());
-                d.task_name = i.task_name.clone();
-                d.attempt = Some(i.attempt);
-                d
-            };
-            let mut b = base(
-                DerivedType::TaskSlaBreached,
-                format!(
-                    "hmis-flow:TASK_SLA_BREACHED:{}:{}",
-                    i.task_instance_id, i.attempt
-                ),
-            );
-            b.due_at = Some(i.due_at);
-            b.minutes_overdue = Some(minutes);
-            let breach_id = b.event_id.clone();
-            out.push(emit(b, t));
-            let mut e = base(
-                DerivedType::TaskEscalated,
-                format!(
-                    "hmis-flow:TASK_ESCALATED:{}:{}",
-                    i.task_instance_id, i.attempt
-                ),
-            );
-            e.escalated_to = Some(i.escalate_to.clone());
-            e.escalation_reason = Some(reason.clone());
-            e.escalation_level = Some(1);
-            e.cause_event_id = Some(breach_id.clone());
-            out.push(emit(e, t));
-            let mut w = base(
-                DerivedType::WorkflowEscalated,
-                format!(
-                    "hmis-flow:WORKFLOW_ESCALATED:{}:SLA_BREACH:{}:{}",
-                    i.workflow_instance_id, i.task_instance_id, i.attempt
-                ),
-            );
-            w.escalation_reason = Some(reason);
-            w.escalation_level = Some(1);
-            w.escalated_to = Some(i.escalate_to.clone());
-            w.cause_event_id = Some(breach_id.clone());
-            out.push(emit(w, t));
-            out.push((
-                Emit::Row(Row::SlaBreach(SlaBreachRow {
-                    task_instance_id: i.task_instance_id.clone(),
-                    attempt: i.attempt as i32,
-                    workflow_instance_id: i.workflow_instance_id.clone(),
-                    patient_id: i.patient_id.clone(),
-                    template_id: Some(i.template_id.clone()),
-                    template_version: Some(i.template_version),
-                    task_def_id: i.task_def_id.clone(),
-                    due_at: i.due_at,
-                    breached_at: t,
-                    minutes_overdue: minutes,
-                    escalated_to: Some(i.escalate_to.clone()),
-                    event_id: Some(breach_id),
-                })),
-                t,
-                1,
-            ));
-            out
-        })
-        .as_collection();
+    .flat_map(|((_, i), t, r): (((String, u32), SlaInfo), u64, isize)| {
+        let mut out = Vec::new();
+        if r <= 0 {
+            return out;
+        }
+        let minutes = (t.saturating_sub(i.due_at) / 60_000) as i64;
+        let reason = format!("SLA_BREACH:{}", i.task_def_id);
+        let base = |ty: DerivedType, name: String| {
+            let mut d = Derived::new(ty, &name, &i.workflow_instance_id);
+            d.patient_id = i.patient_id.clone();
+            d.template_id = Some(i.template_id.clone());
+            d.template_version = Some(i.template_version);
+            d.task_instance_id = Some(i.task_instance_id.clone());
+            d.task_def_id = Some(i.task_def_id.clone());
+            d.task_name = i.task_name.clone();
+            d.attempt = Some(i.attempt);
+            d
+        };
+        let mut b = base(
+            DerivedType::TaskSlaBreached,
+            format!(
+                "hmis-flow:TASK_SLA_BREACHED:{}:{}",
+                i.task_instance_id, i.attempt
+            ),
+        );
+        b.due_at = Some(i.due_at);
+        b.minutes_overdue = Some(minutes);
+        let breach_id = b.event_id.clone();
+        out.push(emit(b, t));
+        let mut e = base(
+            DerivedType::TaskEscalated,
+            format!(
+                "hmis-flow:TASK_ESCALATED:{}:{}",
+                i.task_instance_id, i.attempt
+            ),
+        );
+        e.escalated_to = Some(i.escalate_to.clone());
+        e.escalation_reason = Some(reason.clone());
+        e.escalation_level = Some(1);
+        e.cause_event_id = Some(breach_id.clone());
+        out.push(emit(e, t));
+        let mut w = base(
+            DerivedType::WorkflowEscalated,
+            format!(
+                "hmis-flow:WORKFLOW_ESCALATED:{}:SLA_BREACH:{}:{}",
+                i.workflow_instance_id, i.task_instance_id, i.attempt
+            ),
+        );
+        w.escalation_reason = Some(reason);
+        w.escalation_level = Some(1);
+        w.escalated_to = Some(i.escalate_to.clone());
+        w.cause_event_id = Some(breach_id.clone());
+        out.push(emit(w, t));
+        out.push((
+            Emit::Row(Row::SlaBreach(SlaBreachRow {
+                task_instance_id: i.task_instance_id.clone(),
+                attempt: i.attempt as i32,
+                workflow_instance_id: i.workflow_instance_id.clone(),
+                patient_id: i.patient_id.clone(),
+                template_id: Some(i.template_id.clone()),
+                template_version: Some(i.template_version),
+                task_def_id: i.task_def_id.clone(),
+                due_at: i.due_at,
+                breached_at: t,
+                minutes_overdue: minutes,
+                escalated_to: Some(i.escalate_to.clone()),
+                event_id: Some(breach_id),
+            })),
+            t,
+            1,
+        ));
+        out
+    })
+    .as_collection();
 
     // Stale PENDING tasks.
     let stale = wf_out
@@ -369,30 +369,33 @@ pub fn time_rules<'s>(
             ));
         });
     let fired_reesc = reesc.clone();
-    let reesc_out = key_appearances(reesc, retired, decide_from, |(wid, _): &(String, i32), _| {
-        Owner::Workflow(wid.clone())
-    })
-        .flat_map(
-            |((_, r), t, diff): (((String, i32), ReEscalation), u64, isize)| {
-                (diff > 0).then(|| {
-                    let mut d = Derived::new(
-                        DerivedType::WorkflowEscalated,
-                        &format!(
-                            "hmis-flow:WORKFLOW_ESCALATED:{}:UNANSWERED:{}",
-                            r.workflow_instance_id, r.level
-                        ),
-                        &r.workflow_instance_id,
-                    );
-                    d.patient_id = r.patient_id.clone();
-                    d.template_id = Some(r.template_id.clone());
-                    d.template_version = Some(r.template_version);
-                    d.escalation_level = Some(r.level);
-                    d.escalation_reason = Some("UNANSWERED_ESCALATION".to_string());
-                    emit(d, t)
-                })
-            },
-        )
-        .as_collection();
+    let reesc_out = key_appearances(
+        reesc,
+        retired,
+        decide_from,
+        |(wid, _): &(String, i32), _| Owner::Workflow(wid.clone()),
+    )
+    .flat_map(
+        |((_, r), t, diff): (((String, i32), ReEscalation), u64, isize)| {
+            (diff > 0).then(|| {
+                let mut d = Derived::new(
+                    DerivedType::WorkflowEscalated,
+                    &format!(
+                        "hmis-flow:WORKFLOW_ESCALATED:{}:UNANSWERED:{}",
+                        r.workflow_instance_id, r.level
+                    ),
+                    &r.workflow_instance_id,
+                );
+                d.patient_id = r.patient_id.clone();
+                d.template_id = Some(r.template_id.clone());
+                d.template_version = Some(r.template_version);
+                d.escalation_level = Some(r.level);
+                d.escalation_reason = Some("UNANSWERED_ESCALATION".to_string());
+                emit(d, t)
+            })
+        },
+    )
+    .as_collection();
 
     // Rows with the timers' escalations merged in.
     let wf_parts = wf_out

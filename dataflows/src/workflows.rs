@@ -680,9 +680,8 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             // while it was in scope, and that stays a fact when the timer's scope ends (else
             // the breach would vanish, and appear again, published twice, should the attempt
             // end late afterwards).
-            let open_past_due_at_close = !active
-                && a.ended_at().is_none()
-                && completed_at.is_some_and(|c| c > due);
+            let open_past_due_at_close =
+                !active && a.ended_at().is_none() && completed_at.is_some_and(|c| c > due);
             if late || open_past_due_at_close {
                 out.push(WfOut::SlaLate(info));
             } else if open && active {

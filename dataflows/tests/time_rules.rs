@@ -402,8 +402,21 @@ fn an_escalation_the_clock_fired_is_not_published_again_when_its_cause_comes_bac
         (c - 1, def(sepsis(3))),
         (c, wf_started("w1", "sepsis-bundle", 3, T0)),
         (c, task("TASK_CREATED", "t1", "w1", "triage", 1, T0)),
-        (c + 1, task("TASK_COMPLETED", "t1", "w1", "triage", 1, due + 30 * MIN)),
-        (c + 2, task("TASK_CREATED", "t2", "w1", "blood-cultures", 1, T0 + 40 * MIN)),
+        (
+            c + 1,
+            task("TASK_COMPLETED", "t1", "w1", "triage", 1, due + 30 * MIN),
+        ),
+        (
+            c + 2,
+            task(
+                "TASK_CREATED",
+                "t2",
+                "w1",
+                "blood-cultures",
+                1,
+                T0 + 40 * MIN,
+            ),
+        ),
     ];
     let mut r = Run::new(2, feed, c + 3);
     r.settle_each_time = true;

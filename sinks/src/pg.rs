@@ -244,7 +244,9 @@ impl PgSink {
                 &[&group_id],
             )
             .await
-            .map_err(SinkError::pg(format!("read dead letters of group {group_id}")))?
+            .map_err(SinkError::pg(format!(
+                "read dead letters of group {group_id}"
+            )))?
         {
             dead_lettered
                 .entry((row.get(0), row.get(1)))
@@ -346,7 +348,10 @@ impl PgSink {
             .await
             .map_err(SinkError::pg(format!("commit flush of group {group_id}")))?;
         if suppressed > 0 {
-            debug!(group_id, suppressed, "derived again and not published again");
+            debug!(
+                group_id,
+                suppressed, "derived again and not published again"
+            );
         }
         self.republish_suppressed += suppressed;
         self.prune_ledger(group_id).await;

@@ -20,7 +20,10 @@ async fn migrate_creates_the_schema_once() {
     let mut client = db.client().await;
 
     let applied = migrate(&mut client).await.unwrap();
-    assert_eq!(applied, ["0001_init", "0002_reporting", "0003_published_events"]);
+    assert_eq!(
+        applied,
+        ["0001_init", "0002_reporting", "0003_published_events"]
+    );
     assert!(migrate(&mut client).await.unwrap().is_empty());
 
     let tables: Vec<String> = client
@@ -387,7 +390,10 @@ async fn apply_upserts_deletes_and_records_progress() {
 
     // Published (the publisher deleted the outbox rows), then derived again, as after a
     // restart: ids in the ledger are not published again, a new one is.
-    client.execute("DELETE FROM hmis_outbox", &[]).await.unwrap();
+    client
+        .execute("DELETE FROM hmis_outbox", &[])
+        .await
+        .unwrap();
     let before = sink.republish_suppressed;
     let mut third = batch(T0 + 3000);
     third.records = vec![
@@ -406,11 +412,17 @@ async fn apply_upserts_deletes_and_records_progress() {
     assert_eq!(event_ids, ["e-4"]);
     assert_eq!(sink.republish_suppressed - before, 2);
     let ledger: i64 = client
-        .query_one("SELECT count(*) FROM hmis_published_events WHERE group_id = 'g1'", &[])
+        .query_one(
+            "SELECT count(*) FROM hmis_published_events WHERE group_id = 'g1'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(ledger, 5, "e-1, e-2, e-3, e-4 and a-1; dead letters are not in it");
+    assert_eq!(
+        ledger, 5,
+        "e-1, e-2, e-3, e-4 and a-1; dead letters are not in it"
+    );
     db.drop().await;
 }
 

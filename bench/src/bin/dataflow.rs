@@ -601,14 +601,18 @@ impl Arranged {
             let mut a = s.borrow_mut();
             for (_, e) in data.iter() {
                 match e {
-                    DifferentialEvent::Batch(b) => *a.records.entry(b.operator).or_default() += b.length as i64,
+                    DifferentialEvent::Batch(b) => {
+                        *a.records.entry(b.operator).or_default() += b.length as i64
+                    }
                     DifferentialEvent::Merge(m) => {
                         if let Some(done) = m.complete {
                             *a.records.entry(m.operator).or_default() +=
                                 done as i64 - m.length1 as i64 - m.length2 as i64;
                         }
                     }
-                    DifferentialEvent::Drop(d) => *a.records.entry(d.operator).or_default() -= d.length as i64,
+                    DifferentialEvent::Drop(d) => {
+                        *a.records.entry(d.operator).or_default() -= d.length as i64
+                    }
                     _ => {}
                 }
             }
@@ -633,7 +637,15 @@ impl Arranged {
             .records
             .iter()
             .filter(|(_, n)| **n != 0)
-            .map(|(id, n)| (format!("{}#{id}", self.names.get(id).map(String::as_str).unwrap_or("?")), *n))
+            .map(|(id, n)| {
+                (
+                    format!(
+                        "{}#{id}",
+                        self.names.get(id).map(String::as_str).unwrap_or("?")
+                    ),
+                    *n,
+                )
+            })
             .collect();
         by.sort_by_key(|(_, n)| -n);
         by.truncate(12);

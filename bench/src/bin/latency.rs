@@ -446,13 +446,21 @@ fn run_until_caught_up(cfg: &Config) -> anyhow::Result<(f64, Option<f64>, hmis_f
 
 /// Issue 5's restart time: the backlog caught up by a first run, then a second run over the
 /// same committed input (nothing new), timed from its start to its exit.
-fn measure_restart(args: &Args, cfg: &Config, rt: &tokio::runtime::Runtime) -> anyhow::Result<Value> {
+fn measure_restart(
+    args: &Args,
+    cfg: &Config,
+    rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<Value> {
     let records = backlog(args.open, wall_ms());
     let n = records.len();
     let t = Instant::now();
     rt.block_on(hmis_flow::demo::produce(cfg, &records))?;
     drop(records);
-    eprintln!("produced {n} records ({} open tasks) in {:.1}s", args.open, t.elapsed().as_secs_f64());
+    eprintln!(
+        "produced {n} records ({} open tasks) in {:.1}s",
+        args.open,
+        t.elapsed().as_secs_f64()
+    );
     let rss_start = proc_status_bytes("VmRSS").unwrap_or(0);
     let (first_secs, _, first) = run_until_caught_up(cfg)?;
     let first_peak = proc_status_bytes("VmHWM").unwrap_or(0);
