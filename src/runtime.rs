@@ -14,9 +14,9 @@
 //!
 //! Start-up: the sink thread takes the group's advisory lock, claims a new epoch and loads
 //! the committed frontier F and offsets; workers replay every partition from its beginning,
-//! records below the committed offsets a poll per millisecond from F - 17.5 min up to F-1
-//! (state only; the gatherer suppresses times below F; records dead-lettered before are
-//! skipped), then continue at F or later.
+//! records below the committed offsets a poll per millisecond just below F
+//! (`hmis_dataflows::restore_times`; state only: the gatherer suppresses times below F;
+//! records the lifecycle dead-lettered are skipped), then continue at F or later.
 //!
 //! Shutdown: on `until_caught_up` (every partition read to the end it had at start) or on a
 //! signal, the workers agree on a final frontier, advance to it, and wait until the sink has
@@ -454,7 +454,6 @@ async fn apply_with_retry(
                 Err(e) => return Err(e),
             }
         }
-        pg.ledger_retention = Duration::from_millis(cfg.rules.lifecycle.tombstone_retention_ms);
         match pg.apply(group, batch).await {
             Ok(()) => {
                 shared.republish_suppressed.fetch_add(
@@ -470,13 +469,21 @@ async fn apply_with_retry(
     }
 }
 
+/// Connects the sink, with the published-id ledger kept as long as the tombstones (the
+/// input retention: no replay can derive an older id again).
+async fn connect_sink(cfg: &Config) -> Result<PgSink, SinkError> {
+    let mut pg = PgSink::connect(&cfg.database_url).await?;
+    pg.ledger_retention = Duration::from_millis(cfg.rules.lifecycle.tombstone_retention_ms);
+    Ok(pg)
+}
+
 /// Re-opens the connection after it was lost, takes the group's lock again and claims the
 /// next epoch. `previous` is the epoch this instance held: if the claim does not return
 /// exactly the next one, another instance owned the group in between (its writes are not in
 /// our dataflow state), and continuing would corrupt the output: fenced, permanently.
 async fn reconnect(cfg: &Config, previous: Option<i64>) -> Result<PgSink, SinkError> {
     let ours = previous.unwrap_or(0);
-    let mut pg = PgSink::connect(&cfg.database_url).await?;
+    let mut pg = connect_sink(cfg).await?;
     if !pg.try_lock_group(&cfg.group_id).await? {
         return Err(SinkError::Fenced {
             group_id: cfg.group_id.clone(),
@@ -564,7 +571,7 @@ fn sink_thread(
         .build()?;
     let result = rt.block_on(async {
         let start = async {
-            let mut pg = PgSink::connect(&cfg.database_url)
+            let mut pg = connect_sink(&cfg)
                 .await
                 .context("connecting to PostgreSQL")?;
             pg.migrate().await.context("applying migrations")?;

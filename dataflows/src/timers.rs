@@ -134,10 +134,18 @@ where
                         }
                         let mut candidates: Vec<(K, V)> = Vec::new();
                         for ((k, v), r) in updates {
-                            let o = owner(&k, &v);
-                            let n = counts.entry(k.clone()).or_insert((0, o));
-                            n.0 += r;
-                            if n.0 == 0 {
+                            // The owner is computed once per key, not per update.
+                            let n = match counts.get_mut(&k) {
+                                Some(n) => {
+                                    n.0 += r;
+                                    n.0
+                                }
+                                None => {
+                                    counts.insert(k.clone(), (r, owner(&k, &v)));
+                                    r
+                                }
+                            };
+                            if n == 0 {
                                 counts.remove(&k);
                             }
                             if r > 0 && seeded {
