@@ -120,8 +120,8 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
     let (wf_live, wf_life, wf_loop) = lifecycle::track(
         inputs
             .tasks
-            .map(WfInput::Task)
-            .concat(inputs.workflows.map(WfInput::Workflow)),
+            .map(|e| WfInput::Task(Arc::new(e)))
+            .concat(inputs.workflows.map(|e| WfInput::Workflow(Arc::new(e)))),
         &cfg.lifecycle,
         "WorkflowLifecycle",
     );
@@ -132,15 +132,16 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
     let wf_states = workflows
         .map(|e| (e.workflow_instance_id.clone(), e))
         .reduce_named("WorkflowState", |wid, input, output| {
-            let events: Vec<&WorkflowEvent> = input.iter().map(|(e, _)| *e).collect();
-            output.push((fold_workflow(wid, &events), 1));
+            let events: Vec<&WorkflowEvent> = input.iter().map(|(e, _)| &***e).collect();
+            output.push((Arc::new(fold_workflow(wid, &events)), 1));
         });
 
     let pinned = wf_states
         .clone()
         .flat_map(|(wid, st)| {
             st.started
-                .map(|s| ((s.template_id, s.template_version), wid))
+                .as_ref()
+                .map(|s| ((s.template_id.clone(), s.template_version), wid))
         })
         .join_map(templates, |_key, wid, t| {
             (wid.clone(), WfFact::Template(t.clone()))
@@ -165,12 +166,9 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
 
     // What the lifecycle trackers need to know: which workflows are known, which closed.
     let known = pinned.map(|(wid, _)| Signal::Known(wid));
-    let closed = wf_out.clone().flat_map(|(wid, o)| match o {
-        workflows::WfOut::WorkflowBase(row, _) if row.status != "ACTIVE" => {
-            let at = row.completed_at.unwrap_or_default();
-            Some(Signal::Closed(wid, at))
-        }
-        _ => None,
+    let wf_parts = workflows::split(wf_out);
+    let closed = wf_parts.workflow_base.clone().flat_map(|(wid, (row, _))| {
+        (row.status != "ACTIVE").then(|| Signal::Closed(wid, row.completed_at.unwrap_or_default()))
     });
     wf_loop.connect(known.concat(closed));
     let order_rules_cfg = cfg.orders.clone();
@@ -186,7 +184,7 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
             Emit::Retired(o) => Some(o),
             _ => None,
         });
-    timers::time_rules(wf_out, &retired, cfg.lifecycle.decide_from)
+    timers::time_rules(wf_parts, &retired, cfg.lifecycle.decide_from)
         .concat(inputs.side)
         .concat(wf_life)
         .concat(order_life)

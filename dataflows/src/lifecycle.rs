@@ -174,8 +174,9 @@ pub trait Tracked: differential_dataflow::ExchangeData + Hash + std::fmt::Debug 
 /// A task or workflow event, keyed by its workflow instance.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum WfInput {
-    Task(TaskEvent),
-    Workflow(WorkflowEvent),
+    /// Shared: the tracker's copy and the rules' input arrangements hold one event.
+    Task(Arc<TaskEvent>),
+    Workflow(Arc<WorkflowEvent>),
 }
 
 impl Tracked for WfInput {
@@ -225,7 +226,7 @@ impl Tracked for WfInput {
                 e.raw_key.as_deref(),
                 &e.task_instance_id,
                 e.raw.as_deref(),
-                || serde_json::to_string(e).unwrap_or_default(),
+                || serde_json::to_string(&**e).unwrap_or_default(),
                 reason,
                 detail,
                 at,
@@ -236,7 +237,7 @@ impl Tracked for WfInput {
                 e.raw_key.as_deref(),
                 &e.workflow_instance_id,
                 e.raw.as_deref(),
-                || serde_json::to_string(e).unwrap_or_default(),
+                || serde_json::to_string(&**e).unwrap_or_default(),
                 reason,
                 detail,
                 at,
@@ -691,8 +692,8 @@ pub fn track<'s, R: Tracked>(
 pub fn split<'s>(
     live: VecCollection<'s, u64, WfInput>,
 ) -> (
-    VecCollection<'s, u64, TaskEvent>,
-    VecCollection<'s, u64, WorkflowEvent>,
+    VecCollection<'s, u64, Arc<TaskEvent>>,
+    VecCollection<'s, u64, Arc<WorkflowEvent>>,
 ) {
     let (tasks, workflows) =
         live.inner

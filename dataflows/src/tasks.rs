@@ -5,6 +5,8 @@
 //! eventTime (then the later offset, so the choice is total). Duplicate eventIds count
 //! once (the first by position wins).
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use differential_dataflow::VecCollection;
@@ -171,17 +173,17 @@ fn attempts(events: &[&TaskEvent]) -> Vec<AttemptInfo> {
 /// Extension trait: the task-state operator.
 pub trait TaskStates<'s> {
     /// One [`TaskState`] per task instance, keyed by taskInstanceId.
-    fn task_states(self) -> VecCollection<'s, u64, (String, TaskState)>;
+    fn task_states(self) -> VecCollection<'s, u64, (String, Arc<TaskState>)>;
 }
 
-impl<'s> TaskStates<'s> for VecCollection<'s, u64, TaskEvent> {
-    fn task_states(self) -> VecCollection<'s, u64, (String, TaskState)> {
+impl<'s> TaskStates<'s> for VecCollection<'s, u64, Arc<TaskEvent>> {
+    fn task_states(self) -> VecCollection<'s, u64, (String, Arc<TaskState>)> {
         self.map(|e| (e.task_instance_id.clone(), e)).reduce_named(
             "TaskState",
             |_key, input, output| {
-                let events = dedup_by_event_id(input.iter().map(|(e, _)| *e));
+                let events = dedup_by_event_id(input.iter().map(|(e, _)| &***e));
                 if let Some(state) = fold_task(&events) {
-                    output.push((state, 1));
+                    output.push((Arc::new(state), 1));
                 }
             },
         )

@@ -15,6 +15,8 @@
 //! Consolidate (or reduce) before reading a delayed collection: updates at future times are
 //! held by the operators that follow, not emitted early.
 
+use std::sync::Arc;
+
 use differential_dataflow::{AsCollection, VecCollection};
 use timely::dataflow::operators::vec::Map as _;
 
@@ -48,8 +50,8 @@ impl<'s, D: Clone + 'static> DelayUntil<'s, D> for VecCollection<'s, u64, D> {
 }
 
 use crate::derived::{Derived, DerivedType};
-use crate::output::{Owner, Row, SlaBreachRow};
-use crate::workflows::{ReEscalation, SlaInfo, StaleInfo, WfOut};
+use crate::output::{Owner, Row, SlaBreachRow, TaskRow, WorkflowRow};
+use crate::workflows::{ReEscalation, SlaInfo, StaleInfo, WfOut, WfParts};
 use crate::Emit;
 
 /// The first appearance of each key of `c`: `((key, value), t, +1)` the first time the key
@@ -184,7 +186,7 @@ fn emit(d: Derived, t: u64) -> (Emit, u64, isize) {
     Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
 enum WfRowPart {
-    Base(crate::output::WorkflowRow, Option<Millis>),
+    Base(Arc<WorkflowRow>, Option<Millis>),
     Breach(Millis, String),
     Level(i32),
 }
@@ -194,7 +196,7 @@ enum WfRowPart {
     Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
 enum TaskRowPart {
-    Base(crate::output::TaskRow),
+    Base(Arc<TaskRow>),
     Breach(u32, String),
 }
 
@@ -202,124 +204,124 @@ enum TaskRowPart {
 /// change, from the workflow rules' output. Returns everything to emit, including the final
 /// `workflow_instances` and `task_instances` rows and every non-timer output passed through.
 pub fn time_rules<'s>(
-    wf_out: VecCollection<'s, u64, (String, WfOut)>,
+    parts: WfParts<'s>,
     retired: &VecCollection<'s, u64, Owner>,
     decide_from: u64,
 ) -> VecCollection<'s, u64, Emit> {
     // Plain rows and events pass through; events are emitted when they appear.
-    let passthrough = wf_out
-        .clone()
+    let WfParts {
+        passthrough,
+        sla_late,
+        sla_open,
+        stale,
+        re_escalate,
+        workflow_base,
+        task_base,
+    } = parts;
+    let passthrough = passthrough
         .inner
         .flat_map(|((wid, out), t, r)| match out {
-            WfOut::Row(row) => Some((Emit::Row(row), t, r)),
+            WfOut::Row(row) => Some((Emit::Row(Arc::unwrap_or_clone(row)), t, r)),
             WfOut::Event(d) if r > 0 => Some((Emit::Record((wid, d.rank()), d.to_record(t)), t, 1)),
             _ => None,
         })
         .as_collection();
 
     // SLA: a breach per (task, attempt) when it is late by its events, or open past dueAt.
-    let late = wf_out.clone().flat_map(|(_, o)| match o {
-        WfOut::SlaLate(i) => Some(((i.task_instance_id.clone(), i.attempt), i)),
-        _ => None,
-    });
-    let open = wf_out
-        .clone()
-        .flat_map(|(_, o)| match o {
-            WfOut::SlaOpen(i) => Some(((i.task_instance_id.clone(), i.attempt), i)),
-            _ => None,
-        })
-        .delay_until(|(_, i): &((String, u32), SlaInfo)| Some(i.due_at));
+    let late = sla_late.map(|i| ((i.task_instance_id.clone(), i.attempt), i));
+    let open = sla_open
+        .map(|i| ((i.task_instance_id.clone(), i.attempt), i))
+        .delay_until(|(_, i): &((String, u32), Arc<SlaInfo>)| Some(i.due_at));
     let breaches = late
         .concat(open)
         .reduce_named("SlaBreaches", |_key, input, output| {
             output.push((input[0].0.clone(), 1));
         });
-    let breach_out = key_appearances(breaches.clone(), retired, decide_from, |_, i: &SlaInfo| {
-        Owner::Workflow(i.workflow_instance_id.clone())
-    })
-    .flat_map(|((_, i), t, r): (((String, u32), SlaInfo), u64, isize)| {
-        let mut out = Vec::new();
-        if r <= 0 {
-            return out;
-        }
-        let minutes = (t.saturating_sub(i.due_at) / 60_000) as i64;
-        let reason = format!("SLA_BREACH:{}", i.task_def_id);
-        let base = |ty: DerivedType, name: String| {
-            let mut d = Derived::new(ty, &name, &i.workflow_instance_id);
-            d.patient_id = i.patient_id.clone();
-            d.template_id = Some(i.template_id.clone());
-            d.template_version = Some(i.template_version);
-            d.task_instance_id = Some(i.task_instance_id.clone());
-            d.task_def_id = Some(i.task_def_id.clone());
-            d.task_name = i.task_name.clone();
-            d.attempt = Some(i.attempt);
-            d
-        };
-        let mut b = base(
-            DerivedType::TaskSlaBreached,
-            format!(
-                "hmis-flow:TASK_SLA_BREACHED:{}:{}",
-                i.task_instance_id, i.attempt
-            ),
-        );
-        b.due_at = Some(i.due_at);
-        b.minutes_overdue = Some(minutes);
-        let breach_id = b.event_id.clone();
-        out.push(emit(b, t));
-        let mut e = base(
-            DerivedType::TaskEscalated,
-            format!(
-                "hmis-flow:TASK_ESCALATED:{}:{}",
-                i.task_instance_id, i.attempt
-            ),
-        );
-        e.escalated_to = Some(i.escalate_to.clone());
-        e.escalation_reason = Some(reason.clone());
-        e.escalation_level = Some(1);
-        e.cause_event_id = Some(breach_id.clone());
-        out.push(emit(e, t));
-        let mut w = base(
-            DerivedType::WorkflowEscalated,
-            format!(
-                "hmis-flow:WORKFLOW_ESCALATED:{}:SLA_BREACH:{}:{}",
-                i.workflow_instance_id, i.task_instance_id, i.attempt
-            ),
-        );
-        w.escalation_reason = Some(reason);
-        w.escalation_level = Some(1);
-        w.escalated_to = Some(i.escalate_to.clone());
-        w.cause_event_id = Some(breach_id.clone());
-        out.push(emit(w, t));
-        out.push((
-            Emit::Row(Row::SlaBreach(SlaBreachRow {
-                task_instance_id: i.task_instance_id.clone(),
-                attempt: i.attempt as i32,
-                workflow_instance_id: i.workflow_instance_id.clone(),
-                patient_id: i.patient_id.clone(),
-                template_id: Some(i.template_id.clone()),
-                template_version: Some(i.template_version),
-                task_def_id: i.task_def_id.clone(),
-                due_at: i.due_at,
-                breached_at: t,
-                minutes_overdue: minutes,
-                escalated_to: Some(i.escalate_to.clone()),
-                event_id: Some(breach_id),
-            })),
-            t,
-            1,
-        ));
-        out
-    })
+    let breach_out = key_appearances(
+        breaches.clone(),
+        retired,
+        decide_from,
+        |_, i: &Arc<SlaInfo>| Owner::Workflow(i.workflow_instance_id.clone()),
+    )
+    .flat_map(
+        |((_, i), t, r): (((String, u32), Arc<SlaInfo>), u64, isize)| {
+            let mut out = Vec::new();
+            if r <= 0 {
+                return out;
+            }
+            let minutes = (t.saturating_sub(i.due_at) / 60_000) as i64;
+            let reason = format!("SLA_BREACH:{}", i.task_def_id);
+            let base = |ty: DerivedType, name: String| {
+                let mut d = Derived::new(ty, &name, &i.workflow_instance_id);
+                d.patient_id = i.patient_id.clone();
+                d.template_id = Some(i.template_id.clone());
+                d.template_version = Some(i.template_version);
+                d.task_instance_id = Some(i.task_instance_id.clone());
+                d.task_def_id = Some(i.task_def_id.clone());
+                d.task_name = i.task_name.clone();
+                d.attempt = Some(i.attempt);
+                d
+            };
+            let mut b = base(
+                DerivedType::TaskSlaBreached,
+                format!(
+                    "hmis-flow:TASK_SLA_BREACHED:{}:{}",
+                    i.task_instance_id, i.attempt
+                ),
+            );
+            b.due_at = Some(i.due_at);
+            b.minutes_overdue = Some(minutes);
+            let breach_id = b.event_id.clone();
+            out.push(emit(b, t));
+            let mut e = base(
+                DerivedType::TaskEscalated,
+                format!(
+                    "hmis-flow:TASK_ESCALATED:{}:{}",
+                    i.task_instance_id, i.attempt
+                ),
+            );
+            e.escalated_to = Some(i.escalate_to.clone());
+            e.escalation_reason = Some(reason.clone());
+            e.escalation_level = Some(1);
+            e.cause_event_id = Some(breach_id.clone());
+            out.push(emit(e, t));
+            let mut w = base(
+                DerivedType::WorkflowEscalated,
+                format!(
+                    "hmis-flow:WORKFLOW_ESCALATED:{}:SLA_BREACH:{}:{}",
+                    i.workflow_instance_id, i.task_instance_id, i.attempt
+                ),
+            );
+            w.escalation_reason = Some(reason);
+            w.escalation_level = Some(1);
+            w.escalated_to = Some(i.escalate_to.clone());
+            w.cause_event_id = Some(breach_id.clone());
+            out.push(emit(w, t));
+            out.push((
+                Emit::Row(Row::SlaBreach(SlaBreachRow {
+                    task_instance_id: i.task_instance_id.clone(),
+                    attempt: i.attempt as i32,
+                    workflow_instance_id: i.workflow_instance_id.clone(),
+                    patient_id: i.patient_id.clone(),
+                    template_id: Some(i.template_id.clone()),
+                    template_version: Some(i.template_version),
+                    task_def_id: i.task_def_id.clone(),
+                    due_at: i.due_at,
+                    breached_at: t,
+                    minutes_overdue: minutes,
+                    escalated_to: Some(i.escalate_to.clone()),
+                    event_id: Some(breach_id),
+                })),
+                t,
+                1,
+            ));
+            out
+        },
+    )
     .as_collection();
 
     // Stale PENDING tasks.
-    let stale = wf_out
-        .clone()
-        .flat_map(|(_, o)| match o {
-            WfOut::Stale(s) => Some(s),
-            _ => None,
-        })
-        .delay_until(|s: &StaleInfo| Some(s.deadline));
+    let stale = stale.delay_until(|s: &Arc<StaleInfo>| Some(s.deadline));
     let stale_out = key_appearances(
         stale.map(|s| {
             (
@@ -329,10 +331,10 @@ pub fn time_rules<'s>(
         }),
         retired,
         decide_from,
-        |_, s: &StaleInfo| Owner::Workflow(s.workflow_instance_id.clone()),
+        |_, s: &Arc<StaleInfo>| Owner::Workflow(s.workflow_instance_id.clone()),
     )
     .flat_map(
-        |((_, s), t, r): (((String, u32, Millis), StaleInfo), u64, isize)| {
+        |((_, s), t, r): (((String, u32, Millis), Arc<StaleInfo>), u64, isize)| {
             (r > 0 && t > s.deadline).then(|| {
                 let mut d = Derived::new(
                     DerivedType::TaskStale,
@@ -355,24 +357,20 @@ pub fn time_rules<'s>(
     .as_collection();
 
     // Unanswered escalations: one per (workflow, level).
-    let reesc = wf_out
-        .clone()
-        .flat_map(|(_, o)| match o {
-            WfOut::ReEscalate(r) => Some(((r.workflow_instance_id.clone(), r.level), r)),
-            _ => None,
-        })
-        .delay_until(|(_, r): &((String, i32), ReEscalation)| Some(r.deadline))
+    let reesc = re_escalate
+        .map(|r| ((r.workflow_instance_id.clone(), r.level), r))
+        .delay_until(|(_, r): &((String, i32), Arc<ReEscalation>)| Some(r.deadline))
         .reduce_named("ReEscalations", |_key, input, output| {
             // One per (workflow, level), with content that does not depend on which of several
             // escalations fired it (nor when): a second source firing later, or the first one
             // retracting, must not change it, or the same eventId would be emitted again.
             let r: &ReEscalation = input[0].0;
             output.push((
-                ReEscalation {
+                Arc::new(ReEscalation {
                     deadline: 0,
                     source: String::new(),
                     ..r.clone()
-                },
+                }),
                 1,
             ));
         });
@@ -384,7 +382,7 @@ pub fn time_rules<'s>(
         |(wid, _): &(String, i32), _| Owner::Workflow(wid.clone()),
     )
     .flat_map(
-        |((_, r), t, diff): (((String, i32), ReEscalation), u64, isize)| {
+        |((_, r), t, diff): (((String, i32), Arc<ReEscalation>), u64, isize)| {
             (diff > 0).then(|| {
                 let mut d = Derived::new(
                     DerivedType::WorkflowEscalated,
@@ -406,16 +404,12 @@ pub fn time_rules<'s>(
     .as_collection();
 
     // Rows with the timers' escalations merged in.
-    let wf_parts = wf_out
-        .clone()
-        .flat_map(|(wid, o)| match o {
-            WfOut::WorkflowBase(row, t) => Some((wid, WfRowPart::Base(row, t))),
-            _ => None,
-        })
+    let wf_parts = workflow_base
+        .map(|(wid, (row, t))| (wid, WfRowPart::Base(row, t)))
         .concat(breaches.clone().map(|(_, i)| {
             (
                 i.workflow_instance_id.clone(),
-                WfRowPart::Breach(i.due_at, i.task_def_id),
+                WfRowPart::Breach(i.due_at, i.task_def_id.clone()),
             )
         }))
         .concat(fired_reesc.map(|((wid, level), _)| (wid, WfRowPart::Level(level))));
@@ -438,7 +432,7 @@ pub fn time_rules<'s>(
             let Some((row, reason_time)) = base else {
                 return;
             };
-            let mut row = row.clone();
+            let mut row = WorkflowRow::clone(row);
             if let Some((due, def)) = breach {
                 row.is_escalated = true;
                 row.escalation_level = row.escalation_level.max(1);
@@ -453,15 +447,12 @@ pub fn time_rules<'s>(
             output.push((Row::Workflow(row), 1));
         })
         .map(|(_, row)| Emit::Row(row));
-    let task_parts = wf_out
-        .flat_map(|(_, o)| match o {
-            WfOut::TaskBase(row) => Some((row.task_instance_id.clone(), TaskRowPart::Base(row))),
-            _ => None,
-        })
+    let task_parts = task_base
+        .map(|row| (row.task_instance_id.clone(), TaskRowPart::Base(row)))
         .concat(breaches.map(|(_, i)| {
             (
                 i.task_instance_id.clone(),
-                TaskRowPart::Breach(i.attempt, i.escalate_to),
+                TaskRowPart::Breach(i.attempt, i.escalate_to.clone()),
             )
         }));
     let task_rows = task_parts
@@ -475,7 +466,7 @@ pub fn time_rules<'s>(
                 }
             }
             let Some(row) = base else { return };
-            let mut row = row.clone();
+            let mut row = TaskRow::clone(row);
             row.sla_breached = breaches.iter().any(|(a, _)| *a as i32 == row.attempt);
             if let Some((_, to)) = breaches.iter().max() {
                 row.is_escalated = true;

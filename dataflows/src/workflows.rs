@@ -97,9 +97,10 @@ pub fn fold_workflow(wid: &str, events: &[&WorkflowEvent]) -> WfState {
 /// One fact about a workflow instance, gathered under its key.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum WfFact {
-    State(WfState),
+    State(Arc<WfState>),
     Template(Arc<Template>),
-    Task(TaskState),
+    /// Shared with the task-state operator's output arrangement.
+    Task(Arc<TaskState>),
     Order(OrderFact),
 }
 
@@ -128,23 +129,28 @@ impl OrderFact {
 
 /// An output of the workflow rules: a row, a derived event (emitted when it appears), or a
 /// timer candidate that the time rules (see `lib.rs`) delay to its deadline.
+///
+/// Payloads are shared (`Arc`): the rules' output arrangement holds every output of every
+/// open workflow, and the time rules hold the same outputs again (delayed candidates, row
+/// parts); a shared payload is stored once, and an enum of pointers costs 24 bytes a slot
+/// instead of its largest variant (528 bytes).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum WfOut {
-    Event(Derived),
-    Row(Row),
+    Event(Arc<Derived>),
+    Row(Arc<Row>),
     /// The workflow row before timer escalations are merged in, with the time of its own
     /// escalation reason (upstream WORKFLOW_ESCALATED or a task failure), if any.
-    WorkflowBase(WorkflowRow, Option<Millis>),
+    WorkflowBase(Arc<WorkflowRow>, Option<Millis>),
     /// A task row before SLA breaches are merged in.
-    TaskBase(TaskRow),
+    TaskBase(Arc<TaskRow>),
     /// A task attempt started or ended after its dueAt: breached, whatever the clock says.
-    SlaLate(SlaInfo),
+    SlaLate(Arc<SlaInfo>),
     /// A task attempt still open with a dueAt: breached when the clock passes dueAt.
-    SlaOpen(SlaInfo),
+    SlaOpen(Arc<SlaInfo>),
     /// A PENDING task: stale when the clock passes its deadline.
-    Stale(StaleInfo),
+    Stale(Arc<StaleInfo>),
     /// An unanswered escalation: re-escalated when the clock passes its deadline.
-    ReEscalate(ReEscalation),
+    ReEscalate(Arc<ReEscalation>),
 }
 
 /// Identifies a task attempt with a deadline, and what its breach reports.
@@ -395,7 +401,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
         .map(|(_, r)| r.clone().unwrap_or_default());
     let mut escalation_time = state.upstream_escalation.as_ref().map(|(t, _)| *t);
     if template.is_some() {
-        out.push(WfOut::Event({
+        out.push(WfOut::Event(Arc::new({
             let mut d = base(
                 DerivedType::WorkflowProgress,
                 format!("hmis-flow:WORKFLOW_PROGRESS:{wid}:{progress}"),
@@ -403,7 +409,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             d.progress_percentage = Some(progress);
             d.per_transition = true;
             d
-        }));
+        })));
     }
     {
         if let (Some((WfStatus::Completed, _)), Some(at)) = (derived_first, derived_completion) {
@@ -413,7 +419,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             );
             d.progress_percentage = Some(progress);
             d.duration_seconds = Some((at.saturating_sub(started.at) / 1000) as i64);
-            out.push(WfOut::Event(d));
+            out.push(WfOut::Event(Arc::new(d)));
         }
         if let (Some((WfStatus::Failed, _)), Some(f)) = (derived_first, derived_failure) {
             let reason = format!("TASK_FAILED:{}", f.task_def_id);
@@ -426,7 +432,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             d.reason = Some(reason.clone());
             d.error_message = f.error_message.clone();
             d.cause_event_id = Some(f.event_id.clone());
-            out.push(WfOut::Event(d));
+            out.push(WfOut::Event(Arc::new(d)));
             let mut e = base(
                 DerivedType::WorkflowEscalated,
                 format!("hmis-flow:WORKFLOW_ESCALATED:{wid}:{reason}:1"),
@@ -436,7 +442,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             e.escalation_reason = Some(reason.clone());
             e.escalation_level = Some(1);
             e.cause_event_id = Some(f.event_id.clone());
-            out.push(WfOut::Event(e));
+            out.push(WfOut::Event(Arc::new(e)));
             escalation_reason = Some(reason);
             escalation_time = f.finished_at;
         }
@@ -470,7 +476,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                 d.attempt = Some(a.attempt + 1);
                 d.error_message = error.clone();
                 d.cause_event_id = Some(failed_event.clone());
-                out.push(WfOut::Event(d));
+                out.push(WfOut::Event(Arc::new(d)));
             }
         }
     }
@@ -536,8 +542,8 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                 e.attempt = Some(next_attempt);
                 e.automatic = Some(d.automatic);
                 e.per_transition = true;
-                out.push(WfOut::Event(e));
-                out.push(WfOut::Row(Row::Readiness(ReadinessRow {
+                out.push(WfOut::Event(Arc::new(e)));
+                out.push(WfOut::Row(Arc::new(Row::Readiness(ReadinessRow {
                     workflow_instance_id: wid.to_string(),
                     task_def_id: id.to_string(),
                     patient_id: patient.clone(),
@@ -546,7 +552,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                     task_name: d.name.clone(),
                     automatic: d.automatic,
                     next_attempt: next_attempt as i32,
-                })));
+                }))));
             } else {
                 // Which orders block may change while the task stays blocked: not content.
                 let mut e = base(
@@ -558,14 +564,14 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                 e.attempt = Some(next_attempt);
                 e.reason = Some("BLOCKING_ORDER_OPEN".to_string());
                 e.per_transition = true;
-                out.push(WfOut::Event(e));
+                out.push(WfOut::Event(Arc::new(e)));
             }
         }
     }
 
     // Rows (escalations found by timers are merged in later, see `lib.rs`).
     out.push(WfOut::WorkflowBase(
-        WorkflowRow {
+        Arc::new(WorkflowRow {
             workflow_instance_id: wid.to_string(),
             patient_id: patient.clone(),
             template_id: started.template_id.clone(),
@@ -585,7 +591,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             } else {
                 completed_at
             },
-        },
+        }),
         escalation_time,
     ));
     let active = status == WfStatus::Active;
@@ -604,7 +610,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             if completions.iter().any(|&c| c > at && c <= deadline) {
                 break;
             }
-            out.push(WfOut::ReEscalate(ReEscalation {
+            out.push(WfOut::ReEscalate(Arc::new(ReEscalation {
                 workflow_instance_id: wid.to_string(),
                 level,
                 deadline,
@@ -612,7 +618,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                 template_id: started.template_id.clone(),
                 template_version: started.template_version,
                 source: source.clone(),
-            }));
+            })));
         }
     };
     if let Some((at, reason)) = &state.upstream_escalation {
@@ -632,7 +638,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             .task_name
             .clone()
             .or_else(|| def.and_then(|d| d.name.clone()));
-        out.push(WfOut::TaskBase(TaskRow {
+        out.push(WfOut::TaskBase(Arc::new(TaskRow {
             task_instance_id: task.task_instance_id.clone(),
             workflow_instance_id: wid.to_string(),
             patient_id: task.patient_id.clone().or_else(|| patient.clone()),
@@ -648,13 +654,13 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             started_at: task.started_at,
             completed_at: task.finished_at,
             error_message: task.error_message.clone(),
-        }));
+        })));
         // SLA per attempt: late (data) or open (clock).
         for a in &task.attempts {
             let Some(due) = sla_due(a.created_at, a.due_at_explicit) else {
                 continue;
             };
-            let info = SlaInfo {
+            let info = Arc::new(SlaInfo {
                 task_instance_id: task.task_instance_id.clone(),
                 attempt: a.attempt,
                 workflow_instance_id: wid.to_string(),
@@ -667,7 +673,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                 escalate_to: def
                     .map(|d| d.escalate_to.clone())
                     .unwrap_or_else(|| "MANAGER".into()),
-            };
+            });
             let late =
                 a.started_at.is_some_and(|s| s > due) || a.ended_at().is_some_and(|e| e > due);
             let open = a.ended_at().is_none()
@@ -689,7 +695,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             }
         }
         if active && task.status == TaskStatus::Pending {
-            out.push(WfOut::Stale(StaleInfo {
+            out.push(WfOut::Stale(Arc::new(StaleInfo {
                 task_instance_id: task.task_instance_id.clone(),
                 attempt: task.attempt,
                 workflow_instance_id: wid.to_string(),
@@ -698,10 +704,81 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                 task_name,
                 last_event_time: task.last_event_time,
                 deadline: task.last_event_time + rules.stale_after_ms,
-            }));
+            })));
         }
     }
     out
+}
+
+/// The workflow rules' output, split by kind into one collection each. One pass moves each
+/// output to the one operator that reads it; reading the rules' output once per kind would
+/// copy every batch (all kinds) once per reader.
+pub struct WfParts<'s> {
+    /// Rows and derived events, passed through (events when they appear).
+    pub passthrough: VecCollection<'s, u64, (String, WfOut)>,
+    pub sla_late: VecCollection<'s, u64, Arc<SlaInfo>>,
+    pub sla_open: VecCollection<'s, u64, Arc<SlaInfo>>,
+    pub stale: VecCollection<'s, u64, Arc<StaleInfo>>,
+    pub re_escalate: VecCollection<'s, u64, Arc<ReEscalation>>,
+    /// (workflowInstanceId, row before escalations, time of its own escalation reason).
+    pub workflow_base: VecCollection<'s, u64, (String, (Arc<WorkflowRow>, Option<Millis>))>,
+    pub task_base: VecCollection<'s, u64, Arc<TaskRow>>,
+}
+
+/// Splits the workflow rules' output by kind (see [`WfParts`]).
+pub fn split<'s>(wf_out: VecCollection<'s, u64, (String, WfOut)>) -> WfParts<'s> {
+    use differential_dataflow::AsCollection;
+    use timely::dataflow::operators::vec::Partition;
+    let mut parts = wf_out
+        .inner
+        .partition(7, |((wid, o), t, r)| {
+            let part = match &o {
+                WfOut::Event(_) | WfOut::Row(_) => 0,
+                WfOut::SlaLate(_) => 1,
+                WfOut::SlaOpen(_) => 2,
+                WfOut::Stale(_) => 3,
+                WfOut::ReEscalate(_) => 4,
+                WfOut::WorkflowBase(..) => 5,
+                WfOut::TaskBase(_) => 6,
+            };
+            (part, ((wid, o), t, r))
+        })
+        .into_iter();
+    let mut next = || parts.next().expect("seven parts").as_collection();
+    let passthrough = next();
+    let sla_late = next().flat_map(|(_, o)| match o {
+        WfOut::SlaLate(i) => Some(i),
+        _ => None,
+    });
+    let sla_open = next().flat_map(|(_, o)| match o {
+        WfOut::SlaOpen(i) => Some(i),
+        _ => None,
+    });
+    let stale = next().flat_map(|(_, o)| match o {
+        WfOut::Stale(i) => Some(i),
+        _ => None,
+    });
+    let re_escalate = next().flat_map(|(_, o)| match o {
+        WfOut::ReEscalate(i) => Some(i),
+        _ => None,
+    });
+    let workflow_base = next().flat_map(|(wid, o)| match o {
+        WfOut::WorkflowBase(row, t) => Some((wid, (row, t))),
+        _ => None,
+    });
+    let task_base = next().flat_map(|(_, o)| match o {
+        WfOut::TaskBase(row) => Some(row),
+        _ => None,
+    });
+    WfParts {
+        passthrough,
+        sla_late,
+        sla_open,
+        stale,
+        re_escalate,
+        workflow_base,
+        task_base,
+    }
 }
 
 /// Extension trait: the per-workflow rules.

@@ -410,12 +410,12 @@ impl Naive {
                     facts.push(WfFact::Template(t.clone()));
                 }
             }
-            facts.push(WfFact::State(st));
+            facts.push(WfFact::State(Arc::new(st)));
         }
         if let Some(tasks) = self.tasks.get(wid) {
             for evs in tasks.values() {
                 if let Some(st) = fold_task(&dedup_by_event_id(evs.iter())) {
-                    facts.push(WfFact::Task(st));
+                    facts.push(WfFact::Task(Arc::new(st)));
                 }
             }
         }
@@ -515,6 +515,7 @@ fn memory_variant(variant: &str, n: usize) -> Value {
     let result = out.clone();
     let variant = variant.to_string();
     timely::execute(timely::Config::process(1), move |worker| {
+        let arranged = Arranged::register(worker);
         let (mut sessions, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let (sessions, inputs) = Sessions::new(scope);
             let (probe, emits) = build(inputs, &RulesConfig::default()).probe();
@@ -566,6 +567,7 @@ fn memory_variant(variant: &str, n: usize) -> Value {
             "peak_rss_bytes": hwm,
             "bytes_per_open_task_peak": per(hwm),
             "bytes_per_open_task_resident": per(rss_after),
+            "arranged": arranged.borrow().summary(),
         });
         for id in worker.installed_dataflows() {
             worker.drop_dataflow(id);
@@ -648,7 +650,7 @@ impl Arranged {
             })
             .collect();
         by.sort_by_key(|(_, n)| -n);
-        by.truncate(12);
+        by.truncate(20);
         json!({"total_updates": total, "largest": by.into_iter().map(|(k, n)| json!([k, n])).collect::<Vec<_>>()})
     }
 }
