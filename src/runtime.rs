@@ -165,6 +165,7 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
         rules.lifecycle.orders_topic = cfg.topics.orders.clone();
         rules.lifecycle.tasks_topic = cfg.topics.tasks.clone();
         rules.lifecycle.workflows_topic = cfg.topics.workflows.clone();
+        rules.system.topic = cfg.topics.system.clone();
         rules.lifecycle.grace_from_event_time = cfg.clock == crate::config::ClockMode::Event;
         rules.lifecycle.decide_from = resume;
         rules.lifecycle.stats = shared.lifecycle.clone();

@@ -337,7 +337,6 @@ pub enum Event {
     Task(TaskEvent),
     Workflow(WorkflowEvent),
     Order(OrderEvent),
-    /// System events are decoded and validated; their rules are not live yet.
     System(SystemEvent),
 }
 
@@ -360,10 +359,72 @@ pub struct SystemEvent {
     pub event_id: String,
     pub event_time: Millis,
     pub pos: Pos,
-    pub event_type: String,
     pub component: String,
-    /// The whole original document, for the rules that need more fields.
-    pub body: String,
+    pub kind: SystemKind,
+}
+
+/// A component's reported health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum HealthStatus {
+    Up,
+    Degraded,
+    Unhealthy,
+}
+
+impl HealthStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HealthStatus::Up => "UP",
+            HealthStatus::Degraded => "DEGRADED",
+            HealthStatus::Unhealthy => "UNHEALTHY",
+        }
+    }
+}
+
+/// An ERROR_REPORT's severity (also an alert's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Severity {
+    Critical,
+    High,
+    Medium,
+    Low,
+}
+
+impl Severity {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Severity::Critical => "CRITICAL",
+            Severity::High => "HIGH",
+            Severity::Medium => "MEDIUM",
+            Severity::Low => "LOW",
+        }
+    }
+}
+
+/// The fields of a system event that its type names (contract §6).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum SystemKind {
+    HealthCheck {
+        status: HealthStatus,
+    },
+    Metric {
+        metric_name: String,
+        /// The JSON number as sent (compared as an f64 with the thresholds).
+        value: String,
+        unit: String,
+    },
+    ErrorReport {
+        severity: Severity,
+        message: String,
+    },
+    Audit {
+        actor: String,
+        action: String,
+        entity_type: String,
+        entity_id: String,
+        /// Any JSON value, as JSON text; `None` when absent.
+        details: Option<String>,
+    },
 }
 
 /// Parses an RFC 3339 timestamp into milliseconds since the epoch.
@@ -724,29 +785,86 @@ pub fn decode(
             }))
         }
         InputTopic::System => {
-            let component = match value.get("component") {
-                Some(Value::String(c)) if !c.is_empty() => c.clone(),
-                Some(_) => {
-                    return Err(Rejection::schema(format!(
-                        "{et}: field `component` must be a non-empty string"
-                    )))
-                }
-                None => {
-                    return Err(Rejection::schema(format!(
-                        "{et} lacks required field `component`"
-                    )))
-                }
+            let component = system_text(&value, "component", et)?;
+            let kind = match et {
+                "HEALTH_CHECK" => SystemKind::HealthCheck {
+                    status: match system_text(&value, "status", et)?.as_str() {
+                        "UP" => HealthStatus::Up,
+                        "DEGRADED" => HealthStatus::Degraded,
+                        "UNHEALTHY" => HealthStatus::Unhealthy,
+                        other => {
+                            return Err(Rejection::schema(format!(
+                                "{et}: status `{other}` is not UP, DEGRADED or UNHEALTHY"
+                            )))
+                        }
+                    },
+                },
+                "PERFORMANCE_METRIC" => SystemKind::Metric {
+                    metric_name: system_text(&value, "metricName", et)?,
+                    value: match value.get("value") {
+                        Some(Value::Number(n)) => n.to_string(),
+                        Some(_) => {
+                            return Err(Rejection::schema(format!(
+                                "{et}: field `value` must be a number"
+                            )))
+                        }
+                        None => {
+                            return Err(Rejection::schema(format!(
+                                "{et} lacks required field `value`"
+                            )))
+                        }
+                    },
+                    unit: system_text(&value, "unit", et)?,
+                },
+                "ERROR_REPORT" => SystemKind::ErrorReport {
+                    severity: match system_text(&value, "severity", et)?.as_str() {
+                        "CRITICAL" => Severity::Critical,
+                        "HIGH" => Severity::High,
+                        "MEDIUM" => Severity::Medium,
+                        "LOW" => Severity::Low,
+                        other => {
+                            return Err(Rejection::schema(format!(
+                                "{et}: severity `{other}` is not CRITICAL, HIGH, MEDIUM or LOW"
+                            )))
+                        }
+                    },
+                    message: system_text(&value, "message", et)?,
+                },
+                "AUDIT_EVENT" => SystemKind::Audit {
+                    actor: system_text(&value, "actor", et)?,
+                    action: system_text(&value, "action", et)?,
+                    entity_type: system_text(&value, "entityType", et)?,
+                    entity_id: system_text(&value, "entityId", et)?,
+                    details: value
+                        .get("details")
+                        .filter(|d| !d.is_null())
+                        .map(Value::to_string),
+                },
+                _ => unreachable!("system event types are checked above"),
             };
             Ok(Event::System(SystemEvent {
                 event_id,
                 event_time,
                 pos,
-                event_type: event_type.clone(),
                 component,
-                body: text.to_string(),
+                kind,
             }))
         }
         InputTopic::Definitions => unreachable!("handled above"),
+    }
+}
+
+/// A required, non-empty string field of a system event.
+fn system_text(value: &Value, field: &str, et: &str) -> Result<String, Rejection> {
+    match value.get(field) {
+        Some(Value::String(c)) if !c.is_empty() => Ok(c.clone()),
+        Some(Value::String(_)) => Err(Rejection::schema(format!("{et}: field `{field}` is empty"))),
+        Some(_) => Err(Rejection::schema(format!(
+            "{et}: field `{field}` must be a string"
+        ))),
+        None => Err(Rejection::schema(format!(
+            "{et} lacks required field `{field}`"
+        ))),
     }
 }
 

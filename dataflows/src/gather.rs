@@ -6,7 +6,8 @@
 //!
 //! Collapsing rules, applied in time order:
 //! - rows: per primary key, retractions before insertions at each time, so the batch holds
-//!   each touched row's final state (`None`: delete);
+//!   each touched row's final state (`None`: delete); a fact (an alert, an audit entry, an
+//!   error report: [`crate::output::Row::is_fact`]) keeps its first write;
 //! - records and dead letters: those with a positive change, in (time, workflow, type) order,
 //!   duplicates (same topic and eventId) removed;
 //! - offsets: the highest position per partition;
@@ -61,7 +62,14 @@ impl Collapser {
                         continue;
                     }
                     let key = row.key();
-                    if r > 0 {
+                    if r > 0 && row.is_fact() {
+                        // Raised or appended once: the first write stands (the records
+                        // keep their first copy too, below).
+                        let slot = self.rows.entry(key).or_insert(None);
+                        if slot.is_none() {
+                            *slot = Some(row);
+                        }
+                    } else if r > 0 {
                         self.rows.insert(key, Some(row));
                     } else if r < 0 {
                         // Only delete when the current value is the one retracted.

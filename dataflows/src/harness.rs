@@ -27,6 +27,11 @@ impl Outcome {
     pub fn apply(&mut self, b: FlushBatch) {
         for (k, v) in &b.rows {
             match v {
+                // Alerts, the audit log and error reports are facts: the first write stands
+                // (the sink inserts them `ON CONFLICT DO NOTHING`).
+                Some(r) if r.is_fact() => {
+                    self.rows.entry(k.clone()).or_insert_with(|| r.clone());
+                }
                 Some(r) => {
                     self.rows.insert(k.clone(), r.clone());
                 }

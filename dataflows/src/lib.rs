@@ -26,6 +26,7 @@ pub mod harness;
 pub mod lifecycle;
 pub mod orders;
 pub mod output;
+pub mod system;
 pub mod tasks;
 pub mod timers;
 pub mod workflows;
@@ -36,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use differential_dataflow::VecCollection;
 
-use events::{DefinitionRecord, OrderEvent, TaskEvent, Template, WorkflowEvent};
+use events::{DefinitionRecord, OrderEvent, SystemEvent, TaskEvent, Template, WorkflowEvent};
 use orders::{Eligibility, OrderStates};
 use output::{DeadLetter, OffsetMark, OutRecord, Row};
 use tasks::TaskStates;
@@ -67,6 +68,8 @@ pub struct RulesConfig {
     pub time: workflows::TimeRules,
     /// Unknown-reference grace, retirement of finished work.
     pub lifecycle: lifecycle::LifecycleRules,
+    /// Metric thresholds of the system-event rules (contract §6).
+    pub system: system::SystemRules,
 }
 
 /// Everything the dataflow emits, as one collection.
@@ -90,6 +93,7 @@ pub struct Inputs<'s> {
     pub tasks: VecCollection<'s, u64, TaskEvent>,
     pub workflows: VecCollection<'s, u64, WorkflowEvent>,
     pub orders: VecCollection<'s, u64, OrderEvent>,
+    pub system: VecCollection<'s, u64, SystemEvent>,
     /// Dead letters and offset marks from the source, passed through to the sink.
     pub side: VecCollection<'s, u64, Emit>,
 }
@@ -194,6 +198,7 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
             &retired,
             cfg.lifecycle.decide_from,
         ))
+        .concat(system::system_rules(inputs.system, &cfg.system))
 }
 
 /// The input handles matching [`Inputs`]: what a source (the Kafka runtime, a test, a
@@ -203,6 +208,7 @@ pub struct Sessions {
     pub tasks: differential_dataflow::input::InputSession<u64, TaskEvent, isize>,
     pub workflows: differential_dataflow::input::InputSession<u64, WorkflowEvent, isize>,
     pub orders: differential_dataflow::input::InputSession<u64, OrderEvent, isize>,
+    pub system: differential_dataflow::input::InputSession<u64, SystemEvent, isize>,
     pub side: differential_dataflow::input::InputSession<u64, Emit, isize>,
 }
 
@@ -214,6 +220,7 @@ impl Sessions {
         let (tasks, t) = scope.new_collection();
         let (workflows, w) = scope.new_collection();
         let (orders, o) = scope.new_collection();
+        let (system, y) = scope.new_collection();
         let (side, s) = scope.new_collection();
         (
             Sessions {
@@ -221,6 +228,7 @@ impl Sessions {
                 tasks,
                 workflows,
                 orders,
+                system,
                 side,
             },
             Inputs {
@@ -228,6 +236,7 @@ impl Sessions {
                 tasks: t,
                 workflows: w,
                 orders: o,
+                system: y,
                 side: s,
             },
         )
@@ -240,8 +249,7 @@ impl Sessions {
             events::Event::Task(e) => self.tasks.update_at(e, time, 1),
             events::Event::Workflow(e) => self.workflows.update_at(e, time, 1),
             events::Event::Order(e) => self.orders.update_at(e, time, 1),
-            // System-event rules are not live yet: decoded (so bad ones are dead-lettered), not fed.
-            events::Event::System(_) => {}
+            events::Event::System(e) => self.system.update_at(e, time, 1),
         }
     }
 
@@ -261,6 +269,7 @@ impl Sessions {
         self.tasks.advance_to(time);
         self.workflows.advance_to(time);
         self.orders.advance_to(time);
+        self.system.advance_to(time);
         self.side.advance_to(time);
         self.flush();
     }
@@ -270,6 +279,7 @@ impl Sessions {
         self.tasks.flush();
         self.workflows.flush();
         self.orders.flush();
+        self.system.flush();
         self.side.flush();
     }
 }

@@ -172,6 +172,51 @@ pub struct AlertRow {
     pub details: Option<String>,
 }
 
+/// A row of `component_health`: a component's current health (contract §6). The error
+/// columns of that table are the sink's (counted from [`ErrorReportRow`]s as they are
+/// inserted), not this row's.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ComponentHealthRow {
+    pub component: String,
+    /// UP, DEGRADED or UNHEALTHY.
+    pub status: String,
+    /// eventTime of the latest HEALTH_CHECK.
+    pub last_check_at: Millis,
+    /// eventTime of the check that changed the status to what it is.
+    pub status_since: Millis,
+}
+
+/// A row of `audit_log` (append-only): one AUDIT_EVENT.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct AuditRow {
+    pub event_id: String,
+    pub component: String,
+    pub actor: String,
+    pub action: String,
+    pub entity_type: String,
+    pub entity_id: String,
+    /// JSON text.
+    pub details: Option<String>,
+    pub event_time: Millis,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+}
+
+/// A row of `error_reports` (append-only): one ERROR_REPORT, whatever its severity.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ErrorReportRow {
+    pub event_id: String,
+    pub component: String,
+    /// CRITICAL, HIGH, MEDIUM or LOW.
+    pub severity: String,
+    pub message: String,
+    pub event_time: Millis,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+}
+
 /// One change to a relational table, keyed by the table's primary key.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Row {
@@ -183,6 +228,9 @@ pub enum Row {
     Compensation(CompensationRow),
     SlaBreach(SlaBreachRow),
     Alert(AlertRow),
+    ComponentHealth(ComponentHealthRow),
+    Audit(AuditRow),
+    ErrorReport(ErrorReportRow),
 }
 
 impl Row {
@@ -197,6 +245,9 @@ impl Row {
             Row::Compensation(c) => (5, c.action_id.clone(), String::new()),
             Row::SlaBreach(b) => (6, b.task_instance_id.clone(), b.attempt.to_string()),
             Row::Alert(a) => (7, a.alert_id.clone(), String::new()),
+            Row::ComponentHealth(h) => (8, h.component.clone(), String::new()),
+            Row::Audit(a) => (9, a.event_id.clone(), String::new()),
+            Row::ErrorReport(e) => (10, e.event_id.clone(), String::new()),
         }
     }
 }
@@ -210,6 +261,13 @@ pub enum Owner {
 }
 
 impl Row {
+    /// An alert, an audit entry or an error report: a fact written once, by its first cause.
+    /// The sink inserts these `ON CONFLICT DO NOTHING`; a later write of the same key (a
+    /// duplicate input, a re-derivation) changes nothing.
+    pub fn is_fact(&self) -> bool {
+        matches!(self, Row::Alert(_) | Row::Audit(_) | Row::ErrorReport(_))
+    }
+
     /// Whose state produced the row.
     pub fn owner(&self) -> Option<Owner> {
         Some(match self {
@@ -225,6 +283,7 @@ impl Row {
                 (None, Some(w)) => Owner::Workflow(w.clone()),
                 (None, None) => return None,
             },
+            Row::ComponentHealth(_) | Row::Audit(_) | Row::ErrorReport(_) => return None,
         })
     }
 }

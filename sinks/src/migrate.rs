@@ -53,6 +53,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_published_events",
         sql: include_str!("../../migrations/0003_published_events.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_system_events",
+        sql: include_str!("../../migrations/0004_system_events.sql"),
+    },
 ];
 
 /// Advisory lock key serializing migrations across all instances on one database

@@ -33,12 +33,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use hmis_dataflows::output::{
-    AlertRow, CompensationRow, DeadLetter, FlushBatch, Millis, OrderRow, OrderTransitionRow,
-    OutRecord, OutTopic, ReadinessRow, Row, SlaBreachRow, TaskRow, WorkflowRow,
+    AlertRow, AuditRow, CompensationRow, ComponentHealthRow, DeadLetter, ErrorReportRow,
+    FlushBatch, Millis, OrderRow, OrderTransitionRow, OutRecord, OutTopic, ReadinessRow, Row,
+    SlaBreachRow, TaskRow, WorkflowRow,
 };
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement, Transaction};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::SinkError;
 
@@ -354,6 +355,7 @@ impl PgSink {
             );
         }
         self.republish_suppressed += suppressed;
+        plan.log_quiet_errors();
         self.prune_ledger(group_id).await;
         debug!(
             group_id,
@@ -406,6 +408,9 @@ struct Plan<'a> {
     compensations: Vec<&'a CompensationRow>,
     breaches: Vec<&'a SlaBreachRow>,
     alerts: Vec<&'a AlertRow>,
+    health: Vec<&'a ComponentHealthRow>,
+    audits: Vec<&'a AuditRow>,
+    errors: Vec<&'a ErrorReportRow>,
     gone_workflows: Vec<&'a str>,
     gone_tasks: Vec<&'a str>,
     gone_readiness: Vec<(&'a str, &'a str)>,
@@ -423,6 +428,9 @@ const ORDER_TRANSITION: u8 = 4;
 const COMPENSATION: u8 = 5;
 const SLA_BREACH: u8 = 6;
 const ALERT: u8 = 7;
+const COMPONENT_HEALTH: u8 = 8;
+const AUDIT: u8 = 9;
+const ERROR_REPORT: u8 = 10;
 
 impl<'a> Plan<'a> {
     fn new(batch: &'a FlushBatch) -> Result<Plan<'a>, SinkError> {
@@ -448,6 +456,9 @@ impl<'a> Plan<'a> {
             compensations: Vec::new(),
             breaches: Vec::new(),
             alerts: Vec::new(),
+            health: Vec::new(),
+            audits: Vec::new(),
+            errors: Vec::new(),
             gone_workflows: Vec::new(),
             gone_tasks: Vec::new(),
             gone_readiness: Vec::new(),
@@ -465,6 +476,12 @@ impl<'a> Plan<'a> {
                 (_, Some(Row::Compensation(row))) => plan.compensations.push(row),
                 (_, Some(Row::SlaBreach(row))) => plan.breaches.push(row),
                 (_, Some(Row::Alert(row))) => plan.alerts.push(row),
+                (_, Some(Row::ComponentHealth(row))) => plan.health.push(row),
+                (_, Some(Row::Audit(row))) => plan.audits.push(row),
+                (_, Some(Row::ErrorReport(row))) => plan.errors.push(row),
+                // Append-only tables lose nothing, and a component's health is only ever
+                // replaced: the rules retract none of these rows without a new state.
+                (COMPONENT_HEALTH | AUDIT | ERROR_REPORT, None) => {}
                 (WORKFLOW, None) => plan.gone_workflows.push(first),
                 (TASK, None) => plan.gone_tasks.push(first),
                 (READINESS, None) => plan.gone_readiness.push((first, second)),
@@ -503,6 +520,9 @@ impl<'a> Plan<'a> {
             (&a.task_instance_id, a.attempt).cmp(&(&b.task_instance_id, b.attempt))
         });
         plan.alerts.sort_by(|a, b| a.alert_id.cmp(&b.alert_id));
+        plan.health.sort_by(|a, b| a.component.cmp(&b.component));
+        plan.audits.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+        plan.errors.sort_by(|a, b| a.event_id.cmp(&b.event_id));
         plan.gone_workflows.sort_unstable();
         plan.gone_tasks.sort_unstable();
         plan.gone_readiness.sort_unstable();
@@ -673,10 +693,49 @@ impl<'a> Plan<'a> {
             &st.upsert_alerts,
             &self.alerts,
             alert_columns,
-            "upsert alerts",
+            "insert alerts",
+        )
+        .await?;
+        upsert_chunks(
+            tx,
+            &st.upsert_health,
+            &self.health,
+            health_columns,
+            "upsert component_health",
+        )
+        .await?;
+        upsert_chunks(
+            tx,
+            &st.insert_audit,
+            &self.audits,
+            audit_columns,
+            "insert audit_log",
+        )
+        .await?;
+        upsert_chunks(
+            tx,
+            &st.insert_errors,
+            &self.errors,
+            error_columns,
+            "insert error_reports",
         )
         .await?;
         Ok(())
+    }
+
+    /// Logs the error reports that raise no alert (contract §6: "counted and logged").
+    fn log_quiet_errors(&self) {
+        for e in &self.errors {
+            if e.severity == "MEDIUM" || e.severity == "LOW" {
+                info!(
+                    component = %e.component,
+                    severity = %e.severity,
+                    event_id = %e.event_id,
+                    "error report: {}",
+                    e.message
+                );
+            }
+        }
     }
 }
 
@@ -913,6 +972,129 @@ fn alert_columns<'a>(rows: &[&'a AlertRow]) -> Result<Vec<Column<'a>>, SinkError
     ])
 }
 
+/// Columns of `component_health` the rules own, in the order of [`HEALTH_COLUMNS`].
+fn health_columns<'a>(rows: &[&'a ComponentHealthRow]) -> Result<Vec<Column<'a>>, SinkError> {
+    let at = |f: fn(&ComponentHealthRow) -> Millis| -> Result<Column<'a>, SinkError> {
+        Ok(column(
+            rows.iter()
+                .map(|r| timestamp(f(r)))
+                .collect::<Result<Vec<_>, _>>()?,
+        ))
+    };
+    Ok(vec![
+        column(rows.iter().map(|r| r.component.as_str()).collect()),
+        column(rows.iter().map(|r| r.status.as_str()).collect()),
+        at(|r| r.last_check_at)?,
+        at(|r| r.status_since)?,
+    ])
+}
+
+const HEALTH_COLUMNS: &[(&str, &str)] = &[
+    ("component", "text"),
+    ("status", "text"),
+    ("last_check_at", "timestamptz"),
+    ("status_since", "timestamptz"),
+];
+
+/// Columns of `audit_log`, in the order of [`AUDIT_COLUMNS`].
+fn audit_columns<'a>(rows: &[&'a AuditRow]) -> Result<Vec<Column<'a>>, SinkError> {
+    let text = |f: fn(&'a AuditRow) -> &'a str| column(rows.iter().map(|r| f(r)).collect());
+    let times: Vec<DateTime<Utc>> = rows
+        .iter()
+        .map(|r| timestamp(r.event_time))
+        .collect::<Result<_, _>>()?;
+    Ok(vec![
+        text(|r| &r.event_id),
+        text(|r| &r.component),
+        text(|r| &r.actor),
+        text(|r| &r.action),
+        text(|r| &r.entity_type),
+        text(|r| &r.entity_id),
+        column(
+            rows.iter()
+                .map(|r| r.details.as_deref())
+                .collect::<Vec<_>>(),
+        ),
+        column(times),
+        text(|r| &r.source_topic),
+        column(rows.iter().map(|r| r.source_partition).collect()),
+        column(rows.iter().map(|r| r.source_offset).collect()),
+    ])
+}
+
+const AUDIT_COLUMNS: &[(&str, &str)] = &[
+    ("event_id", "text"),
+    ("component", "text"),
+    ("actor", "text"),
+    ("action", "text"),
+    ("entity_type", "text"),
+    ("entity_id", "text"),
+    ("details", "jsonb"),
+    ("event_time", "timestamptz"),
+    ("source_topic", "text"),
+    ("source_partition", "int4"),
+    ("source_offset", "int8"),
+];
+
+/// Columns of `error_reports`, in the order of [`ERROR_COLUMNS`].
+fn error_columns<'a>(rows: &[&'a ErrorReportRow]) -> Result<Vec<Column<'a>>, SinkError> {
+    let text = |f: fn(&'a ErrorReportRow) -> &'a str| column(rows.iter().map(|r| f(r)).collect());
+    let times: Vec<DateTime<Utc>> = rows
+        .iter()
+        .map(|r| timestamp(r.event_time))
+        .collect::<Result<_, _>>()?;
+    Ok(vec![
+        text(|r| &r.event_id),
+        text(|r| &r.component),
+        text(|r| &r.severity),
+        text(|r| &r.message),
+        column(times),
+        text(|r| &r.source_topic),
+        column(rows.iter().map(|r| r.source_partition).collect()),
+        column(rows.iter().map(|r| r.source_offset).collect()),
+    ])
+}
+
+const ERROR_COLUMNS: &[(&str, &str)] = &[
+    ("event_id", "text"),
+    ("component", "text"),
+    ("severity", "text"),
+    ("message", "text"),
+    ("event_time", "timestamptz"),
+    ("source_topic", "text"),
+    ("source_partition", "int4"),
+    ("source_offset", "int8"),
+];
+
+/// `INSERT … SELECT * FROM UNNEST(…) ON CONFLICT (key) DO NOTHING`: for append-only tables,
+/// where a replayed or duplicated row is not inserted again.
+fn insert_new_sql(table: &str, key: &str, columns: &[(&str, &str)]) -> String {
+    let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
+    let arrays: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ty))| match *ty {
+            "numeric" | "jsonb" => format!("${}::text[]::{ty}[]", i + 1),
+            _ => format!("${}::{ty}[]", i + 1),
+        })
+        .collect();
+    format!(
+        "INSERT INTO {table} ({names}) SELECT * FROM UNNEST({arrays}) ON CONFLICT ({key}) DO NOTHING",
+        names = names.join(", "),
+        arrays = arrays.join(", "),
+    )
+}
+
+/// Inserts new error reports and, for those actually inserted, counts MEDIUM and LOW per
+/// component into `component_health` and keeps its latest error: a report replayed or
+/// duplicated inserts nothing, so it counts nothing.
+fn insert_errors_sql() -> String {
+    format!(
+        "WITH inserted AS ({insert} RETURNING component, severity, message, event_time),          per_component AS (            SELECT component,                   count(*) FILTER (WHERE severity = 'MEDIUM') AS medium,                   count(*) FILTER (WHERE severity = 'LOW') AS low,                   max(event_time) AS last_at,                   (array_agg(message ORDER BY event_time DESC))[1] AS last_message            FROM inserted GROUP BY component)          INSERT INTO component_health AS h            (component, medium_errors, low_errors, last_error_at, last_error_message)          SELECT component, medium, low, last_at, last_message FROM per_component          ON CONFLICT (component) DO UPDATE SET            medium_errors = h.medium_errors + EXCLUDED.medium_errors,            low_errors = h.low_errors + EXCLUDED.low_errors,            last_error_message = CASE WHEN h.last_error_at IS NULL              OR EXCLUDED.last_error_at >= h.last_error_at              THEN EXCLUDED.last_error_message ELSE h.last_error_message END,            last_error_at = GREATEST(h.last_error_at, EXCLUDED.last_error_at),            updated_at = now()",
+        insert = insert_new_sql("error_reports", "event_id", ERROR_COLUMNS),
+    )
+}
+
 const ALERT_COLUMNS: &[(&str, &str)] = &[
     ("alert_id", "text"),
     ("severity", "text"),
@@ -948,6 +1130,9 @@ fn row_key(row: &Row) -> (u8, &str, Cow<'_, str>) {
             Cow::Owned(b.attempt.to_string()),
         ),
         Row::Alert(a) => (ALERT, a.alert_id.as_str(), Cow::Borrowed("")),
+        Row::ComponentHealth(h) => (COMPONENT_HEALTH, h.component.as_str(), Cow::Borrowed("")),
+        Row::Audit(a) => (AUDIT, a.event_id.as_str(), Cow::Borrowed("")),
+        Row::ErrorReport(e) => (ERROR_REPORT, e.event_id.as_str(), Cow::Borrowed("")),
     }
 }
 
@@ -1190,6 +1375,9 @@ struct Statements {
     upsert_compensations: Statement,
     upsert_breaches: Statement,
     upsert_alerts: Statement,
+    upsert_health: Statement,
+    insert_audit: Statement,
+    insert_errors: Statement,
     delete_orders: Statement,
     delete_transitions: Statement,
     delete_compensations: Statement,
@@ -1327,11 +1515,24 @@ impl Statements {
                 "upsert sla_breaches",
             )
             .await?,
+            // An alert is a fact: raised once, by its first cause (a duplicate or a
+            // re-derivation of the same alert id changes nothing, as on the topic).
             upsert_alerts: prepare(
-                upsert_sql_touching("alerts", &["alert_id"], ALERT_COLUMNS, None),
-                "upsert alerts",
+                insert_new_sql("alerts", "alert_id", ALERT_COLUMNS),
+                "insert alerts",
             )
             .await?,
+            upsert_health: prepare(
+                upsert_sql("component_health", &["component"], HEALTH_COLUMNS),
+                "upsert component_health",
+            )
+            .await?,
+            insert_audit: prepare(
+                insert_new_sql("audit_log", "event_id", AUDIT_COLUMNS),
+                "insert audit_log",
+            )
+            .await?,
+            insert_errors: prepare(insert_errors_sql(), "insert error_reports").await?,
             delete_orders: prepare(
                 "DELETE FROM orders WHERE order_id = ANY($1::text[])".into(),
                 "delete orders",
@@ -1458,6 +1659,9 @@ mod tests {
         );
         assert_eq!(BREACH_COLUMNS.len(), breach_columns(&[]).unwrap().len());
         assert_eq!(ALERT_COLUMNS.len(), alert_columns(&[]).unwrap().len());
+        assert_eq!(HEALTH_COLUMNS.len(), health_columns(&[]).unwrap().len());
+        assert_eq!(AUDIT_COLUMNS.len(), audit_columns(&[]).unwrap().len());
+        assert_eq!(ERROR_COLUMNS.len(), error_columns(&[]).unwrap().len());
     }
 
     #[test]

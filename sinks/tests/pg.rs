@@ -6,7 +6,8 @@ mod common;
 use chrono::{DateTime, Utc};
 use common::*;
 use hmis_dataflows::output::{
-    AlertRow, CompensationRow, OrderRow, OrderTransitionRow, OutTopic, Row, SlaBreachRow,
+    AlertRow, AuditRow, CompensationRow, ComponentHealthRow, ErrorReportRow, OrderRow,
+    OrderTransitionRow, OutTopic, Row, SlaBreachRow,
 };
 use hmis_sinks::{migrate, SinkError};
 
@@ -22,7 +23,12 @@ async fn migrate_creates_the_schema_once() {
     let applied = migrate(&mut client).await.unwrap();
     assert_eq!(
         applied,
-        ["0001_init", "0002_reporting", "0003_published_events"]
+        [
+            "0001_init",
+            "0002_reporting",
+            "0003_published_events",
+            "0004_system_events"
+        ]
     );
     assert!(migrate(&mut client).await.unwrap().is_empty());
 
@@ -48,6 +54,7 @@ async fn migrate_creates_the_schema_once() {
         "alerts",
         "component_health",
         "audit_log",
+        "error_reports",
         "dead_letters",
         "analytics_windows",
         "hmis_input_offsets",
@@ -143,7 +150,8 @@ async fn concurrent_migrations_are_safe() {
             applied.push(run.await.unwrap().expect("concurrent migrate"));
         }
         applied.sort();
-        assert_eq!(applied, [0, 0, 0, 3], "exactly one instance migrates");
+        let all = hmis_sinks::migrate::MIGRATIONS.len();
+        assert_eq!(applied, [0, 0, 0, all], "exactly one instance migrates");
         let count: i64 = schema_db
             .client()
             .await
@@ -151,7 +159,7 @@ async fn concurrent_migrations_are_safe() {
             .await
             .unwrap()
             .get(0);
-        assert_eq!(count, 3);
+        assert_eq!(count, all as i64);
         schema_db.drop().await;
     }
     db.drop().await;
@@ -1076,6 +1084,158 @@ async fn apply_writes_orders_transitions_compensations_breaches_and_alerts() {
     assert_eq!(
         before.get::<_, DateTime<Utc>>(1),
         after.get::<_, DateTime<Utc>>(1)
+    );
+    db.drop().await;
+}
+
+fn health_row(component: &str, status: &str, at: u64, since: u64) -> Row {
+    Row::ComponentHealth(ComponentHealthRow {
+        component: component.into(),
+        status: status.into(),
+        last_check_at: at,
+        status_since: since,
+    })
+}
+
+fn error_row(event_id: &str, component: &str, severity: &str, at: u64) -> Row {
+    Row::ErrorReport(ErrorReportRow {
+        event_id: event_id.into(),
+        component: component.into(),
+        severity: severity.into(),
+        message: format!("{severity} at {at}"),
+        event_time: at,
+        source_topic: "system-events".into(),
+        source_partition: 1,
+        source_offset: 7,
+    })
+}
+
+fn audit_row(event_id: &str) -> Row {
+    Row::Audit(AuditRow {
+        event_id: event_id.into(),
+        component: "emr".into(),
+        actor: "dr-x".into(),
+        action: "VIEW".into(),
+        entity_type: "PATIENT".into(),
+        entity_id: "p-1".into(),
+        details: Some(r#"{"fields":["allergies"]}"#.into()),
+        event_time: T0,
+        source_topic: "system-events".into(),
+        source_partition: 0,
+        source_offset: 3,
+    })
+}
+
+#[tokio::test]
+async fn system_rows_health_audit_and_error_counts_exactly_once() {
+    let db = TestDb::new().await;
+    let mut sink = db.claimed_sink("system").await;
+    let client = db.client().await;
+
+    let mut first = batch(T0 + 5_000);
+    first.rows = vec![
+        upsert(health_row("db", "UNHEALTHY", T0 + 2_000, T0 + 1_000)),
+        upsert(audit_row("au-1")),
+        upsert(error_row("er-1", "db", "MEDIUM", T0 + 1_000)),
+        upsert(error_row("er-2", "db", "LOW", T0 + 3_000)),
+        upsert(error_row("er-3", "db", "CRITICAL", T0 + 2_000)),
+        // A component that reported an error before any health check.
+        upsert(error_row("er-4", "lab", "LOW", T0 + 4_000)),
+    ];
+    sink.apply("system", &first).await.unwrap();
+
+    // The same reports again (a duplicate input, or a batch written again): nothing counted
+    // twice, nothing appended twice. One more MEDIUM, older than the latest error.
+    let mut second = batch(T0 + 9_000);
+    second.rows = vec![
+        upsert(health_row("db", "UP", T0 + 8_000, T0 + 8_000)),
+        upsert(audit_row("au-1")),
+        upsert(error_row("er-1", "db", "MEDIUM", T0 + 1_000)),
+        upsert(error_row("er-2", "db", "LOW", T0 + 3_000)),
+        upsert(error_row("er-5", "db", "MEDIUM", T0 + 500)),
+    ];
+    sink.apply("system", &second).await.unwrap();
+
+    let health: Vec<(
+        String,
+        Option<String>,
+        i64,
+        i64,
+        Option<DateTime<Utc>>,
+        Option<String>,
+    )> = client
+        .query(
+            "SELECT component, status, medium_errors, low_errors, last_error_at,
+                        last_error_message
+                 FROM component_health ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .collect();
+    assert_eq!(
+        health,
+        [
+            (
+                "db".into(),
+                Some("UP".into()),
+                2,
+                1,
+                Some(at(T0 + 3_000)),
+                Some(format!("LOW at {}", T0 + 3_000))
+            ),
+            (
+                "lab".into(),
+                None,
+                0,
+                1,
+                Some(at(T0 + 4_000)),
+                Some(format!("LOW at {}", T0 + 4_000))
+            ),
+        ],
+        "health from the rows; errors counted once per report, CRITICAL not counted"
+    );
+    let since: DateTime<Utc> = client
+        .query_one(
+            "SELECT status_since FROM component_health WHERE component = 'db'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(since, at(T0 + 8_000));
+
+    let reports: i64 = client
+        .query_one("SELECT count(*) FROM error_reports", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(reports, 5);
+
+    let audit: Vec<(String, String, String, i32, i64)> = client
+        .query(
+            "SELECT event_id, details->'fields'->>0, source_topic, source_partition,
+                    source_offset
+             FROM audit_log",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    assert_eq!(
+        audit,
+        [(
+            "au-1".into(),
+            "allergies".into(),
+            "system-events".into(),
+            0,
+            3
+        )],
+        "appended once"
     );
     db.drop().await;
 }
