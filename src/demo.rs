@@ -350,5 +350,37 @@ async fn print_summary(cfg: &Config) -> anyhow::Result<()> {
     {
         println!("  {:<24} {:>6}", r.get::<_, String>(0), r.get::<_, i64>(1));
     }
+    println!("Component health (system events; MEDIUM/LOW errors counted):");
+    for r in client
+        .query(
+            "SELECT component, coalesce(status, '?'), medium_errors, low_errors \
+             FROM component_health ORDER BY 1",
+            &[],
+        )
+        .await?
+    {
+        println!(
+            "  {:<16} {:<10} medium {:>3}  low {:>3}",
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+            r.get::<_, i64>(2),
+            r.get::<_, i64>(3)
+        );
+    }
+    println!("Alerts by kind and severity:");
+    for r in client
+        .query(
+            "SELECT kind, severity, count(*) FROM alerts GROUP BY 1, 2 ORDER BY 1, 2",
+            &[],
+        )
+        .await?
+    {
+        println!(
+            "  {:<28} {:<9} {:>6}",
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+            r.get::<_, i64>(2)
+        );
+    }
     Ok(())
 }

@@ -48,11 +48,13 @@ pub const TASK_EVENTS_TOPIC: &str = "workflow-task-events";
 pub const ORDER_EVENTS_TOPIC: &str = "workflow-order-events";
 /// Input topic of upstream workflow events (key `workflowInstanceId`).
 pub const STATE_EVENTS_TOPIC: &str = "workflow-state-events";
+/// Input topic of system events (key `component`).
+pub const SYSTEM_EVENTS_TOPIC: &str = "system-events";
 
 /// One record to produce: topic, key and value bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkloadRecord {
-    /// One of the four input topics above.
+    /// One of the five input topics above.
     pub topic: &'static str,
     /// The key contract §1 names for the topic (always set).
     pub key: Option<String>,
@@ -171,6 +173,12 @@ pub fn generate_labeled(cfg: &WorkloadConfig) -> Vec<(RecordKind, WorkloadRecord
         let mut wf = Workflow::new(&mut rng, template, t0);
         wf.simulate();
         events.append(&mut wf.finish());
+        // System events (contract §6) from their own stream, about one per two workflows.
+        let mut sys = SmallRng::seed_from_u64(mix(cfg.seed ^ SYSTEM_STREAM, i as u64));
+        if sys.random_bool(0.5) {
+            let at = t0 + sys.random_range(0..60 * SEC);
+            events.push(system_event(&mut sys, i, at));
+        }
         t0 += 20 * SEC + arrivals.random_range(0..80 * SEC);
     }
     // Stable: events of one key were generated in time order, and ties keep it.
@@ -207,6 +215,58 @@ pub fn generate_labeled(cfg: &WorkloadConfig) -> Vec<(RecordKind, WorkloadRecord
 
 const SEC: u64 = 1_000;
 const MIN: u64 = 60 * SEC;
+
+/// Salt of the system events' random stream.
+const SYSTEM_STREAM: u64 = 0x5359_5354_454d;
+
+/// One system event of a few hospital components: health checks (some UNHEALTHY), metrics
+/// (some above the default thresholds), error reports of every severity, audit entries.
+fn system_event(rng: &mut SmallRng, i: usize, time: u64) -> Ev {
+    let components = ["emr-api", "lab-gateway", "pacs", "pharmacy"];
+    let component = components[rng.random_range(0..components.len())];
+    let mut body = json!({
+        "eventId": uuid_like(rng),
+        "eventTime": rfc3339_ms(time),
+        "component": component,
+    });
+    let fields = match rng.random_range(0..100) {
+        0..40 => {
+            let status = match rng.random_range(0..100) {
+                0..70 => "UP",
+                70..85 => "DEGRADED",
+                _ => "UNHEALTHY",
+            };
+            json!({"eventType": "HEALTH_CHECK", "status": status})
+        }
+        40..65 => {
+            if rng.random_bool(0.5) {
+                json!({"eventType": "PERFORMANCE_METRIC", "metricName": "kafka.consumer.lag",
+                       "value": rng.random_range(0..1500), "unit": "messages"})
+            } else {
+                json!({"eventType": "PERFORMANCE_METRIC", "metricName": "event.processing.time.ms",
+                       "value": rng.random_range(0..70_000) as f64 / 10.0, "unit": "ms"})
+            }
+        }
+        65..80 => {
+            let severity = ["CRITICAL", "HIGH", "MEDIUM", "LOW"][rng.random_range(0..4)];
+            json!({"eventType": "ERROR_REPORT", "severity": severity,
+                   "message": format!("{component}: {} failed", ["query", "upload", "sync"][rng.random_range(0..3)])})
+        }
+        _ => {
+            let action = ["VIEW", "EXPORT", "UPDATE"][rng.random_range(0..3)];
+            json!({"eventType": "AUDIT_EVENT", "actor": format!("user-{}", rng.random_range(0..50)),
+                   "action": action, "entityType": "PATIENT", "entityId": format!("patient-{i}"),
+                   "details": {"reason": "treatment"}})
+        }
+    };
+    merge(&mut body, fields);
+    Ev {
+        time,
+        topic: SYSTEM_EVENTS_TOPIC,
+        key: component.to_string(),
+        payload: to_bytes(&body),
+    }
+}
 
 // ------------------------------------------------------------------ templates ----
 
@@ -1040,6 +1100,7 @@ fn malformed(rng: &mut SmallRng, ev: &Ev) -> (RecordKind, Vec<u8>) {
             let id_field = match ev.topic {
                 TASK_EVENTS_TOPIC => "taskInstanceId",
                 ORDER_EVENTS_TOPIC => "orderId",
+                SYSTEM_EVENTS_TOPIC => "component",
                 _ => "workflowInstanceId",
             };
             let fields = ["eventId", "eventType", "eventTime", id_field];
@@ -1054,6 +1115,7 @@ fn malformed(rng: &mut SmallRng, ev: &Ev) -> (RecordKind, Vec<u8>) {
             let types: &[&str] = match ev.topic {
                 TASK_EVENTS_TOPIC => &["TASK_PAUSED", "TASK_REASSIGNED"],
                 ORDER_EVENTS_TOPIC => &["ORDER_ON_HOLD", "ORDER_REFUNDED"],
+                SYSTEM_EVENTS_TOPIC => &["REBOOT", "HEARTBEAT"],
                 _ => &["WORKFLOW_PAUSED", "WORKFLOW_ARCHIVED"],
             };
             body.insert(
@@ -1260,9 +1322,23 @@ mod tests {
                 time.len() == 24 && time.ends_with('Z') && &time[19..20] == ".",
                 "{time}"
             );
-            assert!(v["metadata"].is_object());
             let ty = str_of(&v, "eventType");
             let key = r.key.as_deref().unwrap();
+            if r.topic == SYSTEM_EVENTS_TOPIC {
+                assert_eq!(str_of(&v, "component"), key, "key is the component");
+                let named: &[&str] = match ty {
+                    "HEALTH_CHECK" => &["status"],
+                    "PERFORMANCE_METRIC" => &["metricName", "unit"],
+                    "ERROR_REPORT" => &["severity", "message"],
+                    "AUDIT_EVENT" => &["actor", "action", "entityType", "entityId"],
+                    other => panic!("system event {other}"),
+                };
+                for field in named {
+                    str_of(&v, field);
+                }
+                continue;
+            }
+            assert!(v["metadata"].is_object());
             let (id_field, status) = match r.topic {
                 TASK_EVENTS_TOPIC => {
                     assert!(v["attempt"].as_u64().is_some_and(|a| a >= 1));

@@ -305,6 +305,7 @@ async fn event_mode_run_matches_the_dataflow_and_publishes_each_event_once() {
             &cfg.topics.tasks,
             &cfg.topics.orders,
             &cfg.topics.workflows,
+            &cfg.topics.system,
         ] {
             let md = c
                 .fetch_metadata(Some(topic), std::time::Duration::from_secs(10))
@@ -346,11 +347,114 @@ async fn event_mode_run_matches_the_dataflow_and_publishes_each_event_once() {
         );
     }
 
+    // System events (contract §6): health, the audit log, error counts and alerts.
+    let system = system_in_pg(&cfg).await;
+    assert_eq!(
+        system,
+        system_of(&want),
+        "system tables hold what the dataflow computes"
+    );
+    assert!(
+        !system.0.is_empty() && !system.1.is_empty() && !system.3.is_empty(),
+        "a meaningful workload: {system:?}"
+    );
+    let alerts = hmis_flow::demo::read_topic(&cfg, &cfg.topics.alerts).unwrap();
+    let mut alert_ids: Vec<String> = alerts
+        .iter()
+        .map(|(key, p)| {
+            let v: serde_json::Value = serde_json::from_str(p).unwrap();
+            assert_eq!(
+                key.as_deref(),
+                v["source"].as_str(),
+                "alerts are keyed by source"
+            );
+            v["alertId"].as_str().unwrap().to_string()
+        })
+        .collect();
+    alert_ids.sort();
+    assert_eq!(alert_ids, system.3, "each alert published once, as stored");
+
     // A second run with nothing new changes nothing and publishes nothing.
     let again = run_pipeline(&cfg);
     assert_eq!(again.published, 0);
     assert_eq!(picture_in_pg(&cfg).await.0, want_picture);
     assert_eq!(derived_ids(&cfg), ids);
+    assert_eq!(system_in_pg(&cfg).await, system, "and counts nothing twice");
+}
+
+/// (component → (status, medium errors, low errors), audit eventIds, error-report eventIds,
+/// alert ids), sorted.
+type SystemPicture = (
+    BTreeMap<String, (Option<String>, i64, i64)>,
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+);
+
+/// The system tables the dataflow's rows imply (the sink counts MEDIUM and LOW reports).
+fn system_of(o: &Outcome) -> SystemPicture {
+    let mut health: BTreeMap<String, (Option<String>, i64, i64)> = BTreeMap::new();
+    let (mut audit, mut errors, mut alerts) = (Vec::new(), Vec::new(), Vec::new());
+    for row in o.rows.values() {
+        match row {
+            Row::ComponentHealth(h) => {
+                health.entry(h.component.clone()).or_default().0 = Some(h.status.clone())
+            }
+            Row::Audit(a) => audit.push(a.event_id.clone()),
+            Row::ErrorReport(e) => {
+                errors.push(e.event_id.clone());
+                let entry = health.entry(e.component.clone()).or_default();
+                match e.severity.as_str() {
+                    "MEDIUM" => entry.1 += 1,
+                    "LOW" => entry.2 += 1,
+                    _ => {}
+                }
+            }
+            Row::Alert(a) => alerts.push(a.alert_id.clone()),
+            _ => {}
+        }
+    }
+    audit.sort();
+    errors.sort();
+    alerts.sort();
+    (health, audit, errors, alerts)
+}
+
+async fn system_in_pg(cfg: &Config) -> SystemPicture {
+    let (c, conn) = tokio_postgres::connect(&cfg.database_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let texts = |sql: &'static str| {
+        let c = &c;
+        async move {
+            let mut v: Vec<String> = c
+                .query(sql, &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            v.sort();
+            v
+        }
+    };
+    let health = c
+        .query(
+            "SELECT component, status, medium_errors, low_errors FROM component_health",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .collect();
+    (
+        health,
+        texts("SELECT event_id FROM audit_log").await,
+        texts("SELECT event_id FROM error_reports").await,
+        texts("SELECT alert_id FROM alerts").await,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

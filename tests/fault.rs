@@ -782,6 +782,9 @@ fn wall_clock_kill_9_publishes_each_event_once_and_keeps_the_state_exact() {
         ("task_readiness", "SELECT concat_ws('|', workflow_instance_id, task_def_id, next_attempt) FROM task_readiness"),
         ("dead_letters", "SELECT concat_ws('|', topic, partition, \"offset\", reason) FROM dead_letters"),
         ("orders", "SELECT concat_ws('|', order_id, order_status) FROM orders"),
+        ("component_health", "SELECT concat_ws('|', component, status, medium_errors, low_errors, last_error_at) FROM component_health"),
+        ("audit_log", "SELECT event_id FROM audit_log"),
+        ("error_reports", "SELECT event_id FROM error_reports"),
     ] {
         let (g, w) = (query_texts(&cfg, sql), query_texts(&reference, sql));
         assert!(!w.is_empty() || table == "task_readiness", "{table}: a meaningful workload");

@@ -38,6 +38,7 @@ pub const TABLES: &[&str] = &[
     "alerts",
     "component_health",
     "audit_log",
+    "error_reports",
     "analytics_windows",
 ];
 
