@@ -1070,14 +1070,7 @@ const ERROR_COLUMNS: &[(&str, &str)] = &[
 /// where a replayed or duplicated row is not inserted again.
 fn insert_new_sql(table: &str, key: &str, columns: &[(&str, &str)]) -> String {
     let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
-    let arrays: Vec<String> = columns
-        .iter()
-        .enumerate()
-        .map(|(i, (_, ty))| match *ty {
-            "numeric" | "jsonb" => format!("${}::text[]::{ty}[]", i + 1),
-            _ => format!("${}::{ty}[]", i + 1),
-        })
-        .collect();
+    let arrays = unnest_arrays(columns);
     format!(
         "INSERT INTO {table} ({names}) SELECT * FROM UNNEST({arrays}) ON CONFLICT ({key}) DO NOTHING",
         names = names.join(", "),
@@ -1303,6 +1296,20 @@ fn timestamps(
     values.map(|v| v.map(timestamp).transpose()).collect()
 }
 
+/// The parameters of `UNNEST(…)`, one typed array per column. `numeric` and `jsonb` columns
+/// are passed as text arrays and cast on the server, so the sink needs no decimal or JSON
+/// types of its own.
+fn unnest_arrays(columns: &[(&str, &str)]) -> Vec<String> {
+    columns
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ty))| match *ty {
+            "numeric" | "jsonb" => format!("${}::text[]::{ty}[]", i + 1),
+            _ => format!("${}::{ty}[]", i + 1),
+        })
+        .collect()
+}
+
 /// `INSERT INTO table (cols) SELECT * FROM UNNEST($1::t1[], ...) ON CONFLICT (key) DO UPDATE`
 /// setting every non-key column and `updated_at`, but only where something changed (a
 /// replayed batch then writes nothing).
@@ -1311,8 +1318,7 @@ fn upsert_sql(table: &str, key: &[&str], columns: &[(&str, &str)]) -> String {
 }
 
 /// [`upsert_sql`] with the column stamped `now()` on a change named by `touch` (`None` for
-/// tables without one). `numeric` and `jsonb` columns are passed as text arrays and cast
-/// on the server, so the sink needs no decimal or JSON types of its own.
+/// tables without one).
 fn upsert_sql_touching(
     table: &str,
     key: &[&str],
@@ -1320,14 +1326,7 @@ fn upsert_sql_touching(
     touch: Option<&str>,
 ) -> String {
     let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
-    let arrays: Vec<String> = columns
-        .iter()
-        .enumerate()
-        .map(|(i, (_, ty))| match *ty {
-            "numeric" | "jsonb" => format!("${}::text[]::{ty}[]", i + 1),
-            _ => format!("${}::{ty}[]", i + 1),
-        })
-        .collect();
+    let arrays = unnest_arrays(columns);
     let updated: Vec<&str> = names
         .iter()
         .copied()
