@@ -130,8 +130,11 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
         "WorkflowLifecycle",
     );
     let (tasks, workflows) = lifecycle::split(wf_live);
-    let (orders, order_life, order_loop) =
-        lifecycle::track(inputs.orders, &cfg.lifecycle, "OrderLifecycle");
+    let (orders, order_life, order_loop) = lifecycle::track(
+        inputs.orders.map(Arc::new),
+        &cfg.lifecycle,
+        "OrderLifecycle",
+    );
 
     let wf_states = workflows
         .map(|e| (e.workflow_instance_id.clone(), e))

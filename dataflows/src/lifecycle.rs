@@ -246,7 +246,7 @@ impl Tracked for WfInput {
     }
 }
 
-impl Tracked for OrderEvent {
+impl Tracked for Arc<OrderEvent> {
     fn key(&self) -> &str {
         &self.order_id
     }
@@ -279,7 +279,7 @@ impl Tracked for OrderEvent {
             self.raw_key.as_deref(),
             &self.order_id,
             self.raw.as_deref(),
-            || serde_json::to_string(self).unwrap_or_default(),
+            || serde_json::to_string(&**self).unwrap_or_default(),
             reason,
             detail,
             at,

@@ -257,16 +257,23 @@ pub fn fold_order(order_id: &str, events: &[&OrderEvent], elig: &Eligibility) ->
 /// Extension trait: the order-lifecycle operator.
 pub trait OrderStates<'s> {
     /// One [`OrderState`] per order that has at least one event, keyed by orderId.
-    fn order_states(self, elig: Arc<Eligibility>) -> VecCollection<'s, u64, (String, OrderState)>;
+    fn order_states(
+        self,
+        elig: Arc<Eligibility>,
+    ) -> VecCollection<'s, u64, (String, Arc<OrderState>)>;
 }
 
-impl<'s> OrderStates<'s> for VecCollection<'s, u64, OrderEvent> {
-    fn order_states(self, elig: Arc<Eligibility>) -> VecCollection<'s, u64, (String, OrderState)> {
+impl<'s> OrderStates<'s> for VecCollection<'s, u64, Arc<OrderEvent>> {
+    fn order_states(
+        self,
+        elig: Arc<Eligibility>,
+    ) -> VecCollection<'s, u64, (String, Arc<OrderState>)> {
         self.map(|e| (e.order_id.clone(), e)).reduce_named(
             "OrderState",
             move |key, input, output| {
-                let events: Vec<&OrderEvent> = input.iter().map(|(e, _)| *e).collect();
-                output.push((fold_order(key, &events, &elig), 1));
+                let events: Vec<&OrderEvent> = input.iter().map(|(e, _)| &***e).collect();
+                // Shared: the state holds the order's events, and arrangements copy on merge.
+                output.push((Arc::new(fold_order(key, &events, &elig)), 1));
             },
         )
     }
@@ -806,7 +813,7 @@ enum OrderRowPart {
 /// `compensation_actions` and `alerts`; ORDER_* derived events; CRITICAL alerts; dead letters
 /// of rejected transitions; and ORDER_OVERDUE when the fulfillment deadline passes.
 pub fn order_rules<'s>(
-    states: VecCollection<'s, u64, (String, OrderState)>,
+    states: VecCollection<'s, u64, (String, Arc<OrderState>)>,
     rules: &OrderRules,
     retired: &VecCollection<'s, u64, crate::output::Owner>,
     decide_from: u64,

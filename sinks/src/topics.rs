@@ -21,7 +21,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::outbox::TopicNames;
 use crate::SinkError;
@@ -146,29 +146,50 @@ pub async fn create_topics(
     let options = AdminOptions::new()
         .operation_timeout(Some(Duration::from_secs(30)))
         .request_timeout(Some(Duration::from_secs(30)));
-    let results = admin
-        .create_topics(&new_topics, &options)
-        .await
-        .map_err(SinkError::kafka("create topics"))?;
 
+    // A topic whose creation failed transiently (a broker busy or restarting) is asked for
+    // again, a few times with a capped backoff; any other failure is returned at once.
     let mut created = Vec::new();
-    for result in results {
-        match result {
-            Ok(name) => {
-                info!(topic = %name, "topic created");
-                created.push(name);
-            }
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => {
-                return Err(SinkError::Kafka {
-                    context: format!("create topic {name}"),
-                    source: rdkafka::error::KafkaError::AdminOp(code),
-                })
+    let mut pending: Vec<NewTopic<'_>> = new_topics;
+    let mut backoff = Duration::from_millis(200);
+    for attempt in 1..=CREATE_ATTEMPTS {
+        let results = admin
+            .create_topics(&pending, &options)
+            .await
+            .map_err(SinkError::kafka("create topics"))?;
+        let mut retry = Vec::new();
+        for result in results {
+            match result {
+                Ok(name) => {
+                    info!(topic = %name, "topic created");
+                    created.push(name);
+                }
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    let err = SinkError::Kafka {
+                        context: format!("create topic {name}"),
+                        source: rdkafka::error::KafkaError::AdminOp(code),
+                    };
+                    if !err.is_transient() || attempt == CREATE_ATTEMPTS {
+                        return Err(err);
+                    }
+                    warn!(topic = %name, error = %err, attempt, "topic creation failed; retrying");
+                    retry.push(name);
+                }
             }
         }
+        if retry.is_empty() {
+            break;
+        }
+        pending.retain(|t| retry.iter().any(|name| name == t.name));
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
     Ok(created)
 }
+
+/// How many times a transiently failing topic creation is tried.
+const CREATE_ATTEMPTS: u32 = 6;
 
 #[cfg(test)]
 mod tests {
