@@ -54,6 +54,18 @@ pub fn metrics_text(s: &Shared) -> String {
         s.rows_written.load(Ordering::Relaxed),
     );
     counter(
+        "hmis_alerts_total",
+        "Alerts written to the alerts table (a batch written again after a restart may count one twice).",
+        "counter",
+        s.alerts_raised.load(Ordering::Relaxed),
+    );
+    counter(
+        "hmis_error_reports_quiet_total",
+        "MEDIUM and LOW ERROR_REPORTs (contract §6: counted and logged, no alert).",
+        "counter",
+        s.quiet_error_reports.load(Ordering::Relaxed),
+    );
+    counter(
         "hmis_derived_events_published_total",
         "Records published from the outbox to Kafka.",
         "counter",

@@ -31,7 +31,7 @@ use anyhow::Context as _;
 use tracing::{debug, error, info, warn};
 
 use hmis_dataflows::gather::Gather;
-use hmis_dataflows::output::FlushBatch;
+use hmis_dataflows::output::{FlushBatch, Row};
 use hmis_dataflows::{build, RulesConfig, Sessions};
 use hmis_sinks::{PgSink, Publisher, PublisherConfig, SinkError, TopicNames};
 
@@ -74,6 +74,10 @@ pub struct Shared {
     pub dead_letters: AtomicU64,
     pub batches_committed: AtomicU64,
     pub rows_written: AtomicU64,
+    /// Alerts committed (rows of `alerts`: system events and critical results).
+    pub alerts_raised: AtomicU64,
+    /// ERROR_REPORTs committed that raise no alert (MEDIUM and LOW: contract §6, "counted").
+    pub quiet_error_reports: AtomicU64,
     pub events_published: AtomicU64,
     pub kafka_errors: AtomicU64,
     pub sink_retries: AtomicU64,
@@ -653,6 +657,23 @@ fn sink_thread(
                     .rows_written
                     .fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
                 shared.batches_committed.fetch_add(1, Ordering::Relaxed);
+                let (alerts, quiet) =
+                    batch
+                        .rows
+                        .iter()
+                        .fold((0, 0), |(a, q), (_, row)| match row {
+                            Some(Row::Alert(_)) => (a + 1, q),
+                            Some(Row::ErrorReport(e))
+                                if matches!(e.severity.as_str(), "MEDIUM" | "LOW") =>
+                            {
+                                (a, q + 1)
+                            }
+                            _ => (a, q),
+                        });
+                shared.alerts_raised.fetch_add(alerts, Ordering::Relaxed);
+                shared
+                    .quiet_error_reports
+                    .fetch_add(quiet, Ordering::Relaxed);
                 shared.committed.store(batch.frontier, Ordering::SeqCst);
                 if !batch.records.is_empty() {
                     let res =

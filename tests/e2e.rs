@@ -190,8 +190,13 @@ async fn picture_in_pg(cfg: &Config) -> (Picture, BTreeMap<String, i64>) {
 }
 
 fn run_pipeline(cfg: &Config) -> hmis_flow::RunSummary {
+    run_pipeline_with(cfg, Arc::new(hmis_flow::Shared::default()))
+}
+
+/// Runs the pipeline with `shared` (its counters are what `/metrics` reports).
+fn run_pipeline_with(cfg: &Config, shared: Arc<hmis_flow::Shared>) -> hmis_flow::RunSummary {
     let cfg = cfg.clone();
-    std::thread::spawn(move || hmis_flow::run(cfg, Arc::new(hmis_flow::Shared::default())))
+    std::thread::spawn(move || hmis_flow::run(cfg, shared))
         .join()
         .expect("pipeline thread")
         .expect("pipeline run")
@@ -232,7 +237,8 @@ async fn event_mode_run_matches_the_dataflow_and_publishes_each_event_once() {
     assert!(malformed > 0, "the workload carries bad records");
     hmis_flow::demo::produce(&cfg, &records).await.unwrap();
 
-    let summary = run_pipeline(&cfg);
+    let shared = Arc::new(hmis_flow::Shared::default());
+    let summary = run_pipeline_with(&cfg, shared.clone());
     assert_eq!(summary.records_read as usize, records.len());
 
     let want = expected(&records, 1);
@@ -373,6 +379,11 @@ async fn event_mode_run_matches_the_dataflow_and_publishes_each_event_once() {
         .collect();
     alert_ids.sort();
     assert_eq!(alert_ids, system.3, "each alert published once, as stored");
+    // The metrics count them (hmis_alerts_total, hmis_error_reports_quiet_total).
+    use std::sync::atomic::Ordering::SeqCst;
+    assert_eq!(shared.alerts_raised.load(SeqCst) as usize, system.3.len());
+    let quiet: i64 = system.0.values().map(|(_, medium, low)| medium + low).sum();
+    assert_eq!(shared.quiet_error_reports.load(SeqCst) as i64, quiet);
 
     // A second run with nothing new changes nothing and publishes nothing.
     let again = run_pipeline(&cfg);

@@ -233,6 +233,23 @@ fn a_finished_workflow_is_retired_and_its_rows_stay() {
 }
 
 #[test]
+fn retirement_waits_a_signal_delay_after_the_closure_is_known() {
+    // retire_after_ms = 0: without the minimum delay, w1 (closed at T0 + 6 min, known to the
+    // tracker at T0 + 16 min) would retire on the next whole ten minutes, T0 + 20 min. With
+    // it, not before T0 + 26 min, so on T0 + 30 min: a closure that a replay's partial
+    // history shows for a moment is taken back before anything retires.
+    use std::sync::atomic::Ordering::SeqCst;
+    let (cfg, stats) = retiring(0);
+    at_clock_with(stamped(finished_workflow()), T0 + 30 * MIN - 1, cfg);
+    assert_eq!(stats.0.retired_total.load(SeqCst), 0);
+    assert_eq!(stats.0.held_records.load(SeqCst), 7);
+    let (cfg, stats) = retiring(0);
+    at_clock_with(stamped(finished_workflow()), T0 + 31 * MIN, cfg);
+    assert_eq!(stats.0.retired_total.load(SeqCst), 1);
+    assert_eq!(stats.0.held_records.load(SeqCst), 0);
+}
+
+#[test]
 fn after_retirement_a_duplicate_changes_nothing_and_a_new_event_is_dead_lettered() {
     let clock = T0 + 60 * MIN;
     let (cfg, _) = retiring(5 * MIN);
