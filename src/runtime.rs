@@ -663,11 +663,7 @@ fn sink_thread(
                         .iter()
                         .fold((0, 0), |(a, q), (_, row)| match row {
                             Some(Row::Alert(_)) => (a + 1, q),
-                            Some(Row::ErrorReport(e))
-                                if matches!(e.severity.as_str(), "MEDIUM" | "LOW") =>
-                            {
-                                (a, q + 1)
-                            }
+                            Some(Row::ErrorReport(e)) if e.is_quiet() => (a, q + 1),
                             _ => (a, q),
                         });
                 shared.alerts_raised.fetch_add(alerts, Ordering::Relaxed);

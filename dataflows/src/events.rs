@@ -391,6 +391,24 @@ pub enum Severity {
 }
 
 impl Severity {
+    pub const ALL: [Severity; 4] = [
+        Severity::Critical,
+        Severity::High,
+        Severity::Medium,
+        Severity::Low,
+    ];
+
+    /// The severity named `s` (`CRITICAL`, `HIGH`, `MEDIUM`, `LOW`).
+    pub fn parse(s: &str) -> Option<Severity> {
+        Severity::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    /// Whether an ERROR_REPORT of this severity raises an alert (contract §6: CRITICAL and
+    /// HIGH do; MEDIUM and LOW are counted and logged only).
+    pub fn raises_alert(&self) -> bool {
+        matches!(self, Severity::Critical | Severity::High)
+    }
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Severity::Critical => "CRITICAL",
@@ -817,16 +835,13 @@ pub fn decode(
                     unit: system_text(&value, "unit", et)?,
                 },
                 "ERROR_REPORT" => SystemKind::ErrorReport {
-                    severity: match system_text(&value, "severity", et)?.as_str() {
-                        "CRITICAL" => Severity::Critical,
-                        "HIGH" => Severity::High,
-                        "MEDIUM" => Severity::Medium,
-                        "LOW" => Severity::Low,
-                        other => {
-                            return Err(Rejection::schema(format!(
-                                "{et}: severity `{other}` is not CRITICAL, HIGH, MEDIUM or LOW"
-                            )))
-                        }
+                    severity: {
+                        let text = system_text(&value, "severity", et)?;
+                        Severity::parse(&text).ok_or_else(|| {
+                            Rejection::schema(format!(
+                                "{et}: severity `{text}` is not CRITICAL, HIGH, MEDIUM or LOW"
+                            ))
+                        })?
                     },
                     message: system_text(&value, "message", et)?,
                 },

@@ -217,6 +217,13 @@ pub struct ErrorReportRow {
     pub source_offset: i64,
 }
 
+impl ErrorReportRow {
+    /// A MEDIUM or LOW report: no alert, counted and logged only (contract §6).
+    pub fn is_quiet(&self) -> bool {
+        crate::events::Severity::parse(&self.severity).is_some_and(|s| !s.raises_alert())
+    }
+}
+
 /// One change to a relational table, keyed by the table's primary key.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Row {

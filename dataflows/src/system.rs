@@ -226,7 +226,7 @@ fn apply(
                 t,
                 1,
             ));
-            if matches!(severity, Severity::Critical | Severity::High) {
+            if severity.raises_alert() {
                 Alert {
                     kind: "ERROR_REPORT",
                     severity: *severity,

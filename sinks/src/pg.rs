@@ -726,7 +726,7 @@ impl<'a> Plan<'a> {
     /// Logs the error reports that raise no alert (contract §6: "counted and logged").
     fn log_quiet_errors(&self) {
         for e in &self.errors {
-            if e.severity == "MEDIUM" || e.severity == "LOW" {
+            if e.is_quiet() {
                 info!(
                     component = %e.component,
                     severity = %e.severity,
