@@ -140,6 +140,12 @@ pub fn metrics_text(s: &Shared) -> String {
         s.republish_suppressed.load(Ordering::Relaxed),
     );
     counter(
+        "hmis_sink_items_dead_lettered_total",
+        "Rows, records or dead letters PostgreSQL refused for their content: dead-lettered, the rest of their flush committed.",
+        "counter",
+        s.sink_items_dead_lettered.load(Ordering::Relaxed),
+    );
+    counter(
         "hmis_unknown_reference_dead_letters_total",
         "Records dead-lettered because their workflow or template stayed unknown past the grace.",
         "counter",

@@ -97,6 +97,9 @@ struct RunArgs {
     /// Most records read per worker before the dataflow runs.
     #[arg(long, env = "HMIS_POLL_BATCH")]
     poll_batch: Option<usize>,
+    /// Records (key + value) larger than this many bytes are dead-lettered unread.
+    #[arg(long, env = "HMIS_MAX_RECORD_BYTES")]
+    max_record_bytes: Option<usize>,
 }
 
 #[derive(Args, Clone)]
@@ -232,6 +235,9 @@ fn real_main() -> anyhow::Result<()> {
             }
             if let Some(p) = args.poll_batch {
                 cfg.poll_batch = p;
+            }
+            if let Some(m) = args.max_record_bytes {
+                cfg.max_record_bytes = m;
             }
             let shared = Arc::new(Shared::default());
             // Signals and HTTP run on a small side runtime; the pipeline has its own threads.

@@ -83,6 +83,9 @@ pub struct Shared {
     pub sink_retries: AtomicU64,
     /// Derived events and alerts derived again with an id already published: not published.
     pub republish_suppressed: AtomicU64,
+    /// Items of flushes PostgreSQL refused for their content, dead-lettered instead of
+    /// stopping the pipeline ([`hmis_sinks::SinkError::is_content_error`]).
+    pub sink_items_dead_lettered: AtomicU64,
     /// A permanent sink failure, reported as the run's error.
     pub fatal: Mutex<Option<String>>,
     /// Gauges of the dataflow's lifecycle trackers (held records, tombstones, retirements).
@@ -465,6 +468,9 @@ async fn apply_with_retry(
                     std::mem::take(&mut pg.republish_suppressed),
                     Ordering::Relaxed,
                 );
+                shared
+                    .sink_items_dead_lettered
+                    .fetch_add(std::mem::take(&mut pg.quarantined), Ordering::Relaxed);
                 Shared::mark_up(&shared.postgres_down_since);
                 return Ok(());
             }

@@ -368,27 +368,16 @@ impl Source {
                                 "rejected record"
                             );
                         }
-                        let (payload, payload_encoding) =
-                            match msg.payload().map(std::str::from_utf8) {
-                                Some(Ok(s)) => (s.to_string(), "utf8"),
-                                Some(Err(_)) => {
-                                    (base64_encode(msg.payload().unwrap_or_default()), "base64")
-                                }
-                                None => (String::new(), "null"),
-                            };
-                        let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
                         sessions.emit(
-                            Emit::Dead(DeadLetter {
-                                topic: ps.topic.clone(),
-                                partition,
-                                offset,
-                                key,
-                                payload,
-                                payload_encoding: payload_encoding.to_string(),
-                                reason: rej.reason,
-                                detail: rej.detail,
-                                rejected_at: t,
-                            }),
+                            Emit::Dead(DeadLetter::of_bytes(
+                                &ps.topic,
+                                pos,
+                                msg.key(),
+                                msg.payload(),
+                                rej.reason,
+                                rej.detail,
+                                t,
+                            )),
                             t,
                         );
                     }
@@ -495,9 +484,4 @@ pub fn wall_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-fn base64_encode(bytes: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(bytes)
 }

@@ -125,7 +125,7 @@ pub struct TaskEvent {
     pub error_message: Option<String>,
     pub due_at: Option<Millis>,
     /// The record's Kafka key as text (for a dead letter).
-    pub raw_key: Option<Arc<str>>,
+    pub raw_key: Option<Arc<[u8]>>,
     /// The record's original payload, kept so that an event dead-lettered later (an unknown
     /// reference after its grace, contract §7) carries its bytes. Shared: copies cost a pointer.
     pub raw: Option<Arc<str>>,
@@ -156,7 +156,7 @@ pub struct WorkflowEvent {
     pub template_name: Option<String>,
     pub escalation_reason: Option<String>,
     /// The record's Kafka key as text (for a dead letter).
-    pub raw_key: Option<Arc<str>>,
+    pub raw_key: Option<Arc<[u8]>>,
     /// The record's original payload, kept so that an event dead-lettered later (an unknown
     /// reference after its grace, contract §7) carries its bytes. Shared: copies cost a pointer.
     pub raw: Option<Arc<str>>,
@@ -283,7 +283,7 @@ pub struct OrderEvent {
     pub appointment_id: Option<String>,
     pub action_id: Option<String>,
     /// The record's Kafka key as text, kept for the dead letter of a rejected transition.
-    pub raw_key: Option<Arc<str>>,
+    pub raw_key: Option<Arc<[u8]>>,
     /// The record's original payload (UTF-8 JSON as received), kept so that a transition the
     /// lifecycle rejects can be dead-lettered byte for byte (contract §7). Shared, so the
     /// copies the order state keeps cost a pointer each.
@@ -554,6 +554,49 @@ fn parse_json<'a, T: Deserialize<'a>>(text: &'a str, what: &str) -> Result<T, Re
     })
 }
 
+/// Limits every accepted record keeps, so that whatever it carries can be stored and
+/// published (PostgreSQL `text` holds no NUL; a btree key holds ~2.7 KB; a derived event must
+/// fit one Kafka message). Past one, the record is a SCHEMA_VIOLATION dead letter.
+pub mod limits {
+    /// Most bytes of an identifier (eventId, taskInstanceId, workflowInstanceId, orderId,
+    /// templateId, taskDefId, component): they are primary keys.
+    pub const MAX_ID_BYTES: usize = 512;
+    /// Most bytes of any other string (names, messages, reasons, metadata values).
+    pub const MAX_STRING_BYTES: usize = 64 * 1024;
+    /// Highest attempt number (the next attempt must fit PostgreSQL's `integer`).
+    pub const MAX_ATTEMPT: u32 = i32::MAX as u32 - 1;
+}
+
+/// Checks every string of a parsed record (object keys included): no NUL character, at most
+/// [`limits::MAX_STRING_BYTES`]. JSON nesting is bounded by the parser (128 levels: deeper is
+/// INVALID_JSON).
+fn check_strings(v: &Value) -> Result<(), Rejection> {
+    fn text(s: &str) -> Result<(), Rejection> {
+        if s.contains('\0') {
+            return Err(Rejection::schema(
+                "a string holds a NUL character (\\u0000), which PostgreSQL text cannot store",
+            ));
+        }
+        if s.len() > limits::MAX_STRING_BYTES {
+            return Err(Rejection::schema(format!(
+                "a string of {} bytes exceeds the limit of {} bytes",
+                s.len(),
+                limits::MAX_STRING_BYTES
+            )));
+        }
+        Ok(())
+    }
+    match v {
+        Value::String(s) => text(s),
+        Value::Array(a) => a.iter().try_for_each(check_strings),
+        Value::Object(o) => o.iter().try_for_each(|(k, v)| {
+            text(k)?;
+            check_strings(v)
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn required<T>(v: Option<T>, field: &str, event_type: &str) -> Result<T, Rejection> {
     v.ok_or_else(|| Rejection::schema(format!("{event_type} lacks required field `{field}`")))
 }
@@ -563,6 +606,13 @@ fn non_empty(v: Option<String>, field: &str, event_type: &str) -> Result<String,
     if v.is_empty() {
         return Err(Rejection::schema(format!(
             "{event_type}: field `{field}` is empty"
+        )));
+    }
+    if v.len() > limits::MAX_ID_BYTES {
+        return Err(Rejection::schema(format!(
+            "{event_type}: field `{field}` has {} bytes, more than the {} an identifier may have",
+            v.len(),
+            limits::MAX_ID_BYTES
         )));
     }
     Ok(v)
@@ -598,6 +648,7 @@ pub fn decode(
             "payload is JSON but not an object",
         ));
     };
+    check_strings(&value)?;
     let env: RawEnvelope = serde_json::from_value(value.clone())
         .map_err(|e| Rejection::schema(format!("envelope: {e}")))?;
     if let Some(md) = value.get("metadata") {
@@ -655,8 +706,11 @@ pub fn decode(
                 }
             }
             let attempt = raw.attempt.unwrap_or(1);
-            if attempt == 0 {
-                return Err(Rejection::schema(format!("{et}: attempt must be >= 1")));
+            if attempt == 0 || attempt > limits::MAX_ATTEMPT {
+                return Err(Rejection::schema(format!(
+                    "{et}: attempt {attempt} is outside 1..={}",
+                    limits::MAX_ATTEMPT
+                )));
             }
             let due_at = match raw.due_at {
                 Some(d) => Some(
@@ -681,7 +735,7 @@ pub fn decode(
                 attempt,
                 error_message: raw.error_message,
                 due_at,
-                raw_key: key.map(|k| Arc::from(String::from_utf8_lossy(k).as_ref())),
+                raw_key: key.map(Arc::from),
                 raw: Some(Arc::from(text)),
             }))
         }
@@ -717,7 +771,7 @@ pub fn decode(
                 template_version,
                 template_name: raw.workflow_template_name,
                 escalation_reason: raw.escalation_reason,
-                raw_key: key.map(|k| Arc::from(String::from_utf8_lossy(k).as_ref())),
+                raw_key: key.map(Arc::from),
                 raw: Some(Arc::from(text)),
             }))
         }
@@ -798,7 +852,7 @@ pub fn decode(
                 reason: md.reason,
                 appointment_id: md.appointment_id,
                 action_id: md.action_id,
-                raw_key: key.map(|k| Arc::from(String::from_utf8_lossy(k).as_ref())),
+                raw_key: key.map(Arc::from),
                 raw: Some(Arc::from(text)),
             }))
         }
@@ -872,6 +926,13 @@ pub fn decode(
 /// A required, non-empty string field of a system event.
 fn system_text(value: &Value, field: &str, et: &str) -> Result<String, Rejection> {
     match value.get(field) {
+        Some(Value::String(c)) if c.len() > limits::MAX_ID_BYTES && field == "component" => {
+            Err(Rejection::schema(format!(
+                "{et}: field `component` has {} bytes, more than the {} an identifier may have",
+                c.len(),
+                limits::MAX_ID_BYTES
+            )))
+        }
         Some(Value::String(c)) if !c.is_empty() => Ok(c.clone()),
         Some(Value::String(_)) => Err(Rejection::schema(format!("{et}: field `{field}` is empty"))),
         Some(_) => Err(Rejection::schema(format!(
@@ -945,6 +1006,7 @@ fn decode_definition(
             "definition is JSON but not an object",
         ));
     }
+    check_strings(&value)?;
     let raw: RawTemplate =
         serde_json::from_value(value).map_err(|e| Rejection::schema(format!("definition: {e}")))?;
     let template_id = non_empty(raw.template_id, "templateId", "definition")?;
@@ -1038,4 +1100,50 @@ pub fn validate_template(t: &Template) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// What must hold of any record, whatever its bytes (the fuzz target and the corpus replay in
+/// `tests/decode.rs` call this): decoding never panics and is deterministic; a rejection says
+/// why; an accepted event carries no string PostgreSQL would refuse; and the dead letter of
+/// the record is within what PostgreSQL and Kafka accept (no NUL in any text, payload and
+/// detail bounded). Panics when one does not hold.
+pub fn check_any_record(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u8]>) {
+    use crate::output::{DeadLetter, DEAD_LETTER_DETAIL_MAX, DEAD_LETTER_PAYLOAD_MAX};
+    let pos = Pos::default();
+    let (reason, detail) = match decode(topic, key, value, pos) {
+        Ok(event) => {
+            let again = decode(topic, key, value, pos).expect("decode is deterministic");
+            assert_eq!(event.event_time(), again.event_time());
+            fn no_nul(v: &Value) -> bool {
+                match v {
+                    Value::String(s) => !s.contains('\0'),
+                    Value::Array(a) => a.iter().all(no_nul),
+                    Value::Object(o) => o.iter().all(|(k, v)| !k.contains('\0') && no_nul(v)),
+                    _ => true,
+                }
+            }
+            let doc = match &event {
+                Event::Definition(d) => serde_json::to_value(d),
+                Event::Task(e) => serde_json::to_value(e),
+                Event::Workflow(e) => serde_json::to_value(e),
+                Event::Order(e) => serde_json::to_value(e),
+                Event::System(e) => serde_json::to_value(e),
+            }
+            .expect("an event serializes");
+            assert!(no_nul(&doc), "an accepted event holds a NUL");
+            (RejectReason::UnknownWorkflow, "checked as a later dead letter".to_string())
+        }
+        Err(rejection) => {
+            assert!(!rejection.detail.is_empty(), "a rejection says why");
+            (rejection.reason, rejection.detail)
+        }
+    };
+    let d = DeadLetter::of_bytes(topic.default_name(), pos, key, value, reason, detail, 0);
+    for text in [d.key.as_deref().unwrap_or(""), &d.payload, &d.detail] {
+        assert!(!text.contains('\0'), "a dead letter's text holds a NUL");
+    }
+    let escaped = serde_json::to_string(&d.payload).expect("a string serializes");
+    assert!(escaped.len() <= DEAD_LETTER_PAYLOAD_MAX, "payload bounded");
+    assert!(d.detail.len() <= DEAD_LETTER_DETAIL_MAX + 400, "detail bounded");
+    assert!(d.to_record().payload.len() < 1_000_000, "one Kafka message");
 }

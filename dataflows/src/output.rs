@@ -346,16 +346,93 @@ impl RejectReason {
     }
 }
 
+/// How a dead letter's key or payload is written as text (`dead_letters.key_encoding`,
+/// `dead_letters.payload_encoding`, `keyEncoding` / `payloadEncoding` in the document).
+pub mod encoding {
+    /// The bytes are the text: valid UTF-8 without NUL characters (PostgreSQL's `text`
+    /// cannot hold U+0000).
+    pub const UTF8: &str = "utf8";
+    /// Standard base64 of the bytes (not UTF-8, or holding a NUL).
+    pub const BASE64: &str = "base64";
+    /// The record had no value at all (a tombstone); the payload is empty.
+    pub const NULL: &str = "null";
+}
+
+/// Most bytes of a dead letter's payload text kept in the table and the published document
+/// (after base64 or JSON escaping): a dead letter must fit in one Kafka message under the
+/// producer's default `message.max.bytes` (1,000,000) whatever the input was. A longer payload
+/// is cut (at a character boundary) and the detail says so; the whole record stays readable at
+/// its topic, partition and offset.
+pub const DEAD_LETTER_PAYLOAD_MAX: usize = 256 * 1024;
+
+/// Most bytes of a dead letter's `detail`: a reason quoting input (an unknown eventType, say)
+/// stays short.
+pub const DEAD_LETTER_DETAIL_MAX: usize = 2048;
+
+/// Bytes as text for a dead letter: themselves when UTF-8 without NUL, else base64.
+pub fn bytes_as_text(bytes: &[u8]) -> (String, &'static str) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) if !s.contains('\0') => (s.to_string(), encoding::UTF8),
+        _ => {
+            use base64::Engine as _;
+            (
+                base64::engine::general_purpose::STANDARD.encode(bytes),
+                encoding::BASE64,
+            )
+        }
+    }
+}
+
+/// `text` cut so that its JSON string form is at most `max` bytes (whole characters);
+/// `None` when it fits.
+fn cut_for_json(text: &str, max: usize) -> Option<&str> {
+    let mut len = 2; // the quotes
+    for (i, c) in text.char_indices() {
+        len += match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if (c as u32) < 0x20 => 6,
+            c => c.len_utf8(),
+        };
+        if len > max {
+            return Some(&text[..i]);
+        }
+    }
+    None
+}
+
+/// `detail` as stored: NUL characters replaced (PostgreSQL's `text` cannot hold them) and at
+/// most [`DEAD_LETTER_DETAIL_MAX`] bytes.
+fn clean_detail(detail: String) -> String {
+    let mut d = if detail.contains('\0') {
+        detail.replace('\0', "\u{FFFD}")
+    } else {
+        detail
+    };
+    if d.len() > DEAD_LETTER_DETAIL_MAX {
+        let mut end = DEAD_LETTER_DETAIL_MAX - 3;
+        while !d.is_char_boundary(end) {
+            end -= 1;
+        }
+        d.truncate(end);
+        d.push('…');
+    }
+    d
+}
+
 /// A rejected input record, with everything needed to replay it by hand.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct DeadLetter {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// The record's key as text (see `key_encoding`); `None`: the record had no key.
     pub key: Option<String>,
-    /// The payload as text when it is UTF-8, else base64 (see `payload_encoding`).
+    /// `utf8` or `base64` ([`encoding`]).
+    pub key_encoding: String,
+    /// The payload as text when it is UTF-8, else base64 (see `payload_encoding`); at most
+    /// [`DEAD_LETTER_PAYLOAD_MAX`] bytes once JSON-escaped (the detail says when it was cut).
     pub payload: String,
-    /// `utf8` or `base64`.
+    /// `utf8`, `base64`, or `null` for a record without a value ([`encoding`]).
     pub payload_encoding: String,
     pub reason: RejectReason,
     pub detail: String,
@@ -364,6 +441,40 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// The dead letter of a record as the broker delivered it: any key (or none), any value
+    /// (or none). Every shape of input gives a dead letter that PostgreSQL and Kafka accept.
+    pub fn of_bytes(
+        topic: &str,
+        pos: crate::events::Pos,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        reason: RejectReason,
+        detail: String,
+        at: Millis,
+    ) -> DeadLetter {
+        let (key, key_encoding) = match key.map(bytes_as_text) {
+            Some((k, e)) => (Some(k), e),
+            None => (None, encoding::UTF8),
+        };
+        let (payload, payload_encoding) = match value {
+            Some(v) => bytes_as_text(v),
+            None => (String::new(), encoding::NULL),
+        };
+        DeadLetter {
+            topic: topic.to_string(),
+            partition: pos.partition,
+            offset: pos.offset,
+            key,
+            key_encoding: key_encoding.to_string(),
+            payload,
+            payload_encoding: payload_encoding.to_string(),
+            reason,
+            detail,
+            rejected_at: at,
+        }
+        .bounded()
+    }
+
     /// The dead letter of a decoded input record kept in state: its original payload and key
     /// when the decoder kept them (`raw`, `raw_key`), else `fallback` (the event re-encoded,
     /// for events built without the decoder) and `default_key`.
@@ -371,7 +482,7 @@ impl DeadLetter {
     pub fn of_record(
         topic: &str,
         pos: crate::events::Pos,
-        raw_key: Option<&str>,
+        raw_key: Option<&[u8]>,
         default_key: &str,
         raw: Option<&str>,
         fallback: impl FnOnce() -> String,
@@ -379,17 +490,48 @@ impl DeadLetter {
         detail: String,
         at: Millis,
     ) -> DeadLetter {
+        let (key, key_encoding) = match raw_key {
+            Some(k) => bytes_as_text(k),
+            None => (default_key.to_string(), encoding::UTF8),
+        };
         DeadLetter {
             topic: topic.to_string(),
             partition: pos.partition,
             offset: pos.offset,
-            key: Some(raw_key.unwrap_or(default_key).to_string()),
+            key: Some(key),
+            key_encoding: key_encoding.to_string(),
             payload: raw.map(str::to_string).unwrap_or_else(fallback),
-            payload_encoding: "utf8".into(),
+            payload_encoding: encoding::UTF8.into(),
             reason,
             detail,
             rejected_at: at,
         }
+        .bounded()
+    }
+
+    /// Within the limits every store of a dead letter accepts: the payload cut to
+    /// [`DEAD_LETTER_PAYLOAD_MAX`], the detail cleaned ([`DEAD_LETTER_DETAIL_MAX`], no NUL).
+    pub fn bounded(mut self) -> DeadLetter {
+        self.detail = clean_detail(std::mem::take(&mut self.detail));
+        if let Some(kept) = cut_for_json(&self.payload, DEAD_LETTER_PAYLOAD_MAX) {
+            let note = format!(
+                " (payload cut to its first {} of {} bytes as {}; the record is at its topic, partition and offset)",
+                kept.len(),
+                self.payload.len(),
+                self.payload_encoding
+            );
+            let kept = kept.len();
+            self.payload.truncate(kept);
+            self.detail.push_str(&note);
+        }
+        if let Some(k) = &self.key {
+            if let Some(kept) = cut_for_json(k, DEAD_LETTER_DETAIL_MAX) {
+                let kept = kept.len();
+                self.key.as_mut().expect("some").truncate(kept);
+                self.detail.push_str(" (key cut)");
+            }
+        }
+        self
     }
 
     /// The document published on `workflow-dead-letter` (key: the input's key). Its id is
@@ -413,6 +555,7 @@ impl DeadLetter {
             "partition": self.partition,
             "offset": self.offset,
             "key": self.key,
+            "keyEncoding": self.key_encoding,
             "payload": self.payload,
             "payloadEncoding": self.payload_encoding,
             "reason": self.reason.as_str(),

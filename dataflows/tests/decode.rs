@@ -1294,3 +1294,241 @@ fn tombstones() {
     // Definitions carry no eventTime: they never move the clock.
     assert_eq!(Event::Definition(d).event_time(), None);
 }
+
+/// Issue 11: every shape of record a Kafka client can send is decoded or rejected with a
+/// reason, and whatever is accepted carries nothing PostgreSQL or Kafka would refuse later.
+fn reason_of(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u8]>) -> Option<RejectReason> {
+    decode(topic, key, value, Pos::default()).err().map(|r| {
+        assert!(!r.detail.is_empty(), "a rejection says why");
+        r.reason
+    })
+}
+
+#[test]
+fn hostile_shapes_are_rejected_with_their_reason() {
+    use hmis_dataflows::events::limits;
+    let t = InputTopic::Tasks;
+    let v = |doc: Value| serde_json::to_vec(&doc).unwrap();
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    let deep_object = format!("{}1{}", "{\"a\":".repeat(5000), "}".repeat(5000));
+    let cases: Vec<(&str, InputTopic, Option<Vec<u8>>, Option<RejectReason>)> = vec![
+        (
+            "null value (tombstone) on tasks",
+            t,
+            None,
+            Some(InvalidJson),
+        ),
+        (
+            "null value on orders",
+            InputTopic::Orders,
+            None,
+            Some(InvalidJson),
+        ),
+        (
+            "null value on system",
+            InputTopic::System,
+            None,
+            Some(InvalidJson),
+        ),
+        ("empty value", t, Some(vec![]), Some(InvalidJson)),
+        (
+            "not UTF-8",
+            t,
+            Some(vec![0xff, 0xfe, b'{', 0x80]),
+            Some(InvalidJson),
+        ),
+        (
+            "5,000 nested arrays",
+            t,
+            Some(deep.into_bytes()),
+            Some(InvalidJson),
+        ),
+        (
+            "5,000 nested objects",
+            t,
+            Some(deep_object.into_bytes()),
+            Some(InvalidJson),
+        ),
+        (
+            "a NUL in an id",
+            t,
+            Some(v(set(task_doc(), "taskInstanceId", json!("t\u{0}1")))),
+            Some(SchemaViolation),
+        ),
+        (
+            "a NUL in free text",
+            t,
+            Some(v(set(task_doc(), "taskName", json!("a\u{0}b")))),
+            Some(SchemaViolation),
+        ),
+        (
+            "a NUL in an object key of metadata",
+            InputTopic::Orders,
+            Some(v(set(order_doc(), "metadata/x\u{0}y", json!(1)))),
+            Some(SchemaViolation),
+        ),
+        (
+            "a NUL in an audit detail",
+            InputTopic::System,
+            Some(v(set(
+                set(system_doc(), "eventType", json!("AUDIT_EVENT")),
+                "details",
+                json!({"note": "\u{0}"}),
+            ))),
+            Some(SchemaViolation),
+        ),
+        (
+            "an id longer than an identifier may be",
+            t,
+            Some(v(set(
+                task_doc(),
+                "workflowInstanceId",
+                json!("w".repeat(limits::MAX_ID_BYTES + 1)),
+            ))),
+            Some(SchemaViolation),
+        ),
+        (
+            "an id at the identifier limit",
+            t,
+            Some(v(set(
+                task_doc(),
+                "workflowInstanceId",
+                json!("w".repeat(limits::MAX_ID_BYTES)),
+            ))),
+            None,
+        ),
+        (
+            "a component longer than an identifier may be",
+            InputTopic::System,
+            Some(v(set(
+                system_doc(),
+                "component",
+                json!("c".repeat(limits::MAX_ID_BYTES + 1)),
+            ))),
+            Some(SchemaViolation),
+        ),
+        (
+            "a very long string",
+            t,
+            Some(v(set(
+                task_doc(),
+                "errorMessage",
+                json!("x".repeat(limits::MAX_STRING_BYTES + 1)),
+            ))),
+            Some(SchemaViolation),
+        ),
+        (
+            "a long string at the limit",
+            t,
+            Some(v(set(
+                task_doc(),
+                "errorMessage",
+                json!("x".repeat(limits::MAX_STRING_BYTES)),
+            ))),
+            None,
+        ),
+        (
+            "attempt past PostgreSQL's integer",
+            t,
+            Some(v(set(task_doc(), "attempt", json!(4_294_967_295u64)))),
+            Some(SchemaViolation),
+        ),
+        (
+            "attempt 1e20",
+            t,
+            Some(v(set(task_doc(), "attempt", json!(1e20)))),
+            Some(SchemaViolation),
+        ),
+        (
+            "negative attempt",
+            t,
+            Some(v(set(task_doc(), "attempt", json!(-1)))),
+            Some(SchemaViolation),
+        ),
+        (
+            "templateVersion past i64",
+            InputTopic::Workflows,
+            Some(v(set(workflow_doc(), "templateVersion", json!(u64::MAX)))),
+            Some(SchemaViolation),
+        ),
+        (
+            "a number past f64",
+            InputTopic::System,
+            Some(
+                String::from_utf8(v(set(
+                    system_doc(),
+                    "eventType",
+                    json!("PERFORMANCE_METRIC"),
+                )))
+                .unwrap()
+                .replace("\"value\":12", "\"value\":1e400")
+                .into_bytes(),
+            ),
+            Some(InvalidJson),
+        ),
+        (
+            "an eventTime before 1970",
+            t,
+            Some(v(set(
+                task_doc(),
+                "eventTime",
+                json!("1969-12-31T23:59:59Z"),
+            ))),
+            Some(SchemaViolation),
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, topic, value, want) in &cases {
+        let got = reason_of(*topic, Some(b"k"), value.as_deref());
+        if got != *want {
+            wrong.push(format!("{what}: want {want:?}, got {got:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn keys_of_any_shape_do_not_change_the_decoding() {
+    let doc = serde_json::to_vec(&task_doc()).unwrap();
+    for key in [
+        None,
+        Some(&b""[..]),
+        Some(&[0xff, 0x00, 0xfe][..]),
+        Some(&b"t-1"[..]),
+    ] {
+        let e = decode(InputTopic::Tasks, key, Some(&doc), Pos::default())
+            .unwrap_or_else(|r| panic!("key {key:?}: {r:?}"));
+        let Event::Task(e) = e else {
+            panic!("a task event")
+        };
+        assert_eq!(e.task_instance_id, "t-1");
+        assert_eq!(e.raw_key.as_deref(), key, "the key is kept byte for byte");
+    }
+}
+
+/// The fuzz target's seeds (`fuzz/corpus/decode/`, hostile shapes included) through the
+/// target's own checks, on stable Rust: whatever libFuzzer's corpus holds must pass here too.
+#[test]
+fn the_fuzz_corpus_passes_the_fuzz_targets_checks() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/decode");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let data = std::fs::read(entry.unwrap().path()).unwrap();
+        // The target's layout: topic byte (high bit: null value), key length, key, value.
+        let Some((&head, rest)) = data.split_first() else {
+            continue;
+        };
+        let topic = InputTopic::ALL[usize::from(head & 0x7f) % InputTopic::ALL.len()];
+        let (key, value) = match rest.split_first() {
+            Some((&len, rest)) => {
+                let len = usize::from(len % 64).min(rest.len());
+                (Some(&rest[..len]), &rest[len..])
+            }
+            None => (None, rest),
+        };
+        let value = if head & 0x80 != 0 { None } else { Some(value) };
+        hmis_dataflows::events::check_any_record(topic, key, value);
+        n += 1;
+    }
+    assert!(n >= 20, "the corpus holds the seeds ({n})");
+}

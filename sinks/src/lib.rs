@@ -51,7 +51,7 @@ use rdkafka::types::RDKafkaErrorCode;
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     /// A PostgreSQL call failed; `context` says which one.
-    #[error("postgres: {context}: {source}")]
+    #[error("postgres: {context}: {}", postgres_detail(source))]
     Postgres {
         /// What was being done, e.g. `"upsert task_instances"`.
         context: String,
@@ -173,6 +173,73 @@ impl SinkError {
     pub(crate) fn kafka(context: impl Into<String>) -> impl FnOnce(KafkaError) -> Self {
         let context = context.into();
         move |source| SinkError::Kafka { context, source }
+    }
+}
+
+/// What PostgreSQL said, in full: the driver's own text for a server error is just "db error",
+/// which hides the message, the SQLSTATE, and the table, column and constraint involved.
+/// Errors raised before the server answered carry their cause chain instead.
+pub fn postgres_detail(err: &tokio_postgres::Error) -> String {
+    use std::fmt::Write as _;
+    if let Some(db) = err.as_db_error() {
+        let mut out = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        let mut field = |name: &str, v: Option<&str>| {
+            if let Some(v) = v {
+                let _ = write!(out, "; {name}: {v}");
+            }
+        };
+        field("detail", db.detail());
+        field("hint", db.hint());
+        field("schema", db.schema());
+        field("table", db.table());
+        field("column", db.column());
+        field("constraint", db.constraint());
+        field("where", db.where_());
+        return out;
+    }
+    error_chain(err)
+}
+
+/// An error and its sources, joined with `: ` (what `{:#}` prints for an `anyhow::Error`),
+/// skipping a source whose text the previous one already ends with.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = inner.source();
+    }
+    out
+}
+
+impl SinkError {
+    /// Whether this failure is caused by the *content* of what was written (a value the
+    /// database or the driver refuses), not by the database, the network or a bug in the
+    /// SQL: another write of the same batch without the offending item would succeed. The
+    /// sink then isolates the item and dead-letters it instead of stopping (see
+    /// [`PgSink::apply`]):
+    /// - SQLSTATE class `22` (data exception: a value out of range, invalid text, a NUL),
+    ///   `23` (integrity constraint violation), `54` (program limit exceeded: an index row
+    ///   too large);
+    /// - a value the driver cannot encode, and [`SinkError::InvalidBatch`].
+    pub fn is_content_error(&self) -> bool {
+        match self {
+            SinkError::Postgres { source, .. } => match source.code() {
+                Some(code) => {
+                    let c = code.code();
+                    c.starts_with("22") || c.starts_with("23") || c.starts_with("54")
+                }
+                None => source
+                    .to_string()
+                    .starts_with("error serializing parameter"),
+            },
+            SinkError::InvalidBatch(_) => true,
+            _ => false,
+        }
     }
 }
 

@@ -58,6 +58,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_system_events",
         sql: include_str!("../../migrations/0004_system_events.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_dead_letter_encodings",
+        sql: include_str!("../../migrations/0005_dead_letter_encodings.sql"),
+    },
 ];
 
 /// Advisory lock key serializing migrations across all instances on one database

@@ -34,12 +34,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use hmis_dataflows::output::{
     AlertRow, AuditRow, CompensationRow, ComponentHealthRow, DeadLetter, ErrorReportRow,
-    FlushBatch, Millis, OrderRow, OrderTransitionRow, OutRecord, OutTopic, ReadinessRow, Row,
-    SlaBreachRow, TaskRow, WorkflowRow,
+    FlushBatch, Millis, OrderRow, OrderTransitionRow, OutRecord, OutTopic, ReadinessRow,
+    RejectReason, Row, SlaBreachRow, TaskRow, WorkflowRow,
 };
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement, Transaction};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::SinkError;
 
@@ -93,6 +93,9 @@ pub struct PgSink {
     /// Derived events and alerts not put in the outbox because their id was published
     /// before (`hmis_published_events`): derived again, e.g. after a restart.
     pub republish_suppressed: u64,
+    /// Items of flushes PostgreSQL refused for their content, dead-lettered instead
+    /// (`hmis_sink_items_dead_lettered_total`).
+    pub quarantined: u64,
     /// How long published ids are remembered (default 7 days, the input retention).
     pub ledger_retention: std::time::Duration,
     last_prune: Option<std::time::Instant>,
@@ -122,6 +125,7 @@ impl PgSink {
             claimed: None,
             statements: None,
             republish_suppressed: 0,
+            quarantined: 0,
             ledger_retention: std::time::Duration::from_secs(7 * 24 * 3600),
             last_prune: None,
         }
@@ -270,6 +274,26 @@ impl PgSink {
     /// [`SinkError::InvalidBatch`] for out-of-range values, [`SinkError::Postgres`]
     /// otherwise (see [`SinkError::is_transient`]).
     pub async fn apply(&mut self, group_id: &str, batch: &FlushBatch) -> Result<(), SinkError> {
+        match self.apply_as(group_id, batch, Isolate::No).await {
+            Err(e) if e.is_content_error() => {
+                warn!(
+                    group_id,
+                    error = %e,
+                    "PostgreSQL refused part of a flush; writing it again item by item to \
+                     dead-letter what it refuses"
+                );
+                self.apply_as(group_id, batch, Isolate::Yes).await
+            }
+            other => other,
+        }
+    }
+
+    async fn apply_as(
+        &mut self,
+        group_id: &str,
+        batch: &FlushBatch,
+        isolate: Isolate,
+    ) -> Result<(), SinkError> {
         let ours = match &self.claimed {
             Some((claimed, epoch)) if claimed == group_id => *epoch,
             _ => {
@@ -278,7 +302,6 @@ impl PgSink {
                 })
             }
         };
-        let plan = Plan::new(batch)?;
         let frontier = to_i64(batch.frontier, "frontier")?;
         let ready_since = timestamp(batch.frontier)?;
 
@@ -306,21 +329,14 @@ impl PgSink {
             });
         }
 
-        plan.write_rows(&tx, statements, ready_since).await?;
-        // A dead letter is published only when it is stored for the first time: an input
-        // record decided again after a restart (an unknown reference whose grace ended before
-        // the crash is re-decided after the replay) is not published twice.
-        let stored = write_dead_letters(&tx, statements, &batch.dead_letters).await?;
-        let suppressed = if batch.dead_letters.len() == stored.len() {
-            write_outbox(&tx, statements, group_id, &batch.records).await?
-        } else {
-            let records: Vec<OutRecord> = batch
-                .records
-                .iter()
-                .filter(|r| r.topic != OutTopic::DeadLetter || stored.contains(&r.event_id))
-                .cloned()
-                .collect();
-            write_outbox(&tx, statements, group_id, &records).await?
+        let (suppressed, quarantined, plans) = match isolate {
+            Isolate::No => {
+                let plan = Plan::new(batch)?;
+                let suppressed =
+                    write_content(&tx, statements, group_id, batch, &plan, ready_since).await?;
+                (suppressed, 0, vec![plan])
+            }
+            Isolate::Yes => write_isolating(&tx, statements, group_id, batch, ready_since).await?,
         };
 
         let mut offsets: BTreeMap<(&str, i32), i64> = BTreeMap::new();
@@ -355,7 +371,10 @@ impl PgSink {
             );
         }
         self.republish_suppressed += suppressed;
-        plan.log_quiet_errors();
+        self.quarantined += quarantined;
+        for plan in &plans {
+            plan.log_quiet_errors();
+        }
         self.prune_ledger(group_id).await;
         debug!(
             group_id,
@@ -366,6 +385,274 @@ impl PgSink {
             "flush committed"
         );
         Ok(())
+    }
+}
+
+/// Whether [`PgSink::apply_as`] writes the batch's content in one go or item by item.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Isolate {
+    No,
+    Yes,
+}
+
+/// Rows, dead letters and outbox records of `batch` (everything but offsets and frontier);
+/// returns how many records were suppressed as published before.
+async fn write_content(
+    tx: &Transaction<'_>,
+    statements: &Statements,
+    group_id: &str,
+    batch: &FlushBatch,
+    plan: &Plan<'_>,
+    ready_since: DateTime<Utc>,
+) -> Result<u64, SinkError> {
+    plan.write_rows(tx, statements, ready_since).await?;
+    // A dead letter is published only when it is stored for the first time: an input
+    // record decided again after a restart (an unknown reference whose grace ended before
+    // the crash is re-decided after the replay) is not published twice.
+    let stored = write_dead_letters(tx, statements, &batch.dead_letters).await?;
+    if batch.dead_letters.len() == stored.len() {
+        write_outbox(tx, statements, group_id, &batch.records).await
+    } else {
+        let records: Vec<OutRecord> = batch
+            .records
+            .iter()
+            .filter(|r| r.topic != OutTopic::DeadLetter || stored.contains(&r.event_id))
+            .cloned()
+            .collect();
+        write_outbox(tx, statements, group_id, &records).await
+    }
+}
+
+/// One item of a batch's content, written or refused on its own when isolating.
+#[derive(Clone, Copy)]
+enum Item {
+    Row(usize),
+    Record(usize),
+    /// A dead letter, with its document on the dead-letter topic if the batch has it.
+    Dead(usize, Option<usize>),
+}
+
+/// Writes `batch`'s content item by item where PostgreSQL refuses it whole: ranges of items
+/// are written under a savepoint, and a refused range is halved until the refused items are
+/// alone (so k bad items among n cost O(k log n) statements, in the batch's order). Each
+/// refused item becomes a dead letter carrying PostgreSQL's message ([`quarantine`]); the
+/// rest of the batch commits. Returns (records suppressed, items dead-lettered, the plans
+/// written).
+async fn write_isolating<'b>(
+    tx: &Transaction<'_>,
+    statements: &Statements,
+    group_id: &str,
+    batch: &'b FlushBatch,
+    ready_since: DateTime<Utc>,
+) -> Result<(u64, u64, Vec<Plan<'b>>), SinkError> {
+    // Items in the batch's production order: rows (not in the outbox), then the records,
+    // a dead letter together with its document; dead letters without one last.
+    let mut dead_of_doc: HashMap<&str, usize> = HashMap::new();
+    for (i, d) in batch.dead_letters.iter().enumerate() {
+        // The document's id is the dead letter's deterministic id.
+        let id = d.to_record().event_id;
+        if let Some(pos) = batch
+            .records
+            .iter()
+            .position(|r| r.topic == OutTopic::DeadLetter && r.event_id == id)
+        {
+            dead_of_doc
+                .entry(batch.records[pos].event_id.as_str())
+                .or_insert(i);
+        }
+    }
+    let mut with_doc = HashSet::new();
+    let mut items: Vec<Item> = (0..batch.rows.len()).map(Item::Row).collect();
+    for (i, r) in batch.records.iter().enumerate() {
+        match dead_of_doc.get(r.event_id.as_str()) {
+            Some(&d) if r.topic == OutTopic::DeadLetter && with_doc.insert(d) => {
+                items.push(Item::Dead(d, Some(i)))
+            }
+            _ => items.push(Item::Record(i)),
+        }
+    }
+    items.extend(
+        (0..batch.dead_letters.len())
+            .filter(|d| !with_doc.contains(d))
+            .map(|d| Item::Dead(d, None)),
+    );
+
+    let mut suppressed = 0;
+    let mut quarantined = 0;
+    let mut plans = Vec::new();
+    // Ranges still to write, the next one on top: halves are pushed right first.
+    let mut todo = vec![(0, items.len())];
+    while let Some((lo, hi)) = todo.pop() {
+        if lo == hi {
+            continue;
+        }
+        let part = sub_batch(batch, &items[lo..hi]);
+        savepoint(tx, "SAVEPOINT hmis_item").await?;
+        let written = match Plan::new(&part) {
+            Ok(plan) => write_content(tx, statements, group_id, &part, &plan, ready_since).await,
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(n) => {
+                savepoint(tx, "RELEASE SAVEPOINT hmis_item").await?;
+                suppressed += n;
+            }
+            Err(e) if e.is_content_error() => {
+                savepoint(tx, "ROLLBACK TO SAVEPOINT hmis_item").await?;
+                if hi - lo > 1 {
+                    let mid = lo + (hi - lo) / 2;
+                    todo.push((mid, hi));
+                    todo.push((lo, mid));
+                    continue;
+                }
+                let dead = quarantine(batch, items[lo], &e);
+                error!(
+                    group_id,
+                    topic = dead.topic,
+                    offset = dead.offset,
+                    error = %e,
+                    "PostgreSQL refused one item of a flush: dead-lettered, the rest commits"
+                );
+                quarantined += 1;
+                let doc = dead.to_record();
+                let lone = FlushBatch {
+                    frontier: batch.frontier,
+                    records: vec![doc],
+                    dead_letters: vec![dead],
+                    ..FlushBatch::default()
+                };
+                savepoint(tx, "SAVEPOINT hmis_item").await?;
+                let plan = Plan::new(&lone)?;
+                match write_content(tx, statements, group_id, &lone, &plan, ready_since).await {
+                    Ok(_) => savepoint(tx, "RELEASE SAVEPOINT hmis_item").await?,
+                    Err(e2) if e2.is_content_error() => {
+                        // Cannot happen by construction (base64 text, bounded detail); if
+                        // it does, the item is logged above and the flush still commits.
+                        savepoint(tx, "ROLLBACK TO SAVEPOINT hmis_item").await?;
+                        error!(group_id, error = %e2, "the dead letter of a refused item was refused too");
+                    }
+                    Err(e2) => return Err(e2),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // Plans borrow the batch for the quiet-error log; build it once for the whole batch.
+    if let Ok(plan) = Plan::new(batch) {
+        plans.push(plan);
+    }
+    Ok((suppressed, quarantined, plans))
+}
+
+async fn savepoint(tx: &Transaction<'_>, sql: &str) -> Result<(), SinkError> {
+    tx.batch_execute(sql)
+        .await
+        .map_err(SinkError::pg(sql.to_lowercase()))
+}
+
+/// The part of `batch` made of `items` (offsets and frontier are written once, by the caller).
+fn sub_batch(batch: &FlushBatch, items: &[Item]) -> FlushBatch {
+    let mut part = FlushBatch {
+        frontier: batch.frontier,
+        ..FlushBatch::default()
+    };
+    let mut records = Vec::new();
+    for item in items {
+        match *item {
+            Item::Row(i) => part.rows.push(batch.rows[i].clone()),
+            Item::Record(i) => records.push(i),
+            Item::Dead(i, doc) => {
+                part.dead_letters.push(batch.dead_letters[i].clone());
+                records.extend(doc);
+            }
+        }
+    }
+    // The outbox keeps the batch's production order.
+    records.sort_unstable();
+    part.records = records
+        .into_iter()
+        .map(|i| batch.records[i].clone())
+        .collect();
+    part
+}
+
+/// The dead letter of an item PostgreSQL refused. An input's dead letter is stored again
+/// with its key and payload as base64 (whatever text the database refused is then plain
+/// ASCII); a row or an outbox record, which no single input record caused, is dead-lettered
+/// under its table or output topic, partition -1 and an offset hashed from its key (so a
+/// replay stores it once), with the row or record as JSON.
+fn quarantine(batch: &FlushBatch, item: Item, e: &SinkError) -> DeadLetter {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+    let said = format!("PostgreSQL refused it: {e}");
+    let stable_offset = |what: &str| -> i64 {
+        let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, what.as_bytes());
+        (id.as_u128() as i64) & i64::MAX
+    };
+    let at = batch.frontier.saturating_sub(1);
+    let of_output = |topic: &str, key: String, payload: String| DeadLetter {
+        topic: format!("hmis-flow.{topic}"),
+        partition: -1,
+        offset: stable_offset(&format!("{topic}:{key}")),
+        key: Some(key),
+        key_encoding: "utf8".into(),
+        payload,
+        payload_encoding: "utf8".into(),
+        reason: RejectReason::SchemaViolation,
+        detail: said.clone(),
+        rejected_at: at,
+    };
+    let dead = match item {
+        Item::Dead(i, _) => {
+            let d = &batch.dead_letters[i];
+            DeadLetter {
+                key: d.key.as_deref().map(b64),
+                key_encoding: "base64".into(),
+                payload: if d.payload_encoding == "base64" {
+                    d.payload.clone()
+                } else {
+                    b64(&d.payload)
+                },
+                payload_encoding: if d.payload_encoding == "null" {
+                    "null".into()
+                } else {
+                    "base64".into()
+                },
+                detail: format!("{}; stored as base64: {said}", d.detail),
+                ..d.clone()
+            }
+        }
+        Item::Row(i) => {
+            let (key, row) = &batch.rows[i];
+            let table = row.as_ref().map(table_of).unwrap_or("row");
+            of_output(
+                table,
+                format!("{}:{}", key.1, key.2),
+                serde_json::to_string(row).unwrap_or_default(),
+            )
+        }
+        Item::Record(i) => {
+            let r = &batch.records[i];
+            of_output(outbox_topic(r.topic), r.event_id.clone(), r.payload.clone())
+        }
+    };
+    dead.bounded()
+}
+
+/// The table a row goes to.
+fn table_of(row: &Row) -> &'static str {
+    match row {
+        Row::Workflow(_) => "workflow_instances",
+        Row::Task(_) => "task_instances",
+        Row::Readiness(_) => "task_readiness",
+        Row::Order(_) => "orders",
+        Row::OrderTransition(_) => "order_transitions",
+        Row::Compensation(_) => "compensation_actions",
+        Row::SlaBreach(_) => "sla_breaches",
+        Row::Alert(_) => "alerts",
+        Row::ComponentHealth(_) => "component_health",
+        Row::Audit(_) => "audit_log",
+        Row::ErrorReport(_) => "error_reports",
     }
 }
 
@@ -1260,8 +1547,18 @@ async fn write_dead_letters(
             .iter()
             .map(|d| timestamp(d.rejected_at))
             .collect::<Result<_, _>>()?;
-        let params: [&(dyn ToSql + Sync); 9] = [
-            &topic, &partition, &offset, &key, &payload, &encoding, &reason, &detail, &rejected,
+        let key_encoding: Vec<&str> = chunk.iter().map(|d| d.key_encoding.as_str()).collect();
+        let params: [&(dyn ToSql + Sync); 10] = [
+            &topic,
+            &partition,
+            &offset,
+            &key,
+            &payload,
+            &encoding,
+            &reason,
+            &detail,
+            &rejected,
+            &key_encoding,
         ];
         let inserted: HashSet<(String, i32, i64)> = tx
             .query(&st.insert_dead_letters, &params)
@@ -1584,9 +1881,10 @@ impl Statements {
             .await?,
             insert_dead_letters: prepare(
                 "INSERT INTO dead_letters (topic, partition, \"offset\", key, payload,
-                     payload_encoding, reason, detail, rejected_at)
+                     payload_encoding, reason, detail, rejected_at, key_encoding)
                  SELECT * FROM UNNEST($1::text[], $2::int4[], $3::int8[], $4::text[], $5::text[],
-                                      $6::text[], $7::text[], $8::text[], $9::timestamptz[])
+                                      $6::text[], $7::text[], $8::text[], $9::timestamptz[],
+                                      $10::text[])
                  ON CONFLICT (topic, partition, \"offset\") DO NOTHING
                  RETURNING topic, partition, \"offset\""
                     .into(),

@@ -27,7 +27,8 @@ async fn migrate_creates_the_schema_once() {
             "0001_init",
             "0002_reporting",
             "0003_published_events",
-            "0004_system_events"
+            "0004_system_events",
+            "0005_dead_letter_encodings"
         ]
     );
     assert!(migrate(&mut client).await.unwrap().is_empty());
@@ -712,22 +713,40 @@ async fn errors_are_classified_transient_or_permanent() {
     let db = TestDb::new().await;
     let mut sink = db.claimed_sink("g").await;
 
-    // A constraint violation is permanent, and the whole flush is rolled back.
-    let mut bad = batch(T0);
-    bad.rows = vec![upsert(workflow("wf-1", 0))];
-    let mut letter = dead_letter(0, 1);
-    letter.payload_encoding = "rot13".into();
-    bad.dead_letters = vec![letter];
-    let err = sink.apply("g", &bad).await.unwrap_err();
+    // A constraint violation is permanent and caused by content; its message says all that
+    // PostgreSQL said (not just "db error").
+    let client = db.client().await;
+    let source = client
+        .execute(
+            "INSERT INTO dead_letters (topic, partition, \"offset\", payload, payload_encoding,
+                 reason, detail, rejected_at) VALUES ('t', 0, 0, '', 'rot13', 'r', 'd', now())",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    let err = SinkError::Postgres {
+        context: "insert dead_letters".into(),
+        source,
+    };
     assert_eq!(err.sqlstate(), Some("23514"), "{err}");
     assert!(!err.is_transient());
-    let client = db.client().await;
-    let workflows: i64 = client
-        .query_one("SELECT count(*) FROM workflow_instances", &[])
+    assert!(err.is_content_error());
+    let text = err.to_string();
+    assert!(
+        text.contains("23514") && text.contains("dead_letters_payload_encoding_check"),
+        "the message carries the SQLSTATE and the constraint: {text}"
+    );
+    // Schema drift is permanent, and not the content's fault.
+    let source = client
+        .execute("SELECT * FROM no_such_table", &[])
         .await
-        .unwrap()
-        .get(0);
-    assert_eq!(workflows, 0);
+        .unwrap_err();
+    let err = SinkError::Postgres {
+        context: "select".into(),
+        source,
+    };
+    assert!(!err.is_transient() && !err.is_content_error(), "{err}");
+    assert!(err.to_string().contains("no_such_table"), "{err}");
 
     // The server ending our session (failover, restart) is transient.
     let pid: i32 = sink
@@ -744,6 +763,172 @@ async fn errors_are_classified_transient_or_permanent() {
     good.rows = vec![upsert(workflow("wf-1", 0))];
     let err = sink.apply("g", &good).await.unwrap_err();
     assert!(err.is_transient(), "{err}");
+    db.drop().await;
+}
+
+/// Issue 11: a permanent database error caused by one item's content does not stop the
+/// pipeline: the item becomes a dead letter with PostgreSQL's message, the rest commits, and
+/// a replay of the same flush stores nothing twice.
+#[tokio::test]
+async fn a_refused_item_is_dead_lettered_and_the_rest_of_the_flush_commits() {
+    let db = TestDb::new().await;
+    let mut sink = db.claimed_sink("g").await;
+    let client = db.client().await;
+
+    let mut flush = batch(T0 + 1000);
+    let mut bad_row = workflow("wf-bad", 0);
+    if let Row::Workflow(w) = &mut bad_row {
+        w.patient_id = Some("p\u{0}1".into()); // text cannot hold NUL: 22021
+    }
+    flush.rows = vec![
+        upsert(workflow("wf-1", 0)),
+        upsert(bad_row),
+        upsert(task("t-1", "wf-1", "PENDING")),
+    ];
+    let mut refused = dead_letter(0, 1);
+    refused.payload_encoding = "rot13".into(); // breaks the CHECK: 23514
+    let good = dead_letter(0, 2);
+    flush.records = vec![
+        record(OutTopic::Derived, "e-1", Some("wf-1")),
+        refused.to_record(),
+        good.to_record(),
+        record(OutTopic::Derived, "e-2", Some("wf-1")),
+    ];
+    flush.dead_letters = vec![refused.clone(), good.clone()];
+    flush.offsets = vec![offset("workflow-task-events", 0, 3)];
+    sink.apply("g", &flush).await.unwrap();
+    assert_eq!(sink.quarantined, 2, "the bad row and the bad dead letter");
+
+    let texts = |sql: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query(sql, &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<String>>()
+        }
+    };
+    assert_eq!(
+        texts("SELECT workflow_instance_id FROM workflow_instances ORDER BY 1").await,
+        ["wf-1"]
+    );
+    assert_eq!(
+        texts("SELECT task_instance_id FROM task_instances").await,
+        ["t-1"]
+    );
+    let outbox = texts("SELECT event_id FROM hmis_outbox ORDER BY seq").await;
+    assert_eq!(
+        outbox.len(),
+        5,
+        "two events, three dead-letter documents: {outbox:?}"
+    );
+    let at = |id: &str| outbox.iter().position(|e| e == id).unwrap();
+    assert!(
+        at("e-1") < at(&good.to_record().event_id),
+        "production order kept"
+    );
+    assert!(
+        at(&good.to_record().event_id) < at("e-2"),
+        "production order kept"
+    );
+    let letters = texts(
+        "SELECT topic || '|' || partition || '|' || payload_encoding || '|' || key_encoding
+                || '|' || detail
+         FROM dead_letters ORDER BY topic, partition, \"offset\"",
+    )
+    .await;
+    assert_eq!(letters.len(), 3, "{letters:#?}");
+    assert!(
+        letters[0].starts_with("hmis-flow.workflow_instances|-1|utf8|utf8|")
+            && letters[0].contains("22021"),
+        "the refused row, with PostgreSQL's message: {}",
+        letters[0]
+    );
+    assert!(
+        letters[1].starts_with("workflow-task-events|0|base64|base64|")
+            && letters[1].contains("23514")
+            && letters[1].contains("dead_letters_payload_encoding_check"),
+        "the refused dead letter, stored as base64 with PostgreSQL's message: {}",
+        letters[1]
+    );
+    assert!(letters[2].starts_with("workflow-task-events|0|utf8|utf8|"));
+    let next: i64 = client
+        .query_one("SELECT next_offset FROM hmis_input_offsets", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(next, 3, "the flush's offsets are committed");
+
+    // A replay of the same flush (after a restart) stores and publishes nothing twice.
+    sink.apply("g", &flush).await.unwrap();
+    assert_eq!(
+        texts("SELECT topic FROM dead_letters").await.len(),
+        3,
+        "no dead letter twice"
+    );
+    db.drop().await;
+}
+
+/// Issue 11: a record without a value (a tombstone) is stored as a dead letter; before
+/// migration 0005 the CHECK on payload_encoding refused it and the pipeline stopped.
+#[tokio::test]
+async fn a_tombstone_and_a_binary_key_are_stored_as_dead_letters() {
+    let db = TestDb::new().await;
+    let mut sink = db.claimed_sink("g").await;
+    let client = db.client().await;
+    let pos = |offset| hmis_dataflows::events::Pos {
+        partition: 0,
+        offset,
+    };
+    let reason = hmis_dataflows::output::RejectReason::InvalidJson;
+    let tombstone = hmis_dataflows::output::DeadLetter::of_bytes(
+        "workflow-task-events",
+        pos(1),
+        Some(b"t-1"),
+        None,
+        reason,
+        "empty (null) value".into(),
+        T0,
+    );
+    let binary = hmis_dataflows::output::DeadLetter::of_bytes(
+        "workflow-task-events",
+        pos(2),
+        Some(&[0xff, 0x00]),
+        Some(&[0x00, 0xfe]),
+        reason,
+        "payload is not UTF-8".into(),
+        T0,
+    );
+    let mut flush = batch(T0 + 1);
+    flush.records = vec![tombstone.to_record(), binary.to_record()];
+    flush.dead_letters = vec![tombstone, binary];
+    sink.apply("g", &flush).await.unwrap();
+    assert_eq!(sink.quarantined, 0, "stored as they are");
+    let rows: Vec<(String, String, Option<String>, String)> = client
+        .query(
+            "SELECT payload_encoding, payload, key, key_encoding FROM dead_letters ORDER BY \"offset\"",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("null".into(), "".into(), Some("t-1".into()), "utf8".into()),
+            (
+                "base64".into(),
+                "AP4=".into(),
+                Some("/wA=".into()),
+                "base64".into()
+            ),
+        ]
+    );
     db.drop().await;
 }
 

@@ -208,6 +208,17 @@ impl Pipeline {
     /// Starts `hmis-flow run --config <cfg as TOML> <args>` (no `HMIS_*` variables leak in
     /// from the test's environment: the config file says everything).
     pub fn start(cfg: &Config, scratch: &Scratch, name: &str, args: &[&str]) -> Pipeline {
+        Pipeline::start_with_env(cfg, scratch, name, args, &[])
+    }
+
+    /// [`Pipeline::start`] with `env` set on top (after the test's `HMIS_*` are removed).
+    pub fn start_with_env(
+        cfg: &Config,
+        scratch: &Scratch,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Pipeline {
         let config = scratch.path(&format!("{name}.toml"));
         std::fs::write(&config, toml::to_string(cfg).expect("config as TOML")).unwrap();
         let stdout = scratch.path(&format!("{name}.out"));
@@ -221,6 +232,7 @@ impl Pipeline {
         }
         let log = std::env::var("HMIS_FAULT_LOG")
             .unwrap_or_else(|_| "warn,hmis_flow=info,hmis_sinks=info".into());
+        cmd.envs(env.iter().copied());
         cmd.env("HMIS_LOG", log)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&stdout).unwrap())

@@ -156,6 +156,7 @@ pub fn dead_letter(partition: i32, offset: i64) -> DeadLetter {
         partition,
         offset,
         key: Some("task-9".into()),
+        key_encoding: "utf8".into(),
         payload: "{not json".into(),
         payload_encoding: "utf8".into(),
         reason: RejectReason::InvalidJson,
