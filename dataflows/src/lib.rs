@@ -20,6 +20,7 @@
 //! times are flushed.
 
 pub mod derived;
+pub mod engine;
 pub mod events;
 pub mod gather;
 pub mod harness;

@@ -1,2 +1,150 @@
-//! The keyed core (docs/engine.md, steps 1 and 2), built next to the differential one.
+//! The keyed core (docs/engine.md, steps 1 and 2), built next to the differential one in
+//! [`crate::build`], which it does not replace yet.
+//!
+//! ```text
+//!  order events ──exchange(orderId)──► OrderOp ──► rows, events, alerts, dead letters ─┐
+//!                                         │ OrderFact (workflow, ±) at the same stamp  │
+//!  task + workflow events ──exchange(workflowInstanceId)──► WorkflowOp ──► rows, events ┤
+//!  definitions ─────────broadcast─────────────────────────────┘                        │
+//!  system events ─► system::system_rules (unchanged) ──────────────────────────────────┤
+//!  side (dead letters, offsets) ───────────────────────────────────────────────────────┴► Emit
+//! ```
+//!
+//! - [`keyed`]: the generic operator (stamp-ordered application, timers, one capability).
+//! - [`order_op`], [`workflow_op`]: today's pure rule functions (`fold_*`, `evaluate*`)
+//!   driven per key and stamp; outputs diffed against the key's previous ones.
+//!
+//! [`build_keyed`] has [`crate::build`]'s signature and output; the differential test
+//! `dataflows/tests/engine_parity.rs` compares the two. Missing: the lifecycle (unknown
+//! references after the grace, retirement, tombstones): `build_keyed` neither
+//! dead-letters unknown references nor retires closed work.
+
 pub mod keyed;
+pub mod order_op;
+pub mod workflow_op;
+
+use std::sync::Arc;
+
+use differential_dataflow::{AsCollection, VecCollection};
+use timely::dataflow::operators::core::OkErr;
+use timely::dataflow::operators::vec::Map as _;
+use timely::dataflow::operators::Concat as _;
+
+use crate::harness::{Outcome, Run};
+use crate::{Emit, Inputs, RulesConfig};
+use order_op::OrderLogic;
+use workflow_op::{WfRec, WorkflowLogic};
+
+/// The rules on the keyed core: same inputs and output as [`crate::build`] (see the module
+/// doc for what is missing).
+pub fn build_keyed<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64, Emit> {
+    let scope = inputs.orders.scope();
+    let decide_from = cfg.lifecycle.decide_from;
+    let (elig, order_rules) = (cfg.eligibility.clone(), cfg.orders.clone());
+    let orders = keyed::keyed(
+        inputs.orders.map(Arc::new).inner,
+        timely::dataflow::operators::generic::operator::empty(scope),
+        "OrderOp",
+        move |_| OrderLogic::new(elig, order_rules, decide_from),
+    );
+    let (order_emits, facts) = orders.ok_err::<Vec<_>, _, Vec<_>, _, _>(|(o, t, d)| match o {
+        Ok(e) => Ok((e, t, d)),
+        Err((w, f)) => Err((WfRec::Order(w, f), t, d)),
+    });
+    let records = inputs
+        .workflows
+        .inner
+        .map(|(e, t, d)| (WfRec::Workflow(Arc::new(e)), t, d))
+        .concat(
+            inputs
+                .tasks
+                .inner
+                .map(|(e, t, d)| (WfRec::Task(Arc::new(e)), t, d)),
+        )
+        .concat(facts);
+    let rules = cfg.time.clone();
+    let workflows = keyed::keyed(records, inputs.definitions.inner, "WorkflowOp", move |_| {
+        WorkflowLogic::new(rules, decide_from)
+    });
+    workflows
+        .concat(order_emits)
+        .as_collection()
+        .concat(inputs.side)
+        .concat(crate::system::system_rules(inputs.system, &cfg.system))
+}
+
+/// Which core [`run`] builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Core {
+    /// [`crate::build`].
+    Differential,
+    /// [`build_keyed`].
+    Keyed,
+}
+
+/// [`crate::harness::run`] on either core (the same driver, feed and gather).
+pub fn run(run: Run, core: Core) -> Outcome {
+    use crate::gather::Gather;
+    use crate::Sessions;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+
+    let outcome = Arc::new(Mutex::new(Outcome::default()));
+    let shared = outcome.clone();
+    let gathered = Arc::new(AtomicU64::new(0));
+    let run = Arc::new(run);
+    timely::execute(timely::Config::process(run.workers.max(1)), move |worker| {
+        let index = worker.index();
+        let peers = worker.peers();
+        let shared = shared.clone();
+        let gathered = gathered.clone();
+        let gathered2 = gathered.clone();
+        let end = run.end;
+        let mut cfg = run.config.clone();
+        cfg.lifecycle.decide_from = cfg.lifecycle.decide_from.max(run.suppress_before);
+        let suppress = run.suppress_before;
+        let (mut sessions, probe) = worker.dataflow::<u64, _, _>(|scope| {
+            let (sessions, inputs) = Sessions::new(scope);
+            let emits = match core {
+                Core::Differential => crate::build(inputs, &cfg),
+                Core::Keyed => build_keyed(inputs, &cfg),
+            };
+            let (probe, emits) = emits.probe();
+            emits.gather(suppress, move |b| {
+                if gathered2.load(Ordering::SeqCst) >= end {
+                    return;
+                }
+                let f = b.frontier;
+                shared.lock().unwrap().apply(b);
+                gathered2.store(f, Ordering::SeqCst);
+            });
+            (sessions, probe)
+        });
+        sessions.advance_to(run.restore_time);
+        for (i, e) in run.replay.iter().enumerate() {
+            if i % peers == index {
+                sessions.insert(e.clone(), run.restore_time);
+            }
+        }
+        for (i, (t, e)) in run.feed.iter().enumerate() {
+            if *t > sessions.time() {
+                let before = sessions.time();
+                sessions.advance_to(*t);
+                worker.step();
+                if run.settle_each_time {
+                    let reached = |g: &AtomicU64| g.load(Ordering::SeqCst) >= *t;
+                    worker.step_while(|| probe.less_than(t) || (before > 0 && !reached(&gathered)));
+                }
+            }
+            if i % peers == index {
+                sessions.insert(e.clone(), *t);
+            }
+        }
+        sessions.advance_to(run.end);
+        worker
+            .step_while(|| probe.less_than(&run.end) || gathered.load(Ordering::SeqCst) < run.end);
+    })
+    .expect("timely workers");
+    let out = outcome.lock().unwrap().clone();
+    out
+}

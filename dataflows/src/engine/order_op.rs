@@ -1,0 +1,314 @@
+//! `OrderOp`: the order rules (contract §5) as keyed state, one entry per orderId.
+//!
+//! At each stamp where an order's events change (or its fulfillment deadline passes), the
+//! order is refolded with [`fold_order`] and evaluated with [`evaluate_order`] — today's pure
+//! functions — and the result is compared with the previous one: rows that changed are
+//! output as `(-old, +new)`, derived events, alerts and dead letters when they appear, as
+//! the differential chain in [`crate::orders::order_rules`] does. ORDER_OVERDUE is a timer
+//! of the key (at deadline + 1) and its emit-once flag is state of the key. The
+//! [`OrderFact`] readiness needs goes to the workflow operator, keyed by workflow.
+//!
+//! Not yet here: retirement and tombstones ([`crate::lifecycle`]).
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::derived::{Derived, DerivedType};
+use crate::engine::keyed::{Ctx, KeyedLogic};
+use crate::events::{format_time, OrderEvent};
+use crate::orders::{
+    evaluate_order, fold_order, CriticalAlert, Eligibility, Notice, OrderOut, OrderRules,
+    OverdueInfo, RejectedOrderEvent,
+};
+use crate::output::{AlertRow, DeadLetter, Millis, OutRecord, OutTopic, Row};
+use crate::workflows::OrderFact;
+use crate::Emit;
+
+/// What the order operator outputs: something to emit, or a fact for a workflow.
+pub type OrderOutput = Result<Emit, (String, OrderFact)>;
+
+/// One order's state.
+#[derive(Default)]
+struct Entry {
+    events: Vec<Arc<OrderEvent>>,
+    /// The previous evaluation's rows, events, alerts and dead letters (sorted, distinct).
+    prev: Vec<OrderOut>,
+    /// The order is overdue now (the differential chain's `OrdersOverdue`).
+    overdue_now: Option<OverdueInfo>,
+    /// ORDER_OVERDUE was derived (the first appearance stands).
+    appeared: Option<OverdueInfo>,
+    /// Whether the restart seed ([`Config::decide_from`]) has been applied.
+    seeded: bool,
+    row: Option<Row>,
+    fact: Option<(String, OrderFact)>,
+}
+
+/// The order logic of a worker.
+pub struct OrderLogic {
+    elig: Eligibility,
+    rules: OrderRules,
+    decide_from: u64,
+    orders: std::collections::HashMap<String, Entry>,
+}
+
+impl OrderLogic {
+    pub fn new(elig: Eligibility, rules: OrderRules, decide_from: u64) -> OrderLogic {
+        OrderLogic {
+            elig,
+            rules,
+            decide_from,
+            orders: Default::default(),
+        }
+    }
+}
+
+/// A derived order event's emit (as `Notice::emit`).
+fn notice(n: &Notice, t: Millis) -> Emit {
+    Emit::Record(
+        (n.derived.workflow_instance_id.clone(), n.derived.rank()),
+        n.to_record(t),
+    )
+}
+
+/// The record and row of a critical-result alert raised at `t` (as `CriticalAlert::emit`).
+fn alert(a: &CriticalAlert, t: Millis) -> [Emit; 2] {
+    let details = json!({
+        "orderType": a.order_type,
+        "patientId": a.patient_id,
+        "derivedEventId": a.derived_event_id,
+    });
+    let doc = json!({
+        "alertId": a.alert_id,
+        "severity": "CRITICAL",
+        "source": a.source,
+        "kind": "ORDER_CRITICAL_RESULT",
+        "message": a.message,
+        "raisedAt": format_time(t),
+        "causeEventId": a.cause_event_id,
+        "orderId": a.order_id,
+        "workflowInstanceId": a.workflow_instance_id,
+        "patientId": a.patient_id,
+        "orderType": a.order_type,
+        "derivedEventId": a.derived_event_id,
+    });
+    let record = OutRecord {
+        topic: OutTopic::Alerts,
+        event_id: a.alert_id.clone(),
+        event_type: "ORDER_CRITICAL_RESULT".into(),
+        key: Some(a.source.clone()),
+        payload: doc.to_string(),
+    };
+    let row = AlertRow {
+        alert_id: a.alert_id.clone(),
+        severity: "CRITICAL".into(),
+        source: a.source.clone(),
+        kind: "ORDER_CRITICAL_RESULT".into(),
+        message: a.message.clone(),
+        raised_at: t,
+        cause_event_id: Some(a.cause_event_id.clone()),
+        component: None,
+        workflow_instance_id: a.workflow_instance_id.clone(),
+        task_instance_id: None,
+        order_id: Some(a.order_id.clone()),
+        details: Some(details.to_string()),
+    };
+    [
+        Emit::Record(
+            (
+                a.ordering_key.clone(),
+                DerivedType::OrderCriticalResult as u8,
+            ),
+            record,
+        ),
+        Emit::Row(Row::Alert(row)),
+    ]
+}
+
+/// The dead letter of a rejected order event (as `orders::dead_letter`).
+fn dead_letter(rej: &RejectedOrderEvent, topic: &str, t: Millis) -> DeadLetter {
+    let e = &rej.event;
+    DeadLetter::of_record(
+        topic,
+        e.pos,
+        e.raw_key.as_deref(),
+        &e.order_id,
+        e.raw.as_deref(),
+        || serde_json::to_string(e).unwrap_or_default(),
+        rej.reason,
+        rej.detail.clone(),
+        t,
+    )
+}
+
+/// ORDER_OVERDUE from the overdue facts of its first appearance, at `t`.
+fn overdue(i: &OverdueInfo, t: Millis) -> Emit {
+    let key = i.workflow_instance_id.as_deref().unwrap_or(&i.order_id);
+    let mut d = Derived::new(
+        DerivedType::OrderOverdue,
+        &format!("hmis-flow:ORDER_OVERDUE:{}", i.order_id),
+        key,
+    );
+    d.patient_id = i.patient_id.clone();
+    d.order_id = Some(i.order_id.clone());
+    d.order_type = Some(i.order_type.clone());
+    d.due_at = Some(i.due_at);
+    d.minutes_overdue = Some((t.saturating_sub(i.due_at) / 60_000) as i64);
+    d.cause_event_id = Some(i.activated_event_id.clone());
+    notice(
+        &Notice {
+            derived: d,
+            in_workflow: i.workflow_instance_id.is_some(),
+            appointment_id: None,
+        },
+        t,
+    )
+}
+
+/// Calls `f(item, -1)` for items only in `old`, `f(item, +1)` for items only in `new`
+/// (both sorted and distinct).
+pub(crate) fn diff_sorted<T: Ord>(old: &[T], new: &[T], mut f: impl FnMut(&T, isize)) {
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        match (old.get(i), new.get(j)) {
+            (Some(a), Some(b)) if a == b => {
+                i += 1;
+                j += 1;
+            }
+            (Some(a), Some(b)) if a < b => {
+                f(a, -1);
+                i += 1;
+            }
+            (Some(_), Some(b)) => {
+                f(b, 1);
+                j += 1;
+            }
+            (Some(a), None) => {
+                f(a, -1);
+                i += 1;
+            }
+            (None, Some(b)) => {
+                f(b, 1);
+                j += 1;
+            }
+            (None, None) => unreachable!(),
+        }
+    }
+}
+
+/// Outputs `-old +new` for a value that changed.
+pub(crate) fn replace<T: Clone + PartialEq>(
+    old: &mut Option<T>,
+    new: Option<T>,
+    mut f: impl FnMut(T, isize),
+) {
+    if *old != new {
+        if let Some(o) = old.take() {
+            f(o, -1);
+        }
+        if let Some(n) = &new {
+            f(n.clone(), 1);
+        }
+        *old = new;
+    }
+}
+
+impl KeyedLogic for OrderLogic {
+    type Key = String;
+    type Rec = Arc<OrderEvent>;
+    type Side = ();
+    type Out = OrderOutput;
+    type Order = (i32, i64);
+
+    fn key(rec: &Self::Rec) -> String {
+        rec.order_id.clone()
+    }
+    fn order(rec: &Self::Rec) -> (i32, i64) {
+        (rec.pos.partition, rec.pos.offset)
+    }
+    fn side(&mut self, _t: u64, _side: Vec<((), isize)>, _touched: &mut Vec<String>) {}
+
+    fn step(
+        &mut self,
+        oid: &String,
+        t: u64,
+        recs: Vec<(Self::Rec, isize)>,
+        cx: &mut Ctx<OrderOutput>,
+    ) {
+        let e = self.orders.entry(oid.clone()).or_default();
+        for (r, d) in recs {
+            if d > 0 {
+                e.events.push(r);
+            } else if let Some(i) = e.events.iter().position(|x| *x == r) {
+                e.events.swap_remove(i);
+            }
+        }
+        let (mut outs, st) = if e.events.is_empty() {
+            (Vec::new(), None)
+        } else {
+            let evs: Vec<&OrderEvent> = e.events.iter().map(|x| &**x).collect();
+            let st = fold_order(oid, &evs, &self.elig);
+            (evaluate_order(&st, &self.rules), Some(st))
+        };
+        outs.sort();
+        outs.dedup();
+
+        // Overdue: late by its events, or open with its deadline passed at `t`.
+        let mut base = None;
+        let mut now: Option<&OverdueInfo> = None;
+        for o in &outs {
+            match o {
+                OrderOut::OverdueLate(i) => now = now.min(Some(i)).or(Some(i)),
+                OrderOut::OverdueOpen(i) if t > i.due_at => {
+                    now = now.min(Some(i)).or(Some(i));
+                }
+                OrderOut::OverdueOpen(i) => cx.wake_at(i.due_at.saturating_add(1)),
+                OrderOut::OrderBase(row) => base = Some(row),
+                _ => {}
+            }
+        }
+        let now = now.cloned();
+        if !e.seeded && t >= self.decide_from {
+            // Present when the clock reached `decide_from`: it appeared before the restart.
+            e.seeded = true;
+            if e.appeared.is_none() {
+                e.appeared = e.overdue_now.clone();
+            }
+        }
+        if t >= self.decide_from && e.appeared.is_none() {
+            if let Some(i) = &now {
+                cx.give(Ok(overdue(i, t)), 1);
+                e.appeared = Some(i.clone());
+            }
+        }
+        e.overdue_now = now;
+
+        let rules = &self.rules;
+        diff_sorted(&e.prev, &outs, |o, d| match o {
+            OrderOut::Row(row) => cx.give(Ok(Emit::Row(row.clone())), d),
+            OrderOut::Event(n) if d > 0 => cx.give(Ok(notice(n, t)), 1),
+            OrderOut::Alert(a) if d > 0 => {
+                for x in alert(a, t) {
+                    cx.give(Ok(x), 1);
+                }
+            }
+            OrderOut::Dead(rej) if d > 0 => {
+                cx.give(Ok(Emit::Dead(dead_letter(rej, &rules.topic, t))), 1)
+            }
+            _ => {}
+        });
+
+        let row = base.map(|b| {
+            let mut b = b.clone();
+            b.is_overdue = e.overdue_now.is_some() || e.appeared.is_some();
+            Row::Order(b)
+        });
+        replace(&mut e.row, row, |r, d| cx.give(Ok(Emit::Row(r)), d));
+        let fact = st.as_ref().and_then(OrderFact::of);
+        replace(&mut e.fact, fact, |f, d| cx.give(Err(f), d));
+        e.prev = outs;
+        if e.events.is_empty() && e.row.is_none() && e.fact.is_none() && e.appeared.is_none() {
+            self.orders.remove(oid);
+        }
+    }
+}

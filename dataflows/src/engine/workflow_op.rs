@@ -1,0 +1,505 @@
+//! `WorkflowOp`: the workflow rules (contract §4) and their time rules as keyed state, one
+//! entry per workflowInstanceId.
+//!
+//! A workflow's entry keeps its workflow events, the events of its tasks, the facts of its
+//! orders (from [`super::order_op`]) and the template version it pins (definitions are
+//! broadcast: every worker holds the latest valid record per (templateId, version)). At each
+//! stamp where any of these changed, or a timer of the key is due, the workflow is refolded
+//! ([`fold_workflow`], [`fold_task`]) and evaluated ([`evaluate`]); the outputs are compared
+//! with the previous evaluation's:
+//!
+//! - rows (`task_readiness`) as `(-old, +new)`, derived events when they appear;
+//! - SLA breaches, stale tasks and re-escalations as in [`crate::timers::time_rules`]: a
+//!   candidate with deadline `d` counts from `d + 1` (the key wakes then), and the first
+//!   appearance of each key (task attempt, stale period, level) derives its events once; the
+//!   keys that appeared are state of the workflow, merged with the live ones into the
+//!   `workflow_instances` and `task_instances` rows, which are output when they change.
+//!
+//! Not yet here: the lifecycle (unknown references after the grace, retirement, tombstones).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::derived::{Derived, DerivedType};
+use crate::engine::keyed::{Ctx, KeyedLogic};
+use crate::engine::order_op::{diff_sorted, replace};
+use crate::events::{DefinitionRecord, TaskEvent, Template, WorkflowEvent};
+use crate::output::{Millis, Row, SlaBreachRow, TaskRow, WorkflowRow};
+use crate::tasks::{dedup_by_event_id, fold_task};
+use crate::workflows::{
+    evaluate, fold_workflow, OrderFact, ReEscalation, SlaInfo, StaleInfo, TimeRules, WfFact, WfOut,
+};
+use crate::Emit;
+
+/// A record of a workflow: its events, its tasks' events, its orders' facts.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum WfRec {
+    Workflow(Arc<WorkflowEvent>),
+    Task(Arc<TaskEvent>),
+    /// (workflowInstanceId, fact).
+    Order(String, OrderFact),
+}
+
+type TemplateKey = (String, i64);
+
+/// One workflow's state.
+#[derive(Default)]
+struct Entry {
+    events: Vec<Arc<WorkflowEvent>>,
+    tasks: BTreeMap<String, Vec<Arc<TaskEvent>>>,
+    orders: BTreeMap<OrderFact, isize>,
+    /// The template version its WORKFLOW_STARTED names (indexed in `pinned`).
+    pin: Option<TemplateKey>,
+    /// The previous evaluation's rows and events (sorted, distinct).
+    prev: Vec<WfOut>,
+    breaches_now: BTreeMap<(String, u32), Arc<SlaInfo>>,
+    breaches_seen: BTreeMap<(String, u32), Arc<SlaInfo>>,
+    stale_now: BTreeSet<(String, u32, Millis)>,
+    stale_seen: HashSet<(String, u32, Millis)>,
+    levels_now: BTreeMap<i32, Arc<ReEscalation>>,
+    levels_seen: BTreeMap<i32, Arc<ReEscalation>>,
+    seeded: bool,
+    wf_row: Option<Row>,
+    task_rows: BTreeMap<String, Row>,
+}
+
+/// The workflow logic of a worker.
+pub struct WorkflowLogic {
+    rules: TimeRules,
+    decide_from: u64,
+    /// Definition records per (templateId, version), with their multiplicities.
+    definitions: HashMap<TemplateKey, Vec<(DefinitionRecord, isize)>>,
+    /// Which of this worker's workflows pin each template version.
+    pinned: HashMap<TemplateKey, HashSet<String>>,
+    workflows: HashMap<String, Entry>,
+}
+
+impl WorkflowLogic {
+    pub fn new(rules: TimeRules, decide_from: u64) -> WorkflowLogic {
+        WorkflowLogic {
+            rules,
+            decide_from,
+            definitions: HashMap::new(),
+            pinned: HashMap::new(),
+            workflows: HashMap::new(),
+        }
+    }
+
+    /// The latest valid template of `key`: the record with the highest position; a
+    /// tombstone deletes (as [`crate::templates`]).
+    fn template(&self, key: &TemplateKey) -> Option<Arc<Template>> {
+        self.definitions
+            .get(key)?
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .max_by_key(|(d, _)| d.pos)
+            .and_then(|(d, _)| d.template.clone())
+    }
+}
+
+fn emit(d: Derived, t: u64) -> Emit {
+    Emit::Record((d.workflow_instance_id.clone(), d.rank()), d.to_record(t))
+}
+
+/// The events and the row of an SLA breach found at `t` (as in `time_rules`).
+fn breach(i: &SlaInfo, t: u64, cx: &mut Ctx<Emit>) {
+    let minutes = (t.saturating_sub(i.due_at) / 60_000) as i64;
+    let reason = format!("SLA_BREACH:{}", i.task_def_id);
+    let base = |ty: DerivedType, name: String| {
+        let mut d = Derived::new(ty, &name, &i.workflow_instance_id);
+        d.patient_id = i.patient_id.clone();
+        d.template_id = Some(i.template_id.clone());
+        d.template_version = Some(i.template_version);
+        d.task_instance_id = Some(i.task_instance_id.clone());
+        d.task_def_id = Some(i.task_def_id.clone());
+        d.task_name = i.task_name.clone();
+        d.attempt = Some(i.attempt);
+        d
+    };
+    let mut b = base(
+        DerivedType::TaskSlaBreached,
+        format!(
+            "hmis-flow:TASK_SLA_BREACHED:{}:{}",
+            i.task_instance_id, i.attempt
+        ),
+    );
+    b.due_at = Some(i.due_at);
+    b.minutes_overdue = Some(minutes);
+    let breach_id = b.event_id.clone();
+    cx.give(emit(b, t), 1);
+    let mut e = base(
+        DerivedType::TaskEscalated,
+        format!(
+            "hmis-flow:TASK_ESCALATED:{}:{}",
+            i.task_instance_id, i.attempt
+        ),
+    );
+    e.escalated_to = Some(i.escalate_to.clone());
+    e.escalation_reason = Some(reason.clone());
+    e.escalation_level = Some(1);
+    e.cause_event_id = Some(breach_id.clone());
+    cx.give(emit(e, t), 1);
+    let mut w = base(
+        DerivedType::WorkflowEscalated,
+        format!(
+            "hmis-flow:WORKFLOW_ESCALATED:{}:SLA_BREACH:{}:{}",
+            i.workflow_instance_id, i.task_instance_id, i.attempt
+        ),
+    );
+    w.escalation_reason = Some(reason);
+    w.escalation_level = Some(1);
+    w.escalated_to = Some(i.escalate_to.clone());
+    w.cause_event_id = Some(breach_id.clone());
+    cx.give(emit(w, t), 1);
+    cx.give(
+        Emit::Row(Row::SlaBreach(SlaBreachRow {
+            task_instance_id: i.task_instance_id.clone(),
+            attempt: i.attempt as i32,
+            workflow_instance_id: i.workflow_instance_id.clone(),
+            patient_id: i.patient_id.clone(),
+            template_id: Some(i.template_id.clone()),
+            template_version: Some(i.template_version),
+            task_def_id: i.task_def_id.clone(),
+            due_at: i.due_at,
+            breached_at: t,
+            minutes_overdue: minutes,
+            escalated_to: Some(i.escalate_to.clone()),
+            event_id: Some(breach_id),
+        })),
+        1,
+    );
+}
+
+fn stale(s: &StaleInfo, t: u64) -> Emit {
+    let mut d = Derived::new(
+        DerivedType::TaskStale,
+        &format!(
+            "hmis-flow:TASK_STALE:{}:{}:{}",
+            s.task_instance_id, s.attempt, s.last_event_time
+        ),
+        &s.workflow_instance_id,
+    );
+    d.patient_id = s.patient_id.clone();
+    d.task_instance_id = Some(s.task_instance_id.clone());
+    d.task_def_id = Some(s.task_def_id.clone());
+    d.task_name = s.task_name.clone();
+    d.attempt = Some(s.attempt);
+    d.minutes_overdue = Some(((t - s.last_event_time) / 60_000) as i64);
+    emit(d, t)
+}
+
+fn re_escalation(r: &ReEscalation, t: u64) -> Emit {
+    let mut d = Derived::new(
+        DerivedType::WorkflowEscalated,
+        &format!(
+            "hmis-flow:WORKFLOW_ESCALATED:{}:UNANSWERED:{}",
+            r.workflow_instance_id, r.level
+        ),
+        &r.workflow_instance_id,
+    );
+    d.patient_id = r.patient_id.clone();
+    d.template_id = Some(r.template_id.clone());
+    d.template_version = Some(r.template_version);
+    d.escalation_level = Some(r.level);
+    d.escalation_reason = Some("UNANSWERED_ESCALATION".to_string());
+    emit(d, t)
+}
+
+/// Keeps the least value per key (as `reduce`'s `input[0]`).
+fn keep_min<K: Ord, V: Ord>(m: &mut BTreeMap<K, V>, k: K, v: V) {
+    match m.get(&k) {
+        Some(cur) if *cur <= v => {}
+        _ => {
+            m.insert(k, v);
+        }
+    }
+}
+
+impl KeyedLogic for WorkflowLogic {
+    type Key = String;
+    type Rec = WfRec;
+    type Side = DefinitionRecord;
+    type Out = Emit;
+    /// Workflow events, then task events, each by position; then order facts.
+    type Order = (u8, i32, i64);
+
+    fn key(rec: &WfRec) -> String {
+        match rec {
+            WfRec::Workflow(e) => e.workflow_instance_id.clone(),
+            WfRec::Task(e) => e.workflow_instance_id.clone(),
+            WfRec::Order(w, _) => w.clone(),
+        }
+    }
+    fn order(rec: &WfRec) -> (u8, i32, i64) {
+        match rec {
+            WfRec::Workflow(e) => (0, e.pos.partition, e.pos.offset),
+            WfRec::Task(e) => (1, e.pos.partition, e.pos.offset),
+            WfRec::Order(..) => (2, 0, 0),
+        }
+    }
+
+    fn side(&mut self, _t: u64, side: Vec<(DefinitionRecord, isize)>, touched: &mut Vec<String>) {
+        let mut changed: BTreeSet<TemplateKey> = BTreeSet::new();
+        let mut before: HashMap<TemplateKey, Option<Arc<Template>>> = HashMap::new();
+        for (d, n) in side {
+            let key = (d.template_id.clone(), d.version);
+            if !before.contains_key(&key) {
+                before.insert(key.clone(), self.template(&key));
+            }
+            let recs = self.definitions.entry(key.clone()).or_default();
+            match recs.iter_mut().find(|(x, _)| *x == d) {
+                Some(slot) => slot.1 += n,
+                None => recs.push((d, n)),
+            }
+            recs.retain(|(_, n)| *n != 0);
+            changed.insert(key);
+        }
+        for key in changed {
+            if before.get(&key).cloned().flatten() != self.template(&key) {
+                if let Some(ws) = self.pinned.get(&key) {
+                    touched.extend(ws.iter().cloned());
+                }
+            }
+        }
+    }
+
+    fn step(&mut self, wid: &String, t: u64, recs: Vec<(WfRec, isize)>, cx: &mut Ctx<Emit>) {
+        let mut e = self.workflows.remove(wid).unwrap_or_default();
+        for (r, d) in recs {
+            match r {
+                WfRec::Workflow(x) => {
+                    if d > 0 {
+                        e.events.push(x);
+                    } else if let Some(i) = e.events.iter().position(|y| *y == x) {
+                        e.events.swap_remove(i);
+                    }
+                }
+                WfRec::Task(x) => {
+                    let evs = e.tasks.entry(x.task_instance_id.clone()).or_default();
+                    if d > 0 {
+                        evs.push(x);
+                    } else if let Some(i) = evs.iter().position(|y| *y == x) {
+                        evs.swap_remove(i);
+                        if evs.is_empty() {
+                            e.tasks.remove(&x.task_instance_id);
+                        }
+                    }
+                }
+                WfRec::Order(_, f) => {
+                    let n = e.orders.entry(f.clone()).or_default();
+                    *n += d;
+                    if *n == 0 {
+                        e.orders.remove(&f);
+                    }
+                }
+            }
+        }
+
+        // The facts, as the differential chain gathers them under the workflow's key.
+        let mut facts: Vec<WfFact> = Vec::new();
+        let mut pin = None;
+        if !e.events.is_empty() {
+            let evs: Vec<&WorkflowEvent> = e.events.iter().map(|x| &**x).collect();
+            let st = fold_workflow(wid, &evs);
+            if let Some(s) = &st.started {
+                let key = (s.template_id.clone(), s.template_version);
+                if let Some(tpl) = self.template(&key) {
+                    facts.push(WfFact::Template(tpl));
+                }
+                pin = Some(key);
+            }
+            facts.push(WfFact::State(Arc::new(st)));
+        }
+        for evs in e.tasks.values() {
+            let evs = dedup_by_event_id(evs.iter().map(|x| &**x));
+            if let Some(s) = fold_task(&evs) {
+                facts.push(WfFact::Task(Arc::new(s)));
+            }
+        }
+        facts.extend(
+            e.orders
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(f, _)| WfFact::Order(f.clone())),
+        );
+        facts.sort();
+        if pin != e.pin {
+            if let Some(old) = e.pin.take() {
+                if let Some(ws) = self.pinned.get_mut(&old) {
+                    ws.remove(wid);
+                    if ws.is_empty() {
+                        self.pinned.remove(&old);
+                    }
+                }
+            }
+            if let Some(new) = &pin {
+                self.pinned
+                    .entry(new.clone())
+                    .or_default()
+                    .insert(wid.clone());
+            }
+            e.pin = pin;
+        }
+        let refs: Vec<&WfFact> = facts.iter().collect();
+        let mut outs = evaluate(wid, &refs, &self.rules);
+        outs.sort();
+        outs.dedup();
+
+        // Split: rows and events pass through; timer candidates count from deadline + 1.
+        let mut pass = Vec::new();
+        let mut breaches_now = BTreeMap::new();
+        let mut stale_now: BTreeMap<(String, u32, Millis), Arc<StaleInfo>> = BTreeMap::new();
+        let mut levels_now: BTreeMap<i32, Arc<ReEscalation>> = BTreeMap::new();
+        let mut wf_base = None;
+        let mut task_bases = Vec::new();
+        for o in outs {
+            match o {
+                WfOut::Event(_) | WfOut::Row(_) => pass.push(o),
+                WfOut::SlaLate(i) => keep_min(
+                    &mut breaches_now,
+                    (i.task_instance_id.clone(), i.attempt),
+                    i,
+                ),
+                WfOut::SlaOpen(i) if t > i.due_at => keep_min(
+                    &mut breaches_now,
+                    (i.task_instance_id.clone(), i.attempt),
+                    i,
+                ),
+                WfOut::SlaOpen(i) => cx.wake_at(i.due_at.saturating_add(1)),
+                WfOut::Stale(s) if t > s.deadline => keep_min(
+                    &mut stale_now,
+                    (s.task_instance_id.clone(), s.attempt, s.last_event_time),
+                    s,
+                ),
+                WfOut::Stale(s) => cx.wake_at(s.deadline.saturating_add(1)),
+                WfOut::ReEscalate(r) if t > r.deadline => keep_min(&mut levels_now, r.level, r),
+                WfOut::ReEscalate(r) => cx.wake_at(r.deadline.saturating_add(1)),
+                WfOut::WorkflowBase(row, rt) => wf_base = Some((row, rt)),
+                WfOut::TaskBase(row) => task_bases.push(row),
+            }
+        }
+        // One per (workflow, level), with content independent of which escalation fired it.
+        let levels_now: BTreeMap<i32, Arc<ReEscalation>> = levels_now
+            .into_iter()
+            .map(|(l, r)| {
+                (
+                    l,
+                    Arc::new(ReEscalation {
+                        deadline: 0,
+                        source: String::new(),
+                        ..ReEscalation::clone(&r)
+                    }),
+                )
+            })
+            .collect();
+
+        diff_sorted(&e.prev, &pass, |o, d| match o {
+            WfOut::Row(row) => cx.give(Emit::Row(Row::clone(row)), d),
+            WfOut::Event(ev) if d > 0 => {
+                cx.give(Emit::Record((wid.clone(), ev.rank()), ev.to_record(t)), 1)
+            }
+            _ => {}
+        });
+        e.prev = pass;
+
+        // Emit-once keys: what was present when the clock reached `decide_from` appeared
+        // before a restart; from then on, the first appearance derives the events.
+        if !e.seeded && t >= self.decide_from {
+            e.seeded = true;
+            for (k, v) in &e.breaches_now {
+                e.breaches_seen
+                    .entry(k.clone())
+                    .or_insert_with(|| v.clone());
+            }
+            e.stale_seen.extend(e.stale_now.iter().cloned());
+            for (k, v) in &e.levels_now {
+                e.levels_seen.entry(*k).or_insert_with(|| v.clone());
+            }
+        }
+        if t >= self.decide_from {
+            for (k, i) in &breaches_now {
+                if !e.breaches_seen.contains_key(k) {
+                    e.breaches_seen.insert(k.clone(), i.clone());
+                    breach(i, t, cx);
+                }
+            }
+            for (k, s) in &stale_now {
+                if e.stale_seen.insert(k.clone()) {
+                    cx.give(stale(s, t), 1);
+                }
+            }
+            for (l, r) in &levels_now {
+                if !e.levels_seen.contains_key(l) {
+                    e.levels_seen.insert(*l, r.clone());
+                    cx.give(re_escalation(r, t), 1);
+                }
+            }
+        }
+        e.breaches_now = breaches_now;
+        e.stale_now = stale_now.into_keys().collect();
+        e.levels_now = levels_now;
+
+        // The rows, with the escalations of the timers merged in (live or published).
+        let shown = || e.breaches_now.values().chain(e.breaches_seen.values());
+        let wf_row = wf_base.map(|(row, reason_time)| {
+            let mut row = WorkflowRow::clone(&row);
+            let mut latest: Option<(Millis, &String)> = None;
+            for i in shown() {
+                let part = (i.due_at, &i.task_def_id);
+                if latest.is_none_or(|l| part.0 > l.0 || (part.0 == l.0 && part.1 < l.1)) {
+                    latest = Some(part);
+                }
+            }
+            if let Some((due, def)) = latest {
+                row.is_escalated = true;
+                row.escalation_level = row.escalation_level.max(1);
+                if reason_time.is_none_or(|t| due >= t) {
+                    row.escalation_reason = Some(format!("SLA_BREACH:{def}"));
+                }
+            }
+            let level = e
+                .levels_now
+                .keys()
+                .chain(e.levels_seen.keys())
+                .max()
+                .copied()
+                .unwrap_or(0);
+            if level > 0 {
+                row.is_escalated = true;
+                row.escalation_level = row.escalation_level.max(level);
+            }
+            Row::Workflow(row)
+        });
+        let mut task_rows = BTreeMap::new();
+        for base in task_bases {
+            let mut row = TaskRow::clone(&base);
+            let mut found: Vec<(u32, &String)> = shown()
+                .filter(|i| i.task_instance_id == row.task_instance_id)
+                .map(|i| (i.attempt, &i.escalate_to))
+                .collect();
+            found.sort();
+            row.sla_breached = found.iter().any(|(a, _)| *a as i32 == row.attempt);
+            if let Some((_, to)) = found.last() {
+                row.is_escalated = true;
+                row.escalated_to = Some((*to).clone());
+            }
+            task_rows.insert(row.task_instance_id.clone(), Row::Task(row));
+        }
+        replace(&mut e.wf_row, wf_row, |r, d| cx.give(Emit::Row(r), d));
+        let old = std::mem::take(&mut e.task_rows);
+        for (id, row) in &old {
+            if task_rows.get(id) != Some(row) {
+                cx.give(Emit::Row(row.clone()), -1);
+            }
+        }
+        for (id, row) in &task_rows {
+            if old.get(id) != Some(row) {
+                cx.give(Emit::Row(row.clone()), 1);
+            }
+        }
+        e.task_rows = task_rows;
+        self.workflows.insert(wid.clone(), e);
+    }
+}
