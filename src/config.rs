@@ -4,10 +4,10 @@
 //! `HMIS_CONFIG`), environment variables (`HMIS_*`), command-line flags. Every field is
 //! documented here; `docs/configuration.md` lists them with their variables.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use hmis_sinks::{KafkaOptions, PgTls, SslMode};
 use serde::{Deserialize, Serialize};
 
 /// Which clock drives the pipeline (contract §8).
@@ -80,8 +80,15 @@ impl Topics {
 pub struct Config {
     /// Kafka bootstrap servers (`HMIS_BROKERS`).
     pub brokers: String,
-    /// PostgreSQL connection URL (`HMIS_DATABASE_URL`).
+    /// PostgreSQL connection URL (`HMIS_DATABASE_URL`). libpq's `sslmode` and
+    /// `sslrootcert` parameters in it override `database_sslmode` and `database_sslrootcert`.
     pub database_url: String,
+    /// PostgreSQL TLS, libpq's `sslmode`: `disable`, `prefer` (the default: TLS if the
+    /// server offers it, unchecked), `require`, `verify-ca`, `verify-full` (docs/security.md).
+    pub database_sslmode: Option<SslMode>,
+    /// CA certificates (PEM) the PostgreSQL server's certificate must chain up to (libpq's
+    /// `sslrootcert`); needed by `verify-ca` and `verify-full`.
+    pub database_sslrootcert: Option<PathBuf>,
     /// Identity of this pipeline: the PostgreSQL progress rows, the fencing epoch and the
     /// Kafka consumer group used for lag monitoring (`HMIS_GROUP_ID`).
     pub group_id: String,
@@ -108,8 +115,10 @@ pub struct Config {
     pub lock_wait_secs: u64,
     /// Topic names.
     pub topics: Topics,
-    /// Extra librdkafka options for every client (e.g. `security.protocol`, `sasl.*`).
-    pub kafka: BTreeMap<String, String>,
+    /// librdkafka options for every Kafka client (e.g. `security.protocol`, `ssl.*`,
+    /// `sasl.*`); `HMIS_KAFKA__<PROP>` and `HMIS_KAFKA__<PROP>__FILE` variables override them
+    /// ([`Config::apply_env`]). Secret values are redacted in `Debug` output.
+    pub kafka: KafkaOptions,
     /// Rule parameters: `[rules.time]` (stale_after_ms, re_escalate_after_ms,
     /// max_escalation_level), `[rules.eligibility]` (by_type, other), `[rules.orders]`
     /// (fulfillment_minutes, auto_activate, alert_source), `[rules.lifecycle]`
@@ -123,6 +132,8 @@ impl Default for Config {
         Config {
             brokers: "127.0.0.1:19092".into(),
             database_url: "postgres://postgres@127.0.0.1:15432/hmis".into(),
+            database_sslmode: None,
+            database_sslrootcert: None,
             group_id: "hmis-flow".into(),
             workers: 1,
             clock: ClockMode::Wall,
@@ -135,7 +146,7 @@ impl Default for Config {
             tick_ms: 100,
             lock_wait_secs: 30,
             topics: Topics::default(),
-            kafka: BTreeMap::new(),
+            kafka: KafkaOptions::default(),
             rules: hmis_dataflows::RulesConfig::default(),
         }
     }
@@ -147,6 +158,22 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+    }
+
+    /// Applies the environment's `HMIS_KAFKA__<PROP>` (a librdkafka property in upper case,
+    /// `.` written `_`) and `HMIS_KAFKA__<PROP>__FILE` (a file holding the value, e.g. a
+    /// mounted secret) variables over `[kafka]`. The other `HMIS_*` variables are read with
+    /// the command-line flags.
+    pub fn apply_env(&mut self) -> anyhow::Result<()> {
+        Ok(self.kafka.apply_env(std::env::vars_os())?)
+    }
+
+    /// The PostgreSQL TLS settings of the config file (the URL's parameters override them).
+    pub fn database_tls(&self) -> PgTls {
+        PgTls {
+            sslmode: self.database_sslmode,
+            sslrootcert: self.database_sslrootcert.clone(),
+        }
     }
 }
 
@@ -186,10 +213,38 @@ mod tests {
         assert_eq!(cfg.rules.orders.fulfillment_minutes["LAB_TEST"], 5);
         assert_eq!(cfg.rules.lifecycle.retire_after_ms, 60_000);
         assert_eq!(cfg.rules.lifecycle.unknown_reference_grace_ms, 600_000);
+        assert!(toml::from_str::<Config>("database_sslmode = \"verify-full\"").is_ok());
+        assert!(toml::from_str::<Config>("database_sslmode = \"sometimes\"").is_err());
         assert!(
             toml::from_str::<Config>("brokerz = \"x\"").is_err(),
             "a misspelled key is an error"
         );
         assert!(toml::from_str::<Config>("[rules.time]\nstale_after = 1").is_err());
+    }
+
+    #[test]
+    fn tls_settings_and_redacted_secrets() {
+        let cfg: Config = toml::from_str(
+            r#"
+            database_sslmode = "verify-full"
+            database_sslrootcert = "/etc/hmis/pg-ca.pem"
+            [kafka]
+            "security.protocol" = "SASL_SSL"
+            "sasl.mechanism" = "SCRAM-SHA-512"
+            "sasl.username" = "hmis"
+            "sasl.password" = "pa55-in-the-file"
+            "#,
+        )
+        .unwrap();
+        let tls = cfg.database_tls();
+        assert_eq!(tls.sslmode, Some(SslMode::VerifyFull));
+        assert_eq!(tls.sslrootcert, Some(PathBuf::from("/etc/hmis/pg-ca.pem")));
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("pa55-in-the-file"), "{shown}");
+        assert!(shown.contains("SCRAM-SHA-512"), "{shown}");
+        // Serialized (e.g. for a child process's config file), the value is kept.
+        let again: Config = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(again.kafka.get("sasl.password"), Some("pa55-in-the-file"));
+        assert_eq!(again, cfg);
     }
 }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rdkafka::config::ClientConfig;
+use hmis_sinks::KafkaClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -44,7 +44,13 @@ pub fn topic_specs(cfg: &Config) -> Vec<hmis_sinks::TopicSpec> {
 
 /// `hmis-flow topics create`.
 pub async fn create_topics(cfg: &Config) -> anyhow::Result<Vec<String>> {
-    Ok(hmis_sinks::create_topics(&cfg.brokers, &topic_specs(cfg), cfg.replication_factor).await?)
+    Ok(hmis_sinks::create_topics_with(
+        &cfg.brokers,
+        &cfg.kafka,
+        &topic_specs(cfg),
+        cfg.replication_factor,
+    )
+    .await?)
 }
 
 /// Maps a workload record's (default) topic name to the configured one.
@@ -56,17 +62,23 @@ fn configured_topic<'a>(cfg: &'a Config, default: &str) -> &'a str {
         .unwrap_or_else(|| panic!("workload names unknown topic {default}"))
 }
 
+/// The workload producer's librdkafka configuration (`generate`, `demo`).
+pub fn producer_config(cfg: &Config) -> KafkaClientConfig {
+    hmis_sinks::kafka::client_config(
+        &cfg.brokers,
+        &cfg.kafka,
+        &[
+            ("enable.idempotence", "true"),
+            ("linger.ms", "5"),
+            ("compression.type", "lz4"),
+        ],
+        &[],
+    )
+}
+
 /// Produces records in order (idempotent producer, so retries cannot reorder or duplicate).
 pub async fn produce(cfg: &Config, records: &[WorkloadRecord]) -> anyhow::Result<usize> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4");
-    for (k, v) in &cfg.kafka {
-        c.set(k, v);
-    }
-    let producer: FutureProducer = c.create()?;
+    let producer: FutureProducer = producer_config(cfg).create()?;
     let mut pending = Vec::with_capacity(records.len());
     for r in records {
         let topic = configured_topic(cfg, r.topic);
@@ -101,14 +113,20 @@ pub async fn produce(cfg: &Config, records: &[WorkloadRecord]) -> anyhow::Result
     Ok(n)
 }
 
+/// The topic reader's librdkafka configuration (`tail`, the demo's summary).
+pub fn reader_config(cfg: &Config) -> KafkaClientConfig {
+    let group = format!("{}-reader", cfg.group_id);
+    hmis_sinks::kafka::client_config(
+        &cfg.brokers,
+        &cfg.kafka,
+        &[("isolation.level", "read_committed")],
+        &[("group.id", &group), ("enable.auto.commit", "false")],
+    )
+}
+
 /// Reads a topic from its beginning to its current end; returns (key, payload) pairs.
 pub fn read_topic(cfg: &Config, topic: &str) -> anyhow::Result<Vec<(Option<String>, String)>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.brokers)
-        .set("group.id", format!("{}-reader", cfg.group_id))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()?;
+    let consumer: BaseConsumer = reader_config(cfg).create()?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let mut tpl = TopicPartitionList::new();
     let mut ends = BTreeMap::new();
@@ -206,8 +224,7 @@ pub fn demo(mut cfg: Config, opts: DemoOptions) -> anyhow::Result<()> {
     let schema = "hmis_demo";
     if mock.is_some() {
         rt.block_on(async {
-            let (client, conn) = tokio_postgres::connect(&base_url, tokio_postgres::NoTls).await?;
-            tokio::spawn(conn);
+            let client = hmis_sinks::pg_tls::connect(&base_url, &cfg.database_tls()).await?;
             client
                 .batch_execute(&format!(
                     "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};"
@@ -230,7 +247,8 @@ pub fn demo(mut cfg: Config, opts: DemoOptions) -> anyhow::Result<()> {
         );
     }
     let applied = rt.block_on(async {
-        let mut pg = hmis_sinks::PgSink::connect(&cfg.database_url).await?;
+        let mut pg =
+            hmis_sinks::PgSink::connect_with_tls(&cfg.database_url, &cfg.database_tls()).await?;
         pg.migrate().await
     })?;
     println!(
@@ -311,8 +329,7 @@ pub fn demo(mut cfg: Config, opts: DemoOptions) -> anyhow::Result<()> {
 }
 
 async fn print_summary(cfg: &Config) -> anyhow::Result<()> {
-    let (client, conn) = tokio_postgres::connect(&cfg.database_url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
+    let client = hmis_sinks::pg_tls::connect(&cfg.database_url, &cfg.database_tls()).await?;
     println!("\nWorkflows by status:");
     for r in client
         .query(

@@ -147,6 +147,8 @@ fn load(common: &Common) -> anyhow::Result<Config> {
     if let Some(g) = &common.group_id {
         cfg.group_id = g.clone();
     }
+    // HMIS_KAFKA__* (librdkafka options and secrets: never taken from flags).
+    cfg.apply_env()?;
     Ok(cfg)
 }
 
@@ -202,7 +204,9 @@ fn real_main() -> anyhow::Result<()> {
             let cfg = load(&common)?;
             let rt = tokio::runtime::Runtime::new()?;
             let applied = rt.block_on(async {
-                let mut pg = hmis_sinks::PgSink::connect(&cfg.database_url).await?;
+                let mut pg =
+                    hmis_sinks::PgSink::connect_with_tls(&cfg.database_url, &cfg.database_tls())
+                        .await?;
                 pg.migrate().await
             })?;
             println!(

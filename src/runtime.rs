@@ -483,7 +483,7 @@ async fn apply_with_retry(
 /// Connects the sink, with the published-id ledger kept as long as the tombstones (the
 /// input retention: no replay can derive an older id again).
 async fn connect_sink(cfg: &Config) -> Result<PgSink, SinkError> {
-    let mut pg = PgSink::connect(&cfg.database_url).await?;
+    let mut pg = PgSink::connect_with_tls(&cfg.database_url, &cfg.database_tls()).await?;
     pg.ledger_retention = Duration::from_millis(cfg.rules.lifecycle.tombstone_retention_ms);
     Ok(pg)
 }
@@ -600,14 +600,8 @@ fn sink_thread(
             let owner = format!("{}:{}", hostname(), std::process::id());
             let epoch = pg.claim(&cfg.group_id, &owner).await?;
             let progress = pg.load_progress(&cfg.group_id).await?;
-            let mut pcfg = PublisherConfig::new(cfg.brokers.clone(), cfg.group_id.clone());
-            pcfg.topics = TopicNames {
-                derived: cfg.topics.derived.clone(),
-                alerts: cfg.topics.alerts.clone(),
-                dead_letter: cfg.topics.dead_letter.clone(),
-            };
+            let mut pcfg = publisher_config(&cfg);
             pcfg.epoch = Some(epoch);
-            pcfg.producer_options = cfg.kafka.clone();
             let mut publisher = Publisher::recover(pcfg.clone())
                 .await
                 .context("recovering the outbox publisher")?;
@@ -754,11 +748,8 @@ impl Drop for ProbeGuard {
 /// so an old event cannot override a newer answer.
 fn kafka_probe(cfg: &Config, shared: Arc<Shared>) -> anyhow::Result<ProbeGuard> {
     use rdkafka::consumer::Consumer as _;
-    let mut config = crate::source::client_config(cfg);
-    // No group: the probe needs no coordinator, and its events stay on its own queue.
-    config.remove("group.id");
     let consumer: rdkafka::consumer::BaseConsumer<ProbeContext> =
-        config.create_with_context(ProbeContext(shared.clone()))?;
+        probe_client_config(cfg).create_with_context(ProbeContext(shared.clone()))?;
     let topic = cfg
         .topics
         .input(hmis_dataflows::events::InputTopic::ALL[0])
@@ -801,14 +792,39 @@ fn kafka_probe(cfg: &Config, shared: Arc<Shared>) -> anyhow::Result<ProbeGuard> 
     Ok(ProbeGuard(done))
 }
 
+/// How the outbox publisher connects: brokers, group, output topics and `[kafka]` (for its
+/// producer and its recovery consumer).
+pub fn publisher_config(cfg: &Config) -> PublisherConfig {
+    let mut pcfg = PublisherConfig::new(cfg.brokers.clone(), cfg.group_id.clone());
+    pcfg.topics = TopicNames {
+        derived: cfg.topics.derived.clone(),
+        alerts: cfg.topics.alerts.clone(),
+        dead_letter: cfg.topics.dead_letter.clone(),
+    };
+    pcfg.client_options = cfg.kafka.clone();
+    pcfg
+}
+
+/// The broker probe's librdkafka configuration: the source's, without a group (the probe
+/// needs no coordinator, and its events stay on its own queue).
+pub fn probe_client_config(cfg: &Config) -> hmis_sinks::KafkaClientConfig {
+    let mut config = crate::source::client_config(cfg);
+    config.remove("group.id");
+    config
+}
+
+/// The lag monitor's librdkafka configuration: the source's (its group is the pipeline's).
+pub fn lag_monitor_client_config(cfg: &Config) -> hmis_sinks::KafkaClientConfig {
+    crate::source::client_config(cfg)
+}
+
 /// Mirrors the committed input positions into the Kafka consumer group, for lag dashboards
 /// only: PostgreSQL holds the positions the pipeline resumes from. Best effort, asynchronous.
 struct LagMonitor(Option<rdkafka::consumer::BaseConsumer>);
 
 impl LagMonitor {
     fn new(cfg: &Config) -> LagMonitor {
-        let consumer =
-            crate::source::client_config(cfg).create::<rdkafka::consumer::BaseConsumer>();
+        let consumer = lag_monitor_client_config(cfg).create::<rdkafka::consumer::BaseConsumer>();
         if let Err(e) = &consumer {
             warn!(error = %e, "no consumer-group lag reporting");
         }

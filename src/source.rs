@@ -33,7 +33,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
+use hmis_sinks::KafkaClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -95,23 +95,27 @@ pub fn enumerate_partitions(cfg: &Config) -> anyhow::Result<Vec<(InputTopic, Str
     Ok(out)
 }
 
-/// librdkafka settings shared by the source's consumers.
-pub fn client_config(cfg: &Config) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.brokers)
-        .set("group.id", &cfg.group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .set("fetch.wait.max.ms", "50")
-        .set("message.max.bytes", "16777216")
-        .set("fetch.message.max.bytes", "16777216");
-    for (k, v) in &cfg.kafka {
-        c.set(k, v);
-    }
-    c
+/// librdkafka settings shared by the source's consumers. Offsets live in PostgreSQL and the
+/// end of a partition is seen through `enable.partition.eof`: those settings cannot be
+/// overridden by `[kafka]`.
+pub fn client_config(cfg: &Config) -> KafkaClientConfig {
+    hmis_sinks::kafka::client_config(
+        &cfg.brokers,
+        &cfg.kafka,
+        &[
+            ("group.id", &cfg.group_id),
+            ("auto.offset.reset", "earliest"),
+            ("isolation.level", "read_committed"),
+            ("fetch.wait.max.ms", "50"),
+            ("message.max.bytes", "16777216"),
+            ("fetch.message.max.bytes", "16777216"),
+        ],
+        &[
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("enable.partition.eof", "true"),
+        ],
+    )
 }
 
 /// Client context that reports librdkafka errors through tracing, except end-of-partition

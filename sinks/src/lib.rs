@@ -31,16 +31,22 @@
 //! - [`pg`]: [`PgSink`]: claim a group, load progress, apply a batch.
 //! - [`outbox`]: [`Publisher`]: outbox rows to Kafka, exactly once per record.
 //! - [`topics`]: create the contract's topics.
+//! - [`kafka`]: the one function every Kafka client is configured with (TLS, SASL, secrets).
+//! - [`pg_tls`]: connecting to PostgreSQL, with libpq's `sslmode` / `sslrootcert`.
 
+pub mod kafka;
 pub mod migrate;
 pub mod outbox;
 pub mod pg;
+pub mod pg_tls;
 pub mod topics;
 
+pub use kafka::{KafkaClientConfig, KafkaOptions};
 pub use migrate::migrate;
 pub use outbox::{Publisher, PublisherConfig, TopicNames};
 pub use pg::{PgSink, Progress};
-pub use topics::{create_topics, default_topics, InputTopicNames, TopicSpec};
+pub use pg_tls::{PgTls, SslMode};
+pub use topics::{create_topics, create_topics_with, default_topics, InputTopicNames, TopicSpec};
 
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
@@ -124,6 +130,9 @@ pub enum SinkError {
     /// A Kafka operation did not finish in time.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// A connection setting that cannot be used (e.g. a TLS mode or CA file).
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 impl SinkError {
@@ -151,7 +160,8 @@ impl SinkError {
             | SinkError::MigrationChanged { .. }
             | SinkError::UnknownMigration { .. }
             | SinkError::InvalidBatch(_)
-            | SinkError::Topic { .. } => false,
+            | SinkError::Topic { .. }
+            | SinkError::Config(_) => false,
         }
     }
 

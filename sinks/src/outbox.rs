@@ -52,10 +52,11 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_postgres::Client;
 use tracing::{debug, info, warn};
 
+use crate::kafka::{self, KafkaClientConfig, KafkaOptions};
 use crate::pg::outbox_topic;
 use crate::SinkError;
 
@@ -126,10 +127,11 @@ pub struct PublisherConfig {
     pub epoch: Option<i64>,
     /// Outbox rows read, produced and deleted per transaction. Default 5000.
     pub batch_size: usize,
-    /// Extra librdkafka producer settings (e.g. `compression.type`). The settings the
-    /// guarantee rests on (`enable.idempotence`, `acks`, `enable.gapless.guarantee`) cannot
-    /// be overridden.
-    pub producer_options: BTreeMap<String, String>,
+    /// The operator's librdkafka options (TLS, SASL, e.g. `compression.type`), for the
+    /// producer and the recovery consumer alike. The settings the guarantee rests on
+    /// (`enable.idempotence`, `acks`, `enable.gapless.guarantee`; the recovery consumer's
+    /// group and reading mode) cannot be overridden.
+    pub client_options: KafkaOptions,
     /// Limit for metadata, watermark and read-back calls during recovery. Default 30 s.
     pub timeout: Duration,
     /// How many messages back per partition recovery looks for one of ours when the last
@@ -146,7 +148,7 @@ impl PublisherConfig {
             topics: TopicNames::default(),
             epoch: None,
             batch_size: 5000,
-            producer_options: BTreeMap::new(),
+            client_options: KafkaOptions::default(),
             timeout: Duration::from_secs(30),
             recover_scan_limit: 10_000,
         }
@@ -452,21 +454,42 @@ struct InFlight {
     delivery: DeliveryFuture,
 }
 
+/// The outbox producer's librdkafka configuration.
+pub fn producer_config(config: &PublisherConfig) -> KafkaClientConfig {
+    kafka::client_config(
+        &config.brokers,
+        &config.client_options,
+        &[("linger.ms", "5")],
+        &[
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("enable.gapless.guarantee", "true"),
+        ],
+    )
+}
+
 fn create_producer(config: &PublisherConfig) -> Result<FutureProducer, SinkError> {
-    let mut client = ClientConfig::new();
-    client
-        .set("bootstrap.servers", &config.brokers)
-        .set("linger.ms", "5");
-    for (key, value) in &config.producer_options {
-        client.set(key, value);
-    }
-    client
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("enable.gapless.guarantee", "true");
-    client
+    producer_config(config)
         .create()
         .map_err(SinkError::kafka("create outbox producer"))
+}
+
+/// The recovery consumer's librdkafka configuration (reads the output topics' last records).
+pub fn recovery_consumer_config(config: &PublisherConfig) -> KafkaClientConfig {
+    let group = format!("hmis-outbox-recover-{}", config.group_id);
+    kafka::client_config(
+        &config.brokers,
+        &config.client_options,
+        &[("fetch.wait.max.ms", "20")],
+        &[
+            ("group.id", &group),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("enable.partition.eof", "true"),
+            ("auto.offset.reset", "earliest"),
+            ("isolation.level", "read_uncommitted"),
+        ],
+    )
 }
 
 /// Partition counts of the output topics, and the highest seq of ours in each partition
@@ -474,18 +497,7 @@ fn create_producer(config: &PublisherConfig) -> Result<FutureProducer, SinkError
 fn read_positions(
     config: &PublisherConfig,
 ) -> Result<(HashMap<String, i32>, HashMap<(String, i32), i64>), SinkError> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
-        .set(
-            "group.id",
-            format!("hmis-outbox-recover-{}", config.group_id),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "true")
-        .set("fetch.wait.max.ms", "20")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_uncommitted")
+    let consumer: BaseConsumer = recovery_consumer_config(config)
         .create()
         .map_err(SinkError::kafka("create recovery consumer"))?;
 

@@ -38,9 +38,10 @@ use hmis_dataflows::output::{
     RejectReason, Row, SlaBreachRow, TaskRow, WorkflowRow,
 };
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Statement, Transaction};
+use tokio_postgres::{Client, Statement, Transaction};
 use tracing::{debug, error, info, warn};
 
+use crate::pg_tls::PgTls;
 use crate::SinkError;
 
 /// Rows per statement: large enough to amortize round trips, small enough to keep the
@@ -102,18 +103,18 @@ pub struct PgSink {
 }
 
 impl PgSink {
-    /// Connects without TLS (`url` as understood by tokio-postgres, e.g.
-    /// `postgres://user@host:5432/db?options=-csearch_path%3Dhmis`) and drives the
+    /// Connects (`url` as understood by tokio-postgres, e.g.
+    /// `postgres://user@host:5432/db?options=-csearch_path%3Dhmis`, plus libpq's TLS
+    /// parameters `sslmode` and `sslrootcert`: see [`crate::pg_tls`]) and drives the
     /// connection on the current tokio runtime.
     pub async fn connect(url: &str) -> Result<PgSink, SinkError> {
-        let (client, connection) = tokio_postgres::connect(url, NoTls)
-            .await
-            .map_err(SinkError::pg("connect"))?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                warn!(%error, "postgres connection ended");
-            }
-        });
+        PgSink::connect_with_tls(url, &PgTls::default()).await
+    }
+
+    /// [`PgSink::connect`] with TLS settings (the config file's) that the URL's own
+    /// parameters override.
+    pub async fn connect_with_tls(url: &str, tls: &PgTls) -> Result<PgSink, SinkError> {
+        let client = crate::pg_tls::connect(url, tls).await?;
         Ok(PgSink::from_client(client))
     }
 

@@ -20,9 +20,9 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::ClientConfig;
 use tracing::{info, warn};
 
+use crate::kafka::{self, KafkaClientConfig, KafkaOptions};
 use crate::outbox::TopicNames;
 use crate::SinkError;
 
@@ -119,14 +119,35 @@ pub fn default_topics(
 /// Creates the topics that do not exist yet; existing ones are left as they are (their
 /// partition count and settings are not checked or changed). Returns the names created.
 ///
-/// `replication_factor` is 3 in production, 1 on a single development broker.
+/// `replication_factor` is 3 in production, 1 on a single development broker. A broker
+/// that needs TLS or SASL: [`create_topics_with`].
 pub async fn create_topics(
     brokers: &str,
     topics: &[TopicSpec],
     replication_factor: i32,
 ) -> Result<Vec<String>, SinkError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    create_topics_with(
+        brokers,
+        &KafkaOptions::default(),
+        topics,
+        replication_factor,
+    )
+    .await
+}
+
+/// The topic admin client's librdkafka configuration.
+pub fn admin_config(brokers: &str, options: &KafkaOptions) -> KafkaClientConfig {
+    kafka::client_config(brokers, options, &[], &[])
+}
+
+/// [`create_topics`] with the operator's librdkafka options (TLS, SASL).
+pub async fn create_topics_with(
+    brokers: &str,
+    options: &KafkaOptions,
+    topics: &[TopicSpec],
+    replication_factor: i32,
+) -> Result<Vec<String>, SinkError> {
+    let admin: AdminClient<DefaultClientContext> = admin_config(brokers, options)
         .create()
         .map_err(SinkError::kafka("create admin client"))?;
     let new_topics: Vec<NewTopic<'_>> = topics
