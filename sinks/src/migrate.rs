@@ -63,6 +63,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_dead_letter_encodings",
         sql: include_str!("../../migrations/0005_dead_letter_encodings.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_roles",
+        sql: include_str!("../../migrations/0006_roles.sql"),
+    },
 ];
 
 /// Advisory lock key serializing migrations across all instances on one database
@@ -94,9 +99,38 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<String>, SinkError> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(SinkError::pg("take the migration lock"))?;
-    tx.batch_execute(CREATE_TRACKING_TABLE)
+    // A role that may not create objects (the pipeline's, `hmis_pipeline`) can still check
+    // a migrated schema, so `hmis-flow run` works as that role; it cannot apply anything,
+    // and its errors say who can.
+    let who = tx
+        .query_one(
+            "SELECT coalesce(has_schema_privilege(current_schema(), 'CREATE'), false), \
+                    current_user::text, \
+                    EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = current_schema() \
+                            AND tablename = 'hmis_schema_migrations')",
+            &[],
+        )
         .await
-        .map_err(SinkError::pg("create hmis_schema_migrations"))?;
+        .map_err(SinkError::pg("read the migration privileges"))?;
+    let (may_create, role, tracked): (bool, String, bool) = (who.get(0), who.get(1), who.get(2));
+    let context = |what: String| {
+        if may_create {
+            what
+        } else {
+            format!(
+                "{what} (role `{role}` may not create objects in this schema: run \
+                 `hmis-flow migrate` as the administrator first, docs/security.md)"
+            )
+        }
+    };
+    // CREATE TABLE IF NOT EXISTS needs CREATE on the schema even when the table exists.
+    if !tracked {
+        tx.batch_execute(CREATE_TRACKING_TABLE)
+            .await
+            .map_err(SinkError::pg(context(
+                "create hmis_schema_migrations".into(),
+            )))?;
+    }
 
     let applied = tx
         .query(
@@ -144,7 +178,10 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<String>, SinkError> {
         }
         tx.batch_execute(migration.sql)
             .await
-            .map_err(SinkError::pg(format!("apply migration {}", migration.name)))?;
+            .map_err(SinkError::pg(context(format!(
+                "apply migration {}",
+                migration.name
+            ))))?;
         tx.execute(
             "INSERT INTO hmis_schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
             &[&migration.version, &migration.name, &checksum],
