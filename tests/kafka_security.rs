@@ -10,14 +10,13 @@ mod common;
 #[path = "common/tls.rs"]
 mod tls;
 
-use std::process::Command;
 use std::time::Duration;
 
 use hmis_flow::config::{ClockMode, Config, Topics};
 use hmis_flow::workload::{generate, WorkloadConfig};
 use hmis_sinks::{KafkaClientConfig, KafkaOptions, SslMode};
 
-use common::{exclusive, rt, unique, Pipeline, Scratch, BIN};
+use common::{exclusive, rt, unique, Pipeline, Scratch};
 use tls::{make_ca, tls_pg, ScramUser, SecureBroker};
 
 const SECRET: &str = "s3cr3t-Pa55word-never-shown";
@@ -174,7 +173,7 @@ fn secrets_from_the_environment_are_not_shown() {
     assert_eq!(cfg.kafka.get("sasl.password"), Some(SECRET));
     assert!(!format!("{cfg:?}").contains(SECRET));
 
-    let out = Command::new(BIN)
+    let out = tls::hmis_flow_cmd()
         .args(["tail", "some-topic", "--brokers", "127.0.0.1:1"])
         .env("HMIS_KAFKA__SECURITY_PROTOCOL", "SSL")
         .env("HMIS_KAFKA__SSL_KEY_PEM", SECRET)
@@ -283,7 +282,7 @@ fn pipeline_over_sasl_ssl_and_postgres_tls() {
         "HMIS_KAFKA__SASL_PASSWORD__FILE",
         password_file.to_str().unwrap(),
     )];
-    let migrate = Command::new(BIN)
+    let migrate = tls::hmis_flow_cmd()
         .args(["migrate", "--config"])
         .arg(&file_path)
         .envs(env)
@@ -333,7 +332,7 @@ fn pipeline_over_sasl_ssl_and_postgres_tls() {
         !derived.is_empty(),
         "derived events published over SASL_SSL"
     );
-    let tail = Command::new(BIN)
+    let tail = tls::hmis_flow_cmd()
         .args(["tail", &cfg.topics.derived, "--config"])
         .arg(&file_path)
         .envs(env)
@@ -408,7 +407,7 @@ fn broker_refuses_wrong_credentials_and_unknown_cas() {
     plain.insert("sasl.password", "right-512");
     assert!(!tls::metadata_ok(&brokers, &plain), "plaintext refused");
     // The binary's error names the failure, not the password.
-    let out = Command::new(BIN)
+    let out = tls::hmis_flow_cmd()
         .args(["tail", "no-such-topic", "--brokers", &brokers])
         .env("HMIS_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
         .env("HMIS_KAFKA__SASL_MECHANISM", "SCRAM-SHA-512")

@@ -8,12 +8,10 @@ mod common;
 #[path = "common/tls.rs"]
 mod tls;
 
-use std::process::Command;
-
 use hmis_dataflows::output::{DeadLetter, FlushBatch, OffsetMark, RejectReason};
 use hmis_sinks::PgSink;
 
-use common::{rt, BIN};
+use common::rt;
 use tls::{make_ca, tls_pg, PrivatePgUrl};
 
 /// The server certificate names `localhost` only: connecting to `127.0.0.1` is a name
@@ -173,7 +171,7 @@ fn postgres_tls_modes() {
         "localhost",
         &format!("sslmode=verify-full&sslrootcert={ca_path}&options=-c%20search_path%3Dcli"),
     );
-    let out = Command::new(BIN)
+    let out = tls::hmis_flow_cmd()
         .arg("migrate")
         .env("HMIS_DATABASE_URL", &full)
         .output()
@@ -183,7 +181,7 @@ fn postgres_tls_modes() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("0001_init"), "{text}");
     let bad = full.replace(&ca_path, &wrong_path);
-    let out = Command::new(BIN)
+    let out = tls::hmis_flow_cmd()
         .arg("migrate")
         .env("HMIS_DATABASE_URL", &bad)
         .output()

@@ -15,7 +15,19 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
-use crate::common::{free_port, pg_execute, unique, wait_until, PrivatePg};
+use crate::common::{free_port, pg_execute, unique, wait_until, PrivatePg, BIN};
+
+/// The `hmis-flow` binary with none of the test's `HMIS_*` variables (the shared services'
+/// addresses would override the config file under test).
+pub fn hmis_flow_cmd() -> Command {
+    let mut cmd = Command::new(BIN);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("HMIS_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
 
 /// A CA and one server certificate it signed, as PEM files in `dir`.
 pub struct TestCa {
