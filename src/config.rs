@@ -98,7 +98,9 @@ pub struct Config {
     pub clock: ClockMode,
     /// In `clock = event`, how far the watermark trails the inputs, in ms (`HMIS_ALLOWED_LATENESS_MS`).
     pub allowed_lateness_ms: u64,
-    /// Address of the HTTP endpoints (`/health/live`, `/health/ready`, `/metrics`), if any (`HMIS_HTTP`).
+    /// Address of the HTTP endpoints (`/health/live`, `/health/ready`, `/metrics`), if any
+    /// (`HMIS_HTTP`): `PORT` or `:PORT` listens on loopback, `IP:PORT` where it says.
+    #[serde(deserialize_with = "crate::http::deserialize_listen_addr")]
     pub http: Option<SocketAddr>,
     /// Read every input partition to the end offset it had at start, make every effect
     /// durable, then exit 0 (`HMIS_UNTIL_CAUGHT_UP`).

@@ -3,27 +3,102 @@
 //! Ready means: state restored, not stopping, the Kafka brokers reachable (the runtime's
 //! broker probe, see [`Shared::kafka_down_since`]) and the sink not retrying a PostgreSQL or
 //! Kafka failure; otherwise `/health/ready` answers 503 with the reasons. The metric names
-//! follow the seed document where it has one (`hmis_events_processed_total`, …).
+//! follow the seed document where it has one (`hmis_events_processed_total`, …) and
+//! Prometheus's conventions (`promtool check metrics` accepts them, tested): base units,
+//! `_total` for counters.
+//!
+//! The endpoints only read, and they are meant for a scraper on the same host or network:
+//!
+//! - the address defaults to loopback: `--http 9464` or `--http :9464` is
+//!   `127.0.0.1:9464` ([`parse_listen_addr`]); any other interface is named explicitly
+//!   (`--http 0.0.0.0:9464`);
+//! - only `GET` and `HEAD` are served (anything else: 405 with `Allow: GET, HEAD`), and no
+//!   endpoint changes state;
+//! - a request's headers must arrive within [`HEADER_READ_TIMEOUT`] and fit
+//!   [`MAX_HEADER_BYTES`]; a request body is never read, and one declared larger than
+//!   [`MAX_BODY_BYTES`] (or of unknown length) is refused with 413; a connection lives at
+//!   most [`CONNECTION_LIFETIME`], and at most [`MAX_CONNECTIONS`] are served at once.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::Full;
-use hyper::body::Bytes;
+use hyper::body::{Body as _, Bytes};
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::runtime::Shared;
 
+/// How long a client may take to send a request's headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most a connection is kept, keep-alive included.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Read buffer, and so the largest request head (line and headers) accepted.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// The largest request body accepted (it is never read: no endpoint takes one).
+pub const MAX_BODY_BYTES: u64 = 1024;
+/// Connections served at once; more wait in the listen queue.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Parses the HTTP address: `PORT` or `:PORT` listens on loopback (`127.0.0.1:PORT`),
+/// `localhost:PORT` too; `IP:PORT` (`0.0.0.0:9464`, `[::1]:9464`) listens where it says.
+pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    let loopback = |port: &str| {
+        port.parse::<u16>()
+            .map(|p| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), p))
+            .map_err(|_| format!("`{s}`: not a port number"))
+    };
+    if let Some(port) = s.strip_prefix(':') {
+        return loopback(port);
+    }
+    if let Some(port) = s.strip_prefix("localhost:") {
+        return loopback(port);
+    }
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return loopback(s);
+    }
+    s.parse::<SocketAddr>().map_err(|_| {
+        format!("`{s}`: expected PORT, :PORT (loopback) or IP:PORT, e.g. 127.0.0.1:9464")
+    })
+}
+
+/// [`parse_listen_addr`] for the config file's `http` (serde `deserialize_with`).
+pub fn deserialize_listen_addr<'de, D>(d: D) -> Result<Option<SocketAddr>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::Deserialize as _;
+    match Option::<String>::deserialize(d)? {
+        None => Ok(None),
+        Some(s) => parse_listen_addr(&s)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
 /// Renders the Prometheus exposition text.
 pub fn metrics_text(s: &Shared) -> String {
     let mut out = String::new();
+    // Base units (promtool refuses `_ms`): seconds since the epoch, to the millisecond.
+    let committed = s.committed.load(Ordering::Relaxed);
+    out.push_str(&format!(
+        "# HELP hmis_committed_frontier_timestamp_seconds Pipeline clock committed to PostgreSQL \
+         (seconds since the Unix epoch; replaces hmis_committed_frontier_ms).\n\
+         # TYPE hmis_committed_frontier_timestamp_seconds gauge\n\
+         hmis_committed_frontier_timestamp_seconds {}.{:03}\n",
+        committed / 1000,
+        committed % 1000
+    ));
     let mut counter = |name: &str, help: &str, kind: &str, v: u64| {
         out.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
@@ -82,12 +157,6 @@ pub fn metrics_text(s: &Shared) -> String {
         "Errors reported by the Kafka consumers.",
         "counter",
         s.kafka_errors.load(Ordering::Relaxed),
-    );
-    counter(
-        "hmis_committed_frontier_ms",
-        "Pipeline clock committed to PostgreSQL (ms since epoch).",
-        "gauge",
-        s.committed.load(Ordering::Relaxed),
     );
     counter(
         "hmis_sink_in_flight_batches",
@@ -214,6 +283,37 @@ async fn handle(
     req: Request<hyper::body::Incoming>,
     shared: Arc<Shared>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = |status: StatusCode, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed: the endpoints are read-only (GET, HEAD)\n".into(),
+        );
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        r.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        return Ok(r);
+    }
+    // Never read; a body of unknown length could only be bounded by reading it.
+    if req
+        .body()
+        .size_hint()
+        .upper()
+        .is_none_or(|n| n > MAX_BODY_BYTES)
+    {
+        let mut r = reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body over {MAX_BODY_BYTES} bytes\n"),
+        );
+        r.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        return Ok(r);
+    }
     let (status, body) = match req.uri().path() {
         "/health/live" => (StatusCode::OK, "ok\n".to_string()),
         "/health/ready" => match not_ready_reason(&shared) {
@@ -223,37 +323,120 @@ async fn handle(
         "/metrics" => (StatusCode::OK, metrics_text(&shared)),
         _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
     };
-    Ok(Response::builder()
-        .status(status)
-        .body(Full::new(Bytes::from(body)))
-        .expect("static response"))
+    let mut r = reply(status, body);
+    let kind = if req.uri().path() == "/metrics" {
+        "text/plain; version=0.0.4; charset=utf-8"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(kind));
+    Ok(r)
 }
 
 /// Serves the endpoints on `addr` until the process ends. Returns the bound address.
 pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    info!(%local, "http endpoints listening");
+    if local.ip().is_loopback() {
+        info!(%local, "http endpoints listening");
+    } else {
+        info!(%local, "http endpoints listening beyond loopback");
+    }
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let (stream, _) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
                     warn!(error = %e, "http accept failed");
+                    // E.g. out of file descriptors: do not spin.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
             let shared = shared.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let svc = service_fn(move |req| handle(req, shared.clone()));
-                if let Err(e) = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await
-                {
-                    warn!(error = %e, "http connection failed");
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .max_buf_size(MAX_HEADER_BYTES)
+                    .serve_connection(TokioIo::new(stream), svc);
+                match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                    Ok(Err(e)) if !e.is_timeout() && !e.is_incomplete_message() => {
+                        warn!(error = %e, "http connection failed")
+                    }
+                    _ => {}
                 }
             });
         }
     });
     Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_port_listens_on_loopback() {
+        let lo = |p| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), p);
+        assert_eq!(parse_listen_addr("9464"), Ok(lo(9464)));
+        assert_eq!(parse_listen_addr(":9464"), Ok(lo(9464)));
+        assert_eq!(parse_listen_addr("localhost:9464"), Ok(lo(9464)));
+        assert_eq!(parse_listen_addr("127.0.0.1:0"), Ok(lo(0)));
+        assert_eq!(
+            parse_listen_addr("0.0.0.0:9464").unwrap().to_string(),
+            "0.0.0.0:9464"
+        );
+        assert_eq!(
+            parse_listen_addr("[::1]:9464").unwrap().to_string(),
+            "[::1]:9464"
+        );
+        assert!(parse_listen_addr(":http").is_err());
+        assert!(parse_listen_addr("99999").is_err());
+        assert!(parse_listen_addr("").is_err());
+        assert!(parse_listen_addr("example.org:80").is_err());
+    }
+
+    #[test]
+    fn the_config_file_takes_the_same_forms() {
+        #[derive(serde::Deserialize)]
+        struct C {
+            #[serde(default, deserialize_with = "deserialize_listen_addr")]
+            http: Option<SocketAddr>,
+        }
+        let c: C = toml::from_str("http = \":9464\"").unwrap();
+        assert_eq!(c.http.unwrap().to_string(), "127.0.0.1:9464");
+        let c: C = toml::from_str("").unwrap();
+        assert_eq!(c.http, None);
+        assert!(toml::from_str::<C>("http = \"nowhere\"").is_err());
+    }
+
+    #[test]
+    fn metric_names_follow_prometheus_conventions() {
+        let text = metrics_text(&Shared::default());
+        let mut names = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut parts = rest.split(' ');
+                let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+                assert!(name.starts_with("hmis_"), "{name}");
+                assert_eq!(
+                    kind == "counter",
+                    name.ends_with("_total"),
+                    "{name}: counters and only counters end in _total"
+                );
+                assert!(!name.ends_with("_ms"), "{name}: base units");
+                names.push(name.to_string());
+            }
+        }
+        assert!(names.contains(&"hmis_committed_frontier_timestamp_seconds".to_string()));
+        assert!(text.contains("hmis_committed_frontier_timestamp_seconds 0.000\n"));
+    }
 }

@@ -82,8 +82,8 @@ struct RunArgs {
     /// Pipeline clock: wall (default) or event.
     #[arg(long, env = "HMIS_CLOCK", value_enum)]
     clock: Option<ClockMode>,
-    /// Address for /health/live, /health/ready and /metrics, e.g. 127.0.0.1:9464.
-    #[arg(long, env = "HMIS_HTTP")]
+    /// Address for /health/live, /health/ready and /metrics: PORT or :PORT (loopback), or IP:PORT.
+    #[arg(long, env = "HMIS_HTTP", value_parser = hmis_flow::http::parse_listen_addr)]
     http: Option<SocketAddr>,
     /// Read every input partition to its end offset at start, commit, exit 0.
     #[arg(long, env = "HMIS_UNTIL_CAUGHT_UP")]

@@ -434,7 +434,7 @@ impl Backoff {
             }
         }
         shared.sink_retries.fetch_add(1, Ordering::Relaxed);
-        warn!(error = %e, retry_in_ms = self.0.as_millis() as u64, "{what} failed, retrying");
+        warn!(error = %hmis_sinks::redact::error(e), retry_in_ms = self.0.as_millis() as u64, "{what} failed, retrying");
         tokio::time::sleep(self.0).await;
         self.0 = (self.0 * 2).min(Duration::from_secs(10));
     }
@@ -646,6 +646,7 @@ fn sink_thread(
             {
                 let res = apply_with_retry(&mut pg, &cfg, &batch, &shared).await;
                 if let Err(e) = res {
+                    let e = hmis_sinks::redact::error(&e);
                     error!(error = %e, "sink failed permanently");
                     *shared.fatal.lock().unwrap() = Some(format!("sink: {e}"));
                     shared.stop.store(true, Ordering::SeqCst);
@@ -681,6 +682,7 @@ fn sink_thread(
                                 .fetch_add(k as u64, Ordering::Relaxed);
                         }
                         Err(e) => {
+                            let e = hmis_sinks::redact::error(&e);
                             error!(error = %e, "publisher failed permanently");
                             *shared.fatal.lock().unwrap() = Some(format!("publisher: {e}"));
                             shared.stop.store(true, Ordering::SeqCst);

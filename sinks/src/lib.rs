@@ -33,12 +33,14 @@
 //! - [`topics`]: create the contract's topics.
 //! - [`kafka`]: the one function every Kafka client is configured with (TLS, SASL, secrets).
 //! - [`pg_tls`]: connecting to PostgreSQL, with libpq's `sslmode` / `sslrootcert`.
+//! - [`redact`]: what log lines show of patient data (nothing, unless opted in).
 
 pub mod kafka;
 pub mod migrate;
 pub mod outbox;
 pub mod pg;
 pub mod pg_tls;
+pub mod redact;
 pub mod topics;
 
 pub use kafka::{KafkaClientConfig, KafkaOptions};

@@ -279,7 +279,7 @@ impl PgSink {
             Err(e) if e.is_content_error() => {
                 warn!(
                     group_id,
-                    error = %e,
+                    error = %crate::redact::error(&e),
                     "PostgreSQL refused part of a flush; writing it again item by item to \
                      dead-letter what it refuses"
                 );
@@ -511,7 +511,7 @@ async fn write_isolating<'b>(
                     group_id,
                     topic = dead.topic,
                     offset = dead.offset,
-                    error = %e,
+                    error = %crate::redact::error(&e),
                     "PostgreSQL refused one item of a flush: dead-lettered, the rest commits"
                 );
                 quarantined += 1;
@@ -530,7 +530,7 @@ async fn write_isolating<'b>(
                         // Cannot happen by construction (base64 text, bounded detail); if
                         // it does, the item is logged above and the flush still commits.
                         savepoint(tx, "ROLLBACK TO SAVEPOINT hmis_item").await?;
-                        error!(group_id, error = %e2, "the dead letter of a refused item was refused too");
+                        error!(group_id, error = %crate::redact::error(&e2), "the dead letter of a refused item was refused too");
                     }
                     Err(e2) => return Err(e2),
                 }
@@ -681,7 +681,9 @@ impl PgSink {
         match r {
             Ok(n) if n > 0 => debug!(group_id, pruned = n, "published-id ledger pruned"),
             Ok(_) => {}
-            Err(e) => warn!(group_id, error = %e, "pruning hmis_published_events failed"),
+            Err(e) => {
+                warn!(group_id, error = %crate::redact::postgres(&e), "pruning hmis_published_events failed")
+            }
         }
     }
 }
@@ -1019,8 +1021,8 @@ impl<'a> Plan<'a> {
                     component = %e.component,
                     severity = %e.severity,
                     event_id = %e.event_id,
-                    "error report: {}",
-                    e.message
+                    message = %crate::redact::text(&e.message),
+                    "error report (counted, no alert)"
                 );
             }
         }
