@@ -21,8 +21,9 @@
 //! **Timers** are per worker: a step asks to be woken at a later instant (`Ctx::wake_at`),
 //! and the key is stepped at that instant, records or not, once the frontier has passed it.
 //! Cancellation is lazy: a wake that is no longer needed is a step that changes nothing.
-//! When the inputs are exhausted (empty frontier), pending timers are dropped: no instant
-//! after the last one can be completed any more.
+//! When the inputs are exhausted (empty frontier) every instant is complete: the pending
+//! timers fire, in order, as the differential chain's delayed updates do (a driver stops
+//! reading outputs past its end).
 //!
 //! **One capability**, held at the least of the input frontier, the earliest buffered stamp
 //! and the earliest timer; outputs at a processed stamp use a capability delayed from it.
@@ -148,9 +149,6 @@ pub fn keyed<'s, L: KeyedLogic>(
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
-                if frontier.is_none() {
-                    timers.clear();
-                }
                 let complete = |t: u64| frontier.is_none_or(|f| t < f);
                 loop {
                     let next = [
@@ -191,8 +189,7 @@ pub fn keyed<'s, L: KeyedLogic>(
                         rs.sort_by_key(|(r, _)| L::order(r));
                         logic.step(&k, t, rs, &mut cx);
                         for w in cx.wakes.drain(..) {
-                            // Exhausted inputs complete no later instant.
-                            if w > t && frontier.is_some() {
+                            if w > t {
                                 timers.insert((w, k.clone()));
                             }
                         }
@@ -360,8 +357,8 @@ mod tests {
     #[test]
     fn a_timer_steps_its_key_at_its_instant_once_the_frontier_passes_it() {
         // Wake at 16 (a deadline of 15, fired at d + 1), between records at 10 and 30;
-        // a wake at 100 is past the end (never completed); a wake at or before its own
-        // stamp is ignored.
+        // a wake at 100 is past the end, and fires when the inputs are exhausted; a wake at
+        // or before its own stamp is ignored.
         let feed = vec![
             (10, rec("a", 1, 16)),
             (10, rec("b", 2, 10)),
@@ -376,6 +373,7 @@ mod tests {
                     (10, "b@10:[2]".to_string()),
                     (16, "a@16:[]".to_string()),
                     (30, "b@30:[3]".to_string()),
+                    (100, "b@100:[]".to_string()),
                 ],
                 "{workers} workers"
             );

@@ -84,13 +84,30 @@ pub enum Core {
 
 /// [`crate::harness::run`] on either core (the same driver, feed and gather).
 pub fn run(run: Run, core: Core) -> Outcome {
+    let outcome = Arc::new(std::sync::Mutex::new(Outcome::default()));
+    let shared = outcome.clone();
+    run_with(run, core, move |b| shared.lock().unwrap().apply(b));
+    let out = outcome.lock().unwrap().clone();
+    out
+}
+
+/// Flush batches completed by a run on one of the cores.
+pub type Sink = Arc<std::sync::Mutex<dyn FnMut(crate::output::FlushBatch) + Send>>;
+
+/// [`run`] with the flush batches handed to `sink` (worker 0's gather) instead of applied
+/// to an [`Outcome`]: `Outcome::apply` looks each record up among all published so far,
+/// which dominates a long run's time.
+pub fn run_with(
+    run: Run,
+    core: Core,
+    sink: impl FnMut(crate::output::FlushBatch) + Send + 'static,
+) {
     use crate::gather::Gather;
     use crate::Sessions;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Mutex;
 
-    let outcome = Arc::new(Mutex::new(Outcome::default()));
-    let shared = outcome.clone();
+    let shared: Sink = Arc::new(Mutex::new(sink));
     let gathered = Arc::new(AtomicU64::new(0));
     let run = Arc::new(run);
     timely::execute(timely::Config::process(run.workers.max(1)), move |worker| {
@@ -115,7 +132,7 @@ pub fn run(run: Run, core: Core) -> Outcome {
                     return;
                 }
                 let f = b.frontier;
-                shared.lock().unwrap().apply(b);
+                (shared.lock().unwrap())(b);
                 gathered2.store(f, Ordering::SeqCst);
             });
             (sessions, probe)
@@ -145,6 +162,4 @@ pub fn run(run: Run, core: Core) -> Outcome {
             .step_while(|| probe.less_than(&run.end) || gathered.load(Ordering::SeqCst) < run.end);
     })
     .expect("timely workers");
-    let out = outcome.lock().unwrap().clone();
-    out
 }
