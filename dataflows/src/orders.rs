@@ -12,8 +12,9 @@
 //!     ├─ transition and compensation rows ─────────────────────────────────────────► Emit::Row (±)
 //!     ├─ derived events, critical-result alerts, rejected records (on appearance) ─► Emit::Record / Row / Dead
 //!     ├─ OverdueLate ─────────────────────────┐
-//!     ├─ OverdueOpen ─delay_until(deadline)───┴─reduce(per order)─► ORDER_OVERDUE (on appearance)
-//!     └─ OrderBase ──────────────────────────────────┴─reduce(per order)─► Row::Order with is_overdue
+//!     ├─ OverdueOpen ─delay_until(deadline)───┴─reduce(per order)─► overdue ──► ORDER_OVERDUE (on appearance)
+//!     │                     overdue ∪ the orders whose ORDER_OVERDUE was published ─┐
+//!     └─ OrderBase ─────────────────────────────────────────────────────────────────┴─reduce(per order)─► Row::Order with is_overdue
 //! ```
 //!
 //! **Emitted once.** A derived event (and an alert, a dead letter) is emitted when its item
@@ -36,7 +37,10 @@
 //! deadline: see [`crate::timers`]). A cancellation before the deadline ends the period, so a
 //! cancelled order is not overdue after it. The deadline applies to every order, whatever
 //! its workflow's status: the timer scope of contract §8 names task and workflow timers
-//! only, and an order that is still open is still open work.
+//! only, and an order that is still open is still open work. The row's `is_overdue` follows
+//! the events: set while the order is overdue by the rules *or* its ORDER_OVERDUE was
+//! published (in wall mode a result dated before the deadline can arrive after it fired;
+//! the event stands, and so does the flag).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -859,10 +863,14 @@ pub fn order_rules<'s>(
         });
     // The first appearance per order stands (a later change of the order's facts must not
     // re-derive ORDER_OVERDUE with new contents under the same eventId).
-    let overdue_out =
+    let crate::timers::Appearances { events, facts } =
         crate::timers::key_appearances(overdue.clone(), retired, decide_from, |id: &String, _| {
             crate::output::Owner::Order(id.clone())
-        })
+        });
+    // The row shows every ORDER_OVERDUE published, live or not (in wall mode a result dated
+    // before the deadline may arrive after it fired), with the live ones.
+    let overdue_shown = overdue.concat(facts);
+    let overdue_out = events
         .flat_map(|((_, i), t, r): ((String, OverdueInfo), Millis, isize)| {
             (r > 0).then(|| {
                 let ident = Identity {
@@ -888,7 +896,7 @@ pub fn order_rules<'s>(
             OrderOut::OrderBase(row) => Some((row.order_id.clone(), OrderRowPart::Base(row))),
             _ => None,
         })
-        .concat(overdue.map(|(id, _)| (id, OrderRowPart::Overdue)))
+        .concat(overdue_shown.map(|(id, _)| (id, OrderRowPart::Overdue)))
         .reduce_named("OrderRow", |_id, input, output| {
             let mut base = None;
             let mut overdue = false;

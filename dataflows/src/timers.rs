@@ -54,34 +54,55 @@ use crate::output::{Owner, Row, SlaBreachRow, TaskRow, WorkflowRow};
 use crate::workflows::{ReEscalation, SlaInfo, StaleInfo, WfOut, WfParts};
 use crate::Emit;
 
+/// What [`key_appearances`] yields: the fresh appearances, to derive events from, and the
+/// keys that appeared, to build rows from.
+pub(crate) struct Appearances<'s, K: 'static, V: 'static> {
+    /// `((key, value), t, +1)` the first time the key has a record (at or after
+    /// `decide_from`), with the value it appears with: derive its events from this, once.
+    pub events: timely::dataflow::Stream<'s, u64, Vec<((K, V), u64, isize)>>,
+    /// Every key that appeared, for as long as its owner lives: `+1` with the value it
+    /// appeared with, at its appearance (or, for a key present when the clock reaches
+    /// `decide_from`, at that instant: it appeared before the restart); `-1`, the same, when
+    /// its owner retires. Rows built from it agree with the events published, whatever the
+    /// key's cause did afterwards.
+    pub facts: VecCollection<'s, u64, (K, V)>,
+}
+
 /// The first appearance of each key of `c`: `((key, value), t, +1)` the first time the key
 /// has a record, with the value it appears with. Whatever was derived when a key appeared
 /// stands: a later change of its value is not an appearance, nor is the key coming back
 /// after it vanished (a wall-clock rule fired, then events dated before the deadline took its
 /// cause away, then another cause brought it back), so one cause is never published twice.
 /// The keys that appeared are remembered per `owner` (the workflow or order whose state
-/// produced them) until the owner is `retired`, which bounds the memory by open work.
+/// produced them) until the owner is `retired`, which bounds the memory by open work; while
+/// remembered, they are also a collection ([`Appearances::facts`]), so that the rows fed by a
+/// timer follow what was published, not the timer's current cause (rows must not contradict
+/// published events). Their retraction happens at the retirement instant, where the sink
+/// ignores row retractions of the retired owner ([`crate::gather`]): the rows stay.
 /// Updates are applied in time order, once both inputs have passed their time; retirements
 /// after the updates of their time.
 ///
 /// Below `decide_from` (the restart's replay, whose effects are suppressed) nothing appears:
 /// the replay applies history a poll at a time, so a key can come and go there in states the
 /// original run never had. The keys present when the clock reaches `decide_from` count as
-/// appeared (they did, before the restart).
+/// appeared (they did, before the restart): they publish nothing, and are facts from then on,
+/// with their latest value. A key that appeared before the restart but is gone at the resumed
+/// frontier is not known to have appeared (see decisions.md, "Rows follow published events").
 pub(crate) fn key_appearances<'s, K, V, O>(
     c: VecCollection<'s, u64, (K, V)>,
     retired: &VecCollection<'s, u64, Owner>,
     decide_from: u64,
     owner: O,
-) -> timely::dataflow::Stream<'s, u64, Vec<((K, V), u64, isize)>>
+) -> Appearances<'s, K, V>
 where
     K: differential_dataflow::ExchangeData + std::hash::Hash,
     V: differential_dataflow::ExchangeData,
     O: Fn(&K, &V) -> Owner + Clone + 'static,
 {
-    use std::collections::{BTreeMap, HashMap, HashSet};
+    use std::collections::{BTreeMap, HashMap};
     use timely::container::CapacityContainerBuilder;
     use timely::dataflow::channels::pact::Exchange;
+    use timely::dataflow::operators::core::OkErr;
     use timely::dataflow::operators::generic::Operator;
     use timely::dataflow::operators::Capability;
 
@@ -93,15 +114,20 @@ where
     }
     let route = owner.clone();
     type Pending<K, V> = (Vec<((K, V), isize)>, Vec<Owner>);
-    c.inner
-        .binary_frontier::<_, CapacityContainerBuilder<Vec<((K, V), u64, isize)>>, _, _, _, _>(
+    /// `true`: a fresh appearance (an event); `false`: a change of the facts.
+    type Item<K, V> = (((K, V), bool), u64, isize);
+    let out = c
+        .inner
+        .binary_frontier::<_, CapacityContainerBuilder<Vec<Item<K, V>>>, _, _, _, _>(
             retired.inner.clone(),
             Exchange::new(move |u: &((K, V), u64, isize)| hash(&route(&u.0 .0, &u.0 .1))),
             Exchange::new(|u: &(Owner, u64, isize)| hash(&u.0)),
             "KeyAppearances",
             move |_cap, _info| {
-                let mut counts: HashMap<K, (isize, Owner)> = HashMap::new();
-                let mut seen: HashMap<Owner, HashSet<K>> = HashMap::new();
+                // Per live key: its net count, its owner, and its latest value inserted.
+                let mut counts: HashMap<K, (isize, Owner, V)> = HashMap::new();
+                // Per owner: the keys that appeared, with the value they appeared with.
+                let mut seen: HashMap<Owner, HashMap<K, V>> = HashMap::new();
                 let mut seeded = false;
                 let mut stash: BTreeMap<u64, Pending<K, V>> = BTreeMap::new();
                 let mut caps: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
@@ -126,11 +152,15 @@ where
                         }
                         let (_, (updates, retirements)) = stash.pop_first().expect("first");
                         let cap = caps.remove(&t).expect("a capability per stashed time");
+                        let mut session = output.session(&cap);
                         if !seeded && t >= decide_from {
                             seeded = true;
-                            for (k, (n, o)) in &counts {
+                            for (k, (n, o, v)) in &counts {
                                 if *n > 0 {
-                                    seen.entry(o.clone()).or_default().insert(k.clone());
+                                    seen.entry(o.clone())
+                                        .or_default()
+                                        .insert(k.clone(), v.clone());
+                                    session.give((((k.clone(), v.clone()), false), t, 1));
                                 }
                             }
                         }
@@ -140,10 +170,14 @@ where
                             let n = match counts.get_mut(&k) {
                                 Some(n) => {
                                     n.0 += r;
+                                    if r > 0 {
+                                        n.2 = v.clone();
+                                    }
                                     n.0
                                 }
                                 None => {
-                                    counts.insert(k.clone(), (r, owner(&k, &v)));
+                                    let o = owner(&k, &v);
+                                    counts.insert(k.clone(), (r, o, v.clone()));
                                     r
                                 }
                             };
@@ -154,23 +188,36 @@ where
                                 candidates.push((k, v));
                             }
                         }
-                        let mut session = output.session(&cap);
                         for (k, v) in candidates {
                             if counts.get(&k).is_some_and(|n| n.0 > 0) {
                                 let keys = seen.entry(owner(&k, &v)).or_default();
-                                if !keys.contains(&k) {
-                                    keys.insert(k.clone());
-                                    session.give(((k, v), t, 1));
+                                if !keys.contains_key(&k) {
+                                    keys.insert(k.clone(), v.clone());
+                                    session.give((((k.clone(), v.clone()), false), t, 1));
+                                    session.give((((k, v), true), t, 1));
                                 }
                             }
                         }
                         for o in retirements {
-                            seen.remove(&o);
+                            for (k, v) in seen.remove(&o).unwrap_or_default() {
+                                session.give((((k, v), false), t, -1));
+                            }
                         }
                     }
                 }
             },
-        )
+        );
+    let (events, facts) = out.ok_err::<Vec<_>, _, Vec<_>, _, _>(|(((k, v), is_event), t, r)| {
+        if is_event {
+            Ok(((k, v), t, r))
+        } else {
+            Err(((k, v), t, r))
+        }
+    });
+    Appearances {
+        events,
+        facts: facts.as_collection(),
+    }
 }
 
 fn emit(d: Derived, t: u64) -> (Emit, u64, isize) {
@@ -203,6 +250,11 @@ enum TaskRowPart {
 /// The time rules (contract §4 SLA, stale tasks, unanswered escalations) and the rows they
 /// change, from the workflow rules' output. Returns everything to emit, including the final
 /// `workflow_instances` and `task_instances` rows and every non-timer output passed through.
+///
+/// The rows merge, besides the live breaches and re-escalations, every one whose events were
+/// published ([`Appearances::facts`]): a row never says less than its events (a workflow
+/// re-escalated to level 2 keeps level 2 when it completes and its candidates go; in wall mode
+/// a task keeps `sla_breached` when its on-time end arrives after the clock breached it).
 pub fn time_rules<'s>(
     parts: WfParts<'s>,
     retired: &VecCollection<'s, u64, Owner>,
@@ -237,91 +289,96 @@ pub fn time_rules<'s>(
         .reduce_named("SlaBreaches", |_key, input, output| {
             output.push((input[0].0.clone(), 1));
         });
-    let breach_out = key_appearances(
+    let Appearances { events, facts } = key_appearances(
         breaches.clone(),
         retired,
         decide_from,
         |_, i: &Arc<SlaInfo>| Owner::Workflow(i.workflow_instance_id.clone()),
-    )
-    .flat_map(
-        |((_, i), t, r): (((String, u32), Arc<SlaInfo>), u64, isize)| {
-            let mut out = Vec::new();
-            if r <= 0 {
-                return out;
-            }
-            let minutes = (t.saturating_sub(i.due_at) / 60_000) as i64;
-            let reason = format!("SLA_BREACH:{}", i.task_def_id);
-            let base = |ty: DerivedType, name: String| {
-                let mut d = Derived::new(ty, &name, &i.workflow_instance_id);
-                d.patient_id = i.patient_id.clone();
-                d.template_id = Some(i.template_id.clone());
-                d.template_version = Some(i.template_version);
-                d.task_instance_id = Some(i.task_instance_id.clone());
-                d.task_def_id = Some(i.task_def_id.clone());
-                d.task_name = i.task_name.clone();
-                d.attempt = Some(i.attempt);
-                d
-            };
-            let mut b = base(
-                DerivedType::TaskSlaBreached,
-                format!(
-                    "hmis-flow:TASK_SLA_BREACHED:{}:{}",
-                    i.task_instance_id, i.attempt
-                ),
-            );
-            b.due_at = Some(i.due_at);
-            b.minutes_overdue = Some(minutes);
-            let breach_id = b.event_id.clone();
-            out.push(emit(b, t));
-            let mut e = base(
-                DerivedType::TaskEscalated,
-                format!(
-                    "hmis-flow:TASK_ESCALATED:{}:{}",
-                    i.task_instance_id, i.attempt
-                ),
-            );
-            e.escalated_to = Some(i.escalate_to.clone());
-            e.escalation_reason = Some(reason.clone());
-            e.escalation_level = Some(1);
-            e.cause_event_id = Some(breach_id.clone());
-            out.push(emit(e, t));
-            let mut w = base(
-                DerivedType::WorkflowEscalated,
-                format!(
-                    "hmis-flow:WORKFLOW_ESCALATED:{}:SLA_BREACH:{}:{}",
-                    i.workflow_instance_id, i.task_instance_id, i.attempt
-                ),
-            );
-            w.escalation_reason = Some(reason);
-            w.escalation_level = Some(1);
-            w.escalated_to = Some(i.escalate_to.clone());
-            w.cause_event_id = Some(breach_id.clone());
-            out.push(emit(w, t));
-            out.push((
-                Emit::Row(Row::SlaBreach(SlaBreachRow {
-                    task_instance_id: i.task_instance_id.clone(),
-                    attempt: i.attempt as i32,
-                    workflow_instance_id: i.workflow_instance_id.clone(),
-                    patient_id: i.patient_id.clone(),
-                    template_id: Some(i.template_id.clone()),
-                    template_version: Some(i.template_version),
-                    task_def_id: i.task_def_id.clone(),
-                    due_at: i.due_at,
-                    breached_at: t,
-                    minutes_overdue: minutes,
-                    escalated_to: Some(i.escalate_to.clone()),
-                    event_id: Some(breach_id),
-                })),
-                t,
-                1,
-            ));
-            out
-        },
-    )
-    .as_collection();
+    );
+    // The rows show every breach published, live or not (its attempt ended on time in wall
+    // mode), with the live ones.
+    let breaches_shown = breaches.concat(facts);
+    let breach_out = events
+        .flat_map(
+            |((_, i), t, r): (((String, u32), Arc<SlaInfo>), u64, isize)| {
+                let mut out = Vec::new();
+                if r <= 0 {
+                    return out;
+                }
+                let minutes = (t.saturating_sub(i.due_at) / 60_000) as i64;
+                let reason = format!("SLA_BREACH:{}", i.task_def_id);
+                let base = |ty: DerivedType, name: String| {
+                    let mut d = Derived::new(ty, &name, &i.workflow_instance_id);
+                    d.patient_id = i.patient_id.clone();
+                    d.template_id = Some(i.template_id.clone());
+                    d.template_version = Some(i.template_version);
+                    d.task_instance_id = Some(i.task_instance_id.clone());
+                    d.task_def_id = Some(i.task_def_id.clone());
+                    d.task_name = i.task_name.clone();
+                    d.attempt = Some(i.attempt);
+                    d
+                };
+                let mut b = base(
+                    DerivedType::TaskSlaBreached,
+                    format!(
+                        "hmis-flow:TASK_SLA_BREACHED:{}:{}",
+                        i.task_instance_id, i.attempt
+                    ),
+                );
+                b.due_at = Some(i.due_at);
+                b.minutes_overdue = Some(minutes);
+                let breach_id = b.event_id.clone();
+                out.push(emit(b, t));
+                let mut e = base(
+                    DerivedType::TaskEscalated,
+                    format!(
+                        "hmis-flow:TASK_ESCALATED:{}:{}",
+                        i.task_instance_id, i.attempt
+                    ),
+                );
+                e.escalated_to = Some(i.escalate_to.clone());
+                e.escalation_reason = Some(reason.clone());
+                e.escalation_level = Some(1);
+                e.cause_event_id = Some(breach_id.clone());
+                out.push(emit(e, t));
+                let mut w = base(
+                    DerivedType::WorkflowEscalated,
+                    format!(
+                        "hmis-flow:WORKFLOW_ESCALATED:{}:SLA_BREACH:{}:{}",
+                        i.workflow_instance_id, i.task_instance_id, i.attempt
+                    ),
+                );
+                w.escalation_reason = Some(reason);
+                w.escalation_level = Some(1);
+                w.escalated_to = Some(i.escalate_to.clone());
+                w.cause_event_id = Some(breach_id.clone());
+                out.push(emit(w, t));
+                out.push((
+                    Emit::Row(Row::SlaBreach(SlaBreachRow {
+                        task_instance_id: i.task_instance_id.clone(),
+                        attempt: i.attempt as i32,
+                        workflow_instance_id: i.workflow_instance_id.clone(),
+                        patient_id: i.patient_id.clone(),
+                        template_id: Some(i.template_id.clone()),
+                        template_version: Some(i.template_version),
+                        task_def_id: i.task_def_id.clone(),
+                        due_at: i.due_at,
+                        breached_at: t,
+                        minutes_overdue: minutes,
+                        escalated_to: Some(i.escalate_to.clone()),
+                        event_id: Some(breach_id),
+                    })),
+                    t,
+                    1,
+                ));
+                out
+            },
+        )
+        .as_collection();
 
     // Stale PENDING tasks.
     let stale = stale.delay_until(|s: &Arc<StaleInfo>| Some(s.deadline));
+    // No row shows a stale period: its facts are not needed.
     let stale_out = key_appearances(
         stale.map(|s| {
             (
@@ -333,6 +390,7 @@ pub fn time_rules<'s>(
         decide_from,
         |_, s: &Arc<StaleInfo>| Owner::Workflow(s.workflow_instance_id.clone()),
     )
+    .events
     .flat_map(
         |((_, s), t, r): (((String, u32, Millis), Arc<StaleInfo>), u64, isize)| {
             (r > 0 && t > s.deadline).then(|| {
@@ -374,45 +432,48 @@ pub fn time_rules<'s>(
                 1,
             ));
         });
-    let fired_reesc = reesc.clone();
-    let reesc_out = key_appearances(
-        reesc,
+    let Appearances { events, facts } = key_appearances(
+        reesc.clone(),
         retired,
         decide_from,
         |(wid, _): &(String, i32), _| Owner::Workflow(wid.clone()),
-    )
-    .flat_map(
-        |((_, r), t, diff): (((String, i32), Arc<ReEscalation>), u64, isize)| {
-            (diff > 0).then(|| {
-                let mut d = Derived::new(
-                    DerivedType::WorkflowEscalated,
-                    &format!(
-                        "hmis-flow:WORKFLOW_ESCALATED:{}:UNANSWERED:{}",
-                        r.workflow_instance_id, r.level
-                    ),
-                    &r.workflow_instance_id,
-                );
-                d.patient_id = r.patient_id.clone();
-                d.template_id = Some(r.template_id.clone());
-                d.template_version = Some(r.template_version);
-                d.escalation_level = Some(r.level);
-                d.escalation_reason = Some("UNANSWERED_ESCALATION".to_string());
-                emit(d, t)
-            })
-        },
-    )
-    .as_collection();
+    );
+    // The row shows every level published, live or not (the workflow closed, or in wall
+    // mode a completion dated before the deadline answered it afterwards), with the live ones.
+    let levels_shown = reesc.concat(facts);
+    let reesc_out = events
+        .flat_map(
+            |((_, r), t, diff): (((String, i32), Arc<ReEscalation>), u64, isize)| {
+                (diff > 0).then(|| {
+                    let mut d = Derived::new(
+                        DerivedType::WorkflowEscalated,
+                        &format!(
+                            "hmis-flow:WORKFLOW_ESCALATED:{}:UNANSWERED:{}",
+                            r.workflow_instance_id, r.level
+                        ),
+                        &r.workflow_instance_id,
+                    );
+                    d.patient_id = r.patient_id.clone();
+                    d.template_id = Some(r.template_id.clone());
+                    d.template_version = Some(r.template_version);
+                    d.escalation_level = Some(r.level);
+                    d.escalation_reason = Some("UNANSWERED_ESCALATION".to_string());
+                    emit(d, t)
+                })
+            },
+        )
+        .as_collection();
 
     // Rows with the timers' escalations merged in.
     let wf_parts = workflow_base
         .map(|(wid, (row, t))| (wid, WfRowPart::Base(row, t)))
-        .concat(breaches.clone().map(|(_, i)| {
+        .concat(breaches_shown.clone().map(|(_, i)| {
             (
                 i.workflow_instance_id.clone(),
                 WfRowPart::Breach(i.due_at, i.task_def_id.clone()),
             )
         }))
-        .concat(fired_reesc.map(|((wid, level), _)| (wid, WfRowPart::Level(level))));
+        .concat(levels_shown.map(|((wid, level), _)| (wid, WfRowPart::Level(level))));
     let wf_rows = wf_parts
         .reduce_named("WorkflowRow", |_wid, input, output| {
             let mut base = None;
@@ -449,7 +510,7 @@ pub fn time_rules<'s>(
         .map(|(_, row)| Emit::Row(row));
     let task_parts = task_base
         .map(|row| (row.task_instance_id.clone(), TaskRowPart::Base(row)))
-        .concat(breaches.map(|(_, i)| {
+        .concat(breaches_shown.map(|(_, i)| {
             (
                 i.task_instance_id.clone(),
                 TaskRowPart::Breach(i.attempt, i.escalate_to.clone()),

@@ -1071,6 +1071,71 @@ fn an_open_order_is_overdue_when_the_clock_passes_its_deadline() {
 }
 
 #[test]
+fn wall_clock_overdue_stays_on_the_row_when_an_on_time_result_arrives_after_it_fired() {
+    // As `clock = wall`: records stamped at arrival. The clock passes the deadline with the
+    // order open: ORDER_OVERDUE is published. 10 minutes later a result dated 5 minutes
+    // *before* the deadline arrives: by its events the order was in time, but ORDER_OVERDUE
+    // was published and stands, and the row follows the events (decisions.md).
+    let o1 = lab("o-1");
+    let mut feed = feed_of(o1.up_to_activated(json!({})));
+    feed.push((DUE + 10 * MIN, o1.resulted(DUE - 5 * MIN, false)));
+    for workers in [1, 3] {
+        let mut r = Run::new(workers, feed.clone(), DUE + 30 * MIN);
+        r.settle_each_time = true;
+        r.config.lifecycle.grace_from_event_time = false;
+        let o = run(r);
+        assert_each_once(&o);
+        assert_eq!(derived(&o, "ORDER_OVERDUE").len(), 1, "{workers} workers");
+        let row = order(&o, "o-1");
+        assert_eq!(row.order_status, "RESULTED");
+        assert!(
+            row.is_overdue,
+            "{workers} workers: the row contradicts the published ORDER_OVERDUE: {row:?}"
+        );
+    }
+}
+
+/// The restart gap of decisions.md ("Rows follow published events"; `[K9]` in
+/// tests/reference.rs): ORDER_OVERDUE fires by the clock, then a result dated before the
+/// deadline arrives (wall mode), then the pipeline restarts. At the resumed frontier the
+/// order is not overdue by its events, so the restarted pipeline does not know the event was
+/// published; when the row is rewritten after the restart (the order is verified), it loses
+/// `is_overdue`. Ignored: it fails until the published keys survive a restart.
+#[test]
+#[ignore = "known gap: a timer fact whose cause was gone before a restart is not seeded"]
+fn restart_keeps_is_overdue_when_the_cause_was_gone_before_it() {
+    let o1 = lab("o-1");
+    let mut before = feed_of(o1.up_to_activated(json!({})));
+    before.push((DUE + 10 * MIN, o1.resulted(DUE - 5 * MIN, false)));
+    let mut first = Run::new(1, before.clone(), DUE + 10 * MIN + 1);
+    first.config.lifecycle.grace_from_event_time = false;
+    let first = run(first);
+    assert_eq!(derived(&first, "ORDER_OVERDUE").len(), 1);
+    assert!(order(&first, "o-1").is_overdue);
+    let f = first.batches.last().unwrap().frontier;
+    let mut second = Run::new(
+        1,
+        vec![(DUE + 20 * MIN, o1.verified(DUE + 20 * MIN))],
+        DUE + 30 * MIN,
+    );
+    second.config.lifecycle.grace_from_event_time = false;
+    second.replay = before.into_iter().map(|(_, e)| e).collect();
+    second.restore_time = f - 1;
+    second.suppress_before = f;
+    let second = run(second);
+    assert!(
+        derived(&second, "ORDER_OVERDUE").is_empty(),
+        "published once"
+    );
+    let row = order(&second, "o-1");
+    assert_eq!(row.order_status, "VERIFIED");
+    assert!(
+        row.is_overdue,
+        "the row contradicts the ORDER_OVERDUE published: {row:?}"
+    );
+}
+
+#[test]
 fn a_result_that_arrives_late_while_the_pipeline_was_down_is_overdue() {
     let o1 = lab("o-1");
     // The clock jumps from the activation straight to the (late) result: no flush in between.
@@ -1100,7 +1165,10 @@ fn a_result_that_arrives_late_while_the_pipeline_was_down_is_overdue() {
         "committed before the restart"
     );
 
-    // The same replay with the result in time: not overdue, even though the clock passed DUE.
+    // The same replay with the result in time, read only after the restart (stamped at its
+    // arrival): the clock passed DUE with the order open as far as the pipeline knew, so
+    // ORDER_OVERDUE is published at DUE + 1 ms (it always was), and the row follows the
+    // published event (issue 11; it used to say not overdue, contradicting the event).
     let mut r = Run::new(
         1,
         vec![(DUE + 5 * MIN, o1.resulted(DUE - MIN, false))],
@@ -1110,7 +1178,10 @@ fn a_result_that_arrives_late_while_the_pipeline_was_down_is_overdue() {
     r.restore_time = T0 + 2 * MIN;
     r.suppress_before = T0 + 2 * MIN + 1;
     let o = run(r);
-    assert!(!order(&o, "o-1").is_overdue);
+    let ev = derived(&o, "ORDER_OVERDUE");
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0]["eventTime"], iso(DUE + 1));
+    assert!(order(&o, "o-1").is_overdue);
 }
 
 #[test]

@@ -17,12 +17,19 @@
 //!   replayed below F; with the same times per event, rows and published records must equal
 //!   the uninterrupted run's: nothing lost, nothing published twice, one content per eventId.
 //!
+//! Every outcome (and every restart's combined outcome) is also checked against itself: its
+//! final rows must agree with the derived events it published ([`check_rows_follow_events`]).
+//! `timed_histories_rows_agree_with_events` checks that invariant alone on histories with
+//! timers ([`history::generate_timed`]: SLA breaches, stale tasks, re-escalations, overdue
+//! orders), which the model does not model (`HMIS_REF_TIMED_SEEDS=n`, default 20).
+//!
 //! `HMIS_REF_SEEDS=n` sets the number of seeds (default 60), `HMIS_REF_SEED=s` runs one seed;
 //! with it, `HMIS_REF_WF=w03` prints that workflow's input and published events
 //! (`HMIS_REF_WORKERS` workers). A failure lists, per kind of discrepancy, how many
 //! (seed, mode) runs showed it and the first examples. Discrepancies already understood are
 //! named `[K1]`…`[K8]` and each has a minimal reproduction at the end of this file; any other
-//! kind is new.
+//! kind is new. `[K9]` and `[K10]` name rows that miss a published event for a documented
+//! reason (a restart's seeding, a re-decided history): they are printed, not failed.
 
 mod common;
 #[path = "reference/history.rs"]
@@ -635,18 +642,19 @@ fn check_republished(found: &mut Found, ctx: &str, o: &Outcome) {
 }
 
 /// Splits `feed` at a random instant F, runs the first part, then restarts with it replayed
-/// below F. Rows and records must be those of the uninterrupted run `whole`.
+/// below F and runs to `end`. Rows and records must be those of the uninterrupted run
+/// `whole`. Returns what the two runs left together (the first's batches, then the second's).
 fn check_restart(
     found: &mut Found,
     ctx: &str,
     workers: usize,
     feed: &Feed,
+    end: Millis,
     whole: &Outcome,
     rng: &mut SmallRng,
-) {
+) -> Option<(String, Outcome, Outcome)> {
     let b = boundaries(feed);
-    let Some(&cut) = b.choose(rng) else { return };
-    let end = end_of(feed);
+    let &cut = b.choose(rng)?;
     let part1: Feed = feed[..cut].to_vec();
     let first = run(Run::new(
         workers,
@@ -659,7 +667,7 @@ fn check_restart(
             "restart",
             format!("{ctx}: first run flushed nothing"),
         );
-        return;
+        return None;
     };
     // As the runtime: records dead-lettered by the first run are not replayed (decided for
     // good), and the replay goes a chunk per time (0: all at one time).
@@ -786,11 +794,279 @@ fn check_restart(
         .filter(|id| !dead_ids.contains(id))
         .collect();
     if !twice.is_empty() {
+        let types: Vec<&str> = second
+            .records
+            .iter()
+            .filter(|r| twice.contains(&&r.event_id))
+            .map(|r| r.event_type.as_str())
+            .collect();
         note(
             found,
             K6,
-            format!("{ctx}: published before and after the restart: {twice:?}"),
+            format!("{ctx}: published before and after the restart: {twice:?} {types:?}"),
         );
+    }
+    Some((ctx, first, combined))
+}
+
+/// The derived events that rows speak for, as published.
+#[derive(Default)]
+struct Published {
+    /// wid → (escalationLevels, escalationReasons but UNANSWERED_ESCALATION, which names no cause).
+    workflows: BTreeMap<String, (BTreeSet<i64>, BTreeSet<String>)>,
+    /// (task, attempt) with a TASK_SLA_BREACHED.
+    breached: BTreeSet<(String, i64)>,
+    /// task → attempt → escalatedTo of its TASK_ESCALATED.
+    escalated: BTreeMap<String, BTreeMap<i64, String>>,
+    /// Orders with an ORDER_OVERDUE.
+    overdue: BTreeSet<String>,
+}
+
+impl Published {
+    fn of<'a>(records: impl Iterator<Item = &'a OutRecord>) -> Published {
+        let mut p = Published::default();
+        for r in records.filter(|r| r.topic == OutTopic::Derived) {
+            let v: Value = serde_json::from_str(&r.payload).expect("derived payload is JSON");
+            let attempt = v["attempt"].as_i64().unwrap_or(0);
+            match r.event_type.as_str() {
+                "WORKFLOW_ESCALATED" => {
+                    let e = p.workflows.entry(s(&v, "workflowInstanceId")).or_default();
+                    e.0.insert(v["escalationLevel"].as_i64().unwrap_or(-1));
+                    let reason = s(&v, "escalationReason");
+                    if reason != "UNANSWERED_ESCALATION" {
+                        e.1.insert(reason);
+                    }
+                }
+                "TASK_SLA_BREACHED" => {
+                    p.breached.insert((s(&v, "taskInstanceId"), attempt));
+                }
+                "TASK_ESCALATED" => {
+                    p.escalated
+                        .entry(s(&v, "taskInstanceId"))
+                        .or_default()
+                        .insert(attempt, s(&v, "escalatedTo"));
+                }
+                "ORDER_OVERDUE" => {
+                    p.overdue.insert(s(&v, "orderId"));
+                }
+                _ => {}
+            }
+        }
+        p
+    }
+
+    /// `(is_escalated, escalation_level)` of workflow `wid`: the highest level published, an
+    /// upstream escalation applied being level 1.
+    fn workflow(&self, wid: &str, upstream: bool) -> (bool, i64) {
+        let level = self
+            .workflows
+            .get(wid)
+            .into_iter()
+            .flat_map(|(l, _)| l.iter().copied())
+            .chain(upstream.then_some(1))
+            .max()
+            .unwrap_or(0);
+        (level > 0, level)
+    }
+
+    /// `(sla_breached, is_escalated, escalated_to)` of task `tid` at `attempt`.
+    fn task(&self, tid: &str, attempt: i64) -> (bool, bool, Option<String>) {
+        let esc = self.escalated.get(tid);
+        (
+            self.breached.contains(&(tid.to_string(), attempt)),
+            esc.is_some(),
+            esc.and_then(|m| m.last_key_value())
+                .map(|(_, to)| to.clone()),
+        )
+    }
+}
+
+/// A timer's derived event: an SLA breach's, a re-escalation, ORDER_OVERDUE.
+fn is_timer_event(r: &OutRecord) -> bool {
+    match r.event_type.as_str() {
+        "TASK_SLA_BREACHED" | "TASK_ESCALATED" | "ORDER_OVERDUE" => true,
+        "WORKFLOW_ESCALATED" => {
+            let v: Value = serde_json::from_str(&r.payload).unwrap();
+            let reason = s(&v, "escalationReason");
+            reason.starts_with("SLA_BREACH:") || reason == "UNANSWERED_ESCALATION"
+        }
+        _ => false,
+    }
+}
+
+// Rows that miss a published event for a documented reason: reported, not failed.
+const K9: &str = "[K9] after a restart, a row rewritten by the second run lost a timer fact published before the restart whose cause was gone at the resumed frontier (not seeded: decisions.md, \"Rows follow published events\")";
+const K10: &str = "[K10] arrival order (interleaved): a WORKFLOW_ESCALATED(TASK_FAILED) published, then an earlier-dated event re-decided the history (no failure derived, as the model says): the row follows the re-decided history, the event stands";
+
+/// The kinds of [`check_rows_follow_events`] that are reported but accepted.
+const ACCEPTED: [&str; 2] = [K9, K10];
+
+/// Takes the accepted kinds out of `found` and prints them.
+fn report_accepted(found: &mut Found) {
+    for kind in ACCEPTED {
+        if let Some(rows) = found.remove(kind) {
+            eprintln!(
+                "{kind}: {} row(s), e.g. {:?}",
+                rows.len(),
+                rows.iter().take(3).collect::<Vec<_>>()
+            );
+        }
+    }
+}
+
+/// Rows follow the published events (decisions.md, "Rows follow published events"): every
+/// final row field that a derived event speaks for agrees with the events `o` published.
+/// - `workflow_instances`: `is_escalated` iff a WORKFLOW_ESCALATED was published for it or an
+///   upstream WORKFLOW_ESCALATED of it was applied (not dead-lettered); `escalation_level` =
+///   the highest escalationLevel published, an upstream escalation being level 1 (0: none);
+///   `escalation_reason` set iff escalated, to a reason published (other than
+///   UNANSWERED_ESCALATION, which names no cause) or sent upstream;
+/// - `task_instances`: `sla_breached` iff a TASK_SLA_BREACHED was published for the task and
+///   the row's attempt; `is_escalated` iff a TASK_ESCALATED was published for the task, and
+///   `escalated_to` = the escalatedTo of the one with the highest attempt;
+/// - `orders`: `is_overdue` iff ORDER_OVERDUE was published for it.
+///
+/// `excused`: a kind ([`ACCEPTED`]) and events (ids) a row may miss for that reason: such a
+/// row must show at least what the other events say, and nothing that was not published.
+fn check_rows_follow_events(
+    found: &mut Found,
+    ctx: &str,
+    o: &Outcome,
+    h: &history::History,
+    excused: Option<(&'static str, BTreeSet<String>)>,
+) {
+    use hmis_dataflows::events::WorkflowEventKind;
+    let dead: BTreeSet<(&str, i32, i64)> = o
+        .batches
+        .iter()
+        .flat_map(|b| &b.dead_letters)
+        .map(|d| (d.topic.as_str(), d.partition, d.offset))
+        .collect();
+    // Upstream escalations applied: wid → reasons.
+    let mut upstream: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in &h.records {
+        if let Event::Workflow(e) = &r.event {
+            let (p, off) = pos_of(&r.event);
+            if e.kind == WorkflowEventKind::Escalated
+                && !dead.contains(&(topic_of(&r.event), p, off))
+            {
+                upstream
+                    .entry(e.workflow_instance_id.clone())
+                    .or_default()
+                    .insert(e.escalation_reason.clone().unwrap_or_default());
+            }
+        }
+    }
+    let all = Published::of(o.records.iter());
+    // Without the excused events: what a row must show at least.
+    let (excuse, has_excuse) = match &excused {
+        Some((kind, _)) => (*kind, true),
+        None => ("", false),
+    };
+    let after = Published::of(o.records.iter().filter(|r| {
+        excused
+            .as_ref()
+            .is_none_or(|(_, ids)| !ids.contains(&r.event_id))
+    }));
+    let mut report = |kind: &'static str, what: String| note(found, kind, format!("{ctx}: {what}"));
+    let none = (BTreeSet::new(), BTreeSet::new());
+    for row in o.rows.values() {
+        match row {
+            Row::Workflow(w) => {
+                let wid = &w.workflow_instance_id;
+                let (levels, reasons) = all.workflows.get(wid).unwrap_or(&none);
+                let up = upstream.get(wid);
+                let got = (w.is_escalated, w.escalation_level as i64);
+                let want = all.workflow(wid, up.is_some());
+                let least = after.workflow(wid, up.is_some());
+                let reason_ok = match &w.escalation_reason {
+                    Some(r) => {
+                        w.is_escalated && (reasons.contains(r) || up.is_some_and(|u| u.contains(r)))
+                    }
+                    None => !w.is_escalated,
+                };
+                if got == want && reason_ok {
+                    continue;
+                }
+                let excused_loss = has_excuse
+                    && reason_ok
+                    && got.0 == (got.1 > 0)
+                    && (least.1..=want.1).contains(&got.1)
+                    && (got.1 == least.1 || levels.contains(&got.1));
+                report(
+                    if excused_loss {
+                        excuse
+                    } else {
+                        "rows follow events: workflow escalation"
+                    },
+                    format!(
+                        "{wid} ({}): row (is_escalated {}, level {}, reason {:?}); published \
+                         levels {levels:?}, reasons {reasons:?}, upstream {up:?}",
+                        w.status, w.is_escalated, w.escalation_level, w.escalation_reason
+                    ),
+                );
+            }
+            Row::Task(t) => {
+                let tid = &t.task_instance_id;
+                let got = (t.sla_breached, t.is_escalated, t.escalated_to.clone());
+                let want = all.task(tid, t.attempt as i64);
+                if got == want {
+                    continue;
+                }
+                let least = after.task(tid, t.attempt as i64);
+                // An excused escalation of a later attempt may be the one the row shows, or not.
+                let to_ok = got.2 == want.2
+                    || got.2 == least.2
+                    || all.escalated.get(tid).is_some_and(|m| {
+                        let floor = after.escalated.get(tid).and_then(|a| a.keys().max());
+                        m.iter()
+                            .any(|(a, to)| Some(a) > floor && got.2.as_ref() == Some(to))
+                    });
+                let excused_loss = has_excuse
+                    && (got.0 == want.0 || got.0 == least.0)
+                    && (got.1 == want.1 || got.1 == least.1)
+                    && got.1 == got.2.is_some()
+                    && to_ok;
+                report(
+                    if excused_loss {
+                        excuse
+                    } else {
+                        "rows follow events: task breach/escalation"
+                    },
+                    format!(
+                        "{tid} ({} attempt {}): row (sla_breached {}, is_escalated {}, \
+                         escalated_to {:?}); published breach of this attempt {}, \
+                         TASK_ESCALATED {:?}",
+                        t.status,
+                        t.attempt,
+                        got.0,
+                        got.1,
+                        got.2,
+                        want.0,
+                        all.escalated.get(tid)
+                    ),
+                );
+            }
+            Row::Order(r) if r.is_overdue != all.overdue.contains(&r.order_id) => {
+                let excused_loss =
+                    has_excuse && r.is_overdue == after.overdue.contains(&r.order_id);
+                report(
+                    if excused_loss {
+                        excuse
+                    } else {
+                        "rows follow events: order is_overdue"
+                    },
+                    format!(
+                        "{} ({}): row is_overdue {}, ORDER_OVERDUE published {}",
+                        r.order_id,
+                        r.order_status,
+                        r.is_overdue,
+                        all.overdue.contains(&r.order_id)
+                    ),
+                );
+            }
+            _ => {}
+        }
     }
 }
 
@@ -877,8 +1153,14 @@ fn check_seed(seed: u64, found: &mut Found) {
         check_facts(found, &cx, &ob);
         check_transients_exact(found, &cx, &ob);
         check_republished(found, &cx.name, &o);
+        check_rows_follow_events(found, &cx.name, &o, &h, None);
         if workers == 1 + 2 * (seed as usize % 2) {
-            check_restart(found, &cx.name, workers, &per_event, &o, &mut rng);
+            let end = end_of(&per_event);
+            if let Some((ctx, first, combined)) =
+                check_restart(found, &cx.name, workers, &per_event, end, &o, &mut rng)
+            {
+                check_rows_follow_events(found, &ctx, &combined, &h, lost_in_restart(&first));
+            }
         }
     }
     let batched = batched_feed(&h, &mut rng);
@@ -899,8 +1181,14 @@ fn check_seed(seed: u64, found: &mut Found) {
         check_facts(found, &cx, &ob);
         check_transients_subset(found, &cx, &ob);
         check_republished(found, &cx.name, &o);
+        check_rows_follow_events(found, &cx.name, &o, &h, None);
         if workers == 3 - 2 * (seed as usize % 2) {
-            check_restart(found, &cx.name, workers, &batched, &o, &mut rng);
+            let end = end_of(&batched);
+            if let Some((ctx, first, combined)) =
+                check_restart(found, &cx.name, workers, &batched, end, &o, &mut rng)
+            {
+                check_rows_follow_events(found, &ctx, &combined, &h, lost_in_restart(&first));
+            }
         }
     }
     let workers = if seed.is_multiple_of(2) { 3 } else { 1 };
@@ -912,6 +1200,30 @@ fn check_seed(seed: u64, found: &mut Found) {
         batch: None,
     };
     check_rows(found, &cx, &observe(&o));
+    // Arrival order: a failure escalation published and then re-decided away by an
+    // earlier-dated event (the model, in eventTime order, derives no failure).
+    let redecided: BTreeSet<String> = o
+        .of_type("WORKFLOW_ESCALATED")
+        .into_iter()
+        .filter(|r| {
+            let v: Value = serde_json::from_str(&r.payload).unwrap();
+            s(&v, "escalationReason").starts_with("TASK_FAILED:")
+                && !exp.failed.contains_key(&s(&v, "workflowInstanceId"))
+        })
+        .map(|r| r.event_id.clone())
+        .collect();
+    check_rows_follow_events(found, &cx.name, &o, &h, Some((K10, redecided)));
+}
+
+/// What a restart's combined outcome may miss ([`K9`]): the timer events published before it.
+fn lost_in_restart(first: &Outcome) -> Option<(&'static str, BTreeSet<String>)> {
+    let ids = first
+        .records
+        .iter()
+        .filter(|r| is_timer_event(r))
+        .map(|r| r.event_id.clone())
+        .collect();
+    Some((K9, ids))
 }
 
 fn report(found: &Found) -> String {
@@ -946,6 +1258,7 @@ fn random_histories_match_the_reference() {
     for seed in &seeds {
         check_seed(*seed, &mut found);
     }
+    report_accepted(&mut found);
     assert!(
         found.is_empty(),
         "the dataflow disagrees with the reference on {} seed(s):{}",
@@ -1014,6 +1327,172 @@ fn generator_covers_the_rules() {
     for (k, n) in &totals {
         assert!(*n > 0, "the generator never produced: {k} ({totals:?})");
     }
+}
+
+/// How far a timed run goes past its last record: every timer of the history fires (the last
+/// re-escalation 2 h after its cause, a stale task 4 h after its last event), and closed
+/// workflows and orders retire (1 h after closing) with their timer facts.
+const TIMED_TAIL: Millis = 5 * 3_600_000;
+
+/// What the timed histories exercised, summed over the seeds.
+#[derive(Debug, Default)]
+struct TimedCoverage(BTreeMap<&'static str, usize>);
+
+impl TimedCoverage {
+    fn add(&mut self, what: &'static str, n: usize) {
+        *self.0.entry(what).or_default() += n;
+    }
+    /// Counts what `o` (a run of `h`) published and left in its rows.
+    fn count(&mut self, o: &Outcome, h: &history::History, batched: bool) {
+        let payloads = |ty: &str| -> Vec<Value> {
+            o.of_type(ty)
+                .iter()
+                .map(|r| serde_json::from_str(&r.payload).unwrap())
+                .collect()
+        };
+        self.add("TASK_SLA_BREACHED", payloads("TASK_SLA_BREACHED").len());
+        self.add("TASK_STALE", payloads("TASK_STALE").len());
+        self.add("ORDER_OVERDUE", payloads("ORDER_OVERDUE").len());
+        let escalations = payloads("WORKFLOW_ESCALATED");
+        let level = |v: &Value| v["escalationLevel"].as_i64().unwrap_or(0);
+        self.add(
+            "WORKFLOW_ESCALATED level 2",
+            escalations.iter().filter(|v| level(v) == 2).count(),
+        );
+        self.add(
+            "WORKFLOW_ESCALATED level 3",
+            escalations.iter().filter(|v| level(v) == 3).count(),
+        );
+        // Level 2 or 3 published, then the workflow closed: its re-escalation candidates are
+        // gone, its row must keep the level.
+        let closed: BTreeSet<&str> = o
+            .rows
+            .values()
+            .filter_map(|r| match r {
+                Row::Workflow(w) if w.status != "ACTIVE" => Some(w.workflow_instance_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        let re_escalated_then_closed: BTreeSet<String> = escalations
+            .iter()
+            .filter(|v| level(v) >= 2 && closed.contains(v["workflowInstanceId"].as_str().unwrap()))
+            .map(|v| s(v, "workflowInstanceId"))
+            .collect();
+        self.add(
+            "workflow re-escalated (level >= 2), then closed",
+            re_escalated_then_closed.len(),
+        );
+        // Batched (a coarse clock, as wall mode reading a backlog): a breach the clock found
+        // while the attempt's events, read later, show it ended by dueAt.
+        if batched {
+            let on_time = payloads("TASK_SLA_BREACHED")
+                .iter()
+                .filter(|v| {
+                    let due = parse_time(v["dueAt"].as_str().unwrap()).unwrap();
+                    let (tid, attempt) = (s(v, "taskInstanceId"), v["attempt"].as_u64().unwrap());
+                    let evs: Vec<_> = h
+                        .records
+                        .iter()
+                        .filter_map(|r| match &r.event {
+                            Event::Task(t)
+                                if t.task_instance_id == tid && u64::from(t.attempt) == attempt =>
+                            {
+                                Some(t)
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    evs.iter().all(|t| t.event_time <= due)
+                        && evs.iter().any(|t| {
+                            matches!(
+                                t.status,
+                                hmis_dataflows::events::TaskStatus::Completed
+                                    | hmis_dataflows::events::TaskStatus::Failed
+                            )
+                        })
+                })
+                .count();
+            self.add(
+                "breach found by the clock, attempt on time by its events",
+                on_time,
+            );
+        }
+    }
+}
+
+/// Histories with timers: final rows must agree with the events published (the model does not
+/// model timers, so this is the only check), per event and batched, with 1 and 3 workers, and
+/// across a restart. Fails when a row field fed by a timer follows the timer's live cause
+/// instead of what was published (issue 11: a workflow re-escalated to level 2, then completed,
+/// said level 1).
+#[test]
+fn timed_histories_rows_agree_with_events() {
+    let seeds: Vec<u64> = match std::env::var("HMIS_REF_SEED") {
+        Ok(s) => vec![s.parse().expect("HMIS_REF_SEED")],
+        Err(_) => {
+            let n = std::env::var("HMIS_REF_TIMED_SEEDS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(20);
+            (0..n).collect()
+        }
+    };
+    let mut found = Found::new();
+    // The restarts' comparisons with their uninterrupted run, kept apart: not asserted here.
+    let mut restart_diffs = Found::new();
+    let mut coverage = TimedCoverage::default();
+    for &seed in &seeds {
+        let h = history::generate_timed(seed);
+        let mut rng = SmallRng::seed_from_u64(seed ^ 0x7173);
+        let per_event = per_event_feed(&h);
+        let batched = batched_feed(&h, &mut rng);
+        for (mode, feed) in [("per event", &per_event), ("batched", &batched)] {
+            let end = end_of(feed) + TIMED_TAIL;
+            for workers in [1, 3] {
+                let o = run(Run::new(workers, feed.clone(), end));
+                let ctx = format!("timed seed {seed}, {mode}, {workers} workers");
+                check_rows_follow_events(&mut found, &ctx, &o, &h, None);
+                if workers == 1 {
+                    coverage.count(&o, &h, mode == "batched");
+                }
+                // One restart per seed and mode, with 1 or 3 workers by seed.
+                if workers == 1 + 2 * (seed as usize % 2) {
+                    if let Some((ctx, first, combined)) =
+                        check_restart(&mut restart_diffs, &ctx, workers, feed, end, &o, &mut rng)
+                    {
+                        check_rows_follow_events(
+                            &mut found,
+                            &ctx,
+                            &combined,
+                            &h,
+                            lost_in_restart(&first),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if std::env::var("HMIS_REF_TIMED_RESTART").is_ok() {
+        eprintln!("restarts vs uninterrupted runs:{}", report(&restart_diffs));
+    }
+    // The restart's known gap is reported, not failed: the design accepts it (decisions.md).
+    report_accepted(&mut found);
+    assert!(
+        found.is_empty(),
+        "rows disagree with the published events on {} timed seed(s):{}",
+        seeds.len(),
+        report(&found)
+    );
+    if seeds.len() > 1 {
+        for (k, n) in &coverage.0 {
+            assert!(
+                *n > 0,
+                "the timed histories never produced: {k} ({coverage:?})"
+            );
+        }
+        assert_eq!(coverage.0.len(), 7, "{coverage:?}");
+    }
+    eprintln!("timed coverage: {coverage:?}");
 }
 
 // ---------------------------------------------------------------------------------------

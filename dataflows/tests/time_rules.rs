@@ -435,3 +435,176 @@ fn an_escalation_the_clock_fired_is_not_published_again_when_its_cause_comes_bac
     // Level 1 twice (triage's and blood-cultures' breaches), levels 2 and 3 once.
     assert_eq!(n, 4, "{ids:#?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Rows follow the published events (issue 11): a row field a timer set stays set for the life
+// of its owner, also when the timer's cause leaves scope afterwards.
+
+fn workflow_row(o: &Outcome, wid: &str) -> hmis_dataflows::output::WorkflowRow {
+    o.rows
+        .values()
+        .find_map(|r| match r {
+            Row::Workflow(w) if w.workflow_instance_id == wid => Some(w.clone()),
+            _ => None,
+        })
+        .expect("workflow row")
+}
+
+fn task_row(o: &Outcome, tid: &str) -> hmis_dataflows::output::TaskRow {
+    o.rows
+        .values()
+        .find_map(|r| match r {
+            Row::Task(t) if t.task_instance_id == tid => Some(t.clone()),
+            _ => None,
+        })
+        .expect("task row")
+}
+
+/// `(escalationLevel, escalationReason)` of every WORKFLOW_ESCALATED published, sorted.
+fn escalations(o: &Outcome) -> Vec<(i64, String)> {
+    let mut v: Vec<(i64, String)> = o
+        .of_type("WORKFLOW_ESCALATED")
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_str(&r.payload).unwrap();
+            (
+                v["escalationLevel"].as_i64().unwrap(),
+                v["escalationReason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn escalation_level_stays_at_the_highest_level_published_after_the_workflow_completes() {
+    // Event clock. A one-task template: triage (slaMinutes 15) is the only required task.
+    // The clock breaches triage at dueAt + 1 (level 1); nothing completes within the hour, so
+    // level 2 (UNANSWERED_ESCALATION) is published at dueAt + 1 h + 1; then triage completes,
+    // which answers level 3 and completes the workflow. The row must say level 2, as published.
+    let due = T0 + 15 * MIN;
+    let tpl = serde_json::json!({"templateId": "one", "version": 1, "tasks": [
+        {"taskDefId": "triage", "name": "Triage", "slaMinutes": 15, "escalateTo": "CHARGE_NURSE"}
+    ]});
+    let events = vec![
+        def(tpl),
+        wf_started("w1", "one", 1, T0),
+        task("TASK_CREATED", "t1", "w1", "triage", 1, T0),
+        task(
+            "TASK_COMPLETED",
+            "t1",
+            "w1",
+            "triage",
+            1,
+            due + H + 10 * MIN,
+        ),
+    ];
+    let mut feed: Vec<_> = events
+        .into_iter()
+        .map(|e| (e.event_time().unwrap_or(T0 - 1), e))
+        .collect();
+    feed.sort_by_key(|(t, _)| *t);
+    for workers in [1, 3] {
+        for settle in [false, true] {
+            let mut r = Run::new(workers, feed.clone(), due + 3 * H);
+            r.settle_each_time = settle;
+            let o = run(r);
+            let ctx = format!("{workers} workers, settle {settle}");
+            assert_eq!(
+                escalations(&o),
+                vec![
+                    (1, "SLA_BREACH:triage".to_string()),
+                    (2, "UNANSWERED_ESCALATION".to_string())
+                ],
+                "{ctx}"
+            );
+            let w = workflow_row(&o, "w1");
+            assert_eq!(w.status, "COMPLETED", "{ctx}");
+            assert!(w.is_escalated, "{ctx}");
+            assert_eq!(
+                (w.escalation_level, w.escalation_reason.as_deref()),
+                (2, Some("SLA_BREACH:triage")),
+                "{ctx}: the highest level published"
+            );
+        }
+    }
+}
+
+#[test]
+fn wall_clock_breach_flags_stay_when_an_on_time_event_arrives_after_the_breach_fired() {
+    // As `clock = wall`: records stamped at arrival. The clock breaches triage at dueAt + 1
+    // (TASK_SLA_BREACHED, TASK_ESCALATED, WORKFLOW_ESCALATED published); 5 minutes later the
+    // triage completion arrives, dated 1 minute *before* dueAt. By its events the attempt was
+    // on time, but the breach was published: the task and workflow rows keep its flags.
+    let due = T0 + 15 * MIN;
+    let feed = vec![
+        (T0 - 1, def(sepsis(3))),
+        (T0, wf_started("w1", "sepsis-bundle", 3, T0)),
+        (T0, task("TASK_CREATED", "t1", "w1", "triage", 1, T0)),
+        (
+            due + 5 * MIN,
+            task("TASK_COMPLETED", "t1", "w1", "triage", 1, due - MIN),
+        ),
+    ];
+    for workers in [1, 3] {
+        let mut r = Run::new(workers, feed.clone(), due + 30 * MIN);
+        r.settle_each_time = true;
+        r.config.lifecycle.grace_from_event_time = false;
+        let o = run(r);
+        assert_eq!(count(&o, "TASK_SLA_BREACHED"), 1, "{workers} workers");
+        assert_eq!(count(&o, "TASK_ESCALATED"), 1);
+        let t = task_row(&o, "t1");
+        assert_eq!(t.status, "COMPLETED");
+        assert!(
+            t.sla_breached && t.is_escalated && t.escalated_to.as_deref() == Some("CHARGE_NURSE"),
+            "{workers} workers: the task row contradicts the published breach: {t:?}"
+        );
+        let w = workflow_row(&o, "w1");
+        assert!(w.is_escalated, "{workers} workers: {w:?}");
+        assert_eq!(
+            (w.escalation_level, w.escalation_reason.as_deref()),
+            (1, Some("SLA_BREACH:triage")),
+            "{workers} workers"
+        );
+        // The breach row stays too (it always did).
+        assert_eq!(
+            o.rows
+                .values()
+                .filter(|r| matches!(r, Row::SlaBreach(_)))
+                .count(),
+            1
+        );
+    }
+}
+
+#[test]
+fn wall_clock_re_escalation_level_stays_when_an_answer_dated_before_it_arrives_later() {
+    // As `clock = wall`: the clock breaches triage (level 1) and, an hour later, re-escalates
+    // (level 2); then blood-cultures' creation and triage's completion arrive, the completion
+    // dated 30 minutes after dueAt: by eventTime the escalation was answered before level 2's
+    // deadline, so the level-2 candidate is retracted. Level 2 was published: the row keeps it.
+    let due = T0 + 15 * MIN;
+    let feed = vec![
+        (T0 - 1, def(sepsis(3))),
+        (T0, wf_started("w1", "sepsis-bundle", 3, T0)),
+        (T0, task("TASK_CREATED", "t1", "w1", "triage", 1, T0)),
+        (
+            due + H + 10 * MIN,
+            task("TASK_COMPLETED", "t1", "w1", "triage", 1, due + 30 * MIN),
+        ),
+    ];
+    let mut r = Run::new(2, feed, due + 2 * H);
+    r.settle_each_time = true;
+    r.config.lifecycle.grace_from_event_time = false;
+    let o = run(r);
+    assert_eq!(
+        escalations(&o),
+        vec![
+            (1, "SLA_BREACH:triage".to_string()),
+            (2, "UNANSWERED_ESCALATION".to_string())
+        ]
+    );
+    let w = workflow_row(&o, "w1");
+    assert_eq!(w.escalation_level, 2, "{w:?}");
+}

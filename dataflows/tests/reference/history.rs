@@ -13,6 +13,14 @@
 //! one order (the offset decides), so every instant of the reference is well defined.
 //! No template has slaMinutes and no task has dueAt, and a workflow lasts well under the
 //! stale/re-escalation periods: timers stay out of the comparison.
+//!
+//! [`generate_timed`] makes the same kind of history with timers in it: some task definitions
+//! have slaMinutes (and an escalateTo), some TASK_CREATED a dueAt, and some steps of a
+//! workflow or an order are 1–3 h apart, so that SLA breaches (by the clock and by late
+//! events), stale tasks, unanswered re-escalations (levels 2 and 3, also of workflows that
+//! complete afterwards) and overdue orders happen. The model does not model timers: these
+//! histories are for the checks that do not need it. With the same seed, `generate` makes
+//! the same history whether or not `generate_timed` exists (timed draws only when timed).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -69,6 +77,8 @@ struct Def {
     failure: Option<String>,
     blocking: Vec<&'static str>,
     automatic: bool,
+    sla_minutes: Option<u32>,
+    escalate_to: Option<&'static str>,
 }
 
 impl Def {
@@ -81,6 +91,8 @@ impl Def {
             failure: None,
             blocking: vec![],
             automatic: false,
+            sla_minutes: None,
+            escalate_to: None,
         }
     }
     fn next(mut self, n: &str) -> Def {
@@ -137,6 +149,12 @@ impl Tpl {
                 }
                 if d.automatic {
                     v["automatic"] = json!(true);
+                }
+                if let Some(m) = d.sla_minutes {
+                    v["slaMinutes"] = json!(m);
+                }
+                if let Some(e) = d.escalate_to {
+                    v["escalateTo"] = json!(e);
                 }
                 v
             })
@@ -265,6 +283,8 @@ struct Gen {
     )>,
     seq: u64,
     next_id: u64,
+    /// Timers in the history ([`generate_timed`]).
+    timed: bool,
 }
 
 impl Gen {
@@ -278,6 +298,14 @@ impl Gen {
     fn advance(&mut self, t: Millis, lo: Millis, hi: Millis) -> Millis {
         let dt = self.rng.random_range(lo..hi) + self.rng.random_range(0..1000);
         self.fresh(t + dt)
+    }
+    /// As [`Gen::advance`]; in a timed history, now and then 1–3 h later instead.
+    fn step(&mut self, t: Millis, lo: Millis, hi: Millis, p_gap: f64) -> Millis {
+        if self.timed && self.chance(p_gap) {
+            self.advance(t, 60 * MIN, 180 * MIN)
+        } else {
+            self.advance(t, lo, hi)
+        }
     }
     fn id(&mut self, prefix: &str) -> String {
         self.next_id += 1;
@@ -314,6 +342,10 @@ impl Gen {
         }
         if ty == "TASK_FAILED" {
             v["errorMessage"] = json!("failed");
+        }
+        if self.timed && ty == "TASK_CREATED" && self.chance(0.2) {
+            let due = at + self.rng.random_range(2..=45) * MIN;
+            v["dueAt"] = json!(iso(due));
         }
         self.push(InputTopic::Tasks, Some(tid.into()), Some(v), Some(at));
     }
@@ -421,18 +453,18 @@ fn simulate(g: &mut Gen, wid: &str, tpl: &Tpl, pinned: (String, i64), start: Mil
         let mut attempt = 1;
         let fate = loop {
             if g.chance(0.92) {
-                t = g.advance(t, 2 * SEC, 90 * SEC);
+                t = g.step(t, 2 * SEC, 90 * SEC, 0.05);
                 g.task("TASK_CREATED", &tid, wid, &d.id, attempt, t);
             }
             if g.chance(0.85) {
-                t = g.advance(t, 2 * SEC, 90 * SEC);
+                t = g.step(t, 2 * SEC, 90 * SEC, 0.12);
                 g.task("TASK_STARTED", &tid, wid, &d.id, attempt, t);
             }
             let r = g.rng.random_range(0..100);
             if r < 7 {
                 break Fate::Left;
             }
-            t = g.advance(t, 2 * SEC, 120 * SEC);
+            t = g.step(t, 2 * SEC, 120 * SEC, 0.12);
             if r < 72 {
                 g.task("TASK_COMPLETED", &tid, wid, &d.id, attempt, t);
                 break Fate::Completed;
@@ -546,7 +578,7 @@ fn simulate(g: &mut Gen, wid: &str, tpl: &Tpl, pinned: (String, i64), start: Mil
             if !first {
                 // Sometimes two events of one order share an eventTime: the offset decides.
                 if !g.chance(0.1) {
-                    ot = g.advance(ot, 5 * SEC, 5 * MIN);
+                    ot = g.step(ot, 5 * SEC, 5 * MIN, 0.15);
                 }
             }
             first = false;
@@ -589,12 +621,22 @@ fn partitions(topic: InputTopic) -> u64 {
 
 /// Generates the history of `seed`.
 pub fn generate(seed: u64) -> History {
+    generate_with(seed, false)
+}
+
+/// Generates a history of `seed` with timers in it (see the module doc).
+pub fn generate_timed(seed: u64) -> History {
+    generate_with(seed, true)
+}
+
+fn generate_with(seed: u64, timed: bool) -> History {
     let mut g = Gen {
         rng: SmallRng::seed_from_u64(seed),
         used: BTreeSet::new(),
         raw: Vec::new(),
         seq: 0,
         next_id: 0,
+        timed,
     };
     g.used.insert(T0);
     let mut templates = fixed_templates();
@@ -602,6 +644,17 @@ pub fn generate(seed: u64) -> History {
     let r0v2 = random_template(&mut g.rng, "rnd0", 2);
     let r1v1 = random_template(&mut g.rng, "rnd1", 1);
     templates.extend([r0v1, r0v2, r1v1]);
+    if timed {
+        for d in templates.iter_mut().flat_map(|t| t.defs.iter_mut()) {
+            if g.rng.random_bool(0.5) {
+                d.sla_minutes = Some(g.rng.random_range(5..=40));
+                d.escalate_to = [None, Some("CHARGE_NURSE"), Some("ATTENDING")]
+                    .choose(&mut g.rng)
+                    .copied()
+                    .flatten();
+            }
+        }
+    }
 
     // Definitions: a draft of sepsis v1 replaced by the final one; sepsis v3 published then deleted.
     let mut draft = templates[0].clone();
