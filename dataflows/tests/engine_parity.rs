@@ -5,13 +5,18 @@
 //!
 //! Feeds: per event (every event at its eventTime), batched (a few instants, each batch at
 //! its last eventTime) and interleaved (partitions interleaved at random, a few consecutive
-//! stamps), on 1 and 3 workers; histories without timers
-//! ([`history::generate`]) and with them ([`history::generate_timed`]: SLA breaches, stale
-//! tasks, re-escalations, overdue orders).
+//! stamps), on 1 and 3 workers; and a restart (the history before a random instant F
+//! replayed below F with its outputs suppressed, `decide_from` = F, then the rest); and,
+//! for one seed in six, the per-event feed settled instant by instant, where the flushes
+//! themselves are compared ([`compare_flushes`]).
+//! Histories without timers ([`history::generate`]) and with them
+//! ([`history::generate_timed`]: SLA breaches, stale tasks, re-escalations, overdue orders).
 //!
 //! The keyed core has no lifecycle yet, so both run with it out of reach: a grace and a
 //! retirement delay longer than any history (no unknown-reference dead letters, no
-//! retirement). `HMIS_PARITY_SEEDS=n` (default 30) seeds per kind of history.
+//! retirement). `HMIS_PARITY_SEEDS=n` (default 30) seeds per kind of history,
+//! `HMIS_PARITY_SEED=s` one seed, `HMIS_PARITY_DUMP=text` prints the records and rows
+//! mentioning `text` from both cores.
 
 #[allow(dead_code)]
 #[path = "reference/history.rs"]
@@ -116,6 +121,91 @@ fn end_of(feed: &Feed) -> Millis {
 
 fn go(core: Core, workers: usize, feed: &Feed) -> Outcome {
     let mut r = Run::new(workers, feed.clone(), end_of(feed));
+    r.config = config();
+    run(r, core)
+}
+
+/// The per-event feed with every instant settled before the next (one flush per instant,
+/// as a live pipeline whose sink keeps up): the flushes themselves are compared.
+fn go_settled(core: Core, workers: usize, feed: &Feed) -> Outcome {
+    let mut r = Run::new(workers, feed.clone(), end_of(feed));
+    r.config = config();
+    r.settle_each_time = true;
+    run(r, core)
+}
+
+/// The first flush whose contents differ, or `None`. Flushes are compared at the frontiers
+/// both runs flushed at (with settled feeds, every instant of the feed): a timer instant
+/// between two feed instants may get a flush of its own in one core and not in the other
+/// (where a frontier stops depends on which operators hold capabilities there), so the
+/// flushes between two common frontiers are merged first, as the sink would apply them.
+/// Dead letters and their records are compared as sets, TASK_STALE without `taskName` (see
+/// [`compare`]).
+fn compare_flushes(a: &Outcome, b: &Outcome) -> Option<String> {
+    use std::collections::{BTreeMap, BTreeSet};
+    type Group = (
+        Millis,
+        BTreeMap<(u8, String, String), Option<hmis_dataflows::output::Row>>,
+        Vec<OutRecord>,
+        Vec<OutRecord>,
+        Vec<String>,
+    );
+    let fa: BTreeSet<Millis> = a.batches.iter().map(|b| b.frontier).collect();
+    let fb: BTreeSet<Millis> = b.batches.iter().map(|b| b.frontier).collect();
+    let common: BTreeSet<Millis> = fa.intersection(&fb).copied().collect();
+    let groups = |o: &Outcome| -> Vec<Group> {
+        let mut out: Vec<Group> = Vec::new();
+        let mut cur: Group = Default::default();
+        for b in &o.batches {
+            for (k, v) in &b.rows {
+                cur.1.insert(k.clone(), v.clone());
+            }
+            for r in &b.records {
+                let mut r = r.clone();
+                allow_stale_content(&mut r);
+                if r.topic == OutTopic::DeadLetter {
+                    cur.3.push(r);
+                } else {
+                    cur.2.push(r);
+                }
+            }
+            cur.4
+                .extend(b.dead_letters.iter().map(|d| format!("{d:?}")));
+            if common.contains(&b.frontier) {
+                cur.0 = b.frontier;
+                cur.3.sort_by(|x, y| x.event_id.cmp(&y.event_id));
+                cur.4.sort();
+                let done = std::mem::take(&mut cur);
+                out.push(done);
+            }
+        }
+        out
+    };
+    let (x, y) = (groups(a), groups(b));
+    if x == y {
+        return None;
+    }
+    let i = (0..x.len().max(y.len()))
+        .find(|&i| x.get(i) != y.get(i))
+        .unwrap_or(0);
+    Some(format!(
+        "flush group #{i} of {} vs {} differs:\n  differential {:?}\n  keyed        {:?}",
+        x.len(),
+        y.len(),
+        x.get(i),
+        y.get(i)
+    ))
+}
+
+/// The second half of a run restarted at `f`: the events before `f` replayed at `f - 1`
+/// with their outputs suppressed (as `reference.rs`'s `restart_at`; `decide_from` = `f`),
+/// then the per-event feed from `f` on.
+fn go_restarted(core: Core, workers: usize, feed: &Feed, f: Millis) -> Outcome {
+    let cut = feed.iter().position(|(t, _)| *t >= f).unwrap_or(feed.len());
+    let mut r = Run::new(workers, feed[cut..].to_vec(), end_of(feed));
+    r.replay = feed[..cut].iter().map(|(_, e)| e.clone()).collect();
+    r.restore_time = f - 1;
+    r.suppress_before = f;
     r.config = config();
     run(r, core)
 }
@@ -238,6 +328,36 @@ fn check(kind: &str, generate: fn(u64) -> history::History) {
             ("batched", batched_feed(&h, &mut rng)),
             ("interleaved", interleaved_feed(&h, &mut rng)),
         ];
+        // Settled per-event runs, the flushes themselves (slow: one seed in six).
+        if seed % 6 == 0 {
+            let settled = go_settled(Core::Differential, 1, &feeds[0].1);
+            for workers in [1, 3] {
+                let keyed = go_settled(Core::Keyed, workers, &feeds[0].1);
+                if let Some(d) = compare_flushes(&settled, &keyed) {
+                    failures.push(format!(
+                        "{kind} seed {seed}, settled, {workers} workers:\n{d}"
+                    ));
+                }
+            }
+        }
+        // A restart at an instant within the history (per-event feed).
+        let per_event = &feeds[0].1;
+        let times: Vec<Millis> = per_event
+            .iter()
+            .map(|(t, _)| *t)
+            .filter(|t| *t > history::T0)
+            .collect();
+        if let Some(&f) = times.choose(&mut rng) {
+            let reference = go_restarted(Core::Differential, 1, per_event, f);
+            for workers in [1, 3] {
+                let keyed = go_restarted(Core::Keyed, workers, per_event, f);
+                if let Some(d) = compare(&reference, &keyed) {
+                    failures.push(format!(
+                        "{kind} seed {seed}, restarted at {f}, {workers} workers:\n{d}"
+                    ));
+                }
+            }
+        }
         for (mode, feed) in &feeds {
             let reference = go(Core::Differential, 1, feed);
             for workers in [1, 3] {
