@@ -34,7 +34,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::runtime::Shared;
 
@@ -368,9 +368,12 @@ pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<Soc
                     .max_buf_size(MAX_HEADER_BYTES)
                     .serve_connection(TokioIo::new(stream), svc);
                 match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
-                    Ok(Err(e)) if !e.is_timeout() && !e.is_incomplete_message() => {
-                        warn!(error = %e, "http connection failed")
+                    // A client that is slow, hangs up or sends what HTTP/1.1 refuses (an
+                    // oversized head): its problem, answered or dropped.
+                    Ok(Err(e)) if e.is_timeout() || e.is_incomplete_message() || e.is_parse() => {
+                        debug!(error = %e, "http request refused")
                     }
+                    Ok(Err(e)) => warn!(error = %e, "http connection failed"),
                     _ => {}
                 }
             });

@@ -18,6 +18,10 @@ use hmis_dataflows::output::Row;
 use hmis_flow::config::{ClockMode, Config, Topics};
 use hmis_flow::workload::{generate_labeled, WorkloadConfig, WorkloadRecord};
 
+#[allow(dead_code)] // this test uses one helper of it
+#[path = "common/schemas.rs"]
+mod schemas;
+
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!("{name} is not set: start the services with `scripts/services.sh start` and `eval $(scripts/services.sh env)`, or run scripts/test.sh")
@@ -384,6 +388,9 @@ async fn event_mode_run_matches_the_dataflow_and_publishes_each_event_once() {
     assert_eq!(shared.alerts_raised.load(SeqCst) as usize, system.3.len());
     let quiet: i64 = system.0.values().map(|(_, medium, low)| medium + low).sum();
     assert_eq!(shared.quiet_error_reports.load(SeqCst) as i64, quiet);
+
+    // Every published record matches its schema (schemas/, contract §7).
+    schemas::assert_topics_match_schemas(&cfg);
 
     // A second run with nothing new changes nothing and publishes nothing.
     let again = run_pipeline(&cfg);

@@ -490,5 +490,6 @@ fn every_input_shape_is_processed_or_dead_lettered_and_the_run_goes_on() {
         published(&a, &a.topics.alerts),
         "alerts"
     );
+    common::schemas::assert_topics_match_schemas(&b);
     scratch.done();
 }

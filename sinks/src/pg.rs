@@ -1021,7 +1021,7 @@ impl<'a> Plan<'a> {
                     component = %e.component,
                     severity = %e.severity,
                     event_id = %e.event_id,
-                    message = %crate::redact::text(&e.message),
+                    report = %crate::redact::text(&e.message),
                     "error report (counted, no alert)"
                 );
             }

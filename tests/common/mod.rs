@@ -8,6 +8,8 @@
 
 #![allow(dead_code)] // each test binary uses a part
 
+pub mod schemas;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
