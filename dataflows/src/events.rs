@@ -565,6 +565,43 @@ pub mod limits {
     pub const MAX_STRING_BYTES: usize = 64 * 1024;
     /// Highest attempt number (the next attempt must fit PostgreSQL's `integer`).
     pub const MAX_ATTEMPT: u32 = i32::MAX as u32 - 1;
+    /// Most tasks one template (definition) may define: every workflow pinned to it holds
+    /// per-task state, and readiness walks the template.
+    pub const MAX_TASKS_PER_TEMPLATE: usize = 1024;
+    /// Most bytes of an event's `metadata` object or an audit event's `details`, as compact
+    /// JSON: they are kept with the event and re-published in derived events and alerts.
+    pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+}
+
+/// Compact-JSON size of `v` in bytes, counting only up to `cap + 1` (the write stops there).
+fn json_size_capped(v: &Value, cap: usize) -> usize {
+    struct Count(usize, usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            if self.0 > self.1 {
+                return Err(std::io::Error::other("over the cap"));
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0, cap);
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
+}
+
+/// `metadata` (or `details`) of at most [`limits::MAX_METADATA_BYTES`] as compact JSON.
+fn check_metadata_size(v: &Value, field: &str, et: &str) -> Result<(), Rejection> {
+    if json_size_capped(v, limits::MAX_METADATA_BYTES) > limits::MAX_METADATA_BYTES {
+        return Err(Rejection::schema(format!(
+            "{et}: field `{field}` exceeds the limit of {} bytes (as compact JSON)",
+            limits::MAX_METADATA_BYTES
+        )));
+    }
+    Ok(())
 }
 
 /// Checks every string of a parsed record (object keys included): no NUL character, at most
@@ -659,6 +696,11 @@ pub fn decode(
     let event_type = env
         .event_type
         .ok_or_else(|| Rejection::schema("lacks required field `eventType`"))?;
+    for field in ["metadata", "details"] {
+        if let Some(v) = value.get(field) {
+            check_metadata_size(v, field, &event_type)?;
+        }
+    }
     // The type decides before the other fields: an unknown type is its own reason.
     match (topic, event_type.as_str()) {
         (InputTopic::Tasks, "TASK_CREATED" | "TASK_STARTED" | "TASK_COMPLETED" | "TASK_FAILED") => {
@@ -1021,6 +1063,16 @@ fn decode_definition(
         }
     }
     let raw_tasks = required(raw.tasks, "tasks", "definition")?;
+    if raw_tasks.len() > limits::MAX_TASKS_PER_TEMPLATE {
+        return Err(Rejection::new(
+            RejectReason::InvalidDefinition,
+            format!(
+                "definition `{template_id}:{version}` has {} tasks, more than the limit of {}",
+                raw_tasks.len(),
+                limits::MAX_TASKS_PER_TEMPLATE
+            ),
+        ));
+    }
     let mut tasks = Vec::with_capacity(raw_tasks.len());
     for (i, t) in raw_tasks.into_iter().enumerate() {
         let task_def_id = non_empty(
@@ -1131,7 +1183,10 @@ pub fn check_any_record(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u
             }
             .expect("an event serializes");
             assert!(no_nul(&doc), "an accepted event holds a NUL");
-            (RejectReason::UnknownWorkflow, "checked as a later dead letter".to_string())
+            (
+                RejectReason::UnknownWorkflow,
+                "checked as a later dead letter".to_string(),
+            )
         }
         Err(rejection) => {
             assert!(!rejection.detail.is_empty(), "a rejection says why");
@@ -1144,6 +1199,9 @@ pub fn check_any_record(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u
     }
     let escaped = serde_json::to_string(&d.payload).expect("a string serializes");
     assert!(escaped.len() <= DEAD_LETTER_PAYLOAD_MAX, "payload bounded");
-    assert!(d.detail.len() <= DEAD_LETTER_DETAIL_MAX + 400, "detail bounded");
+    assert!(
+        d.detail.len() <= DEAD_LETTER_DETAIL_MAX + 400,
+        "detail bounded"
+    );
     assert!(d.to_record().payload.len() < 1_000_000, "one Kafka message");
 }

@@ -1478,6 +1478,45 @@ fn hostile_shapes_are_rejected_with_their_reason() {
         ),
     ];
     let mut wrong = Vec::new();
+    // metadata / details at the size limit (compact JSON) and one byte over it.
+    let sized = |n: usize| {
+        // {"x":"…"} is 8 bytes of JSON around the string.
+        json!({ "x": "m".repeat(n - 8) })
+    };
+    let m = limits::MAX_METADATA_BYTES;
+    let mut cases = cases;
+    cases.extend([
+        (
+            "metadata at the size limit",
+            t,
+            Some(v(set(task_doc(), "metadata", sized(m)))),
+            None,
+        ),
+        (
+            "metadata one byte over the size limit",
+            t,
+            Some(v(set(task_doc(), "metadata", sized(m + 1)))),
+            Some(SchemaViolation),
+        ),
+        (
+            "order metadata over the size limit",
+            InputTopic::Orders,
+            Some(v(set(order_doc(), "metadata/x", json!("m".repeat(m))))),
+            Some(SchemaViolation),
+        ),
+        (
+            "audit details at the size limit",
+            InputTopic::System,
+            Some(v(set(system_doc(), "details", sized(m)))),
+            None,
+        ),
+        (
+            "audit details over the size limit",
+            InputTopic::System,
+            Some(v(set(system_doc(), "details", sized(m + 1)))),
+            Some(SchemaViolation),
+        ),
+    ]);
     for (what, topic, value, want) in &cases {
         let got = reason_of(*topic, Some(b"k"), value.as_deref());
         if got != *want {
@@ -1485,6 +1524,24 @@ fn hostile_shapes_are_rejected_with_their_reason() {
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn templates_with_more_tasks_than_the_limit_are_invalid_definitions() {
+    use hmis_dataflows::events::limits;
+    let with_tasks = |n: usize| {
+        let tasks: Vec<Value> = (0..n)
+            .map(|i| json!({"taskDefId": format!("t{i}"), "name": format!("T{i}")}))
+            .collect();
+        serde_json::to_vec(&set(template_doc(), "tasks", Value::Array(tasks))).unwrap()
+    };
+    let at = with_tasks(limits::MAX_TASKS_PER_TEMPLATE);
+    let over = with_tasks(limits::MAX_TASKS_PER_TEMPLATE + 1);
+    let key = Some(DEF_KEY.as_bytes());
+    assert_eq!(reason_of(InputTopic::Definitions, key, Some(&at)), None);
+    let r = decode(InputTopic::Definitions, key, Some(&over), Pos::default()).unwrap_err();
+    assert_eq!(r.reason, InvalidDefinition);
+    assert!(r.detail.contains("1025 tasks"), "{}", r.detail);
 }
 
 #[test]
