@@ -1131,7 +1131,10 @@ pub fn check_any_record(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u
             }
             .expect("an event serializes");
             assert!(no_nul(&doc), "an accepted event holds a NUL");
-            (RejectReason::UnknownWorkflow, "checked as a later dead letter".to_string())
+            (
+                RejectReason::UnknownWorkflow,
+                "checked as a later dead letter".to_string(),
+            )
         }
         Err(rejection) => {
             assert!(!rejection.detail.is_empty(), "a rejection says why");
@@ -1144,6 +1147,9 @@ pub fn check_any_record(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u
     }
     let escaped = serde_json::to_string(&d.payload).expect("a string serializes");
     assert!(escaped.len() <= DEAD_LETTER_PAYLOAD_MAX, "payload bounded");
-    assert!(d.detail.len() <= DEAD_LETTER_DETAIL_MAX + 400, "detail bounded");
+    assert!(
+        d.detail.len() <= DEAD_LETTER_DETAIL_MAX + 400,
+        "detail bounded"
+    );
     assert!(d.to_record().payload.len() < 1_000_000, "one Kafka message");
 }
