@@ -3,13 +3,10 @@
 //! Used by the rule tests, the property tests against the reference model, and benchmarks.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use crate::events::Event;
-use crate::gather::Gather;
 use crate::output::{FlushBatch, Millis, OutRecord, Row};
-use crate::{build, RulesConfig, Sessions};
+use crate::RulesConfig;
 
 /// What a run produced, applied as the sink would apply it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -97,81 +94,8 @@ impl Run {
     }
 }
 
-/// Runs the dataflow on `run` and returns the applied outcome.
+/// Runs the dataflow on `run` and returns the applied outcome, on the core named by
+/// `HMIS_CORE` ([`crate::engine::Core::from_env`]; the differential one by default).
 pub fn run(run: Run) -> Outcome {
-    let outcome = Arc::new(Mutex::new(Outcome::default()));
-    let shared = outcome.clone();
-    // Highest frontier flushed so far; batches past `end` are ignored (the inputs closing at
-    // shutdown would otherwise flush times the run never reached).
-    let gathered = Arc::new(AtomicU64::new(0));
-    let run = Arc::new(run);
-    timely::execute(timely::Config::process(run.workers.max(1)), move |worker| {
-        let index = worker.index();
-        let peers = worker.peers();
-        let shared = shared.clone();
-        let gathered = gathered.clone();
-        let gathered2 = gathered.clone();
-        let end = run.end;
-        let mut cfg = run.config.clone();
-        // As the runtime: nothing is decided below the frontier a restart resumes from.
-        cfg.lifecycle.decide_from = cfg.lifecycle.decide_from.max(run.suppress_before);
-        let suppress = run.suppress_before;
-        let (mut sessions, probe) = worker.dataflow::<u64, _, _>(|scope| {
-            let (sessions, inputs) = Sessions::new(scope);
-            let emits = build(inputs, &cfg);
-            let (probe, emits) = emits.probe();
-            emits.gather(suppress, move |b| {
-                if gathered2.load(Ordering::SeqCst) >= end {
-                    return;
-                }
-                let f = b.frontier;
-                shared.lock().unwrap().apply(b);
-                gathered2.store(f, Ordering::SeqCst);
-            });
-            (sessions, probe)
-        });
-        if run.replay_chunk == 0 {
-            sessions.advance_to(run.restore_time);
-            for (i, e) in run.replay.iter().enumerate() {
-                if i % peers == index {
-                    sessions.insert(e.clone(), run.restore_time);
-                }
-            }
-        } else {
-            // As the runtime replays: a chunk per time from restore_times(suppress_before).
-            let (first, last) = crate::restore_times(run.suppress_before);
-            for (c, chunk) in run.replay.chunks(run.replay_chunk).enumerate() {
-                let t = (first + c as u64).min(last);
-                if t > sessions.time() {
-                    sessions.advance_to(t);
-                    worker.step_while(|| probe.less_than(&sessions.time()));
-                }
-                for (i, e) in chunk.iter().enumerate() {
-                    if (c * run.replay_chunk + i) % peers == index {
-                        sessions.insert(e.clone(), t);
-                    }
-                }
-            }
-        }
-        for (i, (t, e)) in run.feed.iter().enumerate() {
-            if *t > sessions.time() {
-                let before = sessions.time();
-                sessions.advance_to(*t);
-                worker.step();
-                if run.settle_each_time {
-                    let reached = |g: &AtomicU64| g.load(Ordering::SeqCst) >= *t;
-                    worker.step_while(|| probe.less_than(t) || (before > 0 && !reached(&gathered)));
-                }
-            }
-            if i % peers == index {
-                sessions.insert(e.clone(), *t);
-            }
-        }
-        sessions.advance_to(run.end);
-        worker
-            .step_while(|| probe.less_than(&run.end) || gathered.load(Ordering::SeqCst) < run.end);
-    })
-    .expect("timely workers");
-    let out = outcome.lock().unwrap().clone();
-    out
+    crate::engine::run(run, crate::engine::Core::from_env())
 }

@@ -303,7 +303,7 @@ impl<'s> SignalLoop<'s> {
     }
 }
 
-fn hash_str(s: &str) -> u64 {
+pub(crate) fn hash_str(s: &str) -> u64 {
     let mut h = DefaultHasher::new();
     s.hash(&mut h);
     h.finish()
@@ -324,12 +324,12 @@ pub const SIGNAL_DELAY_MS: u64 = 600_000;
 /// flush), so thousands of closures an hour share at most 6 instants.
 const RETIRE_QUANTUM_MS: u64 = SIGNAL_DELAY_MS;
 
-fn retire_at(t: u64) -> u64 {
+pub(crate) fn retire_at(t: u64) -> u64 {
     t.div_ceil(RETIRE_QUANTUM_MS)
         .saturating_mul(RETIRE_QUANTUM_MS)
 }
 
-fn late_detail(key: &str, retired_at: u64) -> String {
+pub(crate) fn late_detail(key: &str, retired_at: u64) -> String {
     format!(
         "{key} was closed and its state retired at {}; an event arriving more than retire_after_ms after closure is not applied",
         crate::events::format_time(retired_at)
@@ -342,15 +342,42 @@ fn late_detail(key: &str, retired_at: u64) -> String {
 /// it: dead-lettered, and skipped by the replay, or accepted); with the wall clock a
 /// replayed record's arrival is unknown, so its grace counts from `decide_from`.
 fn grace_end<R: Tracked>(rules: &LifecycleRules, r: &R, t: u64) -> u64 {
+    grace_end_of(rules, r.event_time(), t)
+}
+
+/// [`grace_end`] of a record with eventTime `event_time`, arrived at `t`.
+pub(crate) fn grace_end_of(rules: &LifecycleRules, event_time: Millis, t: u64) -> u64 {
     if rules.grace_from_event_time {
-        t.max(
-            r.event_time()
-                .saturating_add(rules.unknown_reference_grace_ms),
-        )
-        .max(rules.decide_from.saturating_sub(SIGNAL_DELAY_MS))
+        t.max(event_time.saturating_add(rules.unknown_reference_grace_ms))
+            .max(rules.decide_from.saturating_sub(SIGNAL_DELAY_MS))
     } else {
         t.max(rules.decide_from)
             .saturating_add(rules.unknown_reference_grace_ms)
+    }
+}
+
+/// The instant a key that closed at data time `at`, seen closed by the rules at `tau`, is
+/// due to retire: the tracker receives the closure a signal delay later (at `s`) and retires
+/// on the first quantum at least a signal delay after `s` and `retire_after_ms` after the
+/// closure (event clock: from `at`; wall clock: from `s`).
+pub(crate) fn retire_instant(rules: &LifecycleRules, tau: u64, at: Millis) -> u64 {
+    let s = tau.saturating_add(SIGNAL_DELAY_MS);
+    let from = if rules.grace_from_event_time { at } else { s };
+    retire_at(
+        s.saturating_add(SIGNAL_DELAY_MS)
+            .max(from.saturating_add(rules.retire_after_ms)),
+    )
+}
+
+/// The detail of a record dead-lettered for an unknown reference.
+pub(crate) fn unknown_detail(reason: RejectReason, key: &str, grace: u64) -> String {
+    match reason {
+        RejectReason::UnknownTemplate => format!(
+            "workflow {key} names a template version that did not arrive within unknown_reference_grace_ms ({grace} ms)"
+        ),
+        _ => format!(
+            "workflow {key} was not started (or its template is unknown) within unknown_reference_grace_ms ({grace} ms)"
+        ),
     }
 }
 
@@ -409,276 +436,297 @@ pub fn track<'s, R: Tracked>(
     let rules = rules.clone();
     let stats = rules.stats.0.clone();
 
-    let out = records.inner.binary_frontier::<_, CapacityContainerBuilder<Vec<Out<R>>>, _, _, _, _>(
-        feedback,
-        Exchange::new(|u: &(R, u64, isize)| hash_str(u.0.key())),
-        Exchange::new(|u: &(Signal, u64, isize)| hash_str(u.0.key())),
-        name,
-        move |_cap, _info| {
-            let mut entries: HashMap<String, Entry<R>> = HashMap::new();
-            let mut tombs: HashMap<String, Tomb> = HashMap::new();
-            let mut expiry: BTreeMap<u64, Vec<String>> = BTreeMap::new();
-            let mut timers: BTreeMap<u64, Vec<(String, Timer)>> = BTreeMap::new();
-            let mut signals: BTreeMap<u64, Vec<(Signal, isize)>> = BTreeMap::new();
-            let mut caps: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
-            // What this worker last added to the shared gauges.
-            let (mut held_n, mut keys_n, mut tombs_n) = (0i64, 0i64, 0i64);
-            // Records held now (kept up to date as records come and go).
-            let mut held = 0i64;
-            let grace = rules.unknown_reference_grace_ms;
-            move |(data, data_f), (sigs, sig_f), output| {
-                data.for_each(|cap, batch| {
-                    let mut session = output.session(&cap);
-                    for (r, t, diff) in batch.drain(..) {
-                        if let Some(tomb) = tombs.get_mut(r.key()) {
-                            if !tomb.ids.insert(hash_str(r.event_id())) {
-                                stats.duplicates_total.fetch_add(1, Ordering::Relaxed);
-                                continue;
-                            }
-                            stats.late_total.fetch_add(1, Ordering::Relaxed);
-                            let detail = late_detail(r.key(), tomb.at);
-                            let dl = r.dead_letter(&rules, r.late_reason(), detail, t);
-                            session.give(Err((Emit::Dead(dl), t, 1)));
-                            continue;
-                        }
-                        session.give(Ok((r.clone(), t, diff)));
-                        let e = entries.entry(r.key().to_string()).or_default();
-                        if diff > 0 {
-                            if e.known <= 0 && r.unknown_reason().is_some() {
-                                // "After the grace": decided once the clock has passed it.
-                                let d = grace_end(&rules, &r, t).saturating_add(SIGNAL_DELAY_MS);
-                                if e.check_at.is_none_or(|c| c > d) {
-                                    e.check_at = Some(d);
-                                    caps.entry(d).or_insert_with(|| cap.delayed(&d, 0));
-                                    timers
-                                        .entry(d)
-                                        .or_default()
-                                        .push((r.key().to_string(), Timer::Check));
-                                }
-                            }
-                            e.held.push((r, t));
-                            held += 1;
-                        } else if let Some(i) = e.held.iter().position(|(h, _)| *h == r) {
-                            e.held.swap_remove(i);
-                            held -= 1;
-                        }
-                    }
-                });
-                // Signals change the state in time order (below, interleaved with the timers);
-                // a closure schedules its retirement now, while its capability is at hand.
-                sigs.for_each(|cap, batch| {
-                    for (s, t, diff) in batch.drain(..) {
-                        // A key known by the time of its pending check needs no check: cancel
-                        // it now, so that its capability does not hold the clock back.
-                        // A key no longer known (its template version deleted) is checked
-                        // again at the next end of a grace among its records.
-                        if let (Signal::Known(key), true) = (&s, diff < 0) {
-                            if let Some(e) = entries.get_mut(key.as_str()) {
-                                let next = e
-                                    .held
-                                    .iter()
-                                    .filter(|(r, _)| r.unknown_reason().is_some())
-                                    .map(|(r, rt)| grace_end(&rules, r, *rt).saturating_add(SIGNAL_DELAY_MS))
-                                    .filter(|n| *n > t)
-                                    .min();
-                                if let Some(n) = next.filter(|n| e.check_at.is_none_or(|c| c > *n)) {
-                                    e.check_at = Some(n);
-                                    caps.entry(n).or_insert_with(|| cap.delayed(&n, 0));
-                                    timers.entry(n).or_default().push((key.clone(), Timer::Check));
-                                }
-                            }
-                        }
-                        if let (Signal::Known(key), true) = (&s, diff > 0) {
-                            if let Some(e) = entries.get_mut(key.as_str()) {
-                                // The pending check is cancelled lazily: its timer entry stays
-                                // and is skipped when it fires (`check_at` no longer names it).
-                                // Removing it from the instant's list here cost a scan of that
-                                // list per signal — quadratic when a restart's replay puts
-                                // hundreds of thousands of checks at one instant.
-                                if e.check_at.is_some_and(|d| t <= d) {
-                                    e.check_at = None;
-                                }
-                            }
-                        }
-                        if let (Signal::Closed(key, at), true) = (&s, diff > 0) {
-                            if entries.contains_key(key.as_str()) {
-                                // Event clock: from the closing eventTime (a replay retires
-                                // at the same instant). Wall clock: from when the pipeline
-                                // saw it close, so a backlog of old events is not retired
-                                // the moment it closes.
-                                let from = if rules.grace_from_event_time { *at } else { t };
-                                // At least a signal delay after the signal: a closure that is
-                                // taken back (a replay's partial history can look closed for a
-                                // moment) is taken back before it retires anything.
-                                let d = retire_at(
-                                    t.saturating_add(SIGNAL_DELAY_MS)
-                                        .max(from.saturating_add(rules.retire_after_ms)),
-                                );
-                                caps.entry(d).or_insert_with(|| cap.delayed(&d, 0));
-                                timers.entry(d).or_default().push((key.clone(), Timer::Retire));
-                            }
-                        }
-                        signals.entry(t).or_default().push((s, diff));
-                    }
-                });
-
-                if data_f.is_empty() {
-                    // Input exhausted: nothing decided from here on can matter.
-                    timers.clear();
-                    caps.clear();
-                    signals.clear();
-                } else {
-                    let passed = |d: u64| !data_f.less_equal(&d) && !sig_f.less_equal(&d);
-                    loop {
-                        let next_signal = signals.first_key_value().map(|(t, _)| *t);
-                        let next_timer = timers.first_key_value().map(|(t, _)| *t);
-                        let Some(d) = next_signal.into_iter().chain(next_timer).min() else {
-                            break;
-                        };
-                        if !passed(d) {
-                            break;
-                        }
-                        // The signals of an instant before its timers: a timer at `d` sees
-                        // what the rules knew at `d`.
-                        if next_signal == Some(d) {
-                            for (s, diff) in signals.pop_first().expect("first signal").1 {
-                                let Some(e) = entries.get_mut(s.key()) else {
-                                    continue;
-                                };
-                                match s {
-                                    Signal::Known(_) => e.known += diff,
-                                    Signal::Closed(..) => e.closed = diff > 0,
-                                }
-                            }
-                            continue;
-                        }
-                        let (_, due) = timers.pop_first().expect("first timer");
-                        let cap = caps.remove(&d).expect("a capability per timer");
+    let out = records
+        .inner
+        .binary_frontier::<_, CapacityContainerBuilder<Vec<Out<R>>>, _, _, _, _>(
+            feedback,
+            Exchange::new(|u: &(R, u64, isize)| hash_str(u.0.key())),
+            Exchange::new(|u: &(Signal, u64, isize)| hash_str(u.0.key())),
+            name,
+            move |_cap, _info| {
+                let mut entries: HashMap<String, Entry<R>> = HashMap::new();
+                let mut tombs: HashMap<String, Tomb> = HashMap::new();
+                let mut expiry: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+                let mut timers: BTreeMap<u64, Vec<(String, Timer)>> = BTreeMap::new();
+                let mut signals: BTreeMap<u64, Vec<(Signal, isize)>> = BTreeMap::new();
+                let mut caps: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
+                // What this worker last added to the shared gauges.
+                let (mut held_n, mut keys_n, mut tombs_n) = (0i64, 0i64, 0i64);
+                // Records held now (kept up to date as records come and go).
+                let mut held = 0i64;
+                let grace = rules.unknown_reference_grace_ms;
+                move |(data, data_f), (sigs, sig_f), output| {
+                    data.for_each(|cap, batch| {
                         let mut session = output.session(&cap);
-                        for (key, what) in due {
-                            let Some(e) = entries.get_mut(&key) else {
+                        for (r, t, diff) in batch.drain(..) {
+                            if let Some(tomb) = tombs.get_mut(r.key()) {
+                                if !tomb.ids.insert(hash_str(r.event_id())) {
+                                    stats.duplicates_total.fetch_add(1, Ordering::Relaxed);
+                                    continue;
+                                }
+                                stats.late_total.fetch_add(1, Ordering::Relaxed);
+                                let detail = late_detail(r.key(), tomb.at);
+                                let dl = r.dead_letter(&rules, r.late_reason(), detail, t);
+                                session.give(Err((Emit::Dead(dl), t, 1)));
                                 continue;
-                            };
-                            match what {
-                                Timer::Check => {
-                                    if e.check_at != Some(d) {
-                                        continue; // superseded by an earlier check
+                            }
+                            session.give(Ok((r.clone(), t, diff)));
+                            let e = entries.entry(r.key().to_string()).or_default();
+                            if diff > 0 {
+                                if e.known <= 0 && r.unknown_reason().is_some() {
+                                    // "After the grace": decided once the clock has passed it.
+                                    let d =
+                                        grace_end(&rules, &r, t).saturating_add(SIGNAL_DELAY_MS);
+                                    if e.check_at.is_none_or(|c| c > d) {
+                                        e.check_at = Some(d);
+                                        caps.entry(d).or_insert_with(|| cap.delayed(&d, 0));
+                                        timers
+                                            .entry(d)
+                                            .or_default()
+                                            .push((r.key().to_string(), Timer::Check));
                                     }
-                                    e.check_at = None;
-                                    if e.known > 0 {
-                                        continue;
-                                    }
-                                    let (late, keep): (Vec<_>, Vec<_>) =
-                                        std::mem::take(&mut e.held).into_iter().partition(
-                                            |(r, t)| {
-                                                r.unknown_reason().is_some()
-                                                    && grace_end(&rules, r, *t) < d
-                                            },
-                                        );
-                                    e.held = keep;
-                                    for (r, _) in late {
-                                        held -= 1;
-                                        let reason = r.unknown_reason().expect("checked");
-                                        let detail = match reason {
-                                            RejectReason::UnknownTemplate => format!(
-                                                "workflow {} names a template version that did not arrive within unknown_reference_grace_ms ({} ms)",
-                                                r.key(),
-                                                grace
-                                            ),
-                                            _ => format!(
-                                                "workflow {} was not started (or its template is unknown) within unknown_reference_grace_ms ({} ms)",
-                                                r.key(),
-                                                grace
-                                            ),
-                                        };
-                                        stats.unknown_total.fetch_add(1, Ordering::Relaxed);
-                                        let dl = r.dead_letter(&rules, reason, detail, d);
-                                        session.give(Err((Emit::Dead(dl), d, 1)));
-                                        session.give(Ok((r, d, -1)));
-                                    }
-                                    // Records of the key that arrived while it was known
-                                    // (and so were not scheduled) are checked at their own
-                                    // grace's end: the earliest one next.
+                                }
+                                e.held.push((r, t));
+                                held += 1;
+                            } else if let Some(i) = e.held.iter().position(|(h, _)| *h == r) {
+                                e.held.swap_remove(i);
+                                held -= 1;
+                            }
+                        }
+                    });
+                    // Signals change the state in time order (below, interleaved with the timers);
+                    // a closure schedules its retirement now, while its capability is at hand.
+                    sigs.for_each(|cap, batch| {
+                        for (s, t, diff) in batch.drain(..) {
+                            // A key known by the time of its pending check needs no check: cancel
+                            // it now, so that its capability does not hold the clock back.
+                            // A key no longer known (its template version deleted) is checked
+                            // again at the next end of a grace among its records.
+                            if let (Signal::Known(key), true) = (&s, diff < 0) {
+                                if let Some(e) = entries.get_mut(key.as_str()) {
                                     let next = e
                                         .held
                                         .iter()
                                         .filter(|(r, _)| r.unknown_reason().is_some())
-                                        .map(|(r, t)| grace_end(&rules, r, *t).saturating_add(SIGNAL_DELAY_MS))
+                                        .map(|(r, rt)| {
+                                            grace_end(&rules, r, *rt)
+                                                .saturating_add(SIGNAL_DELAY_MS)
+                                        })
+                                        .filter(|n| *n > t)
                                         .min();
-                                    if let Some(n) = next {
-                                        let n = n.max(d + 1);
+                                    if let Some(n) =
+                                        next.filter(|n| e.check_at.is_none_or(|c| c > *n))
+                                    {
                                         e.check_at = Some(n);
-                                        caps.entry(n).or_insert_with(|| cap.delayed(&n));
-                                        timers.entry(n).or_default().push((key.clone(), Timer::Check));
-                                    }
-                                    if e.held.is_empty() && !e.closed {
-                                        entries.remove(&key);
+                                        caps.entry(n).or_insert_with(|| cap.delayed(&n, 0));
+                                        timers
+                                            .entry(n)
+                                            .or_default()
+                                            .push((key.clone(), Timer::Check));
                                     }
                                 }
-                                Timer::Retire => {
-                                    if !e.closed {
-                                        continue;
+                            }
+                            if let (Signal::Known(key), true) = (&s, diff > 0) {
+                                if let Some(e) = entries.get_mut(key.as_str()) {
+                                    // The pending check is cancelled lazily: its timer entry stays
+                                    // and is skipped when it fires (`check_at` no longer names it).
+                                    // Removing it from the instant's list here cost a scan of that
+                                    // list per signal — quadratic when a restart's replay puts
+                                    // hundreds of thousands of checks at one instant.
+                                    if e.check_at.is_some_and(|d| t <= d) {
+                                        e.check_at = None;
                                     }
-                                    let mut e = entries.remove(&key).expect("entry");
-                                    // Records stamped after `d` arrived ahead of this decision:
-                                    // they are treated as if they had found the tombstone.
-                                    e.held.sort_by_key(|(_, t)| *t);
-                                    let mut ids = HashSet::with_capacity(e.held.len());
-                                    for (r, t) in e.held {
-                                        held -= 1;
-                                        let new = ids.insert(hash_str(r.event_id()));
-                                        if t > d {
-                                            if new {
-                                                stats.late_total.fetch_add(1, Ordering::Relaxed);
-                                                let detail = late_detail(r.key(), d);
-                                                let dl =
-                                                    r.dead_letter(&rules, r.late_reason(), detail, t);
-                                                session.give(Err((Emit::Dead(dl), t, 1)));
-                                            } else {
-                                                stats
-                                                    .duplicates_total
-                                                    .fetch_add(1, Ordering::Relaxed);
-                                            }
-                                        }
-                                        session.give(Ok((r, t.max(d), -1)));
-                                    }
-                                    session.give(Err((Emit::Retired(R::owner(key.clone())), d, 1)));
-                                    stats.retired_total.fetch_add(1, Ordering::Relaxed);
-                                    expiry
-                                        .entry(d.saturating_add(rules.tombstone_retention_ms))
+                                }
+                            }
+                            if let (Signal::Closed(key, at), true) = (&s, diff > 0) {
+                                if entries.contains_key(key.as_str()) {
+                                    // Event clock: from the closing eventTime (a replay retires
+                                    // at the same instant). Wall clock: from when the pipeline
+                                    // saw it close, so a backlog of old events is not retired
+                                    // the moment it closes.
+                                    let from = if rules.grace_from_event_time { *at } else { t };
+                                    // At least a signal delay after the signal: a closure that is
+                                    // taken back (a replay's partial history can look closed for a
+                                    // moment) is taken back before it retires anything.
+                                    let d = retire_at(
+                                        t.saturating_add(SIGNAL_DELAY_MS)
+                                            .max(from.saturating_add(rules.retire_after_ms)),
+                                    );
+                                    caps.entry(d).or_insert_with(|| cap.delayed(&d, 0));
+                                    timers
+                                        .entry(d)
                                         .or_default()
-                                        .push(key.clone());
-                                    tombs.insert(key, Tomb { at: d, ids });
+                                        .push((key.clone(), Timer::Retire));
+                                }
+                            }
+                            signals.entry(t).or_default().push((s, diff));
+                        }
+                    });
+
+                    if data_f.is_empty() {
+                        // Input exhausted: nothing decided from here on can matter.
+                        timers.clear();
+                        caps.clear();
+                        signals.clear();
+                    } else {
+                        let passed = |d: u64| !data_f.less_equal(&d) && !sig_f.less_equal(&d);
+                        loop {
+                            let next_signal = signals.first_key_value().map(|(t, _)| *t);
+                            let next_timer = timers.first_key_value().map(|(t, _)| *t);
+                            let Some(d) = next_signal.into_iter().chain(next_timer).min() else {
+                                break;
+                            };
+                            if !passed(d) {
+                                break;
+                            }
+                            // The signals of an instant before its timers: a timer at `d` sees
+                            // what the rules knew at `d`.
+                            if next_signal == Some(d) {
+                                for (s, diff) in signals.pop_first().expect("first signal").1 {
+                                    let Some(e) = entries.get_mut(s.key()) else {
+                                        continue;
+                                    };
+                                    match s {
+                                        Signal::Known(_) => e.known += diff,
+                                        Signal::Closed(..) => e.closed = diff > 0,
+                                    }
+                                }
+                                continue;
+                            }
+                            let (_, due) = timers.pop_first().expect("first timer");
+                            let cap = caps.remove(&d).expect("a capability per timer");
+                            let mut session = output.session(&cap);
+                            for (key, what) in due {
+                                let Some(e) = entries.get_mut(&key) else {
+                                    continue;
+                                };
+                                match what {
+                                    Timer::Check => {
+                                        if e.check_at != Some(d) {
+                                            continue; // superseded by an earlier check
+                                        }
+                                        e.check_at = None;
+                                        if e.known > 0 {
+                                            continue;
+                                        }
+                                        let (late, keep): (Vec<_>, Vec<_>) =
+                                            std::mem::take(&mut e.held).into_iter().partition(
+                                                |(r, t)| {
+                                                    r.unknown_reason().is_some()
+                                                        && grace_end(&rules, r, *t) < d
+                                                },
+                                            );
+                                        e.held = keep;
+                                        for (r, _) in late {
+                                            held -= 1;
+                                            let reason = r.unknown_reason().expect("checked");
+                                            let detail = unknown_detail(reason, r.key(), grace);
+                                            stats.unknown_total.fetch_add(1, Ordering::Relaxed);
+                                            let dl = r.dead_letter(&rules, reason, detail, d);
+                                            session.give(Err((Emit::Dead(dl), d, 1)));
+                                            session.give(Ok((r, d, -1)));
+                                        }
+                                        // Records of the key that arrived while it was known
+                                        // (and so were not scheduled) are checked at their own
+                                        // grace's end: the earliest one next.
+                                        let next = e
+                                            .held
+                                            .iter()
+                                            .filter(|(r, _)| r.unknown_reason().is_some())
+                                            .map(|(r, t)| {
+                                                grace_end(&rules, r, *t)
+                                                    .saturating_add(SIGNAL_DELAY_MS)
+                                            })
+                                            .min();
+                                        if let Some(n) = next {
+                                            let n = n.max(d + 1);
+                                            e.check_at = Some(n);
+                                            caps.entry(n).or_insert_with(|| cap.delayed(&n));
+                                            timers
+                                                .entry(n)
+                                                .or_default()
+                                                .push((key.clone(), Timer::Check));
+                                        }
+                                        if e.held.is_empty() && !e.closed {
+                                            entries.remove(&key);
+                                        }
+                                    }
+                                    Timer::Retire => {
+                                        if !e.closed {
+                                            continue;
+                                        }
+                                        let mut e = entries.remove(&key).expect("entry");
+                                        // Records stamped after `d` arrived ahead of this decision:
+                                        // they are treated as if they had found the tombstone.
+                                        e.held.sort_by_key(|(_, t)| *t);
+                                        let mut ids = HashSet::with_capacity(e.held.len());
+                                        for (r, t) in e.held {
+                                            held -= 1;
+                                            let new = ids.insert(hash_str(r.event_id()));
+                                            if t > d {
+                                                if new {
+                                                    stats
+                                                        .late_total
+                                                        .fetch_add(1, Ordering::Relaxed);
+                                                    let detail = late_detail(r.key(), d);
+                                                    let dl = r.dead_letter(
+                                                        &rules,
+                                                        r.late_reason(),
+                                                        detail,
+                                                        t,
+                                                    );
+                                                    session.give(Err((Emit::Dead(dl), t, 1)));
+                                                } else {
+                                                    stats
+                                                        .duplicates_total
+                                                        .fetch_add(1, Ordering::Relaxed);
+                                                }
+                                            }
+                                            session.give(Ok((r, t.max(d), -1)));
+                                        }
+                                        session.give(Err((
+                                            Emit::Retired(R::owner(key.clone())),
+                                            d,
+                                            1,
+                                        )));
+                                        stats.retired_total.fetch_add(1, Ordering::Relaxed);
+                                        expiry
+                                            .entry(d.saturating_add(rules.tombstone_retention_ms))
+                                            .or_default()
+                                            .push(key.clone());
+                                        tombs.insert(key, Tomb { at: d, ids });
+                                    }
+                                }
+                            }
+                        }
+                        // Forget tombstones whose retention the clock has passed.
+                        while let Some((&d, _)) = expiry.first_key_value() {
+                            if data_f.less_equal(&d) {
+                                break;
+                            }
+                            for key in expiry.pop_first().expect("first").1 {
+                                if tombs.get(&key).is_some_and(|t| {
+                                    t.at.saturating_add(rules.tombstone_retention_ms) == d
+                                }) {
+                                    tombs.remove(&key);
                                 }
                             }
                         }
                     }
-                    // Forget tombstones whose retention the clock has passed.
-                    while let Some((&d, _)) = expiry.first_key_value() {
-                        if data_f.less_equal(&d) {
-                            break;
-                        }
-                        for key in expiry.pop_first().expect("first").1 {
-                            if tombs.get(&key).is_some_and(|t| {
-                                t.at.saturating_add(rules.tombstone_retention_ms) == d
-                            }) {
-                                tombs.remove(&key);
-                            }
-                        }
-                    }
-                }
 
-                stats.held_records.fetch_add(held - held_n, Ordering::Relaxed);
-                stats
-                    .live_keys
-                    .fetch_add(entries.len() as i64 - keys_n, Ordering::Relaxed);
-                stats
-                    .tombstones
-                    .fetch_add(tombs.len() as i64 - tombs_n, Ordering::Relaxed);
-                (held_n, keys_n, tombs_n) = (held, entries.len() as i64, tombs.len() as i64);
-            }
-        },
-    );
+                    stats
+                        .held_records
+                        .fetch_add(held - held_n, Ordering::Relaxed);
+                    stats
+                        .live_keys
+                        .fetch_add(entries.len() as i64 - keys_n, Ordering::Relaxed);
+                    stats
+                        .tombstones
+                        .fetch_add(tombs.len() as i64 - tombs_n, Ordering::Relaxed);
+                    (held_n, keys_n, tombs_n) = (held, entries.len() as i64, tombs.len() as i64);
+                }
+            },
+        );
     let (live, emits) = out.ok_err::<Vec<_>, _, Vec<_>, _, _>(|x: Out<R>| x);
     (
         live.as_collection(),

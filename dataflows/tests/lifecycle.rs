@@ -3,16 +3,44 @@
 //!
 //! In the harness, `end` is the dataflow frontier, so the pipeline clock is `end - 1`, and
 //! "the clock passes t" needs `end >= t + 2` (as in time_rules.rs).
+//!
+//! Every test runs on both cores ([`on_both_cores`]): the differential one with its
+//! feedback loop, and the keyed one with the lifecycle as state of the key.
 
 mod common;
 
 use common::*;
+use hmis_dataflows::engine::Core;
 use hmis_dataflows::events::Event;
-use hmis_dataflows::harness::{run, Outcome, Run};
+use hmis_dataflows::harness::{Outcome, Run};
 use hmis_dataflows::lifecycle::{LifecycleRules, Stats, SIGNAL_DELAY_MS};
 use hmis_dataflows::output::{DeadLetter, Millis, RejectReason, Row};
 use hmis_dataflows::RulesConfig;
 use serde_json::json;
+
+thread_local! {
+    static CORE: std::cell::Cell<Core> = const { std::cell::Cell::new(Core::Differential) };
+}
+
+/// Runs `r` on the core the current test body runs on.
+fn run(r: Run) -> Outcome {
+    hmis_dataflows::engine::run(r, CORE.with(|c| c.get()))
+}
+
+/// Runs `body` on the differential core, then on the keyed core; a failure names the core.
+fn on_both_cores(body: fn()) {
+    for core in [Core::Differential, Core::Keyed] {
+        CORE.with(|c| c.set(core));
+        if let Err(e) = std::panic::catch_unwind(body) {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!("on the {core:?} core: {msg}");
+        }
+    }
+}
 
 const GRACE: Millis = 10 * MIN;
 /// A record's grace check is decided this long after the grace ends (the signal delay).
@@ -65,6 +93,10 @@ fn workflow_status(o: &Outcome, wid: &str) -> Option<String> {
 
 #[test]
 fn a_task_of_an_unknown_workflow_is_dead_lettered_only_after_the_grace() {
+    on_both_cores(a_task_of_an_unknown_workflow_is_dead_lettered_only_after_the_grace_on)
+}
+
+fn a_task_of_an_unknown_workflow_is_dead_lettered_only_after_the_grace_on() {
     let events = || {
         vec![
             def(sepsis(3)),
@@ -99,6 +131,10 @@ fn a_task_of_an_unknown_workflow_is_dead_lettered_only_after_the_grace() {
 
 #[test]
 fn a_workflow_started_within_the_grace_wins() {
+    on_both_cores(a_workflow_started_within_the_grace_wins_on)
+}
+
+fn a_workflow_started_within_the_grace_wins_on() {
     let just_in_time = vec![
         def(sepsis(3)),
         task("TASK_CREATED", "t1", "w1", "triage", 1, T0),
@@ -121,6 +157,10 @@ fn a_workflow_started_within_the_grace_wins() {
 
 #[test]
 fn an_unknown_template_is_dead_lettered_after_the_grace_unless_it_arrives() {
+    on_both_cores(an_unknown_template_is_dead_lettered_after_the_grace_unless_it_arrives_on)
+}
+
+fn an_unknown_template_is_dead_lettered_after_the_grace_unless_it_arrives_on() {
     let events = || {
         vec![
             def(sepsis(3)),
@@ -159,6 +199,10 @@ fn an_unknown_template_is_dead_lettered_after_the_grace_unless_it_arrives() {
 
 #[test]
 fn wall_clock_grace_counts_from_arrival() {
+    on_both_cores(wall_clock_grace_counts_from_arrival_on)
+}
+
+fn wall_clock_grace_counts_from_arrival_on() {
     // In wall mode the grace starts when the record arrives, not at its eventTime.
     let mut cfg = RulesConfig::default();
     cfg.lifecycle.grace_from_event_time = false;
@@ -208,6 +252,10 @@ fn finished_workflow() -> Vec<Event> {
 
 #[test]
 fn a_finished_workflow_is_retired_and_its_rows_stay() {
+    on_both_cores(a_finished_workflow_is_retired_and_its_rows_stay_on)
+}
+
+fn a_finished_workflow_is_retired_and_its_rows_stay_on() {
     let clock = T0 + 40 * MIN;
     let (keep_cfg, _) = retiring(u64::MAX / 4);
     let kept = at_clock_with(stamped(finished_workflow()), clock, keep_cfg);
@@ -234,6 +282,10 @@ fn a_finished_workflow_is_retired_and_its_rows_stay() {
 
 #[test]
 fn retirement_waits_a_signal_delay_after_the_closure_is_known() {
+    on_both_cores(retirement_waits_a_signal_delay_after_the_closure_is_known_on)
+}
+
+fn retirement_waits_a_signal_delay_after_the_closure_is_known_on() {
     // retire_after_ms = 0: without the minimum delay, w1 (closed at T0 + 6 min, known to the
     // tracker at T0 + 16 min) would retire on the next whole ten minutes, T0 + 20 min. With
     // it, not before T0 + 26 min, so on T0 + 30 min: a closure that a replay's partial
@@ -251,6 +303,10 @@ fn retirement_waits_a_signal_delay_after_the_closure_is_known() {
 
 #[test]
 fn after_retirement_a_duplicate_changes_nothing_and_a_new_event_is_dead_lettered() {
+    on_both_cores(after_retirement_a_duplicate_changes_nothing_and_a_new_event_is_dead_lettered_on)
+}
+
+fn after_retirement_a_duplicate_changes_nothing_and_a_new_event_is_dead_lettered_on() {
     let clock = T0 + 60 * MIN;
     let (cfg, _) = retiring(5 * MIN);
     let before = at_clock_with(stamped(finished_workflow()), clock, cfg);
@@ -317,6 +373,10 @@ fn closed_order() -> Vec<Event> {
 
 #[test]
 fn a_closed_order_is_retired_and_a_later_event_is_an_invalid_transition() {
+    on_both_cores(a_closed_order_is_retired_and_a_later_event_is_an_invalid_transition_on)
+}
+
+fn a_closed_order_is_retired_and_a_later_event_is_an_invalid_transition_on() {
     let clock = T0 + 60 * MIN;
     let events = closed_order();
     let (keep_cfg, _) = retiring(u64::MAX / 4);
@@ -357,6 +417,10 @@ fn a_closed_order_is_retired_and_a_later_event_is_an_invalid_transition() {
 
 #[test]
 fn state_is_bounded_by_open_work() {
+    on_both_cores(state_is_bounded_by_open_work_on)
+}
+
+fn state_is_bounded_by_open_work_on() {
     // 300 workflows, one after another, each closed within minutes: at the end only the
     // open ones (the last 10) are held; all others are retired.
     let mut events = vec![def(sepsis(3))];
@@ -412,6 +476,10 @@ fn restarted(
 
 #[test]
 fn a_replayed_record_waits_its_whole_grace_after_a_restart() {
+    on_both_cores(a_replayed_record_waits_its_whole_grace_after_a_restart_on)
+}
+
+fn a_replayed_record_waits_its_whole_grace_after_a_restart_on() {
     // Wall clock: a task event read just before the restart (its arrival is not known to the
     // replay), its WORKFLOW_STARTED read just after it. The grace counts from the restart, so
     // the workflow arriving within it wins, as it would have without the restart.

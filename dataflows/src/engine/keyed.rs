@@ -78,6 +78,7 @@ pub trait KeyedLogic: 'static {
 pub struct Ctx<O> {
     out: Vec<(O, isize)>,
     wakes: Vec<u64>,
+    exhausted: bool,
 }
 
 impl<O> Ctx<O> {
@@ -88,6 +89,13 @@ impl<O> Ctx<O> {
     /// Steps this key again at `ms` (ignored unless later than the stamp being stepped).
     pub fn wake_at(&mut self, ms: u64) {
         self.wakes.push(ms);
+    }
+    /// Whether the inputs are exhausted: the step runs only because every instant is
+    /// complete once they are (pending timers fire; a driver reads nothing past its end).
+    /// Decisions that change no output there (the lifecycle's) can be skipped, as the old
+    /// core's tracker drops its timers then.
+    pub fn exhausted(&self) -> bool {
+        self.exhausted
     }
 }
 
@@ -183,6 +191,7 @@ pub fn keyed<'s, L: KeyedLogic>(
                     let mut cx = Ctx {
                         out: Vec::new(),
                         wakes: Vec::new(),
+                        exhausted: frontier.is_none(),
                     };
                     for (k, mut rs) in by_key {
                         // Stable: equal orders keep arrival order.

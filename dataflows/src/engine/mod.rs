@@ -20,6 +20,7 @@
 //! dead-letters unknown references nor retires closed work.
 
 pub mod keyed;
+pub(crate) mod life;
 pub mod order_op;
 pub mod workflow_op;
 
@@ -39,13 +40,13 @@ use workflow_op::{WfRec, WorkflowLogic};
 /// doc for what is missing).
 pub fn build_keyed<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64, Emit> {
     let scope = inputs.orders.scope();
-    let decide_from = cfg.lifecycle.decide_from;
+    let life = cfg.lifecycle.clone();
     let (elig, order_rules) = (cfg.eligibility.clone(), cfg.orders.clone());
     let orders = keyed::keyed(
         inputs.orders.map(Arc::new).inner,
         timely::dataflow::operators::generic::operator::empty(scope),
         "OrderOp",
-        move |_| OrderLogic::new(elig, order_rules, decide_from),
+        move |_| OrderLogic::new(elig, order_rules, life),
     );
     let (order_emits, facts) = orders.ok_err::<Vec<_>, _, Vec<_>, _, _>(|(o, t, d)| match o {
         Ok(e) => Ok((e, t, d)),
@@ -62,9 +63,9 @@ pub fn build_keyed<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'
                 .map(|(e, t, d)| (WfRec::Task(Arc::new(e)), t, d)),
         )
         .concat(facts);
-    let rules = cfg.time.clone();
+    let (rules, life) = (cfg.time.clone(), cfg.lifecycle.clone());
     let workflows = keyed::keyed(records, inputs.definitions.inner, "WorkflowOp", move |_| {
-        WorkflowLogic::new(rules, decide_from)
+        WorkflowLogic::new(rules, life)
     });
     workflows
         .concat(order_emits)
@@ -80,6 +81,18 @@ pub enum Core {
     Differential,
     /// [`build_keyed`].
     Keyed,
+}
+
+impl Core {
+    /// The core named by the environment variable `HMIS_CORE` (`keyed` or `differential`,
+    /// the default): what [`crate::harness::run`], and so every rule test, runs on.
+    pub fn from_env() -> Core {
+        match std::env::var("HMIS_CORE").as_deref() {
+            Ok("keyed") => Core::Keyed,
+            Ok("differential") | Ok("") | Err(_) => Core::Differential,
+            Ok(other) => panic!("HMIS_CORE={other}: expected keyed or differential"),
+        }
+    }
 }
 
 /// [`crate::harness::run`] on either core (the same driver, feed and gather).
@@ -137,10 +150,27 @@ pub fn run_with(
             });
             (sessions, probe)
         });
-        sessions.advance_to(run.restore_time);
-        for (i, e) in run.replay.iter().enumerate() {
-            if i % peers == index {
-                sessions.insert(e.clone(), run.restore_time);
+        if run.replay_chunk == 0 {
+            sessions.advance_to(run.restore_time);
+            for (i, e) in run.replay.iter().enumerate() {
+                if i % peers == index {
+                    sessions.insert(e.clone(), run.restore_time);
+                }
+            }
+        } else {
+            // As the runtime replays: a chunk per time from restore_times(suppress_before).
+            let (first, last) = crate::restore_times(run.suppress_before);
+            for (c, chunk) in run.replay.chunks(run.replay_chunk).enumerate() {
+                let t = (first + c as u64).min(last);
+                if t > sessions.time() {
+                    sessions.advance_to(t);
+                    worker.step_while(|| probe.less_than(&sessions.time()));
+                }
+                for (i, e) in chunk.iter().enumerate() {
+                    if (c * run.replay_chunk + i) % peers == index {
+                        sessions.insert(e.clone(), t);
+                    }
+                }
             }
         }
         for (i, (t, e)) in run.feed.iter().enumerate() {

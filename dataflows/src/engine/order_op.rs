@@ -8,7 +8,11 @@
 //! of the key (at deadline + 1) and its emit-once flag is state of the key. The
 //! [`OrderFact`] readiness needs goes to the workflow operator, keyed by workflow.
 //!
-//! Not yet here: retirement and tombstones ([`crate::lifecycle`]).
+//! The lifecycle ([`crate::lifecycle`], here [`super::life`]): a closed order (CLOSED, or
+//! CANCELLED with every compensation done: [`crate::orders::retirable`]) retires at the
+//! instant the old core's tracker retires it: its events are dropped (the rows' retractions
+//! at that instant, with [`Emit::Retired`], forget them), and a tombstone of its eventId
+//! hashes rejects a later event (`INVALID_TRANSITION`) and ignores a duplicate.
 
 use std::sync::Arc;
 
@@ -16,11 +20,15 @@ use serde_json::json;
 
 use crate::derived::{Derived, DerivedType};
 use crate::engine::keyed::{Ctx, KeyedLogic};
+use crate::engine::life::{self, Closure, Tomb};
 use crate::events::{format_time, OrderEvent};
+use crate::lifecycle::{hash_str, late_detail, LifecycleRules, Tracked};
 use crate::orders::{
     evaluate_order, fold_order, CriticalAlert, Eligibility, Notice, OrderOut, OrderRules,
     OverdueInfo, RejectedOrderEvent,
 };
+use crate::orders::{retirable, OrderState};
+use crate::output::Owner;
 use crate::output::{AlertRow, DeadLetter, Millis, OutRecord, OutTopic, Row};
 use crate::workflows::OrderFact;
 use crate::Emit;
@@ -42,6 +50,10 @@ struct Entry {
     seeded: bool,
     row: Option<Row>,
     fact: Option<(String, OrderFact)>,
+    /// The closure as the old core's tracker sees it.
+    closure: Closure<Arc<OrderState>>,
+    /// Set once the order retired.
+    tomb: Option<Tomb>,
 }
 
 /// The order logic of a worker.
@@ -49,15 +61,17 @@ pub struct OrderLogic {
     elig: Eligibility,
     rules: OrderRules,
     decide_from: u64,
+    life: LifecycleRules,
     orders: std::collections::HashMap<String, Entry>,
 }
 
 impl OrderLogic {
-    pub fn new(elig: Eligibility, rules: OrderRules, decide_from: u64) -> OrderLogic {
+    pub fn new(elig: Eligibility, rules: OrderRules, life: LifecycleRules) -> OrderLogic {
         OrderLogic {
             elig,
             rules,
-            decide_from,
+            decide_from: life.decide_from,
+            life,
             orders: Default::default(),
         }
     }
@@ -235,13 +249,51 @@ impl KeyedLogic for OrderLogic {
         recs: Vec<(Self::Rec, isize)>,
         cx: &mut Ctx<OrderOutput>,
     ) {
+        let life_rules = &self.life;
+        let stats = &life_rules.stats;
         let e = self.orders.entry(oid.clone()).or_default();
+        let held_before = e.events.len() as i64;
+        if !cx.exhausted() && e.tomb.as_ref().is_some_and(|tb| tb.expired(life_rules, t)) {
+            e.tomb = None;
+            life::add(stats, |s| &s.tombstones, -1);
+        }
         for (r, d) in recs {
+            if let Some(tomb) = &mut e.tomb {
+                // Retired: a duplicate changes nothing, a new event is rejected.
+                if d > 0 {
+                    if tomb.ids.insert(hash_str(&r.event_id)) {
+                        life::count(stats, |s| &s.late_total);
+                        let detail = late_detail(oid, tomb.at);
+                        let dl = r.dead_letter(life_rules, r.late_reason(), detail, t);
+                        cx.give(Ok(Emit::Dead(dl)), 1);
+                    } else {
+                        life::count(stats, |s| &s.duplicates_total);
+                    }
+                }
+                continue;
+            }
             if d > 0 {
                 e.events.push(r);
             } else if let Some(i) = e.events.iter().position(|x| *x == r) {
                 e.events.swap_remove(i);
             }
+        }
+        // Retirement: the tracker retracts every record of the key at this instant.
+        let mut retired = false;
+        if e.tomb.is_none() && !cx.exhausted() && e.closure.retires_at(t) {
+            let ids = e.events.iter().map(|r| hash_str(&r.event_id)).collect();
+            e.events.clear();
+            e.tomb = Some(Tomb { at: t, ids });
+            e.appeared = None;
+            e.overdue_now = None;
+            retired = true;
+            cx.give(Ok(Emit::Retired(Owner::Order(oid.clone()))), 1);
+            life::count(stats, |s| &s.retired_total);
+            life::add(stats, |s| &s.tombstones, 1);
+            cx.wake_at(
+                t.saturating_add(life_rules.tombstone_retention_ms)
+                    .saturating_add(1),
+            );
         }
         let (mut outs, st) = if e.events.is_empty() {
             (Vec::new(), None)
@@ -307,7 +359,32 @@ impl KeyedLogic for OrderLogic {
         let fact = st.as_ref().and_then(OrderFact::of);
         replace(&mut e.fact, fact, |f, d| cx.give(Err(f), d));
         e.prev = outs;
-        if e.events.is_empty() && e.row.is_none() && e.fact.is_none() && e.appeared.is_none() {
+        if e.tomb.is_none() && !retired {
+            let closure = st.and_then(|st| {
+                let at = retirable(&st, &self.rules)?;
+                Some((Arc::new(st), at))
+            });
+            if let Some(d) = e.closure.update(life_rules, t, closure) {
+                cx.wake_at(d);
+            }
+            e.closure.log.prune(t);
+        } else {
+            e.closure = Closure::default();
+        }
+        let held_after = e.events.len() as i64;
+        life::add(stats, |s| &s.held_records, held_after - held_before);
+        life::add(
+            stats,
+            |s| &s.live_keys,
+            (held_after > 0) as i64 - (held_before > 0) as i64,
+        );
+        if e.events.is_empty()
+            && e.row.is_none()
+            && e.fact.is_none()
+            && e.appeared.is_none()
+            && e.tomb.is_none()
+            && e.closure.due.is_empty()
+        {
             self.orders.remove(oid);
         }
     }

@@ -15,7 +15,15 @@
 //!   keys that appeared are state of the workflow, merged with the live ones into the
 //!   `workflow_instances` and `task_instances` rows, which are output when they change.
 //!
-//! Not yet here: the lifecycle (unknown references after the grace, retirement, tombstones).
+//! The lifecycle ([`crate::lifecycle`], here [`super::life`]) is state of the key too: each
+//! task and workflow event keeps the end of its grace; at the instants the old core's
+//! tracker checks them, the events of a workflow that was not known (started, with its
+//! pinned template present) a signal delay earlier are dead-lettered (`UNKNOWN_TEMPLATE` for
+//! its WORKFLOW_STARTED, `UNKNOWN_WORKFLOW` otherwise) and dropped; a closed workflow
+//! retires at the instant the tracker retires it (its events dropped, [`Emit::Retired`],
+//! the keys that appeared forgotten) and a tombstone of its eventId hashes rejects a later
+//! event (`UNKNOWN_WORKFLOW`) and ignores a duplicate. Order facts are not the workflow's
+//! records: they keep coming from the orders' own lifecycle.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -24,8 +32,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::derived::{Derived, DerivedType};
 use crate::engine::keyed::{Ctx, KeyedLogic};
+use crate::engine::life::{self, check_instant, Closure, Log, Tomb};
 use crate::engine::order_op::{diff_sorted, replace};
 use crate::events::{DefinitionRecord, TaskEvent, Template, WorkflowEvent};
+use crate::lifecycle::{
+    grace_end_of, hash_str, late_detail, unknown_detail, LifecycleRules, Tracked, WfInput,
+    SIGNAL_DELAY_MS,
+};
+use crate::output::Owner;
 use crate::output::{Millis, Row, SlaBreachRow, TaskRow, WorkflowRow};
 use crate::tasks::{dedup_by_event_id, fold_task};
 use crate::workflows::{
@@ -47,8 +61,15 @@ type TemplateKey = (String, i64);
 /// One workflow's state.
 #[derive(Default)]
 struct Entry {
-    events: Vec<Arc<WorkflowEvent>>,
-    tasks: BTreeMap<String, Vec<Arc<TaskEvent>>>,
+    /// Workflow events, each with the end of its grace.
+    events: Vec<(Arc<WorkflowEvent>, u64)>,
+    /// Task events by task, each with the end of its grace.
+    tasks: BTreeMap<String, Vec<(Arc<TaskEvent>, u64)>>,
+    /// Whether the workflow was known (started, its template present), by instant.
+    known: Log,
+    closure: Closure<(Arc<WorkflowRow>, Option<Millis>)>,
+    /// Set once the workflow retired.
+    tomb: Option<Tomb>,
     orders: BTreeMap<OrderFact, isize>,
     /// The template version its WORKFLOW_STARTED names (indexed in `pinned`).
     pin: Option<TemplateKey>,
@@ -65,10 +86,25 @@ struct Entry {
     task_rows: BTreeMap<String, Row>,
 }
 
+impl Entry {
+    /// Records held (workflow and task events).
+    fn held(&self) -> usize {
+        self.events.len() + self.tasks.values().map(Vec::len).sum::<usize>()
+    }
+    /// The ends of the graces of the records held.
+    fn graces(&self) -> impl Iterator<Item = u64> + '_ {
+        self.events
+            .iter()
+            .map(|(_, g)| *g)
+            .chain(self.tasks.values().flatten().map(|(_, g)| *g))
+    }
+}
+
 /// The workflow logic of a worker.
 pub struct WorkflowLogic {
     rules: TimeRules,
     decide_from: u64,
+    life: LifecycleRules,
     /// Definition records per (templateId, version), with their multiplicities.
     definitions: HashMap<TemplateKey, Vec<(DefinitionRecord, isize)>>,
     /// Which of this worker's workflows pin each template version.
@@ -77,10 +113,11 @@ pub struct WorkflowLogic {
 }
 
 impl WorkflowLogic {
-    pub fn new(rules: TimeRules, decide_from: u64) -> WorkflowLogic {
+    pub fn new(rules: TimeRules, life: LifecycleRules) -> WorkflowLogic {
         WorkflowLogic {
             rules,
-            decide_from,
+            decide_from: life.decide_from,
+            life,
             definitions: HashMap::new(),
             pinned: HashMap::new(),
             workflows: HashMap::new(),
@@ -267,20 +304,60 @@ impl KeyedLogic for WorkflowLogic {
 
     fn step(&mut self, wid: &String, t: u64, recs: Vec<(WfRec, isize)>, cx: &mut Ctx<Emit>) {
         let mut e = self.workflows.remove(wid).unwrap_or_default();
+        let life_rules = &self.life;
+        let stats = &life_rules.stats;
+        let held_before = e.held() as i64;
+        if !cx.exhausted() && e.tomb.as_ref().is_some_and(|tb| tb.expired(life_rules, t)) {
+            e.tomb = None;
+            life::add(stats, |s| &s.tombstones, -1);
+        }
+        // Graces of the records that arrive now (checked if the key is not known after
+        // this instant).
+        let mut arrived: Vec<u64> = Vec::new();
         for (r, d) in recs {
+            if let (Some(tomb), true) = (&mut e.tomb, !matches!(r, WfRec::Order(..))) {
+                // Retired: a duplicate changes nothing, a new event is rejected.
+                if d > 0 {
+                    let input = match r {
+                        WfRec::Workflow(x) => WfInput::Workflow(x),
+                        WfRec::Task(x) => WfInput::Task(x),
+                        WfRec::Order(..) => unreachable!("order facts are not tracked"),
+                    };
+                    if tomb.ids.insert(hash_str(input.event_id())) {
+                        life::count(stats, |s| &s.late_total);
+                        let detail = late_detail(wid, tomb.at);
+                        cx.give(
+                            Emit::Dead(input.dead_letter(
+                                life_rules,
+                                input.late_reason(),
+                                detail,
+                                t,
+                            )),
+                            1,
+                        );
+                    } else {
+                        life::count(stats, |s| &s.duplicates_total);
+                    }
+                }
+                continue;
+            }
             match r {
                 WfRec::Workflow(x) => {
                     if d > 0 {
-                        e.events.push(x);
-                    } else if let Some(i) = e.events.iter().position(|y| *y == x) {
+                        let g = grace_end_of(life_rules, x.event_time, t);
+                        arrived.push(g);
+                        e.events.push((x, g));
+                    } else if let Some(i) = e.events.iter().position(|(y, _)| *y == x) {
                         e.events.swap_remove(i);
                     }
                 }
                 WfRec::Task(x) => {
                     let evs = e.tasks.entry(x.task_instance_id.clone()).or_default();
                     if d > 0 {
-                        evs.push(x);
-                    } else if let Some(i) = evs.iter().position(|y| *y == x) {
+                        let g = grace_end_of(life_rules, x.event_time, t);
+                        arrived.push(g);
+                        evs.push((x, g));
+                    } else if let Some(i) = evs.iter().position(|(y, _)| *y == x) {
                         evs.swap_remove(i);
                         if evs.is_empty() {
                             e.tasks.remove(&x.task_instance_id);
@@ -297,23 +374,82 @@ impl KeyedLogic for WorkflowLogic {
             }
         }
 
+        // A grace check due now, with the workflow not known a signal delay ago: every
+        // record whose grace has ended is dead-lettered (and retracted).
+        if e.tomb.is_none()
+            && !cx.exhausted()
+            && !e.known.at(t.saturating_sub(SIGNAL_DELAY_MS))
+            && e.graces().any(|g| check_instant(g) == t)
+        {
+            let grace = life_rules.unknown_reference_grace_ms;
+            let mut dead = Vec::new();
+            e.events.retain(|(x, g)| {
+                let late = *g < t;
+                if late {
+                    dead.push(WfInput::Workflow(x.clone()));
+                }
+                !late
+            });
+            for evs in e.tasks.values_mut() {
+                evs.retain(|(x, g)| {
+                    let late = *g < t;
+                    if late {
+                        dead.push(WfInput::Task(x.clone()));
+                    }
+                    !late
+                });
+            }
+            e.tasks.retain(|_, evs| !evs.is_empty());
+            for r in dead {
+                let reason = r.unknown_reason().expect("workflow records are checked");
+                let detail = unknown_detail(reason, wid, grace);
+                life::count(stats, |s| &s.unknown_total);
+                cx.give(Emit::Dead(r.dead_letter(life_rules, reason, detail, t)), 1);
+            }
+        }
+        // Retirement: every record of the workflow is dropped at this instant.
+        let mut retired = false;
+        if e.tomb.is_none() && !cx.exhausted() && e.closure.retires_at(t) {
+            let mut ids = HashSet::with_capacity(e.held());
+            ids.extend(e.events.iter().map(|(x, _)| hash_str(&x.event_id)));
+            for evs in e.tasks.values() {
+                ids.extend(evs.iter().map(|(x, _)| hash_str(&x.event_id)));
+            }
+            e.events.clear();
+            e.tasks.clear();
+            e.tomb = Some(Tomb { at: t, ids });
+            e.breaches_seen.clear();
+            e.stale_seen.clear();
+            e.levels_seen.clear();
+            retired = true;
+            cx.give(Emit::Retired(Owner::Workflow(wid.clone())), 1);
+            life::count(stats, |s| &s.retired_total);
+            life::add(stats, |s| &s.tombstones, 1);
+            cx.wake_at(
+                t.saturating_add(life_rules.tombstone_retention_ms)
+                    .saturating_add(1),
+            );
+        }
+
         // The facts, as the differential chain gathers them under the workflow's key.
         let mut facts: Vec<WfFact> = Vec::new();
         let mut pin = None;
+        let mut known = false;
         if !e.events.is_empty() {
-            let evs: Vec<&WorkflowEvent> = e.events.iter().map(|x| &**x).collect();
+            let evs: Vec<&WorkflowEvent> = e.events.iter().map(|(x, _)| &**x).collect();
             let st = fold_workflow(wid, &evs);
             if let Some(s) = &st.started {
                 let key = (s.template_id.clone(), s.template_version);
                 if let Some(tpl) = self.template(&key) {
                     facts.push(WfFact::Template(tpl));
+                    known = true;
                 }
                 pin = Some(key);
             }
             facts.push(WfFact::State(Arc::new(st)));
         }
         for evs in e.tasks.values() {
-            let evs = dedup_by_event_id(evs.iter().map(|x| &**x));
+            let evs = dedup_by_event_id(evs.iter().map(|(x, _)| &**x));
             if let Some(s) = fold_task(&evs) {
                 facts.push(WfFact::Task(Arc::new(s)));
             }
@@ -353,6 +489,7 @@ impl KeyedLogic for WorkflowLogic {
         let mut stale_now: BTreeMap<(String, u32, Millis), Arc<StaleInfo>> = BTreeMap::new();
         let mut levels_now: BTreeMap<i32, Arc<ReEscalation>> = BTreeMap::new();
         let mut wf_base = None;
+        let mut closed = None;
         let mut task_bases = Vec::new();
         for o in outs {
             match o {
@@ -376,7 +513,12 @@ impl KeyedLogic for WorkflowLogic {
                 WfOut::Stale(s) => cx.wake_at(s.deadline.saturating_add(1)),
                 WfOut::ReEscalate(r) if t > r.deadline => keep_min(&mut levels_now, r.level, r),
                 WfOut::ReEscalate(r) => cx.wake_at(r.deadline.saturating_add(1)),
-                WfOut::WorkflowBase(row, rt) => wf_base = Some((row, rt)),
+                WfOut::WorkflowBase(row, rt) => {
+                    if row.status != "ACTIVE" {
+                        closed = Some((row.clone(), rt));
+                    }
+                    wf_base = Some((row, rt))
+                }
                 WfOut::TaskBase(row) => task_bases.push(row),
             }
         }
@@ -500,6 +642,64 @@ impl KeyedLogic for WorkflowLogic {
             }
         }
         e.task_rows = task_rows;
-        self.workflows.insert(wid.clone(), e);
+
+        // What the tracker learns from this instant: known, closed.
+        let was_known = e.known.now();
+        e.known.set(t, known);
+        if !known {
+            // Checks at the end of the graces still running: of the records that arrived
+            // now, or of all if the workflow stopped being known now.
+            if was_known {
+                let running: Vec<u64> = e.graces().filter(|g| *g >= t).collect();
+                for g in running {
+                    cx.wake_at(check_instant(g));
+                }
+            } else {
+                for g in arrived {
+                    cx.wake_at(check_instant(g));
+                }
+            }
+        }
+        e.known.prune(t);
+        if e.tomb.is_none() && !retired {
+            let closure = closed.map(|(row, rt)| {
+                let at = row.completed_at.unwrap_or_default();
+                ((row, rt), at)
+            });
+            if let Some(d) = e.closure.update(&self.life, t, closure) {
+                cx.wake_at(d);
+            }
+            e.closure.log.prune(t);
+        } else {
+            e.closure = Closure::default();
+        }
+        let held_after = e.held() as i64;
+        life::add(
+            &self.life.stats,
+            |s| &s.held_records,
+            held_after - held_before,
+        );
+        life::add(
+            &self.life.stats,
+            |s| &s.live_keys,
+            (held_after > 0) as i64 - (held_before > 0) as i64,
+        );
+        let idle = held_after == 0
+            && e.orders.is_empty()
+            && e.tomb.is_none()
+            && e.wf_row.is_none()
+            && e.task_rows.is_empty()
+            && e.prev.is_empty()
+            && e.closure.due.is_empty()
+            && !e.known.now()
+            && e.breaches_seen.is_empty()
+            && e.stale_seen.is_empty()
+            && e.levels_seen.is_empty()
+            && e.breaches_now.is_empty()
+            && e.stale_now.is_empty()
+            && e.levels_now.is_empty();
+        if !idle {
+            self.workflows.insert(wid.clone(), e);
+        }
     }
 }
