@@ -1,7 +1,7 @@
 //! The runtime: timely workers reading Kafka, one sink thread writing PostgreSQL and Kafka.
 //!
 //! ```text
-//!  worker 0..N ─ Source(poll) ─► Sessions ─► dataflow (hmis-dataflows::build)
+//!  worker 0..N ─ Source(poll) ─► Sessions ─► dataflow (hmis-dataflows::engine)
 //!                                                 │ Emit (exchanged to worker 0)
 //!                                                 ▼
 //!                                     gather: FlushBatch per frontier advance
@@ -32,7 +32,8 @@ use tracing::{debug, error, info, warn};
 
 use hmis_dataflows::gather::Gather;
 use hmis_dataflows::output::{FlushBatch, Row};
-use hmis_dataflows::{build, RulesConfig, Sessions};
+use hmis_dataflows::engine::{build_core, Core};
+use hmis_dataflows::{RulesConfig, Sessions};
 use hmis_sinks::{PgSink, Publisher, PublisherConfig, SinkError, TopicNames};
 
 use crate::config::Config;
@@ -161,6 +162,8 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
     let tx = Arc::new(Mutex::new(Some(tx)));
     let wcfg = cfg.clone();
     let wshared = shared.clone();
+    let core = Core::from_env();
+    info!(?core, "dataflow core");
     let guards = timely::execute(timely::Config::process(workers), move |worker| {
         let index = worker.index();
         let peers = worker.peers();
@@ -180,7 +183,7 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
         let gshared = shared.clone();
         let (mut sessions, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let (sessions, inputs) = Sessions::new(scope);
-            let (probe, emits) = build(inputs, &rules).probe();
+            let (probe, emits) = build_core(core, inputs, &rules).probe();
             let sender = sender.clone();
             emits.gather(resume, move |batch| {
                 if let Some(s) = &sender {

@@ -84,12 +84,13 @@ pub enum Core {
 }
 
 impl Core {
-    /// The core named by the environment variable `HMIS_CORE` (`keyed` or `differential`,
-    /// the default): what [`crate::harness::run`], and so every rule test, runs on.
+    /// The core named by the environment variable `HMIS_CORE` (`keyed`, the default, or
+    /// `differential`): what the runtime and [`crate::harness::run`], and so every rule
+    /// test, run on.
     pub fn from_env() -> Core {
         match std::env::var("HMIS_CORE").as_deref() {
-            Ok("keyed") => Core::Keyed,
-            Ok("differential") | Ok("") | Err(_) => Core::Differential,
+            Ok("keyed") | Ok("") | Err(_) => Core::Keyed,
+            Ok("differential") => Core::Differential,
             Ok(other) => panic!("HMIS_CORE={other}: expected keyed or differential"),
         }
     }
@@ -106,6 +107,18 @@ pub fn run(run: Run, core: Core) -> Outcome {
 
 /// Flush batches completed by a run on one of the cores.
 pub type Sink = Arc<std::sync::Mutex<dyn FnMut(crate::output::FlushBatch) + Send>>;
+
+/// The rules on `core`: [`crate::build`] or [`build_keyed`].
+pub fn build_core<'s>(
+    core: Core,
+    inputs: crate::Inputs<'s>,
+    cfg: &RulesConfig,
+) -> VecCollection<'s, u64, Emit> {
+    match core {
+        Core::Differential => crate::build(inputs, cfg),
+        Core::Keyed => build_keyed(inputs, cfg),
+    }
+}
 
 /// [`run`] with the flush batches handed to `sink` (worker 0's gather) instead of applied
 /// to an [`Outcome`]: `Outcome::apply` looks each record up among all published so far,
@@ -135,10 +148,7 @@ pub fn run_with(
         let suppress = run.suppress_before;
         let (mut sessions, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let (sessions, inputs) = Sessions::new(scope);
-            let emits = match core {
-                Core::Differential => crate::build(inputs, &cfg),
-                Core::Keyed => build_keyed(inputs, &cfg),
-            };
+            let emits = build_core(core, inputs, &cfg);
             let (probe, emits) = emits.probe();
             emits.gather(suppress, move |b| {
                 if gathered2.load(Ordering::SeqCst) >= end {
