@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use tracing::{debug, error, info, warn};
 
+use hmis_dataflows::engine::{build_core, Core};
 use hmis_dataflows::gather::Gather;
 use hmis_dataflows::output::{FlushBatch, Row};
-use hmis_dataflows::engine::{build_core, Core};
 use hmis_dataflows::{RulesConfig, Sessions};
 use hmis_sinks::{PgSink, Publisher, PublisherConfig, SinkError, TopicNames};
 

@@ -32,7 +32,7 @@ use crate::Emit;
 /// reference comparison can collapse captured output exactly as the sink would.
 #[derive(Default)]
 pub struct Collapser {
-    rows: BTreeMap<(u8, String, String), Option<crate::output::Row>>,
+    rows: BTreeMap<(u8, String, String), Option<std::sync::Arc<crate::output::Row>>>,
     records: Vec<crate::output::OutRecord>,
     seen: HashSet<(crate::output::OutTopic, String)>,
     dead: Vec<crate::output::DeadLetter>,
@@ -73,8 +73,11 @@ impl Collapser {
                         self.rows.insert(key, Some(row));
                     } else if r < 0 {
                         // Only delete when the current value is the one retracted.
-                        let cur = self.rows.get(&key).cloned().flatten();
-                        if cur.is_none() || cur.as_ref() == Some(&row) {
+                        let current = match self.rows.get(&key) {
+                            None | Some(None) => true,
+                            Some(Some(cur)) => **cur == *row,
+                        };
+                        if current {
                             self.rows.insert(key, None);
                         }
                     }
@@ -112,7 +115,10 @@ impl Collapser {
 
     /// Takes the batch accumulated so far.
     pub fn take(&mut self, frontier: Millis) -> FlushBatch {
-        let rows = std::mem::take(&mut self.rows).into_iter().collect();
+        let rows = std::mem::take(&mut self.rows)
+            .into_iter()
+            .map(|(k, v)| (k, v.map(std::sync::Arc::unwrap_or_clone)))
+            .collect();
         self.seen.clear();
         FlushBatch {
             frontier,

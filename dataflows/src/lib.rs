@@ -77,7 +77,7 @@ pub struct RulesConfig {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Emit {
     /// A row state; `+1` when it becomes current, `-1` when it stops being current.
-    Row(Row),
+    Row(Arc<Row>),
     /// A record to publish, with its ordering key (workflow, type rank) within one instant.
     Record((String, u8), OutRecord),
     /// A rejected input record.
@@ -86,6 +86,14 @@ pub enum Emit {
     Offset(OffsetMark),
     /// The state of a workflow or order was retired ([`lifecycle`]) at this time.
     Retired(output::Owner),
+}
+
+impl Emit {
+    /// A row state (shared: the keyed core keeps the rows it emitted and retracts them
+    /// later without copying them).
+    pub fn row(row: Row) -> Emit {
+        Emit::Row(Arc::new(row))
+    }
 }
 
 /// The dataflow's input collections.

@@ -454,7 +454,7 @@ impl CriticalAlert {
                 t,
                 1,
             ),
-            (Emit::Row(Row::Alert(row)), t, 1),
+            (Emit::row(Row::Alert(row)), t, 1),
         ]
     }
 }
@@ -834,7 +834,7 @@ pub fn order_rules<'s>(
         .inner
         .flat_map(move |(o, t, r)| -> Vec<(Emit, Millis, isize)> {
             match o {
-                OrderOut::Row(row) => vec![(Emit::Row(row), t, r)],
+                OrderOut::Row(row) => vec![(Emit::row(row), t, r)],
                 OrderOut::Event(n) if r > 0 => vec![n.emit(t)],
                 OrderOut::Alert(a) if r > 0 => a.emit(t).into(),
                 OrderOut::Dead(rej) if r > 0 => {
@@ -912,7 +912,7 @@ pub fn order_rules<'s>(
                 output.push((Row::Order(row), 1));
             }
         })
-        .map(|(_, row)| Emit::Row(row));
+        .map(|(_, row)| Emit::row(row));
 
     direct.concat(overdue_out).concat(rows)
 }

@@ -139,7 +139,7 @@ impl Alert<'_> {
         };
         // Published after the derived events of the same instant, in component order.
         out.push((Emit::Record((e.component.clone(), u8::MAX), record), t, 1));
-        out.push((Emit::Row(Row::Alert(row)), t, 1));
+        out.push((Emit::row(Row::Alert(row)), t, 1));
     }
 }
 
@@ -163,14 +163,14 @@ fn apply(
                 _ => e.event_time,
             };
             if let Some(h) = health.as_ref() {
-                out.push((Emit::Row(h.row(&e.component)), t, -1));
+                out.push((Emit::row(h.row(&e.component)), t, -1));
             }
             let h = health.insert(Health {
                 status: *status,
                 at,
                 since,
             });
-            out.push((Emit::Row(h.row(&e.component)), t, 1));
+            out.push((Emit::row(h.row(&e.component)), t, 1));
             if *status == HealthStatus::Unhealthy && previous != Some(HealthStatus::Unhealthy) {
                 Alert {
                     kind: "COMPONENT_UNHEALTHY",
@@ -213,7 +213,7 @@ fn apply(
         }
         SystemKind::ErrorReport { severity, message } => {
             out.push((
-                Emit::Row(Row::ErrorReport(ErrorReportRow {
+                Emit::row(Row::ErrorReport(ErrorReportRow {
                     event_id: e.event_id.clone(),
                     component: e.component.clone(),
                     severity: severity.as_str().to_string(),
@@ -244,7 +244,7 @@ fn apply(
             entity_id,
             details,
         } => out.push((
-            Emit::Row(Row::Audit(AuditRow {
+            Emit::row(Row::Audit(AuditRow {
                 event_id: e.event_id.clone(),
                 component: e.component.clone(),
                 actor: actor.clone(),

@@ -273,7 +273,7 @@ pub fn time_rules<'s>(
     let passthrough = passthrough
         .inner
         .flat_map(|((wid, out), t, r)| match out {
-            WfOut::Row(row) => Some((Emit::Row(Arc::unwrap_or_clone(row)), t, r)),
+            WfOut::Row(row) => Some((Emit::Row(row), t, r)),
             WfOut::Event(d) if r > 0 => Some((Emit::Record((wid, d.rank()), d.to_record(t)), t, 1)),
             _ => None,
         })
@@ -354,7 +354,7 @@ pub fn time_rules<'s>(
                 w.cause_event_id = Some(breach_id.clone());
                 out.push(emit(w, t));
                 out.push((
-                    Emit::Row(Row::SlaBreach(SlaBreachRow {
+                    Emit::row(Row::SlaBreach(SlaBreachRow {
                         task_instance_id: i.task_instance_id.clone(),
                         attempt: i.attempt as i32,
                         workflow_instance_id: i.workflow_instance_id.clone(),
@@ -507,7 +507,7 @@ pub fn time_rules<'s>(
             }
             output.push((Row::Workflow(row), 1));
         })
-        .map(|(_, row)| Emit::Row(row));
+        .map(|(_, row)| Emit::row(row));
     let task_parts = task_base
         .map(|row| (row.task_instance_id.clone(), TaskRowPart::Base(row)))
         .concat(breaches_shown.map(|(_, i)| {
@@ -535,7 +535,7 @@ pub fn time_rules<'s>(
             }
             output.push((Row::Task(row), 1));
         })
-        .map(|(_, row)| Emit::Row(row));
+        .map(|(_, row)| Emit::row(row));
 
     passthrough
         .concat(breach_out)

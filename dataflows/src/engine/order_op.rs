@@ -135,7 +135,7 @@ fn alert(a: &CriticalAlert, t: Millis) -> [Emit; 2] {
             ),
             record,
         ),
-        Emit::Row(Row::Alert(row)),
+        Emit::row(Row::Alert(row)),
     ]
 }
 
@@ -337,7 +337,7 @@ impl KeyedLogic for OrderLogic {
 
         let rules = &self.rules;
         diff_sorted(&e.prev, &outs, |o, d| match o {
-            OrderOut::Row(row) => cx.give(Ok(Emit::Row(row.clone())), d),
+            OrderOut::Row(row) => cx.give(Ok(Emit::row(row.clone())), d),
             OrderOut::Event(n) if d > 0 => cx.give(Ok(notice(n, t)), 1),
             OrderOut::Alert(a) if d > 0 => {
                 for x in alert(a, t) {
@@ -355,7 +355,7 @@ impl KeyedLogic for OrderLogic {
             b.is_overdue = e.overdue_now.is_some() || e.appeared.is_some();
             Row::Order(b)
         });
-        replace(&mut e.row, row, |r, d| cx.give(Ok(Emit::Row(r)), d));
+        replace(&mut e.row, row, |r, d| cx.give(Ok(Emit::row(r)), d));
         let fact = st.as_ref().and_then(OrderFact::of);
         replace(&mut e.fact, fact, |f, d| cx.give(Err(f), d));
         e.prev = outs;

@@ -82,8 +82,8 @@ struct Entry {
     levels_now: BTreeMap<i32, Arc<ReEscalation>>,
     levels_seen: BTreeMap<i32, Arc<ReEscalation>>,
     seeded: bool,
-    wf_row: Option<Row>,
-    task_rows: BTreeMap<String, Row>,
+    wf_row: Option<Arc<Row>>,
+    task_rows: BTreeMap<String, Arc<Row>>,
 }
 
 impl Entry {
@@ -191,7 +191,7 @@ fn breach(i: &SlaInfo, t: u64, cx: &mut Ctx<Emit>) {
     w.cause_event_id = Some(breach_id.clone());
     cx.give(emit(w, t), 1);
     cx.give(
-        Emit::Row(Row::SlaBreach(SlaBreachRow {
+        Emit::row(Row::SlaBreach(SlaBreachRow {
             task_instance_id: i.task_instance_id.clone(),
             attempt: i.attempt as i32,
             workflow_instance_id: i.workflow_instance_id.clone(),
@@ -538,7 +538,7 @@ impl KeyedLogic for WorkflowLogic {
             .collect();
 
         diff_sorted(&e.prev, &pass, |o, d| match o {
-            WfOut::Row(row) => cx.give(Emit::Row(Row::clone(row)), d),
+            WfOut::Row(row) => cx.give(Emit::Row(row.clone()), d),
             WfOut::Event(ev) if d > 0 => {
                 cx.give(Emit::Record((wid.clone(), ev.rank()), ev.to_record(t)), 1)
             }
@@ -612,7 +612,7 @@ impl KeyedLogic for WorkflowLogic {
                 row.is_escalated = true;
                 row.escalation_level = row.escalation_level.max(level);
             }
-            Row::Workflow(row)
+            Arc::new(Row::Workflow(row))
         });
         let mut task_rows = BTreeMap::new();
         for base in task_bases {
@@ -627,7 +627,7 @@ impl KeyedLogic for WorkflowLogic {
                 row.is_escalated = true;
                 row.escalated_to = Some((*to).clone());
             }
-            task_rows.insert(row.task_instance_id.clone(), Row::Task(row));
+            task_rows.insert(row.task_instance_id.clone(), Arc::new(Row::Task(row)));
         }
         replace(&mut e.wf_row, wf_row, |r, d| cx.give(Emit::Row(r), d));
         let old = std::mem::take(&mut e.task_rows);
