@@ -131,7 +131,7 @@ pub async fn produce_paced(
                 .await
                 .with_context(|| format!("record {i}"))?;
             delivered += 1;
-            if delivered % 1000 == 0 {
+            if delivered.is_multiple_of(1000) {
                 progress(delivered);
             }
         }
@@ -139,7 +139,7 @@ pub async fn produce_paced(
     while let Some(f) = pending.pop_front() {
         await_delivery(Some(f)).await?;
         delivered += 1;
-        if delivered % 1000 == 0 {
+        if delivered.is_multiple_of(1000) {
             progress(delivered);
         }
     }

@@ -514,22 +514,22 @@ async fn recompute(
             .unwrap_or_else(|| ms_of(r.get(4)));
         let s = summary.entry(def.id.as_str()).or_default();
         match status.as_str() {
-            "COMPLETED" => {
+            // The earliest instance that completed (or failed for good) decides the time.
+            "COMPLETED"
                 if s.completed
                     .as_ref()
-                    .is_none_or(|c| (finished, &task_id) < (c.0, &c.1))
-                {
-                    s.completed = Some((finished, task_id.clone()));
-                }
+                    .is_none_or(|c| (finished, &task_id) < (c.0, &c.1)) =>
+            {
+                s.completed = Some((finished, task_id.clone()));
             }
             "IN_PROGRESS" => s.in_progress = true,
-            "FAILED" if attempt > def.max_retries => {
-                if s.failed_for_good
-                    .as_ref()
-                    .is_none_or(|c| (finished, &task_id) < (c.0, &c.1))
-                {
-                    s.failed_for_good = Some((finished, task_id.clone()));
-                }
+            "FAILED"
+                if attempt > def.max_retries
+                    && s.failed_for_good
+                        .as_ref()
+                        .is_none_or(|c| (finished, &task_id) < (c.0, &c.1)) =>
+            {
+                s.failed_for_good = Some((finished, task_id.clone()));
             }
             _ => {}
         }
