@@ -61,6 +61,9 @@ struct Args {
     /// Skip the seed-style baseline.
     #[arg(long)]
     no_seed: bool,
+    /// Skip hmis-flow's dataflow alone (bench/bin/dataflow on the same workload).
+    #[arg(long)]
+    no_dataflow: bool,
     /// Where hmis-flow and seed_baseline are (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -584,6 +587,7 @@ fn main() -> anyhow::Result<()> {
     };
     let hmis = bin_dir.join("hmis-flow");
     let seed_bin = bin_dir.join("seed_baseline");
+    let dataflow_bin = bin_dir.join("dataflow");
     anyhow::ensure!(
         hmis.exists(),
         "{} is missing: cargo build --release --bin hmis-flow",
@@ -700,6 +704,51 @@ fn main() -> anyhow::Result<()> {
         "note": "on the event clock a breach of an open task is decided at dueAt + 1 ms; one found from a late TASK_STARTED/COMPLETED/FAILED (the contract's second rule) is stamped with that event's time",
     });
     systems.push(hmis_json);
+
+    // 1b. The same rules in memory: hmis-flow's dataflow alone, same generator and seed.
+    if !args.no_dataflow {
+        let pb = bar(args.quiet, 0, "hmis-flow dataflow only");
+        let out = work.join("dataflow.json");
+        let mut cmd = Command::new(&dataflow_bin);
+        cmd.args([
+            "--workflows",
+            &workflows.to_string(),
+            "--seed",
+            &args.seed.to_string(),
+            "--workers",
+            &args.workers.to_string(),
+            "--repeat",
+            "1",
+            "--open-tasks",
+            "0",
+            "--finished-workflows",
+            "0",
+        ])
+        .arg("--out")
+        .arg(&out);
+        let m = measure(cmd, &work.join("dataflow.log"), &pb, &|| None, None)?;
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+        let run = v["throughput"]["dataflow"]
+            .as_array()
+            .and_then(|a| a.iter().find(|d| d["stamp"] == "event"))
+            .cloned()
+            .context("dataflow printed no event-stamped run")?;
+        let eps = run["rates"]["events_per_sec"].as_f64().unwrap_or(0.0);
+        let per_cpu = run["rates"]["events_per_cpu_sec"].as_f64().unwrap_or(0.0);
+        systems.push(json!({
+            "name": "hmis-flow dataflow only",
+            "what": "the same rules in memory (bench/bin/dataflow): decode → timely/differential → gathered outputs, no Kafka, no PostgreSQL; event-time stamps as clock = event; same generator and seed",
+            "records": run["events"],
+            "workers": args.workers,
+            "events_per_s": round(eps, 1),
+            "cpu_s_per_million_events": if per_cpu > 0.0 { json!(round(1e6 / per_cpu, 2)) } else { Value::Null },
+            "wall_s": if eps > 0.0 { json!(round(run["events"].as_f64().unwrap_or(0.0) / eps, 3)) } else { Value::Null },
+            "peak_rss_bytes": m.peak_rss_bytes,
+            "note": "rates are the dataflow's own (decode + dataflow + gather of the events, excluding generation and the process's other measurements: decode alone, a naive refold); peak RSS is the whole child's. Same code as the reference: not compared again.",
+            "decode_alone": v["throughput"]["decode"].clone(),
+            "naive_refold": v["throughput"]["naive"].clone(),
+        }));
+    }
 
     // 2. The seed's design.
     if !args.no_seed {
@@ -818,7 +867,7 @@ fn main() -> anyhow::Result<()> {
             .and_then(|s| s["events_per_s"].as_f64())
     };
     let hmis_eps = eps("hmis-flow");
-    let ratio = |peer: &str, goal: f64| match (hmis_eps, eps(peer)) {
+    let ratio = |hmis_eps: Option<f64>, peer: &str, goal: f64| match (hmis_eps, eps(peer)) {
         (Some(h), Some(p)) if p > 0.0 => {
             let r = h / p;
             json!({"hmis_flow_over_peer": round(r, 3), "goal": goal, "met": r >= goal,
@@ -844,8 +893,10 @@ fn main() -> anyhow::Result<()> {
         "load": load.finish(),
         "systems": systems,
         "events_per_s_ratios": {
-            "vs_seed_baseline": ratio("seed-style baseline", 50.0),
-            "vs_pathway": ratio("Pathway", 10.0),
+            "vs_seed_baseline": ratio(hmis_eps, "seed-style baseline", 50.0),
+            "vs_pathway": ratio(hmis_eps, "Pathway", 10.0),
+            "dataflow_only_vs_pathway": ratio(eps("hmis-flow dataflow only"), "Pathway", 10.0),
+            "note": "hmis-flow end to end over each peer, events/s of wall time in this run; the goals are issue 14's",
         },
         "breach_visibility": {
             "seed_style_polling_ms": seed_delay,
@@ -925,7 +976,8 @@ fn print_table(r: &Value) {
                         "MISMATCH".to_string()
                     }
                 }
-                None => "reference".to_string(),
+                None if s["name"] == "hmis-flow" => "reference".to_string(),
+                None => "hmis-flow's own code".to_string(),
             }
         );
     }
