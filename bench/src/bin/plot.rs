@@ -18,6 +18,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde_json::Value;
 
 #[derive(Parser, Debug)]
@@ -68,6 +69,18 @@ fn date_of(p: &Path) -> String {
     format!("{date}{stem}")
 }
 
+/// Value labels: centred above the point they label.
+fn label_style(size: u32) -> TextStyle<'static> {
+    TextStyle::from(("sans-serif", size).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom))
+}
+
+/// A bar filling its segment but for a gap on both sides.
+fn bar<X, Y>(corners: [(X, Y); 2], style: ShapeStyle) -> Rectangle<(X, Y)> {
+    let mut r = Rectangle::new(corners, style);
+    r.set_margin(0, 0, 10, 10);
+    r
+}
+
 /// A bar chart of one figure per system into `area`.
 fn bars(
     area: &DrawingArea<SVGBackend<'_>, Shift>,
@@ -84,7 +97,7 @@ fn bars(
         .margin(12)
         .x_label_area_size(30)
         .y_label_area_size(60)
-        .build_cartesian_2d((0..n).into_segmented(), 0f64..top)?;
+        .build_cartesian_2d((0..n.max(1) - 1).into_segmented(), 0f64..top)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -98,7 +111,7 @@ fn bars(
         let color = COLORS[i % COLORS.len()];
         match v {
             Some(v) => {
-                chart.draw_series(std::iter::once(Rectangle::new(
+                chart.draw_series(std::iter::once(bar(
                     [
                         (SegmentValue::Exact(i), 0.0),
                         (SegmentValue::Exact(i + 1), *v),
@@ -107,15 +120,15 @@ fn bars(
                 )))?;
                 chart.draw_series(std::iter::once(Text::new(
                     hmis_bench::si(*v),
-                    (SegmentValue::CenterOf(i), *v + top * 0.02),
-                    ("sans-serif", 13).into_font(),
+                    (SegmentValue::CenterOf(i), *v + top * 0.01),
+                    label_style(13),
                 )))?;
             }
             None => {
                 chart.draw_series(std::iter::once(Text::new(
                     "not counted",
                     (SegmentValue::CenterOf(i), top * 0.05),
-                    ("sans-serif", 13).into_font().color(&RED),
+                    label_style(13).color(&RED),
                 )))?;
             }
         }
@@ -201,11 +214,15 @@ fn breach_chart(groups: &[(String, Value)], path: &Path) -> anyhow::Result<()> {
         .margin(14)
         .x_label_area_size(50)
         .y_label_area_size(70)
-        .build_cartesian_2d((0..n).into_segmented(), (0.5f64..max * 3.0).log_scale())?;
+        .build_cartesian_2d(
+            (0..n.max(1) - 1).into_segmented(),
+            (0.5f64..max * 3.0).log_scale(),
+        )?;
     chart
         .configure_mesh()
         .disable_x_mesh()
         .y_desc("milliseconds")
+        .y_label_formatter(&|y| hmis_bench::si(*y))
         .x_labels(n)
         .x_label_formatter(&|v| match v {
             SegmentValue::CenterOf(i) => STATS[*i % STATS.len()].to_string(),
@@ -217,7 +234,7 @@ fn breach_chart(groups: &[(String, Value)], path: &Path) -> anyhow::Result<()> {
         for (si, stat) in STATS.iter().enumerate() {
             let Some(y) = v[*stat].as_f64() else { continue };
             let i = gi * STATS.len() + si;
-            chart.draw_series(std::iter::once(Rectangle::new(
+            chart.draw_series(std::iter::once(bar(
                 [
                     (SegmentValue::Exact(i), 0.5),
                     (SegmentValue::Exact(i + 1), y.max(0.6)),
@@ -226,8 +243,8 @@ fn breach_chart(groups: &[(String, Value)], path: &Path) -> anyhow::Result<()> {
             )))?;
             chart.draw_series(std::iter::once(Text::new(
                 hmis_bench::si(y),
-                (SegmentValue::CenterOf(i), y.max(0.6) * 1.3),
-                ("sans-serif", 12).into_font(),
+                (SegmentValue::CenterOf(i), y.max(0.6) * 1.1),
+                label_style(12),
             )))?;
         }
         chart
@@ -269,6 +286,7 @@ fn open_tasks_chart(
     chart
         .configure_mesh()
         .x_desc("open tasks")
+        .x_labels(4)
         .y_desc(y_desc)
         .x_label_formatter(&|x| hmis_bench::si(*x))
         .draw()?;
@@ -286,13 +304,11 @@ fn open_tasks_chart(
                 .iter()
                 .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
         )?;
-        chart.draw_series(points.iter().map(|&(x, y)| {
-            Text::new(
-                hmis_bench::si(y),
-                (x, y + ymax * 0.03),
-                ("sans-serif", 12).into_font(),
-            )
-        }))?;
+        chart.draw_series(
+            points
+                .iter()
+                .map(|&(x, y)| Text::new(hmis_bench::si(y), (x, y + ymax * 0.02), label_style(12))),
+        )?;
     }
     chart
         .configure_series_labels()
@@ -395,9 +411,21 @@ fn main() -> anyhow::Result<()> {
                 Some((*n as f64, rss / *n as f64 / 1e3))
             })
             .collect();
+        // Where these figures come from: older runs, possibly another machine.
+        let source = by_open
+            .values()
+            .next_back()
+            .map(|v| {
+                format!(
+                    " ({}, commit {})",
+                    v["machine"]["cpu_model"].as_str().unwrap_or("?"),
+                    v["machine"]["git_commit"].as_str().unwrap_or("?")
+                )
+            })
+            .unwrap_or_default();
         let path = out.join("memory-per-open-task.svg");
         open_tasks_chart(
-            "hmis-flow peak RSS per open task",
+            &format!("hmis-flow peak RSS per open task{source}"),
             "kB per open task",
             &[
                 ("first run (backlog read)".into(), first_run),
@@ -411,7 +439,7 @@ fn main() -> anyhow::Result<()> {
         written.push(path);
         let path = out.join("restart-time.svg");
         open_tasks_chart(
-            "hmis-flow restart: process start to caught up",
+            &format!("hmis-flow restart: start to caught up{source}"),
             "seconds",
             &[("restart".into(), pts("/restart/seconds_to_exit", 1.0))],
             &path,
