@@ -22,16 +22,12 @@ fn env(name: &str) -> String {
 fn peers_smoke_run_matches_hmis_flow() {
     let peers = PathBuf::from(env!("CARGO_BIN_EXE_peers"));
     let bin_dir = peers.parent().expect("target folder").to_path_buf();
-    // The hmis-flow binary is the root package's: build it when a filtered test run did not.
-    if !bin_dir.join("hmis-flow").exists() {
-        let release = bin_dir.ends_with("release");
-        let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-p", "hmis-flow", "--bin", "hmis-flow"]);
-        if release {
-            build.arg("--release");
-        }
-        assert!(build.status().expect("cargo build").success());
-    }
+    // The root package's binary: `cargo test --workspace` builds it for that package's tests.
+    assert!(
+        bin_dir.join("hmis-flow").exists(),
+        "{} is missing: run `cargo build --release -p hmis-flow` (or the whole workspace's tests)",
+        bin_dir.join("hmis-flow").display()
+    );
     let out = std::env::temp_dir().join(format!("peers-smoke-{}.json", std::process::id()));
     let venv_python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
     let mut cmd = Command::new(&peers);
