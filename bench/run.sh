@@ -15,6 +15,7 @@
 #   PATHWAY_VERSION        the pinned Pathway [0.33.0]
 #   HMIS_BENCH_PYTHON      Python >= 3.10 that creates the venv [python3.12, python3.11, python3.10, python3]
 #   HMIS_BENCH_NO_PATHWAY  1: skip Pathway (no venv; the result says it was skipped)
+#   HMIS_BENCH_VENV        the virtual environment [bench/.venv]
 # Every option after SIZE goes to `peers` (see `target/release/peers --help`), e.g.
 #   bench/run.sh medium --workers 1 --keep
 set -euo pipefail
@@ -25,7 +26,7 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 SIZE="${1:-small}"
 [ $# -gt 0 ] && shift
 PATHWAY_VERSION="${PATHWAY_VERSION:-0.33.0}"
-VENV="$ROOT/bench/.venv"
+VENV="${HMIS_BENCH_VENV:-$ROOT/bench/.venv}"
 step() { printf '\n[bench] == %s\n' "$*" >&2; }
 die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
 
