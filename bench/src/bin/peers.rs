@@ -64,6 +64,14 @@ struct Args {
     /// Skip hmis-flow's dataflow alone (bench/bin/dataflow on the same workload).
     #[arg(long)]
     no_dataflow: bool,
+    /// Also measure hmis-flow's event → result latency at this offered rate (records/s):
+    /// `clock = wall`, the workload produced live at the rate, and for each input record the
+    /// time from its produce timestamp to the PostgreSQL commit of its effects.
+    #[arg(long, value_name = "RECORDS_PER_S")]
+    latency_rate: Option<f64>,
+    /// Workflows of the latency run (≈ 21 records each).
+    #[arg(long, default_value_t = 500)]
+    latency_workflows: usize,
     /// Where hmis-flow and seed_baseline are (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -545,6 +553,185 @@ fn pathway_rows(dir: &Path) -> anyhow::Result<Rows> {
     })
 }
 
+/// hmis-flow in `clock = wall` while the workload is produced live at `rate` records/s: per
+/// input record, produce timestamp (Kafka CreateTime) → the PostgreSQL commit that holds its
+/// effects and moves its partition's committed offset past it (rows, and the outbox the
+/// derived events are published from), sampled every 20 ms.
+fn latency_at_rate(
+    args: &Args,
+    hmis: &Path,
+    work: &Path,
+    run_id: &str,
+    rate: f64,
+    rt: &tokio::runtime::Runtime,
+    admin: &tokio_postgres::Client,
+) -> anyhow::Result<Value> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let id = format!("{run_id}_lat");
+    let cfg_path = work.join("latency.toml");
+    std::fs::write(&cfg_path, config_toml(args, &id))?;
+    rt.block_on(admin.batch_execute(&format!("CREATE SCHEMA \"{id}\"")))?;
+    let cmd = |sub: &[&str]| {
+        let mut c = Command::new(hmis);
+        c.args(sub)
+            .arg("--config")
+            .arg(&cfg_path)
+            .env("HMIS_LOG", "warn,librdkafka=error")
+            .env_remove("HMIS_BROKERS")
+            .env_remove("HMIS_DATABASE_URL")
+            .env_remove("HMIS_GROUP_ID");
+        c
+    };
+    let result = (|| -> anyhow::Result<Value> {
+        run_quiet(cmd(&["topics", "create"]), "hmis-flow topics create")?;
+        run_quiet(cmd(&["migrate"]), "hmis-flow migrate")?;
+        let mut run = cmd(&[
+            "run",
+            "--clock",
+            "wall",
+            "--workers",
+            &args.workers.to_string(),
+        ]);
+        run.stdout(Stdio::null())
+            .stderr(std::fs::File::create(work.join("latency-hmis-flow.log"))?);
+        let mut pipeline = run.spawn().context("starting hmis-flow run")?;
+        // Subscribed and assigned before the first record is produced.
+        std::thread::sleep(Duration::from_secs(5));
+        let mut gen = cmd(&["generate"]);
+        gen.args([
+            "--workflows",
+            &args.latency_workflows.to_string(),
+            "--seed",
+            &args.seed.to_string(),
+            "--rate",
+            &rate.to_string(),
+        ]);
+        if args.quiet {
+            gen.arg("--quiet");
+        }
+        let mut producer = gen
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting generate")?;
+        let db = rt.block_on(pg(&schema_url(&args.database_url, &id)))?;
+        let sql =
+            "SELECT topic, partition, next_offset FROM hmis_input_offsets WHERE group_id = $1";
+        // Per (topic, partition): (wall ms, committed next offset) whenever it moved.
+        let mut samples: HashMap<(String, i32), Vec<(i64, i64)>> = HashMap::new();
+        let produce_start = Instant::now();
+        let mut produced: Option<(u64, f64)> = None;
+        let mut done_at: Option<Instant> = None;
+        loop {
+            let rows = rt.block_on(db.query(sql, &[&id]))?;
+            // Stamped when the answer is in: an upper bound of the commit's time.
+            let now = wall_ms() as i64;
+            let mut committed = 0i64;
+            for r in rows {
+                let key = (r.get::<_, String>(0), r.get::<_, i32>(1));
+                let next: i64 = r.get(2);
+                committed += next;
+                let v = samples.entry(key).or_default();
+                if v.last().is_none_or(|l| l.1 != next) {
+                    v.push((now, next));
+                }
+            }
+            if produced.is_none() {
+                if let Some(status) = producer.try_wait()? {
+                    anyhow::ensure!(status.success(), "hmis-flow generate --rate failed");
+                    let mut text = String::new();
+                    use std::io::Read as _;
+                    producer
+                        .stdout
+                        .take()
+                        .expect("piped")
+                        .read_to_string(&mut text)?;
+                    let n: u64 = text
+                        .split_whitespace()
+                        .find_map(|w| w.parse().ok())
+                        .context("generate printed no count")?;
+                    produced = Some((n, produce_start.elapsed().as_secs_f64()));
+                    done_at = Some(Instant::now());
+                }
+            }
+            if let Some((n, _)) = produced {
+                if committed as u64 >= n {
+                    break;
+                }
+                anyhow::ensure!(
+                    done_at.is_some_and(|d| d.elapsed() < Duration::from_secs(120)),
+                    "hmis-flow did not commit all {n} records within 120 s of the last"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &pipeline.id().to_string()])
+            .status();
+        let _ = pipeline.wait();
+        let (records, produce_s) = produced.expect("set before the loop ends");
+
+        // Every input record's produce timestamp, from the topics themselves.
+        let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
+            .set("bootstrap.servers", &args.brokers)
+            .set("group.id", format!("{id}-reader"))
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut latencies: Vec<i64> = Vec::new();
+        for ((topic, partition), points) in &samples {
+            let (_, high) =
+                consumer.fetch_watermarks(topic, *partition, Duration::from_secs(10))?;
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            tpl.add_partition_offset(topic, *partition, rdkafka::Offset::Beginning)?;
+            consumer.assign(&tpl)?;
+            let mut seen = 0i64;
+            while seen < high {
+                let Some(m) = consumer.poll(Duration::from_secs(10)) else {
+                    anyhow::bail!("{topic}/{partition}: no record after offset {seen}");
+                };
+                let m = m?;
+                seen = m.offset() + 1;
+                let Some(ts) = m.timestamp().to_millis() else {
+                    continue;
+                };
+                // The first sample whose committed next offset is past this record.
+                let i = points.partition_point(|p| p.1 <= m.offset());
+                if let Some((at, _)) = points.get(i) {
+                    latencies.push(at - ts);
+                }
+            }
+        }
+        anyhow::ensure!(!latencies.is_empty(), "no latency measured");
+        Ok(json!({
+            "system": "hmis-flow end to end, clock = wall",
+            "offered_rate_records_per_s": rate,
+            "achieved_rate_records_per_s": round(records as f64 / produce_s.max(1e-9), 1),
+            "records": records,
+            "workflows": args.latency_workflows,
+            "workers": args.workers,
+            "produce_to_committed_ms": hmis_bench::summary(&latencies),
+            "note": "per input record: Kafka CreateTime (the producer's send) → the PostgreSQL commit holding its effects (rows + outbox), seen by polling hmis_input_offsets every 20 ms (+ the query's time); the derived events' publication from the outbox comes after. The seed-style baseline and Pathway (static mode, files) are not measured this way yet.",
+        }))
+    })();
+    if !args.keep {
+        let _ =
+            rt.block_on(admin.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{id}\" CASCADE")));
+        let names: Vec<String> = INPUTS
+            .iter()
+            .chain(OUTPUTS.iter())
+            .map(|(_, n)| format!("{id}.{n}"))
+            .collect();
+        if let Ok(a) = rdkafka::config::ClientConfig::new()
+            .set("bootstrap.servers", &args.brokers)
+            .create::<rdkafka::admin::AdminClient<_>>()
+        {
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let _ = rt.block_on(a.delete_topics(&refs, &rdkafka::admin::AdminOptions::new()));
+        }
+    }
+    result
+}
+
 /// The newest wall-clock detection-latency result (bench/bin/latency) of issue 3's size.
 fn latest_latency() -> Value {
     let dir = hmis_bench::results_dir();
@@ -814,8 +1001,10 @@ fn main() -> anyhow::Result<()> {
     match python {
         None => systems.push(json!({
             "name": "Pathway",
-            "skipped": format!("skipped: not installed ({} missing; bench/run.sh creates bench/.venv)",
-                args.python.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "--python not given".into())),
+            "skipped": match &args.python {
+                Some(p) => format!("skipped: {} is missing (bench/run.sh creates bench/.venv)", p.display()),
+                None => "skipped: --python not given (bench/run.sh passes bench/.venv's)".to_string(),
+            },
         })),
         Some(py) => {
             let out_dir = work.join("pathway-out");
@@ -863,6 +1052,20 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
+    let latency = match args.latency_rate {
+        Some(rate) => {
+            let r = latency_at_rate(&args, &hmis, &work, &id, rate, &rt, &admin);
+            match r {
+                Ok(v) => v,
+                Err(e) => {
+                    failures.push(format!("latency run failed: {e:#}"));
+                    json!({"error": format!("{e:#}")})
+                }
+            }
+        }
+        None => json!("not measured (peers --latency-rate R)"),
+    };
+
     // Ratios against the baselines of this run.
     let eps = |name: &str| {
         systems
@@ -909,6 +1112,7 @@ fn main() -> anyhow::Result<()> {
             "goal_ms": 1000,
             "note": "hmis-flow's wall-clock figure is from the newest `latency` benchmark result (not this run); the seed's delay is measured in this run on the event clock",
         },
+        "latency_at_offered_rate": latency,
         "check_failures": failures,
     });
     let path = write_result(
