@@ -78,9 +78,33 @@ pub fn producer_config(cfg: &Config) -> KafkaClientConfig {
 
 /// Produces records in order (idempotent producer, so retries cannot reorder or duplicate).
 pub async fn produce(cfg: &Config, records: &[WorkloadRecord]) -> anyhow::Result<usize> {
+    produce_paced(cfg, records, None, &|_| {}).await
+}
+
+/// Like [`produce`], at most `rate` records per second when given (a steady offered load
+/// for latency measurements), calling `progress` with the number of records delivered so far.
+/// Deliveries are awaited as they go (at most 50,000 in flight), so the count is what the
+/// broker has acknowledged, not what sits in librdkafka's queue.
+pub async fn produce_paced(
+    cfg: &Config,
+    records: &[WorkloadRecord],
+    rate: Option<f64>,
+    progress: &dyn Fn(usize),
+) -> anyhow::Result<usize> {
+    const IN_FLIGHT: usize = 50_000;
     let producer: FutureProducer = producer_config(cfg).create()?;
-    let mut pending = Vec::with_capacity(records.len());
-    for r in records {
+    let mut pending = std::collections::VecDeque::with_capacity(IN_FLIGHT);
+    let mut delivered = 0usize;
+    let started = std::time::Instant::now();
+    for (i, r) in records.iter().enumerate() {
+        if let Some(rate) = rate.filter(|r| *r > 0.0) {
+            // Sleep until record i is due: i / rate seconds after the start.
+            let due = Duration::from_secs_f64(i as f64 / rate);
+            let now = started.elapsed();
+            if due > now + Duration::from_millis(1) {
+                tokio::time::sleep(due - now).await;
+            }
+        }
         let topic = configured_topic(cfg, r.topic);
         let mut rec = FutureRecord::to(topic).payload(&r.payload);
         if let Some(k) = &r.key {
@@ -89,7 +113,7 @@ pub async fn produce(cfg: &Config, records: &[WorkloadRecord]) -> anyhow::Result
         loop {
             match producer.send_result(rec) {
                 Ok(f) => {
-                    pending.push(f);
+                    pending.push_back(f);
                     break;
                 }
                 Err((
@@ -102,15 +126,90 @@ pub async fn produce(cfg: &Config, records: &[WorkloadRecord]) -> anyhow::Result
                 Err((e, _)) => return Err(e).context("producing the workload"),
             }
         }
+        while pending.len() >= IN_FLIGHT {
+            await_delivery(pending.pop_front())
+                .await
+                .with_context(|| format!("record {i}"))?;
+            delivered += 1;
+            if delivered.is_multiple_of(1000) {
+                progress(delivered);
+            }
+        }
     }
-    let n = pending.len();
-    for f in pending {
-        f.await
-            .map_err(|_| anyhow::anyhow!("delivery cancelled"))?
-            .map_err(|(e, _)| e)
-            .context("delivery")?;
+    while let Some(f) = pending.pop_front() {
+        await_delivery(Some(f)).await?;
+        delivered += 1;
+        if delivered.is_multiple_of(1000) {
+            progress(delivered);
+        }
     }
-    Ok(n)
+    progress(delivered);
+    Ok(delivered)
+}
+
+async fn await_delivery(f: Option<rdkafka::producer::DeliveryFuture>) -> anyhow::Result<()> {
+    let Some(f) = f else { return Ok(()) };
+    f.await
+        .map_err(|_| anyhow::anyhow!("delivery cancelled"))?
+        .map_err(|(e, _)| e)
+        .context("delivery")?;
+    Ok(())
+}
+
+/// Writes the records as one JSON-lines file per input topic, `<dir>/<topic>.jsonl` under the
+/// contract's default topic names (one JSON value per line, in the order given, which is
+/// eventTime order per topic), for peers that read files instead of Kafka (bench/pathway).
+/// Records that are not single-line UTF-8 JSON (the malformed ones of `--bad-ratio`) are
+/// left out: they would break the file format; their number is returned as `skipped`.
+/// Also writes `<dir>/manifest.json` with the counts.
+pub fn write_topic_files(
+    dir: &std::path::Path,
+    records: &[WorkloadRecord],
+    manifest_extra: serde_json::Value,
+) -> anyhow::Result<BTreeMap<String, usize>> {
+    use std::io::Write as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut files: BTreeMap<&str, std::io::BufWriter<std::fs::File>> = BTreeMap::new();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for t in InputTopic::ALL {
+        let name = t.default_name();
+        let path = dir.join(format!("{name}.jsonl"));
+        let f =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        files.insert(name, std::io::BufWriter::new(f));
+        counts.insert(name.to_string(), 0);
+    }
+    let mut skipped = 0usize;
+    for r in records {
+        let ok = std::str::from_utf8(&r.payload)
+            .ok()
+            .filter(|s| !s.contains('\n'))
+            .filter(|s| serde_json::from_str::<serde::de::IgnoredAny>(s).is_ok());
+        let (Some(line), Some(f)) = (ok, files.get_mut(r.topic)) else {
+            skipped += 1;
+            continue;
+        };
+        f.write_all(line.as_bytes())?;
+        f.write_all(b"\n")?;
+        *counts.entry(r.topic.to_string()).or_default() += 1;
+    }
+    for (_, mut f) in files {
+        f.flush()?;
+    }
+    let mut manifest = serde_json::json!({
+        "records": records.len(),
+        "per_topic": counts,
+        "skipped": skipped,
+    });
+    if let (Some(m), serde_json::Value::Object(extra)) = (manifest.as_object_mut(), manifest_extra)
+    {
+        m.extend(extra);
+    }
+    std::fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)? + "\n",
+    )?;
+    Ok(counts)
 }
 
 /// The topic reader's librdkafka configuration (`tail`, the demo's summary).

@@ -131,6 +131,19 @@ struct GenerateArgs {
     /// Fraction of re-sent duplicates.
     #[arg(long, default_value_t = 0.0)]
     duplicate_ratio: f64,
+    /// Also write the records as per-topic JSON-lines files into this folder
+    /// (`<topic>.jsonl` + `manifest.json`), for peers that read files (bench/pathway).
+    #[arg(long, value_name = "DIR")]
+    files: Option<PathBuf>,
+    /// Do not produce to Kafka (with `--files`: only write the files).
+    #[arg(long)]
+    no_produce: bool,
+    /// Produce at most this many records per second (default: as fast as the broker takes them).
+    #[arg(long, value_name = "RECORDS_PER_S")]
+    rate: Option<f64>,
+    /// No progress bars (they are drawn on stderr, and only when it is a terminal).
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn load(common: &Common) -> anyhow::Result<Config> {
@@ -302,6 +315,24 @@ fn real_main() -> anyhow::Result<()> {
         }
         Command::Generate(args) => {
             let cfg = load(&args.common)?;
+            let bar = |len: u64, what: &str| {
+                let pb = if args.quiet {
+                    indicatif::ProgressBar::hidden()
+                } else {
+                    indicatif::ProgressBar::new(len)
+                };
+                pb.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg:>10} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} ({per_sec}, eta {eta})",
+                    )
+                    .expect("progress template"),
+                );
+                pb.set_message(what.to_string());
+                pb
+            };
+            // The generator is one call: the bar ticks (elapsed time) and fills when it returns.
+            let pb = bar(args.workflows as u64, "generate");
+            pb.enable_steady_tick(std::time::Duration::from_millis(200));
             let records = hmis_flow::workload::generate(&hmis_flow::workload::WorkloadConfig {
                 seed: args.seed,
                 workflows: args.workflows,
@@ -309,8 +340,29 @@ fn real_main() -> anyhow::Result<()> {
                 bad_record_ratio: args.bad_ratio,
                 duplicate_ratio: args.duplicate_ratio,
             });
+            pb.set_position(args.workflows as u64);
+            pb.finish();
+            if let Some(dir) = &args.files {
+                let counts = hmis_flow::demo::write_topic_files(
+                    dir,
+                    &records,
+                    serde_json::json!({"workflows": args.workflows, "seed": args.seed}),
+                )?;
+                eprintln!("wrote {} ({counts:?})", dir.display());
+            }
+            if args.no_produce {
+                println!("generated {} records", records.len());
+                return Ok(());
+            }
+            let pb = bar(records.len() as u64, "produce");
             let rt = tokio::runtime::Runtime::new()?;
-            let n = rt.block_on(hmis_flow::demo::produce(&cfg, &records))?;
+            let n = rt.block_on(hmis_flow::demo::produce_paced(
+                &cfg,
+                &records,
+                args.rate,
+                &|n| pb.set_position(n as u64),
+            ))?;
+            pb.finish();
             println!("produced {n} records");
             Ok(())
         }
