@@ -3,7 +3,7 @@
 //! ```text
 //!  seeded workload (hmis_flow::workload) ──decode──► events ──┬─► naive: per event, refold the workflow
 //!                                         (baseline 1)         │        from all its events (baseline 2)
-//!                                                              └─► timely workers: Sessions ─► build ─► gather
+//!                                                              └─► timely workers: Sessions ─► core ─► gather
 //!                                                                   1 and 2 workers, event and wall stamping
 //!  memory: a child process per variant feeds N open tasks, reads VmHWM / VmRSS
 //! ```
@@ -51,7 +51,16 @@ use hmis_dataflows::gather::Gather;
 use hmis_dataflows::orders::{evaluate_order, fold_order};
 use hmis_dataflows::tasks::{dedup_by_event_id, fold_task};
 use hmis_dataflows::workflows::{evaluate, fold_workflow, OrderFact, WfFact, WfOut};
-use hmis_dataflows::{build, RulesConfig, Sessions};
+use hmis_dataflows::engine::{build_core, Core};
+use hmis_dataflows::{RulesConfig, Sessions};
+
+/// The runtime's core, or the one `HMIS_CORE` names (`keyed`, `differential`).
+fn build<'s>(
+    inputs: hmis_dataflows::Inputs<'s>,
+    cfg: &RulesConfig,
+) -> differential_dataflow::VecCollection<'s, u64, hmis_dataflows::Emit> {
+    build_core(Core::from_env(), inputs, cfg)
+}
 use hmis_flow::workload::{generate, WorkloadConfig, WorkloadRecord};
 
 #[derive(Parser, Debug)]
