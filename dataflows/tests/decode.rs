@@ -6,7 +6,8 @@
 //! topic, so a case changes exactly one thing.
 
 use hmis_dataflows::events::{
-    check_decoders_agree, decode, Event, InputTopic, OrderEventKind, OrderStatus, Pos, TaskStatus, WorkflowEventKind,
+    check_decoders_agree, decode, Event, InputTopic, OrderEventKind, OrderStatus, Pos, TaskStatus,
+    WorkflowEventKind,
 };
 use hmis_dataflows::output::RejectReason::{self, *};
 use serde_json::{json, Value};

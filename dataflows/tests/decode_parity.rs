@@ -41,7 +41,12 @@ fn topic_of(e: &Event) -> InputTopic {
 fn full_documents() -> Vec<(InputTopic, Value)> {
     let t = "2026-11-26T10:15:00.123Z";
     let mut docs = Vec::new();
-    for et in ["TASK_CREATED", "TASK_STARTED", "TASK_COMPLETED", "TASK_FAILED"] {
+    for et in [
+        "TASK_CREATED",
+        "TASK_STARTED",
+        "TASK_COMPLETED",
+        "TASK_FAILED",
+    ] {
         let status = match et {
             "TASK_CREATED" => "PENDING",
             "TASK_STARTED" => "IN_PROGRESS",
@@ -439,9 +444,7 @@ fn mutate_text(rng: &mut SmallRng, text: &mut Vec<u8>) {
             let from = format!("\"{field}\":");
             if let Some(i) = s.find(&from) {
                 let start = i + from.len();
-                let end = s[start..]
-                    .find([',', '}'])
-                    .map_or(s.len(), |e| start + e);
+                let end = s[start..].find([',', '}']).map_or(s.len(), |e| start + e);
                 *text = format!("{}{way}{}", &s[..start], &s[end..]).into_bytes();
             }
         }
@@ -484,7 +487,10 @@ fn seeded_mutations_agree() {
     // The mutations reach both sides: many accepted (mostly in one pass), many rejected.
     assert!(accepted > cases / 5, "{accepted} of {cases} accepted");
     assert!(accepted < cases * 4 / 5, "{accepted} of {cases} accepted");
-    assert!(one_pass > accepted * 3 / 4, "{one_pass} of {accepted} in one pass");
+    assert!(
+        one_pass > accepted * 3 / 4,
+        "{one_pass} of {accepted} in one pass"
+    );
 }
 
 #[test]

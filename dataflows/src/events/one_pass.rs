@@ -37,17 +37,12 @@ use serde_json::{Number, Value};
 
 use super::{
     check_head, check_metadata_size, check_strings, limits, order_event, system_event, task_event,
-    workflow_event, Event, Head, InputTopic, Pos, RawOrder, RawOrderMetadata, RawTask,
-    RawWorkflow, SystemField, SystemFields,
+    workflow_event, Event, Head, InputTopic, Pos, RawOrder, RawOrderMetadata, RawTask, RawWorkflow,
+    SystemField, SystemFields,
 };
 
 /// One record of `topic`, if it is well formed and accepted; `None`: ask the reference path.
-pub(super) fn decode(
-    topic: InputTopic,
-    key: Option<&[u8]>,
-    text: &str,
-    pos: Pos,
-) -> Option<Event> {
+pub(super) fn decode(topic: InputTopic, key: Option<&[u8]>, text: &str, pos: Pos) -> Option<Event> {
     let mut de = serde_json::Deserializer::from_str(text);
     let fields = de.deserialize_any(Record { topic }).ok()?;
     de.end().ok()?;
