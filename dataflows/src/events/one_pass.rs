@@ -83,6 +83,10 @@ enum Sys<'a> {
     Other,
 }
 
+/// What one pass read: every field any topic's builder takes, as [`Slot`]s. The topic
+/// shapes hold the string fields (`RawTask<Option<…>>`: its fields are slots); their
+/// non-string fields (`attempt`, `templateVersion`, `metadata`) have slots of their own here
+/// and stay unused inside the shapes.
 #[derive(Default)]
 struct Fields<'a> {
     event_id: Slot<Cow<'a, str>>,
