@@ -1,6 +1,7 @@
 //! Properties of the dataflow on generated HMIS workloads (no services needed):
 //! every derived eventId is emitted once within a run and across a restart at any point,
-//! and a restarted run ends with the same tables as an uninterrupted one.
+//! and a restarted run ends with the same tables as an uninterrupted one; and the one-pass
+//! decoder gives what the reference decoder gives on every generated record.
 
 use std::collections::BTreeMap;
 
@@ -40,6 +41,45 @@ fn events(seed: u64, workflows: usize) -> Vec<Event> {
 }
 
 /// Stamps like the event clock: eventTime, never below `low` (definitions get `low`).
+/// `decode` (one pass) and `decode_reference` agree on every record of generated workloads,
+/// malformed records and duplicates included, and the well-formed events take the one-pass
+/// path (`dataflows/tests/decode_parity.rs` covers mutations and hostile shapes).
+#[test]
+fn one_pass_decode_agrees_with_the_reference_on_generated_workloads() {
+    use hmis_dataflows::events::{check_decoders_agree, decode_one_pass, decode_reference};
+    for seed in 0..3 {
+        let recs = generate(&WorkloadConfig {
+            seed,
+            workflows: 150,
+            start_ms: 1_795_687_200_000,
+            bad_record_ratio: 0.1,
+            duplicate_ratio: 0.05,
+        });
+        let (mut accepted, mut one_pass) = (0, 0);
+        for r in &recs {
+            let topic = InputTopic::ALL
+                .into_iter()
+                .find(|t| t.default_name() == r.topic)
+                .unwrap();
+            let key = r.key.as_deref().map(str::as_bytes);
+            check_decoders_agree(topic, key, Some(&r.payload));
+            let pos = Pos::default();
+            if topic != InputTopic::Definitions
+                && decode_reference(topic, key, Some(&r.payload), pos).is_ok()
+            {
+                accepted += 1;
+                one_pass +=
+                    usize::from(decode_one_pass(topic, key, Some(&r.payload), pos).is_some());
+            }
+        }
+        assert!(accepted > 1000, "seed {seed}: {accepted} events");
+        assert_eq!(
+            one_pass, accepted,
+            "seed {seed}: every accepted event in one pass"
+        );
+    }
+}
+
 fn feed(evs: &[Event], low: u64) -> Vec<(u64, Event)> {
     let mut f: Vec<_> = evs
         .iter()

@@ -21,6 +21,8 @@ use serde_json::Value;
 
 use crate::output::{Millis, RejectReason};
 
+mod one_pass;
+
 /// The input topics, by role. Names are configurable; roles are not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum InputTopic {
@@ -471,54 +473,76 @@ struct RawEnvelope {
     event_time: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawTask {
-    task_instance_id: Option<String>,
-    workflow_instance_id: Option<String>,
-    patient_id: Option<String>,
-    task_def_id: Option<String>,
-    task_name: Option<String>,
-    status: Option<String>,
-    attempt: Option<u32>,
-    error_message: Option<String>,
-    due_at: Option<String>,
-}
+// The topic shapes are generic in their text type: the reference path fills them with
+// `String`s through serde (`S = String`), the one-pass decoder with borrowed `Cow<str>`s;
+// both then build the event with the same functions (`task_event`, …).
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
-struct RawWorkflow {
-    workflow_instance_id: Option<String>,
-    patient_id: Option<String>,
-    template_id: Option<String>,
-    template_version: Option<i64>,
-    workflow_template_name: Option<String>,
-    escalation_reason: Option<String>,
+struct RawTask<S = String> {
+    task_instance_id: Option<S>,
+    workflow_instance_id: Option<S>,
+    patient_id: Option<S>,
+    task_def_id: Option<S>,
+    task_name: Option<S>,
+    status: Option<S>,
+    attempt: Option<u32>,
+    error_message: Option<S>,
+    due_at: Option<S>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
-struct RawOrderMetadata {
-    actor_role: Option<String>,
-    cost: Option<serde_json::Number>,
-    department: Option<String>,
-    critical: Option<bool>,
-    reason: Option<String>,
-    appointment_id: Option<String>,
-    action_id: Option<String>,
+struct RawWorkflow<S = String> {
+    workflow_instance_id: Option<S>,
+    patient_id: Option<S>,
+    template_id: Option<S>,
+    template_version: Option<i64>,
+    workflow_template_name: Option<S>,
+    escalation_reason: Option<S>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawOrder {
-    order_id: Option<String>,
-    workflow_instance_id: Option<String>,
-    patient_id: Option<String>,
-    order_type: Option<String>,
-    order_status: Option<String>,
-    actor: Option<String>,
-    metadata: Option<RawOrderMetadata>,
+struct RawOrderMetadata<S = String> {
+    actor_role: Option<S>,
+    cost: Option<serde_json::Number>,
+    department: Option<S>,
+    critical: Option<bool>,
+    reason: Option<S>,
+    appointment_id: Option<S>,
+    action_id: Option<S>,
 }
+
+impl<S> Default for RawOrderMetadata<S> {
+    fn default() -> Self {
+        RawOrderMetadata {
+            actor_role: None,
+            cost: None,
+            department: None,
+            critical: None,
+            reason: None,
+            appointment_id: None,
+            action_id: None,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawOrder<S = String> {
+    order_id: Option<S>,
+    workflow_instance_id: Option<S>,
+    patient_id: Option<S>,
+    order_type: Option<S>,
+    order_status: Option<S>,
+    actor: Option<S>,
+    metadata: Option<RawOrderMetadata<S>>,
+}
+
+/// A field's text as either decoder holds it: an owned `String` or a borrowed `Cow<str>`.
+trait Text: AsRef<str> + Into<String> {}
+impl<T: AsRef<str> + Into<String>> Text for T {}
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -638,25 +662,52 @@ fn required<T>(v: Option<T>, field: &str, event_type: &str) -> Result<T, Rejecti
     v.ok_or_else(|| Rejection::schema(format!("{event_type} lacks required field `{field}`")))
 }
 
-fn non_empty(v: Option<String>, field: &str, event_type: &str) -> Result<String, Rejection> {
+fn non_empty<S: Text>(v: Option<S>, field: &str, event_type: &str) -> Result<String, Rejection> {
     let v = required(v, field, event_type)?;
-    if v.is_empty() {
+    let len = v.as_ref().len();
+    if len == 0 {
         return Err(Rejection::schema(format!(
             "{event_type}: field `{field}` is empty"
         )));
     }
-    if v.len() > limits::MAX_ID_BYTES {
+    if len > limits::MAX_ID_BYTES {
         return Err(Rejection::schema(format!(
-            "{event_type}: field `{field}` has {} bytes, more than the {} an identifier may have",
-            v.len(),
+            "{event_type}: field `{field}` has {len} bytes, more than the {} an identifier may have",
             limits::MAX_ID_BYTES
         )));
     }
-    Ok(v)
+    Ok(v.into())
 }
 
 /// Decodes one record of `topic` (its key and value) into an event.
+///
+/// Two paths with one meaning: the one-pass decoder ([`one_pass`]: borrowed strings, no
+/// DOM) takes the records it can prove well formed; anything else (any error, duplicate
+/// fields, escapes in places it does not follow, a record some rule rejects) goes through
+/// [`decode_reference`], which says why byte for byte as it always has. Both build the event
+/// with the same functions, and `tests/decode_parity.rs` and the fuzz target check that the
+/// results are equal for every input.
 pub fn decode(
+    topic: InputTopic,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    pos: Pos,
+) -> Result<Event, Rejection> {
+    if topic != InputTopic::Definitions {
+        if let Some(text) = value.and_then(|b| std::str::from_utf8(b).ok()) {
+            if let Some(event) = one_pass::decode(topic, key, text, pos) {
+                return Ok(event);
+            }
+        }
+    }
+    decode_reference(topic, key, value, pos)
+}
+
+/// The reference decoder: a serde_json DOM, checked, then typed. Every rejection's text comes
+/// from here. Public only so that tests, the fuzz target and benchmarks can compare it with
+/// [`decode`].
+#[doc(hidden)]
+pub fn decode_reference(
     topic: InputTopic,
     key: Option<&[u8]>,
     value: Option<&[u8]>,
@@ -701,8 +752,46 @@ pub fn decode(
             check_metadata_size(v, field, &event_type)?;
         }
     }
-    // The type decides before the other fields: an unknown type is its own reason.
-    match (topic, event_type.as_str()) {
+    let et = event_type.as_str();
+    let (event_id, event_time) = check_head(topic, et, env.event_id, env.event_time)?;
+    let head = Head {
+        et,
+        event_id,
+        event_time,
+        pos,
+        key,
+        text,
+    };
+    match topic {
+        InputTopic::Tasks => {
+            let raw: RawTask = serde_json::from_value(value)
+                .map_err(|e| Rejection::schema(format!("{et}: {e}")))?;
+            task_event(head, raw)
+        }
+        InputTopic::Workflows => {
+            let raw: RawWorkflow = serde_json::from_value(value)
+                .map_err(|e| Rejection::schema(format!("{et}: {e}")))?;
+            workflow_event(head, raw)
+        }
+        InputTopic::Orders => {
+            let raw: RawOrder = serde_json::from_value(value)
+                .map_err(|e| Rejection::schema(format!("{et}: {e}")))?;
+            order_event(head, raw)
+        }
+        InputTopic::System => system_event(head, &value),
+        InputTopic::Definitions => unreachable!("handled above"),
+    }
+}
+
+/// The event type against its topic (the type decides before the other fields: an unknown
+/// type is its own reason), then `eventId` and `eventTime`.
+fn check_head<S: Text>(
+    topic: InputTopic,
+    et: &str,
+    event_id: Option<S>,
+    event_time: Option<S>,
+) -> Result<(String, Millis), Rejection> {
+    match (topic, et) {
         (InputTopic::Tasks, "TASK_CREATED" | "TASK_STARTED" | "TASK_COMPLETED" | "TASK_FAILED") => {
         }
         (
@@ -718,265 +807,296 @@ pub fn decode(
             return Err(Rejection::new(
                 RejectReason::UnknownEventType,
                 format!(
-                    "eventType `{event_type}` is not a type of topic {}",
+                    "eventType `{et}` is not a type of topic {}",
                     topic.default_name()
                 ),
             ))
         }
     }
-    let et = event_type.as_str();
-    let event_id = non_empty(env.event_id, "eventId", et)?;
-    let event_time = parse_time(&required(env.event_time, "eventTime", et)?)
+    let event_id = non_empty(event_id, "eventId", et)?;
+    let event_time = parse_time(required(event_time, "eventTime", et)?.as_ref())
         .map_err(|e| Rejection::schema(format!("{et}: eventTime {e}")))?;
+    Ok((event_id, event_time))
+}
 
-    match topic {
-        InputTopic::Tasks => {
-            let raw: RawTask = serde_json::from_value(value)
-                .map_err(|e| Rejection::schema(format!("{et}: {e}")))?;
-            let status = match et {
-                "TASK_CREATED" => TaskStatus::Pending,
-                "TASK_STARTED" => TaskStatus::InProgress,
-                "TASK_COMPLETED" => TaskStatus::Completed,
-                _ => TaskStatus::Failed,
-            };
-            if let Some(s) = &raw.status {
-                if s != status.as_str() {
-                    return Err(Rejection::schema(format!(
-                        "{et}: status `{s}` contradicts the event type (expected {})",
-                        status.as_str()
-                    )));
+/// What every event carries besides its topic's fields, checked.
+struct Head<'a> {
+    et: &'a str,
+    event_id: String,
+    event_time: Millis,
+    pos: Pos,
+    key: Option<&'a [u8]>,
+    /// The whole payload, copied into the event's `raw`.
+    text: &'a str,
+}
+
+fn task_event<S: Text>(h: Head<'_>, raw: RawTask<S>) -> Result<Event, Rejection> {
+    let et = h.et;
+    let status = match et {
+        "TASK_CREATED" => TaskStatus::Pending,
+        "TASK_STARTED" => TaskStatus::InProgress,
+        "TASK_COMPLETED" => TaskStatus::Completed,
+        _ => TaskStatus::Failed,
+    };
+    if let Some(s) = &raw.status {
+        let s = s.as_ref();
+        if s != status.as_str() {
+            return Err(Rejection::schema(format!(
+                "{et}: status `{s}` contradicts the event type (expected {})",
+                status.as_str()
+            )));
+        }
+    }
+    let attempt = raw.attempt.unwrap_or(1);
+    if attempt == 0 || attempt > limits::MAX_ATTEMPT {
+        return Err(Rejection::schema(format!(
+            "{et}: attempt {attempt} is outside 1..={}",
+            limits::MAX_ATTEMPT
+        )));
+    }
+    let due_at = match raw.due_at {
+        Some(d) => Some(
+            parse_time(d.as_ref()).map_err(|e| Rejection::schema(format!("{et}: dueAt {e}")))?,
+        ),
+        None => None,
+    };
+    Ok(Event::Task(TaskEvent {
+        event_id: h.event_id,
+        event_time: h.event_time,
+        pos: h.pos,
+        task_instance_id: non_empty(raw.task_instance_id, "taskInstanceId", et)?,
+        workflow_instance_id: non_empty(raw.workflow_instance_id, "workflowInstanceId", et)?,
+        patient_id: raw.patient_id.map(Into::into),
+        task_def_id: non_empty(raw.task_def_id, "taskDefId", et)?,
+        task_name: raw.task_name.map(Into::into),
+        status,
+        attempt,
+        error_message: raw.error_message.map(Into::into),
+        due_at,
+        raw_key: h.key.map(Arc::from),
+        raw: Some(Arc::from(h.text)),
+    }))
+}
+
+fn workflow_event<S: Text>(h: Head<'_>, raw: RawWorkflow<S>) -> Result<Event, Rejection> {
+    let et = h.et;
+    let kind = match et {
+        "WORKFLOW_STARTED" => WorkflowEventKind::Started,
+        "WORKFLOW_ESCALATED" => WorkflowEventKind::Escalated,
+        "WORKFLOW_FAILED" => WorkflowEventKind::Failed,
+        _ => WorkflowEventKind::Completed,
+    };
+    let (template_id, template_version) = if kind == WorkflowEventKind::Started {
+        (
+            Some(non_empty(raw.template_id, "templateId", et)?),
+            Some(required(raw.template_version, "templateVersion", et)?),
+        )
+    } else {
+        (raw.template_id.map(Into::into), raw.template_version)
+    };
+    Ok(Event::Workflow(WorkflowEvent {
+        event_id: h.event_id,
+        event_time: h.event_time,
+        pos: h.pos,
+        workflow_instance_id: non_empty(raw.workflow_instance_id, "workflowInstanceId", et)?,
+        kind,
+        patient_id: raw.patient_id.map(Into::into),
+        template_id,
+        template_version,
+        template_name: raw.workflow_template_name.map(Into::into),
+        escalation_reason: raw.escalation_reason.map(Into::into),
+        raw_key: h.key.map(Arc::from),
+        raw: Some(Arc::from(h.text)),
+    }))
+}
+
+fn order_event<S: Text>(h: Head<'_>, raw: RawOrder<S>) -> Result<Event, Rejection> {
+    let et = h.et;
+    let kind = OrderEventKind::ALL
+        .iter()
+        .copied()
+        .find(|k| k.as_str() == et)
+        .expect("checked by check_head");
+    let order_status = match (kind, &raw.order_status) {
+        (OrderEventKind::CompensationCompleted, s) => {
+            s.as_ref().and_then(|s| OrderStatus::parse(s.as_ref()))
+        }
+        (_, None) => {
+            return Err(Rejection::schema(format!(
+                "{et} lacks required field `orderStatus`"
+            )))
+        }
+        (k, Some(s)) => {
+            let s = s.as_ref();
+            let st = OrderStatus::parse(s).ok_or_else(|| {
+                Rejection::schema(format!("{et}: orderStatus `{s}` is not an order state"))
+            })?;
+            let fits = match k {
+                OrderEventKind::Created => st == OrderStatus::Proposed,
+                OrderEventKind::Authorized => st == OrderStatus::Authorized,
+                OrderEventKind::Activated => st == OrderStatus::Activated,
+                OrderEventKind::Started => st == OrderStatus::InProgress,
+                OrderEventKind::Resulted => {
+                    matches!(
+                        st,
+                        OrderStatus::Resulted | OrderStatus::Dispensed | OrderStatus::Completed
+                    )
                 }
-            }
-            let attempt = raw.attempt.unwrap_or(1);
-            if attempt == 0 || attempt > limits::MAX_ATTEMPT {
+                OrderEventKind::Verified => st == OrderStatus::Verified,
+                OrderEventKind::Closed => st == OrderStatus::Closed,
+                OrderEventKind::Cancelled => st == OrderStatus::Cancelled,
+                OrderEventKind::CompensationCompleted => true,
+            };
+            if !fits {
                 return Err(Rejection::schema(format!(
-                    "{et}: attempt {attempt} is outside 1..={}",
-                    limits::MAX_ATTEMPT
+                    "{et}: orderStatus `{s}` does not fit the event type"
                 )));
             }
-            let due_at = match raw.due_at {
-                Some(d) => Some(
-                    parse_time(&d).map_err(|e| Rejection::schema(format!("{et}: dueAt {e}")))?,
-                ),
-                None => None,
-            };
-            Ok(Event::Task(TaskEvent {
-                event_id,
-                event_time,
-                pos,
-                task_instance_id: non_empty(raw.task_instance_id, "taskInstanceId", et)?,
-                workflow_instance_id: non_empty(
-                    raw.workflow_instance_id,
-                    "workflowInstanceId",
-                    et,
-                )?,
-                patient_id: raw.patient_id,
-                task_def_id: non_empty(raw.task_def_id, "taskDefId", et)?,
-                task_name: raw.task_name,
-                status,
-                attempt,
-                error_message: raw.error_message,
-                due_at,
-                raw_key: key.map(Arc::from),
-                raw: Some(Arc::from(text)),
-            }))
+            Some(st)
         }
-        InputTopic::Workflows => {
-            let raw: RawWorkflow = serde_json::from_value(value)
-                .map_err(|e| Rejection::schema(format!("{et}: {e}")))?;
-            let kind = match et {
-                "WORKFLOW_STARTED" => WorkflowEventKind::Started,
-                "WORKFLOW_ESCALATED" => WorkflowEventKind::Escalated,
-                "WORKFLOW_FAILED" => WorkflowEventKind::Failed,
-                _ => WorkflowEventKind::Completed,
-            };
-            let (template_id, template_version) = if kind == WorkflowEventKind::Started {
-                (
-                    Some(non_empty(raw.template_id, "templateId", et)?),
-                    Some(required(raw.template_version, "templateVersion", et)?),
-                )
-            } else {
-                (raw.template_id, raw.template_version)
-            };
-            Ok(Event::Workflow(WorkflowEvent {
-                event_id,
-                event_time,
-                pos,
-                workflow_instance_id: non_empty(
-                    raw.workflow_instance_id,
-                    "workflowInstanceId",
-                    et,
-                )?,
-                kind,
-                patient_id: raw.patient_id,
-                template_id,
-                template_version,
-                template_name: raw.workflow_template_name,
-                escalation_reason: raw.escalation_reason,
-                raw_key: key.map(Arc::from),
-                raw: Some(Arc::from(text)),
-            }))
-        }
-        InputTopic::Orders => {
-            let raw: RawOrder = serde_json::from_value(value)
-                .map_err(|e| Rejection::schema(format!("{et}: {e}")))?;
-            let kind = OrderEventKind::ALL
-                .iter()
-                .copied()
-                .find(|k| k.as_str() == et)
-                .expect("checked above");
-            let order_status = match (kind, raw.order_status) {
-                (OrderEventKind::CompensationCompleted, s) => {
-                    s.and_then(|s| OrderStatus::parse(&s))
-                }
-                (_, None) => {
-                    return Err(Rejection::schema(format!(
-                        "{et} lacks required field `orderStatus`"
-                    )))
-                }
-                (k, Some(s)) => {
-                    let st = OrderStatus::parse(&s).ok_or_else(|| {
-                        Rejection::schema(format!("{et}: orderStatus `{s}` is not an order state"))
-                    })?;
-                    let fits = match k {
-                        OrderEventKind::Created => st == OrderStatus::Proposed,
-                        OrderEventKind::Authorized => st == OrderStatus::Authorized,
-                        OrderEventKind::Activated => st == OrderStatus::Activated,
-                        OrderEventKind::Started => st == OrderStatus::InProgress,
-                        OrderEventKind::Resulted => {
-                            matches!(
-                                st,
-                                OrderStatus::Resulted
-                                    | OrderStatus::Dispensed
-                                    | OrderStatus::Completed
-                            )
-                        }
-                        OrderEventKind::Verified => st == OrderStatus::Verified,
-                        OrderEventKind::Closed => st == OrderStatus::Closed,
-                        OrderEventKind::Cancelled => st == OrderStatus::Cancelled,
-                        OrderEventKind::CompensationCompleted => true,
-                    };
-                    if !fits {
-                        return Err(Rejection::schema(format!(
-                            "{et}: orderStatus `{s}` does not fit the event type"
-                        )));
-                    }
-                    Some(st)
-                }
-            };
-            let md = raw.metadata.unwrap_or_default();
-            if kind == OrderEventKind::CompensationCompleted && md.action_id.is_none() {
-                return Err(Rejection::schema(format!(
-                    "{et} lacks required field `metadata.actionId`"
-                )));
-            }
-            let order_type = raw.order_type;
-            if kind == OrderEventKind::Created && order_type.is_none() {
-                return Err(Rejection::schema(format!(
-                    "{et} lacks required field `orderType`"
-                )));
-            }
-            Ok(Event::Order(OrderEvent {
-                event_id,
-                event_time,
-                pos,
-                kind,
-                order_id: non_empty(raw.order_id, "orderId", et)?,
-                workflow_instance_id: raw.workflow_instance_id,
-                patient_id: raw.patient_id,
-                order_type,
-                order_status,
-                actor: raw.actor,
-                actor_role: md.actor_role,
-                cost: md.cost.map(|n| n.to_string()),
-                department: md.department,
-                critical: md.critical.unwrap_or(false),
-                reason: md.reason,
-                appointment_id: md.appointment_id,
-                action_id: md.action_id,
-                raw_key: key.map(Arc::from),
-                raw: Some(Arc::from(text)),
-            }))
-        }
-        InputTopic::System => {
-            let component = system_text(&value, "component", et)?;
-            let kind = match et {
-                "HEALTH_CHECK" => SystemKind::HealthCheck {
-                    status: match system_text(&value, "status", et)?.as_str() {
-                        "UP" => HealthStatus::Up,
-                        "DEGRADED" => HealthStatus::Degraded,
-                        "UNHEALTHY" => HealthStatus::Unhealthy,
-                        other => {
-                            return Err(Rejection::schema(format!(
-                                "{et}: status `{other}` is not UP, DEGRADED or UNHEALTHY"
-                            )))
-                        }
-                    },
-                },
-                "PERFORMANCE_METRIC" => SystemKind::Metric {
-                    metric_name: system_text(&value, "metricName", et)?,
-                    value: match value.get("value") {
-                        Some(Value::Number(n)) => n.to_string(),
-                        Some(_) => {
-                            return Err(Rejection::schema(format!(
-                                "{et}: field `value` must be a number"
-                            )))
-                        }
-                        None => {
-                            return Err(Rejection::schema(format!(
-                                "{et} lacks required field `value`"
-                            )))
-                        }
-                    },
-                    unit: system_text(&value, "unit", et)?,
-                },
-                "ERROR_REPORT" => SystemKind::ErrorReport {
-                    severity: {
-                        let text = system_text(&value, "severity", et)?;
-                        Severity::parse(&text).ok_or_else(|| {
-                            Rejection::schema(format!(
-                                "{et}: severity `{text}` is not CRITICAL, HIGH, MEDIUM or LOW"
-                            ))
-                        })?
-                    },
-                    message: system_text(&value, "message", et)?,
-                },
-                "AUDIT_EVENT" => SystemKind::Audit {
-                    actor: system_text(&value, "actor", et)?,
-                    action: system_text(&value, "action", et)?,
-                    entity_type: system_text(&value, "entityType", et)?,
-                    entity_id: system_text(&value, "entityId", et)?,
-                    details: value
-                        .get("details")
-                        .filter(|d| !d.is_null())
-                        .map(Value::to_string),
-                },
-                _ => unreachable!("system event types are checked above"),
-            };
-            Ok(Event::System(SystemEvent {
-                event_id,
-                event_time,
-                pos,
-                component,
-                kind,
-            }))
-        }
-        InputTopic::Definitions => unreachable!("handled above"),
+    };
+    let md = raw.metadata.unwrap_or_default();
+    if kind == OrderEventKind::CompensationCompleted && md.action_id.is_none() {
+        return Err(Rejection::schema(format!(
+            "{et} lacks required field `metadata.actionId`"
+        )));
+    }
+    let order_type = raw.order_type;
+    if kind == OrderEventKind::Created && order_type.is_none() {
+        return Err(Rejection::schema(format!(
+            "{et} lacks required field `orderType`"
+        )));
+    }
+    Ok(Event::Order(OrderEvent {
+        event_id: h.event_id,
+        event_time: h.event_time,
+        pos: h.pos,
+        kind,
+        order_id: non_empty(raw.order_id, "orderId", et)?,
+        workflow_instance_id: raw.workflow_instance_id.map(Into::into),
+        patient_id: raw.patient_id.map(Into::into),
+        order_type: order_type.map(Into::into),
+        order_status,
+        actor: raw.actor.map(Into::into),
+        actor_role: md.actor_role.map(Into::into),
+        cost: md.cost.map(|n| n.to_string()),
+        department: md.department.map(Into::into),
+        critical: md.critical.unwrap_or(false),
+        reason: md.reason.map(Into::into),
+        appointment_id: md.appointment_id.map(Into::into),
+        action_id: md.action_id.map(Into::into),
+        raw_key: h.key.map(Arc::from),
+        raw: Some(Arc::from(h.text)),
+    }))
+}
+
+/// A top-level field of a system event, as far as [`system_event`] looks at it.
+enum SystemField<'v> {
+    Text(&'v str),
+    Number(&'v serde_json::Number),
+    /// null, a boolean, an array or an object.
+    Other,
+}
+
+/// A system event's top-level fields: the DOM's, or those the one-pass decoder kept.
+trait SystemFields {
+    fn field(&self, name: &str) -> Option<SystemField<'_>>;
+    /// `details` as compact JSON, `None` when absent or null.
+    fn details_json(&self) -> Option<String>;
+}
+
+impl SystemFields for Value {
+    fn field(&self, name: &str) -> Option<SystemField<'_>> {
+        self.get(name).map(|v| match v {
+            Value::String(s) => SystemField::Text(s),
+            Value::Number(n) => SystemField::Number(n),
+            _ => SystemField::Other,
+        })
+    }
+    fn details_json(&self) -> Option<String> {
+        self.get("details")
+            .filter(|d| !d.is_null())
+            .map(Value::to_string)
     }
 }
 
+fn system_event(h: Head<'_>, fields: &impl SystemFields) -> Result<Event, Rejection> {
+    let et = h.et;
+    let text = |field: &str| system_text(fields, field, et);
+    let component = text("component")?;
+    let kind = match et {
+        "HEALTH_CHECK" => SystemKind::HealthCheck {
+            status: match text("status")?.as_str() {
+                "UP" => HealthStatus::Up,
+                "DEGRADED" => HealthStatus::Degraded,
+                "UNHEALTHY" => HealthStatus::Unhealthy,
+                other => {
+                    return Err(Rejection::schema(format!(
+                        "{et}: status `{other}` is not UP, DEGRADED or UNHEALTHY"
+                    )))
+                }
+            },
+        },
+        "PERFORMANCE_METRIC" => SystemKind::Metric {
+            metric_name: text("metricName")?,
+            value: match fields.field("value") {
+                Some(SystemField::Number(n)) => n.to_string(),
+                Some(_) => {
+                    return Err(Rejection::schema(format!(
+                        "{et}: field `value` must be a number"
+                    )))
+                }
+                None => {
+                    return Err(Rejection::schema(format!(
+                        "{et} lacks required field `value`"
+                    )))
+                }
+            },
+            unit: text("unit")?,
+        },
+        "ERROR_REPORT" => SystemKind::ErrorReport {
+            severity: {
+                let text = text("severity")?;
+                Severity::parse(&text).ok_or_else(|| {
+                    Rejection::schema(format!(
+                        "{et}: severity `{text}` is not CRITICAL, HIGH, MEDIUM or LOW"
+                    ))
+                })?
+            },
+            message: text("message")?,
+        },
+        "AUDIT_EVENT" => SystemKind::Audit {
+            actor: text("actor")?,
+            action: text("action")?,
+            entity_type: text("entityType")?,
+            entity_id: text("entityId")?,
+            details: fields.details_json(),
+        },
+        _ => unreachable!("system event types are checked by check_head"),
+    };
+    Ok(Event::System(SystemEvent {
+        event_id: h.event_id,
+        event_time: h.event_time,
+        pos: h.pos,
+        component,
+        kind,
+    }))
+}
+
 /// A required, non-empty string field of a system event.
-fn system_text(value: &Value, field: &str, et: &str) -> Result<String, Rejection> {
-    match value.get(field) {
-        Some(Value::String(c)) if c.len() > limits::MAX_ID_BYTES && field == "component" => {
+fn system_text(fields: &impl SystemFields, field: &str, et: &str) -> Result<String, Rejection> {
+    match fields.field(field) {
+        Some(SystemField::Text(c)) if c.len() > limits::MAX_ID_BYTES && field == "component" => {
             Err(Rejection::schema(format!(
                 "{et}: field `component` has {} bytes, more than the {} an identifier may have",
                 c.len(),
                 limits::MAX_ID_BYTES
             )))
         }
-        Some(Value::String(c)) if !c.is_empty() => Ok(c.clone()),
-        Some(Value::String(_)) => Err(Rejection::schema(format!("{et}: field `{field}` is empty"))),
+        Some(SystemField::Text(c)) if !c.is_empty() => Ok(c.to_string()),
+        Some(SystemField::Text(_)) => {
+            Err(Rejection::schema(format!("{et}: field `{field}` is empty")))
+        }
         Some(_) => Err(Rejection::schema(format!(
             "{et}: field `{field}` must be a string"
         ))),
@@ -1152,6 +1272,42 @@ pub fn validate_template(t: &Template) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The one-pass decoder alone: `Some` for the records it decodes itself, `None` for those it
+/// leaves to [`decode_reference`]. For tests and benchmarks (how much takes the fast path).
+#[doc(hidden)]
+pub fn decode_one_pass(
+    topic: InputTopic,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    pos: Pos,
+) -> Option<Event> {
+    if topic == InputTopic::Definitions {
+        return None;
+    }
+    one_pass::decode(topic, key, std::str::from_utf8(value?).ok()?, pos)
+}
+
+/// [`decode`] and [`decode_reference`] agree on this record: the same event, or the same
+/// rejection (reason and detail). The fuzz target and the parity tests call it. Panics when
+/// they do not.
+#[doc(hidden)]
+pub fn check_decoders_agree(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u8]>) {
+    let pos = Pos {
+        partition: 3,
+        offset: 17,
+    };
+    let fast = decode(topic, key, value, pos);
+    let reference = decode_reference(topic, key, value, pos);
+    if fast != reference {
+        let value = value.map(String::from_utf8_lossy);
+        let value: Option<String> = value.map(|v| v.chars().take(2000).collect());
+        panic!(
+            "decode and decode_reference differ on {topic:?}, key {key:?}, value {value:?}:\n\
+             decode:    {fast:?}\ndecode_reference: {reference:?}"
+        );
+    }
 }
 
 /// What must hold of any record, whatever its bytes (the fuzz target and the corpus replay in

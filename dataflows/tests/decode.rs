@@ -6,7 +6,8 @@
 //! topic, so a case changes exactly one thing.
 
 use hmis_dataflows::events::{
-    decode, Event, InputTopic, OrderEventKind, OrderStatus, Pos, TaskStatus, WorkflowEventKind,
+    check_decoders_agree, decode, Event, InputTopic, OrderEventKind, OrderStatus, Pos, TaskStatus,
+    WorkflowEventKind,
 };
 use hmis_dataflows::output::RejectReason::{self, *};
 use serde_json::{json, Value};
@@ -95,6 +96,8 @@ fn run(
     key: Option<&str>,
     value: Option<&[u8]>,
 ) -> Result<Event, hmis_dataflows::events::Rejection> {
+    // Every case also compares the one-pass decoder with the reference one.
+    check_decoders_agree(topic, key.map(str::as_bytes), value);
     decode(
         topic,
         key.map(str::as_bytes),
@@ -1298,6 +1301,7 @@ fn tombstones() {
 /// Issue 11: every shape of record a Kafka client can send is decoded or rejected with a
 /// reason, and whatever is accepted carries nothing PostgreSQL or Kafka would refuse later.
 fn reason_of(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u8]>) -> Option<RejectReason> {
+    check_decoders_agree(topic, key, value);
     decode(topic, key, value, Pos::default()).err().map(|r| {
         assert!(!r.detail.is_empty(), "a rejection says why");
         r.reason
@@ -1585,6 +1589,7 @@ fn the_fuzz_corpus_passes_the_fuzz_targets_checks() {
         };
         let value = if head & 0x80 != 0 { None } else { Some(value) };
         hmis_dataflows::events::check_any_record(topic, key, value);
+        check_decoders_agree(topic, key, value);
         n += 1;
     }
     assert!(n >= 20, "the corpus holds the seeds ({n})");
