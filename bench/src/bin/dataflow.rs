@@ -44,6 +44,7 @@ use serde_json::{json, Value};
 use hmis_bench::{
     machine_info, proc_status_bytes, process_cpu_secs, si, write_result, LoadMonitor,
 };
+use hmis_dataflows::engine::{build_core, Core};
 use hmis_dataflows::events::{
     decode, format_time, Event, InputTopic, OrderEvent, Pos, TaskEvent, Template, WorkflowEvent,
 };
@@ -51,7 +52,6 @@ use hmis_dataflows::gather::Gather;
 use hmis_dataflows::orders::{evaluate_order, fold_order};
 use hmis_dataflows::tasks::{dedup_by_event_id, fold_task};
 use hmis_dataflows::workflows::{evaluate, fold_workflow, OrderFact, WfFact, WfOut};
-use hmis_dataflows::engine::{build_core, Core};
 use hmis_dataflows::{RulesConfig, Sessions};
 
 /// The runtime's core, or the one `HMIS_CORE` names (`keyed`, `differential`).
