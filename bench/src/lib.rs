@@ -292,3 +292,25 @@ mod tests {
         assert!(proc_status_bytes("VmHWM").unwrap() >= proc_status_bytes("VmRSS").unwrap() / 2);
     }
 }
+
+/// The services every end-to-end benchmark talks to: the same flags, variables and defaults
+/// in each binary (`#[command(flatten)]`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Services {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "HMIS_BROKERS", default_value = "127.0.0.1:19092")]
+    pub brokers: String,
+    /// PostgreSQL URL; each run's tables go into a private schema of it.
+    #[arg(
+        long,
+        env = "HMIS_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:15432/hmis"
+    )]
+    pub database_url: String,
+}
+
+/// `base` with `search_path` set to `schema` (libpq's `options` parameter).
+pub fn schema_url(base: &str, schema: &str) -> String {
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}options=-c%20search_path%3D{schema}")
+}

@@ -1289,6 +1289,24 @@ pub fn decode_one_pass(
     one_pass::decode(topic, key, std::str::from_utf8(value?).ok()?, pos)
 }
 
+/// The fuzz target's layout of a record in its input bytes: a topic byte (its high bit: a
+/// null value), a key length, the key, the value. `None` for empty input. The fuzz target,
+/// the corpus replay in `tests/decode.rs` and `tests/decode_parity.rs` read it this way.
+#[doc(hidden)]
+pub fn fuzz_record(data: &[u8]) -> Option<(InputTopic, Option<&[u8]>, Option<&[u8]>)> {
+    let (&head, rest) = data.split_first()?;
+    let topic = InputTopic::ALL[usize::from(head & 0x7f) % InputTopic::ALL.len()];
+    let (key, value) = match rest.split_first() {
+        Some((&len, rest)) => {
+            let len = usize::from(len % 64).min(rest.len());
+            (Some(&rest[..len]), &rest[len..])
+        }
+        None => (None, rest),
+    };
+    let value = if head & 0x80 != 0 { None } else { Some(value) };
+    Some((topic, key, value))
+}
+
 /// [`decode`] and [`decode_reference`] agree on this record: the same event, or the same
 /// rejection (reason and detail). The fuzz target and the parity tests call it. Panics when
 /// they do not.

@@ -6,8 +6,8 @@
 //! topic, so a case changes exactly one thing.
 
 use hmis_dataflows::events::{
-    check_decoders_agree, decode, Event, InputTopic, OrderEventKind, OrderStatus, Pos, TaskStatus,
-    WorkflowEventKind,
+    check_decoders_agree, decode, fuzz_record, Event, InputTopic, OrderEventKind, OrderStatus, Pos,
+    TaskStatus, WorkflowEventKind,
 };
 use hmis_dataflows::output::RejectReason::{self, *};
 use serde_json::{json, Value};
@@ -1576,18 +1576,9 @@ fn the_fuzz_corpus_passes_the_fuzz_targets_checks() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let data = std::fs::read(entry.unwrap().path()).unwrap();
         // The target's layout: topic byte (high bit: null value), key length, key, value.
-        let Some((&head, rest)) = data.split_first() else {
+        let Some((topic, key, value)) = fuzz_record(&data) else {
             continue;
         };
-        let topic = InputTopic::ALL[usize::from(head & 0x7f) % InputTopic::ALL.len()];
-        let (key, value) = match rest.split_first() {
-            Some((&len, rest)) => {
-                let len = usize::from(len % 64).min(rest.len());
-                (Some(&rest[..len]), &rest[len..])
-            }
-            None => (None, rest),
-        };
-        let value = if head & 0x80 != 0 { None } else { Some(value) };
         hmis_dataflows::events::check_any_record(topic, key, value);
         check_decoders_agree(topic, key, value);
         n += 1;

@@ -14,7 +14,8 @@
 mod history;
 
 use hmis_dataflows::events::{
-    check_decoders_agree, decode_one_pass, decode_reference, limits, Event, InputTopic, Pos,
+    check_decoders_agree, decode_one_pass, decode_reference, fuzz_record, limits, Event,
+    InputTopic, Pos,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -503,18 +504,9 @@ fn the_fuzz_corpus_agrees() {
         for topic in EVENT_TOPICS {
             check_decoders_agree(topic, None, Some(&data));
         }
-        let Some((&head, rest)) = data.split_first() else {
+        let Some((topic, key, value)) = fuzz_record(&data) else {
             continue;
         };
-        let topic = InputTopic::ALL[usize::from(head & 0x7f) % InputTopic::ALL.len()];
-        let (key, value) = match rest.split_first() {
-            Some((&len, rest)) => {
-                let len = usize::from(len % 64).min(rest.len());
-                (Some(&rest[..len]), &rest[len..])
-            }
-            None => (None, rest),
-        };
-        let value = if head & 0x80 != 0 { None } else { Some(value) };
         check_decoders_agree(topic, key, value);
         n += 1;
     }

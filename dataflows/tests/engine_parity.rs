@@ -327,15 +327,36 @@ fn seeds() -> u64 {
         .unwrap_or(30)
 }
 
-fn check(kind: &str, generate: fn(u64) -> history::History) {
-    let mut failures = Vec::new();
+/// `HMIS_PARITY_SEED` (one seed, also returned) or seeds `0..`[`seeds`]`()`.
+fn chosen_seeds() -> (Option<u64>, Vec<u64>) {
     let only: Option<u64> = std::env::var("HMIS_PARITY_SEED")
         .ok()
         .and_then(|s| s.parse().ok());
-    let seeds: Vec<u64> = match only {
+    let seeds = match only {
         Some(s) => vec![s],
         None => (0..seeds()).collect(),
     };
+    (only, seeds)
+}
+
+/// Fails with the first three differences, if any.
+fn assert_none_differ(failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} runs differ; first ones:\n{}",
+        failures.len(),
+        failures
+            .iter()
+            .take(3)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n\n")
+    );
+}
+
+fn check(kind: &str, generate: fn(u64) -> history::History) {
+    let mut failures = Vec::new();
+    let (_, seeds) = chosen_seeds();
     for seed in seeds {
         let h = generate(seed);
         let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed);
@@ -400,17 +421,7 @@ fn check(kind: &str, generate: fn(u64) -> history::History) {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} runs differ; first ones:\n{}",
-        failures.len(),
-        failures
-            .iter()
-            .take(3)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n\n")
-    );
+    assert_none_differ(&failures);
 }
 
 #[test]
@@ -557,13 +568,7 @@ fn stats_of(cfg: &RulesConfig) -> [i64; 7] {
 
 #[test]
 fn lifecycle_histories_give_identical_flushes() {
-    let only: Option<u64> = std::env::var("HMIS_PARITY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok());
-    let seeds: Vec<u64> = match only {
-        Some(s) => vec![s],
-        None => (0..seeds()).collect(),
-    };
+    let (only, seeds) = chosen_seeds();
     let mut failures = Vec::new();
     let (mut dead, mut retired, mut late) = (0, 0, 0);
     for seed in seeds {
@@ -673,17 +678,7 @@ fn lifecycle_histories_give_identical_flushes() {
     for f in &failures {
         println!("DIFFERS: {}", f.lines().next().unwrap_or_default());
     }
-    assert!(
-        failures.is_empty(),
-        "{} runs differ; first ones:\n{}",
-        failures.len(),
-        failures
-            .iter()
-            .take(3)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n\n")
-    );
+    assert_none_differ(&failures);
     assert!(
         only.is_some() || (dead > 0 && retired > 0 && late > 0),
         "the lifecycle is in reach: {dead} dead letters, {retired} retirements, {late} late"

@@ -10,20 +10,11 @@
 //! `dataflows/tests/decode.rs` replays the corpus (`corpus/decode/`) on stable Rust.
 #![no_main]
 
-use hmis_dataflows::events::{check_any_record, check_decoders_agree, InputTopic};
+use hmis_dataflows::events::{check_any_record, check_decoders_agree, fuzz_record};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&head, rest)) = data.split_first() else { return };
-    let topic = InputTopic::ALL[usize::from(head & 0x7f) % InputTopic::ALL.len()];
-    let (key, value) = match rest.split_first() {
-        Some((&len, rest)) => {
-            let len = usize::from(len % 64).min(rest.len());
-            (Some(&rest[..len]), &rest[len..])
-        }
-        None => (None, rest),
-    };
-    let value = if head & 0x80 != 0 { None } else { Some(value) };
+    let Some((topic, key, value)) = fuzz_record(data) else { return };
     // Decoding never panics, a rejection says why, nothing accepted holds what PostgreSQL
     // refuses, and the record's dead letter fits PostgreSQL and Kafka.
     check_any_record(topic, key, value);

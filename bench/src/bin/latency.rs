@@ -38,7 +38,10 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 
-use hmis_bench::{machine_info, proc_status_bytes, summary, wall_ms, write_result, LoadMonitor};
+use hmis_bench::{
+    machine_info, proc_status_bytes, schema_url, summary, wall_ms, write_result, LoadMonitor,
+    Services,
+};
 use hmis_dataflows::events::{format_time, parse_time};
 use hmis_flow::config::{ClockMode, Config, Topics};
 use hmis_flow::workload::WorkloadRecord;
@@ -71,16 +74,8 @@ struct Args {
     /// Seed of the deadlines.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "HMIS_BROKERS", default_value = "127.0.0.1:19092")]
-    brokers: String,
-    /// PostgreSQL URL (a private schema is created in it).
-    #[arg(
-        long,
-        env = "HMIS_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:15432/hmis"
-    )]
-    database_url: String,
+    #[command(flatten)]
+    services: Services,
     /// VACUUM the outbox table once the backlog is published (an experiment: the outbox's
     /// dead rows from the catch-up slow the publisher until autovacuum comes by).
     #[arg(long)]
@@ -130,11 +125,9 @@ fn private_config(args: &Args, id: &str) -> Config {
         dead_letter: p(&d.dead_letter),
         analytics: p(&d.analytics),
     };
-    let base = &args.database_url;
-    let sep = if base.contains('?') { '&' } else { '?' };
     let mut cfg = Config {
-        brokers: args.brokers.clone(),
-        database_url: format!("{base}{sep}options=-c%20search_path%3D{id}"),
+        brokers: args.services.brokers.clone(),
+        database_url: schema_url(&args.services.database_url, id),
         group_id: id.to_string(),
         clock: ClockMode::Wall,
         until_caught_up: false,
@@ -314,7 +307,8 @@ async fn cleanup(args: &Args, cfg: &Config, id: &str) -> anyhow::Result<()> {
     if !failed.is_empty() {
         eprintln!("topics not deleted: {}", failed.join(", "));
     }
-    let (client, conn) = tokio_postgres::connect(&args.database_url, tokio_postgres::NoTls).await?;
+    let (client, conn) =
+        tokio_postgres::connect(&args.services.database_url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     client
         .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{id}\" CASCADE"))
@@ -384,9 +378,10 @@ fn main() -> anyhow::Result<()> {
 
     // Schema and topics.
     rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(&args.database_url, tokio_postgres::NoTls)
-            .await
-            .context("connecting to PostgreSQL")?;
+        let (client, conn) =
+            tokio_postgres::connect(&args.services.database_url, tokio_postgres::NoTls)
+                .await
+                .context("connecting to PostgreSQL")?;
         tokio::spawn(conn);
         client
             .batch_execute(&format!("CREATE SCHEMA \"{id}\""))

@@ -29,7 +29,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
-use hmis_bench::{machine_info, wall_ms, write_result, LoadMonitor};
+use hmis_bench::{machine_info, schema_url, wall_ms, write_result, LoadMonitor, Services};
 
 #[derive(Parser, Debug)]
 #[command(about = "hmis-flow next to its peers on one workload (bench/run.sh)")]
@@ -46,14 +46,8 @@ struct Args {
     /// Timely workers of hmis-flow (Pathway gets as many threads).
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    #[arg(long, env = "HMIS_BROKERS", default_value = "127.0.0.1:19092")]
-    brokers: String,
-    #[arg(
-        long,
-        env = "HMIS_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:15432/hmis"
-    )]
-    database_url: String,
+    #[command(flatten)]
+    services: Services,
     /// Python of the Pathway venv (bench/.venv/bin/python); missing: Pathway is skipped and
     /// the JSON says so.
     #[arg(long)]
@@ -110,16 +104,11 @@ const OUTPUTS: [(&str, &str); 4] = [
     ("analytics", "workflow-analytics"),
 ];
 
-fn schema_url(base: &str, schema: &str) -> String {
-    let sep = if base.contains('?') { '&' } else { '?' };
-    format!("{base}{sep}options=-c%20search_path%3D{schema}")
-}
-
 fn config_toml(args: &Args, id: &str) -> String {
     let mut s = format!(
         "brokers = {:?}\ndatabase_url = {:?}\ngroup_id = {:?}\n[topics]\n",
-        args.brokers,
-        schema_url(&args.database_url, id),
+        args.services.brokers,
+        schema_url(&args.services.database_url, id),
         id
     );
     for (k, name) in INPUTS.iter().chain(OUTPUTS.iter()) {
@@ -614,7 +603,7 @@ fn latency_at_rate(
             .stdout(Stdio::piped())
             .spawn()
             .context("starting generate")?;
-        let db = rt.block_on(pg(&schema_url(&args.database_url, &id)))?;
+        let db = rt.block_on(pg(&schema_url(&args.services.database_url, &id)))?;
         let sql =
             "SELECT topic, partition, next_offset FROM hmis_input_offsets WHERE group_id = $1";
         // Per (topic, partition): (wall ms, committed next offset) whenever it moved.
@@ -673,7 +662,7 @@ fn latency_at_rate(
 
         // Every input record's produce timestamp, from the topics themselves.
         let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
-            .set("bootstrap.servers", &args.brokers)
+            .set("bootstrap.servers", &args.services.brokers)
             .set("group.id", format!("{id}-reader"))
             .set("enable.auto.commit", "false")
             .create()?;
@@ -722,7 +711,7 @@ fn latency_at_rate(
             .map(|(_, n)| format!("{id}.{n}"))
             .collect();
         if let Ok(a) = rdkafka::config::ClientConfig::new()
-            .set("bootstrap.servers", &args.brokers)
+            .set("bootstrap.servers", &args.services.brokers)
             .create::<rdkafka::admin::AdminClient<_>>()
         {
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -801,7 +790,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let admin = rt.block_on(pg(&args.database_url))?;
+    let admin = rt.block_on(pg(&args.services.database_url))?;
     rt.block_on(admin.batch_execute(&format!("CREATE SCHEMA \"{id}\"")))?;
 
     let hmis_cmd = |sub: &[&str]| {
@@ -844,7 +833,7 @@ fn main() -> anyhow::Result<()> {
     let mut failures: Vec<String> = Vec::new();
 
     // 1. hmis-flow end to end: Kafka → dataflow → PostgreSQL rows + outbox → Kafka.
-    let db = rt.block_on(pg(&args.database_url))?;
+    let db = rt.block_on(pg(&args.services.database_url))?;
     let offsets_sql = format!(
         "SELECT coalesce(sum(next_offset), 0)::bigint FROM \"{id}\".hmis_input_offsets WHERE group_id = $1"
     );
@@ -951,9 +940,9 @@ fn main() -> anyhow::Result<()> {
             .arg(format!("{id}-seed"))
             .args([
                 "--brokers",
-                &args.brokers,
+                &args.services.brokers,
                 "--database-url",
-                &args.database_url,
+                &args.services.database_url,
             ]);
         let c2 = counter.clone();
         let m = measure(
@@ -1131,7 +1120,7 @@ fn main() -> anyhow::Result<()> {
             .map(|(_, n)| format!("{id}.{n}"))
             .collect();
         let admin_client: rdkafka::admin::AdminClient<_> = rdkafka::config::ClientConfig::new()
-            .set("bootstrap.servers", &args.brokers)
+            .set("bootstrap.servers", &args.services.brokers)
             .create()?;
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let _ =

@@ -39,6 +39,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use tokio_postgres::{Client, NoTls};
 
+use hmis_bench::{schema_url, Services};
 use hmis_dataflows::events::parse_time;
 
 #[derive(Parser, Debug)]
@@ -46,15 +47,8 @@ use hmis_dataflows::events::parse_time;
     about = "The seed's design (per-event read-modify-write in PostgreSQL + polling scheduler)"
 )]
 struct Args {
-    #[arg(long, env = "HMIS_BROKERS", default_value = "127.0.0.1:19092")]
-    brokers: String,
-    /// PostgreSQL URL; the tables go into `--schema`.
-    #[arg(
-        long,
-        env = "HMIS_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:15432/hmis"
-    )]
-    database_url: String,
+    #[command(flatten)]
+    services: Services,
     /// Schema of this run (dropped and created).
     #[arg(long)]
     schema: String,
@@ -89,11 +83,6 @@ fn topic(args: &Args, name: &str) -> String {
     } else {
         format!("{}.{name}", args.topic_prefix)
     }
-}
-
-fn schema_url(base: &str, schema: &str) -> String {
-    let sep = if base.contains('?') { '&' } else { '?' };
-    format!("{base}{sep}options=-c%20search_path%3D{schema}")
 }
 
 const SCHEMA_SQL: &str = r#"
@@ -769,14 +758,14 @@ fn scheduler(
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let started = Instant::now();
-    let url = schema_url(&args.database_url, &args.schema);
+    let url = schema_url(&args.services.database_url, &args.schema);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
 
     // Fresh schema.
     rt.block_on(async {
-        let db = connect(&args.database_url).await?;
+        let db = connect(&args.services.database_url).await?;
         db.batch_execute(&format!(
             "DROP SCHEMA IF EXISTS \"{0}\" CASCADE; CREATE SCHEMA \"{0}\";",
             args.schema
@@ -788,7 +777,7 @@ fn main() -> anyhow::Result<()> {
     })?;
 
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
+        .set("bootstrap.servers", &args.services.brokers)
         .set("group.id", &args.group_id)
         .set("enable.auto.commit", "true")
         .set("auto.offset.reset", "earliest")

@@ -1,5 +1,6 @@
-//! The keyed core (docs/engine.md, steps 1 and 2), built next to the differential one in
-//! [`crate::build`], which it does not replace yet.
+//! The keyed core (docs/engine.md, steps 1 and 2): what the runtime and the in-memory
+//! harness run ([`Core::from_env`]). The earlier differential core ([`crate::build`]) is kept
+//! as a second implementation the keyed one is checked against until step 3.
 //!
 //! ```text
 //!  order events ──exchange(orderId)──► OrderOp ──► rows, events, alerts, dead letters ─┐
@@ -14,10 +15,11 @@
 //! - [`order_op`], [`workflow_op`]: today's pure rule functions (`fold_*`, `evaluate*`)
 //!   driven per key and stamp; outputs diffed against the key's previous ones.
 //!
+//! - [`life`]: the lifecycle as state of the key (unknown references after the grace,
+//!   retirement, tombstones).
+//!
 //! [`build_keyed`] has [`crate::build`]'s signature and output; the differential test
-//! `dataflows/tests/engine_parity.rs` compares the two. Missing: the lifecycle (unknown
-//! references after the grace, retirement, tombstones): `build_keyed` neither
-//! dead-letters unknown references nor retires closed work.
+//! `dataflows/tests/engine_parity.rs` compares the two.
 
 pub mod keyed;
 pub(crate) mod life;
@@ -36,8 +38,7 @@ use crate::{Emit, Inputs, RulesConfig};
 use order_op::OrderLogic;
 use workflow_op::{WfRec, WorkflowLogic};
 
-/// The rules on the keyed core: same inputs and output as [`crate::build`] (see the module
-/// doc for what is missing).
+/// The rules on the keyed core: same inputs and output as [`crate::build`].
 pub fn build_keyed<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64, Emit> {
     let scope = inputs.orders.scope();
     let life = cfg.lifecycle.clone();
