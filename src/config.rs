@@ -144,7 +144,7 @@ impl Default for Config {
             until_caught_up: false,
             replication_factor: 1,
             max_record_bytes: 1 << 20,
-            poll_batch: 10_000,
+            poll_batch: 2_000,
             tick_ms: 100,
             lock_wait_secs: 30,
             topics: Topics::default(),

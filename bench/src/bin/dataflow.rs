@@ -75,7 +75,7 @@ struct Args {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Events per input batch (the runtime's default poll_batch).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 2_000)]
     batch: usize,
     /// Worker counts to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]

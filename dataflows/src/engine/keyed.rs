@@ -26,7 +26,9 @@
 //! reading outputs past its end).
 //!
 //! **One capability**, held at the least of the input frontier, the earliest buffered stamp
-//! and the earliest timer; outputs at a processed stamp use a capability delayed from it.
+//! and the earliest timer. The updates output while processing a run of stamps go out as
+//! one message at the run's first stamp, each update carrying its own stamp (an update's
+//! time may exceed its message's; the gather groups by the update's time).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
@@ -158,6 +160,11 @@ pub fn keyed<'s, L: KeyedLogic>(
                     (a, b) => a.or(b),
                 };
                 let complete = |t: u64| frontier.is_none_or(|f| t < f);
+                // Everything this activation outputs, each update at its own stamp, given in
+                // one message at the first stamp processed (a message's time may be below its
+                // updates' times): one message per activation, not one per stamp.
+                let mut produced: Vec<(L::Out, u64, isize)> = Vec::new();
+                let mut first: Option<u64> = None;
                 loop {
                     let next = [
                         buffer.first_key_value().map(|(t, _)| *t),
@@ -204,12 +211,14 @@ pub fn keyed<'s, L: KeyedLogic>(
                         }
                     }
                     if !cx.out.is_empty() {
-                        let held = cap.as_ref().expect("a capability while stamps are pending");
-                        let at = held.delayed(&t);
-                        output
-                            .session(&at)
-                            .give_iterator(cx.out.into_iter().map(|(o, d)| (o, t, d)));
+                        first.get_or_insert(t);
+                        produced.extend(cx.out.into_iter().map(|(o, d)| (o, t, d)));
                     }
+                }
+                if let Some(t) = first {
+                    let held = cap.as_ref().expect("a capability while stamps are pending");
+                    let at = held.delayed(&t);
+                    output.session(&at).give_iterator(produced.into_iter());
                 }
                 // Hold the one capability at the earliest time anything can still be output.
                 let hold = [

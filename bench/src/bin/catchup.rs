@@ -1,0 +1,282 @@
+//! Catch-up end to end against the broker's raw consume rate (issue 12's end-to-end figure).
+//!
+//! ```text
+//!  generate --workflows N ─► input topics (preloaded once, own topic prefix)
+//!  per repetition, alternating, same run:
+//!    raw consume: one plain rdkafka consumer reads every input partition to its end (no decode)
+//!    for each binary: fresh schema ─► migrate ─► run --until-caught-up --workers W --clock C
+//!                     (wall time of the process, its user+sys CPU and peak RSS from wait4)
+//! ```
+//!
+//! The figure is records per second of each binary divided by the raw consume rate measured
+//! in the same repetition. With two binaries (e.g. a baseline build and the current one) both
+//! run on the same topics and the same machine, alternately, so their ratio is fair too.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde_json::{json, Value};
+
+use hmis_bench::{machine_info, schema_url, si, write_result, LoadMonitor, Services};
+
+#[derive(Parser, Debug)]
+#[command(about = "hmis-flow catching up a preloaded backlog vs the broker's raw consume rate")]
+struct Args {
+    /// The hmis-flow binaries to compare (first = baseline).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "target/release/hmis-flow"
+    )]
+    binaries: Vec<PathBuf>,
+    /// Workflows generated into the topics (about 21 records each).
+    #[arg(long, default_value_t = 50_000)]
+    workflows: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// `event` or `wall`.
+    #[arg(long, default_value = "event")]
+    clock: String,
+    /// Repetitions (each: raw consume, then every binary once).
+    #[arg(long, default_value_t = 2)]
+    repeat: usize,
+    /// Extra `run` flags, e.g. `--poll-batch=10000`, one per binary (comma-separated
+    /// lists are not split: give the flag once per binary, in order; empty = none).
+    #[arg(long)]
+    run_flags: Vec<String>,
+    #[command(flatten)]
+    services: Services,
+    #[arg(long)]
+    tag: Option<String>,
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// A config file naming this run's own topics (so a preloaded backlog is not mixed).
+fn config(prefix: &str) -> anyhow::Result<PathBuf> {
+    let names = [
+        ("definitions", "definitions"),
+        ("tasks", "tasks"),
+        ("orders", "orders"),
+        ("workflows", "workflows"),
+        ("system", "system"),
+        ("derived", "derived"),
+        ("alerts", "alerts"),
+        ("dead_letter", "dead"),
+        ("analytics", "analytics"),
+    ];
+    let mut toml = String::from("[topics]\n");
+    for (k, v) in names {
+        toml += &format!("{k} = \"{prefix}.{v}\"\n");
+    }
+    let path = std::env::temp_dir().join(format!("{prefix}.toml"));
+    std::fs::write(&path, toml)?;
+    Ok(path)
+}
+
+/// Reads every partition of `topics` from the beginning to its end; (records, seconds).
+fn raw_consume(brokers: &str, topics: &[String]) -> anyhow::Result<(u64, f64)> {
+    let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("raw-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let mut ends = Vec::new();
+    for topic in topics {
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        for t in md.topics() {
+            for p in t.partitions() {
+                let (low, high) =
+                    consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+                if high > low {
+                    tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)?;
+                    ends.push(((topic.clone(), p.id()), high));
+                }
+            }
+        }
+    }
+    let total_end: i64 = ends.len() as i64;
+    let start = Instant::now();
+    consumer.assign(&tpl)?;
+    let mut n = 0u64;
+    let mut done = 0i64;
+    let mut bytes = 0usize;
+    while done < total_end {
+        let Some(m) = consumer.poll(Duration::from_secs(10)) else {
+            anyhow::bail!("raw consume: no record for 10 s after {n}");
+        };
+        let m = m?;
+        use rdkafka::Message;
+        bytes += m.payload().map_or(0, |p| p.len());
+        n += 1;
+        let key = (m.topic().to_string(), m.partition());
+        if let Some((_, high)) = ends.iter().find(|(k, _)| *k == key) {
+            if m.offset() + 1 == *high {
+                done += 1;
+            }
+        }
+    }
+    std::hint::black_box(bytes);
+    Ok((n, start.elapsed().as_secs_f64()))
+}
+
+/// Runs `cmd`, returning (wall s, user+sys CPU s, peak RSS bytes): the child's
+/// `/proc/<pid>/stat` times and `status` VmHWM (monotonic), read every 20 ms until it exits
+/// (the last reading is within 20 ms of the end).
+fn timed(cmd: &mut Command) -> anyhow::Result<(f64, f64, u64)> {
+    let start = Instant::now();
+    let mut child = cmd.spawn().context("spawning hmis-flow")?;
+    let proc_dir = format!("/proc/{}", child.id());
+    let (mut cpu, mut hwm) = (0.0f64, 0u64);
+    let ticks = 100.0; // USER_HZ on Linux
+    let status = loop {
+        if let Ok(stat) = std::fs::read_to_string(format!("{proc_dir}/stat")) {
+            // Fields after the parenthesised command name: utime and stime are 14 and 15.
+            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                if let (Some(u), Some(s)) = (f.get(11), f.get(12)) {
+                    let t = u.parse::<f64>().unwrap_or(0.0) + s.parse::<f64>().unwrap_or(0.0);
+                    cpu = cpu.max(t / ticks);
+                }
+            }
+        }
+        if let Ok(text) = std::fs::read_to_string(format!("{proc_dir}/status")) {
+            if let Some(kb) = text.lines().find_map(|l| {
+                l.strip_prefix("VmHWM:")
+                    .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            }) {
+                hwm = hwm.max(kb * 1024);
+            }
+        }
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let wall = start.elapsed().as_secs_f64();
+    anyhow::ensure!(status.success(), "hmis-flow run failed: {status}");
+    Ok((wall, cpu, hwm))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let first = &args.binaries[0];
+    let prefix = format!("catchup{}", std::process::id());
+    let cfg = config(&prefix)?;
+    let brokers = &args.services.brokers;
+    let db = &args.services.database_url;
+    let hf = |b: &PathBuf| {
+        let mut c = Command::new(b);
+        c.arg("--config").arg(&cfg).env("RUST_LOG", "warn");
+        c.stdout(std::process::Stdio::null());
+        c
+    };
+    let ok = |c: &mut Command, what: &str| -> anyhow::Result<()> {
+        let s = c.status().with_context(|| what.to_string())?;
+        anyhow::ensure!(s.success(), "{what} failed: {s}");
+        Ok(())
+    };
+    ok(
+        hf(first).args(["topics", "create", "--brokers", brokers]),
+        "topics create",
+    )?;
+    let gen_start = Instant::now();
+    let out = hf(first)
+        .args(["generate", "--quiet", "--brokers", brokers])
+        .args(["--workflows", &args.workflows.to_string()])
+        .args(["--seed", &args.seed.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "generate failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let records: u64 = text
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .context("generate printed no count")?;
+    eprintln!(
+        "preloaded {records} records in {:.1} s",
+        gen_start.elapsed().as_secs_f64()
+    );
+    let inputs: Vec<String> = ["definitions", "tasks", "orders", "workflows", "system"]
+        .iter()
+        .map(|t| format!("{prefix}.{t}"))
+        .collect();
+
+    let load = LoadMonitor::start();
+    let mut reps = Vec::new();
+    for rep in 0..args.repeat {
+        let (n, secs) = raw_consume(brokers, &inputs)?;
+        anyhow::ensure!(n == records, "raw consume read {n} of {records} records");
+        let raw_rate = n as f64 / secs;
+        eprintln!("rep {rep}: raw consume {} records/s", si(raw_rate));
+        let mut runs = Vec::new();
+        for (i, b) in args.binaries.iter().enumerate() {
+            let schema = format!("{prefix}_{rep}_{i}");
+            let mut admin = postgres_cmd(db, &format!("create schema {schema}"));
+            ok(&mut admin, "create schema")?;
+            let url = schema_url(db, &schema);
+            ok(hf(b).args(["migrate", "--database-url", &url]), "migrate")?;
+            let mut run = hf(b);
+            run.args(["run", "--brokers", brokers, "--database-url", &url])
+                .args(["--workers", &args.workers.to_string()])
+                .args(["--clock", &args.clock])
+                .args(["--group-id", &schema, "--until-caught-up"]);
+            if let Some(f) = args.run_flags.get(i).filter(|f| !f.is_empty()) {
+                run.args(f.split_whitespace());
+            }
+            let (wall, cpu, rss) = timed(&mut run)?;
+            let rate = records as f64 / wall;
+            eprintln!(
+                "rep {rep}: {} {} records/s ({:.3}x raw), {:.1} CPU-s, peak RSS {} MB",
+                b.display(),
+                si(rate),
+                rate / raw_rate,
+                cpu,
+                rss / 1_000_000
+            );
+            runs.push(json!({
+                "binary": b.display().to_string(),
+                "run_flags": args.run_flags.get(i),
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "peak_rss_bytes": rss,
+                "records_per_s": rate,
+                "ratio_to_raw_consume": rate / raw_rate,
+            }));
+            let mut drop = postgres_cmd(db, &format!("drop schema {schema} cascade"));
+            ok(&mut drop, "drop schema")?;
+        }
+        reps.push(
+            json!({"raw_consume_records_per_s": raw_rate, "raw_consume_s": secs, "runs": runs}),
+        );
+    }
+    let result: Value = json!({
+        "benchmark": "catchup",
+        "machine": machine_info(),
+        "load": load.finish(),
+        "records": records,
+        "workflows": args.workflows,
+        "seed": args.seed,
+        "workers": args.workers,
+        "clock": args.clock,
+        "repetitions": reps,
+    });
+    let path = write_result("catchup", args.tag.as_deref(), args.out.as_ref(), &result)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+/// `psql -c sql` against `db` (the schemas keep each run's tables apart).
+fn postgres_cmd(db: &str, sql: &str) -> Command {
+    let mut c = Command::new("psql");
+    c.args([db, "-qX", "-v", "ON_ERROR_STOP=1", "-c", sql]);
+    c.stdout(std::process::Stdio::null());
+    c
+}
