@@ -174,7 +174,7 @@ fn main() -> anyhow::Result<()> {
     let db = &args.services.database_url;
     let hf = |b: &PathBuf| {
         let mut c = Command::new(b);
-        c.arg("--config").arg(&cfg).env("RUST_LOG", "warn");
+        c.env("HMIS_CONFIG", &cfg).env("HMIS_LOG", "warn");
         c.stdout(std::process::Stdio::null());
         c
     };
