@@ -314,3 +314,77 @@ pub fn schema_url(base: &str, schema: &str) -> String {
     let sep = if base.contains('?') { '&' } else { '?' };
     format!("{base}{sep}options=-c%20search_path%3D{schema}")
 }
+
+/// The input topics' config keys and contract names (`[topics]` of a config file).
+pub const INPUTS: [(&str, &str); 5] = [
+    ("definitions", "workflow-definitions"),
+    ("tasks", "workflow-task-events"),
+    ("orders", "workflow-order-events"),
+    ("workflows", "workflow-state-events"),
+    ("system", "system-events"),
+];
+/// The output topics' config keys and contract names.
+pub const OUTPUTS: [(&str, &str); 4] = [
+    ("derived", "workflow-derived-events"),
+    ("alerts", "system-alerts"),
+    ("dead_letter", "workflow-dead-letter"),
+    ("analytics", "workflow-analytics"),
+];
+
+/// Every topic of a run with id `id`: `<id>.<contract name>`.
+pub fn private_topics(id: &str) -> Vec<String> {
+    INPUTS
+        .iter()
+        .chain(OUTPUTS.iter())
+        .map(|(_, n)| format!("{id}.{n}"))
+        .collect()
+}
+
+/// The `[topics]` section naming a run's private topics ([`private_topics`]).
+pub fn topics_toml(id: &str) -> String {
+    let mut s = String::from("[topics]\n");
+    for (k, name) in INPUTS.iter().chain(OUTPUTS.iter()) {
+        s.push_str(&format!("{k} = \"{id}.{name}\"\n"));
+    }
+    s
+}
+
+/// CPU seconds (user + system) and the largest max RSS (kB) of the children waited for so far.
+pub fn children_usage() -> (f64, i64) {
+    use nix::sys::resource::{getrusage, UsageWho};
+    match getrusage(UsageWho::RUSAGE_CHILDREN) {
+        Ok(u) => {
+            let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+            (secs(u.user_time()) + secs(u.system_time()), u.max_rss())
+        }
+        Err(_) => (0.0, 0),
+    }
+}
+
+/// Peak resident memory of a running process (`VmHWM`), in bytes.
+pub fn vm_hwm(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines().find_map(|l| {
+        let kb: u64 = l
+            .strip_prefix("VmHWM:")?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    })
+}
+
+/// Deletes `names` (a run's private topics); what the broker answers per topic is not
+/// checked (a topic may never have been created). Fails only if no admin client can be made.
+pub async fn delete_topics(brokers: &str, names: &[String]) -> anyhow::Result<()> {
+    let admin: rdkafka::admin::AdminClient<_> = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let _ = admin
+        .delete_topics(&refs, &rdkafka::admin::AdminOptions::new())
+        .await;
+    Ok(())
+}

@@ -21,7 +21,10 @@ use clap::Parser;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::{json, Value};
 
-use hmis_bench::{machine_info, schema_url, si, write_result, LoadMonitor, Services};
+use hmis_bench::{
+    children_usage, delete_topics, machine_info, private_topics, schema_url, si, topics_toml,
+    vm_hwm, write_result, LoadMonitor, Services, INPUTS,
+};
 
 #[derive(Parser, Debug)]
 #[command(about = "hmis-flow catching up a preloaded backlog vs the broker's raw consume rate")]
@@ -52,6 +55,10 @@ struct Args {
     run_flags: Vec<String>,
     #[command(flatten)]
     services: Services,
+    /// Keep the preloaded topics afterwards (deleted by default: the local broker holds
+    /// them in memory).
+    #[arg(long)]
+    keep: bool,
     #[arg(long)]
     tag: Option<String>,
     #[arg(long)]
@@ -60,101 +67,57 @@ struct Args {
 
 /// A config file naming this run's own topics (so a preloaded backlog is not mixed).
 fn config(prefix: &str) -> anyhow::Result<PathBuf> {
-    let names = [
-        ("definitions", "definitions"),
-        ("tasks", "tasks"),
-        ("orders", "orders"),
-        ("workflows", "workflows"),
-        ("system", "system"),
-        ("derived", "derived"),
-        ("alerts", "alerts"),
-        ("dead_letter", "dead"),
-        ("analytics", "analytics"),
-    ];
-    let mut toml = String::from("[topics]\n");
-    for (k, v) in names {
-        toml += &format!("{k} = \"{prefix}.{v}\"\n");
-    }
     let path = std::env::temp_dir().join(format!("{prefix}.toml"));
-    std::fs::write(&path, toml)?;
+    std::fs::write(&path, topics_toml(prefix))?;
     Ok(path)
 }
 
 /// Reads every partition of `topics` from the beginning to its end; (records, seconds).
+/// The loop only counts (no per-record lookups): it stops once it has read as many records
+/// as the partitions held when it started.
 fn raw_consume(brokers: &str, topics: &[String]) -> anyhow::Result<(u64, f64)> {
+    use rdkafka::Message;
     let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("raw-{}", std::process::id()))
         .set("enable.auto.commit", "false")
         .create()?;
     let mut tpl = rdkafka::TopicPartitionList::new();
-    let mut ends = Vec::new();
+    let mut expected = 0u64;
     for topic in topics {
         let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        for t in md.topics() {
-            for p in t.partitions() {
-                let (low, high) =
-                    consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
-                if high > low {
-                    tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)?;
-                    ends.push(((topic.clone(), p.id()), high));
-                }
+        for p in md.topics().iter().flat_map(|t| t.partitions()) {
+            let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            if high > low {
+                tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)?;
+                expected += (high - low) as u64;
             }
         }
     }
-    let total_end: i64 = ends.len() as i64;
     let start = Instant::now();
     consumer.assign(&tpl)?;
-    let mut n = 0u64;
-    let mut done = 0i64;
-    let mut bytes = 0usize;
-    while done < total_end {
+    let (mut n, mut bytes) = (0u64, 0usize);
+    while n < expected {
         let Some(m) = consumer.poll(Duration::from_secs(10)) else {
-            anyhow::bail!("raw consume: no record for 10 s after {n}");
+            anyhow::bail!("raw consume: no record for 10 s after {n} of {expected}");
         };
-        let m = m?;
-        use rdkafka::Message;
-        bytes += m.payload().map_or(0, |p| p.len());
+        bytes += m?.payload().map_or(0, <[u8]>::len);
         n += 1;
-        let key = (m.topic().to_string(), m.partition());
-        if let Some((_, high)) = ends.iter().find(|(k, _)| *k == key) {
-            if m.offset() + 1 == *high {
-                done += 1;
-            }
-        }
     }
     std::hint::black_box(bytes);
     Ok((n, start.elapsed().as_secs_f64()))
 }
 
-/// Runs `cmd`, returning (wall s, user+sys CPU s, peak RSS bytes): the child's
-/// `/proc/<pid>/stat` times and `status` VmHWM (monotonic), read every 20 ms until it exits
-/// (the last reading is within 20 ms of the end).
+/// Runs `cmd` to its exit: (wall s, user+sys CPU s from getrusage of the waited child, peak
+/// RSS bytes: VmHWM sampled every 20 ms, or the children's max RSS when it moved), as
+/// `peers` measures its children.
 fn timed(cmd: &mut Command) -> anyhow::Result<(f64, f64, u64)> {
+    let (cpu0, rss0) = children_usage();
     let start = Instant::now();
     let mut child = cmd.spawn().context("spawning hmis-flow")?;
-    let proc_dir = format!("/proc/{}", child.id());
-    let (mut cpu, mut hwm) = (0.0f64, 0u64);
-    let ticks = 100.0; // USER_HZ on Linux
+    let mut peak = 0u64;
     let status = loop {
-        if let Ok(stat) = std::fs::read_to_string(format!("{proc_dir}/stat")) {
-            // Fields after the parenthesised command name: utime and stime are 14 and 15.
-            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                if let (Some(u), Some(s)) = (f.get(11), f.get(12)) {
-                    let t = u.parse::<f64>().unwrap_or(0.0) + s.parse::<f64>().unwrap_or(0.0);
-                    cpu = cpu.max(t / ticks);
-                }
-            }
-        }
-        if let Ok(text) = std::fs::read_to_string(format!("{proc_dir}/status")) {
-            if let Some(kb) = text.lines().find_map(|l| {
-                l.strip_prefix("VmHWM:")
-                    .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            }) {
-                hwm = hwm.max(kb * 1024);
-            }
-        }
+        peak = peak.max(vm_hwm(child.id()).unwrap_or(0));
         if let Some(s) = child.try_wait()? {
             break s;
         }
@@ -162,7 +125,11 @@ fn timed(cmd: &mut Command) -> anyhow::Result<(f64, f64, u64)> {
     };
     let wall = start.elapsed().as_secs_f64();
     anyhow::ensure!(status.success(), "hmis-flow run failed: {status}");
-    Ok((wall, cpu, hwm))
+    let (cpu1, rss1) = children_usage();
+    if rss1 > rss0 {
+        peak = peak.max(rss1 as u64 * 1024);
+    }
+    Ok((wall, cpu1 - cpu0, peak))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -204,9 +171,9 @@ fn main() -> anyhow::Result<()> {
         "preloaded {records} records in {:.1} s",
         gen_start.elapsed().as_secs_f64()
     );
-    let inputs: Vec<String> = ["definitions", "tasks", "orders", "workflows", "system"]
+    let inputs: Vec<String> = INPUTS
         .iter()
-        .map(|t| format!("{prefix}.{t}"))
+        .map(|(_, n)| format!("{prefix}.{n}"))
         .collect();
 
     let load = LoadMonitor::start();
@@ -269,6 +236,13 @@ fn main() -> anyhow::Result<()> {
         "repetitions": reps,
     });
     let path = write_result("catchup", args.tag.as_deref(), args.out.as_ref(), &result)?;
+    if !args.keep {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(delete_topics(brokers, &private_topics(&prefix)))?;
+        let _ = std::fs::remove_file(&cfg);
+    }
     eprintln!("wrote {}", path.display());
     Ok(())
 }
@@ -276,7 +250,8 @@ fn main() -> anyhow::Result<()> {
 /// `psql -c sql` against `db` (the schemas keep each run's tables apart).
 fn postgres_cmd(db: &str, sql: &str) -> Command {
     let mut c = Command::new("psql");
-    c.args([db, "-qX", "-v", "ON_ERROR_STOP=1", "-c", sql]);
+    c.args([db, "-qX", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .env("PGOPTIONS", "-c client_min_messages=warning");
     c.stdout(std::process::Stdio::null());
     c
 }

@@ -29,7 +29,10 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
-use hmis_bench::{machine_info, schema_url, wall_ms, write_result, LoadMonitor, Services};
+use hmis_bench::{
+    children_usage, delete_topics, machine_info, private_topics, schema_url, topics_toml, vm_hwm,
+    wall_ms, write_result, LoadMonitor, Services,
+};
 
 #[derive(Parser, Debug)]
 #[command(about = "hmis-flow next to its peers on one workload (bench/run.sh)")]
@@ -90,31 +93,14 @@ fn workflows_of(size: &str) -> anyhow::Result<usize> {
     })
 }
 
-const INPUTS: [(&str, &str); 5] = [
-    ("definitions", "workflow-definitions"),
-    ("tasks", "workflow-task-events"),
-    ("orders", "workflow-order-events"),
-    ("workflows", "workflow-state-events"),
-    ("system", "system-events"),
-];
-const OUTPUTS: [(&str, &str); 4] = [
-    ("derived", "workflow-derived-events"),
-    ("alerts", "system-alerts"),
-    ("dead_letter", "workflow-dead-letter"),
-    ("analytics", "workflow-analytics"),
-];
-
 fn config_toml(args: &Args, id: &str) -> String {
-    let mut s = format!(
-        "brokers = {:?}\ndatabase_url = {:?}\ngroup_id = {:?}\n[topics]\n",
+    format!(
+        "brokers = {:?}\ndatabase_url = {:?}\ngroup_id = {:?}\n{}",
         args.services.brokers,
         schema_url(&args.services.database_url, id),
-        id
-    );
-    for (k, name) in INPUTS.iter().chain(OUTPUTS.iter()) {
-        s.push_str(&format!("{k} = \"{id}.{name}\"\n"));
-    }
-    s
+        id,
+        topics_toml(id)
+    )
 }
 
 fn bar(quiet: bool, len: u64, what: &str) -> ProgressBar {
@@ -132,32 +118,6 @@ fn bar(quiet: bool, len: u64, what: &str) -> ProgressBar {
     pb.set_message(what.to_string());
     pb.enable_steady_tick(Duration::from_millis(200));
     pb
-}
-
-/// CPU seconds (user + system) and the largest max RSS of the children waited for so far.
-fn children_usage() -> (f64, i64) {
-    use nix::sys::resource::{getrusage, UsageWho};
-    match getrusage(UsageWho::RUSAGE_CHILDREN) {
-        Ok(u) => {
-            let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-            (secs(u.user_time()) + secs(u.system_time()), u.max_rss())
-        }
-        Err(_) => (0.0, 0),
-    }
-}
-
-fn vm_hwm(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines().find_map(|l| {
-        let kb: u64 = l
-            .strip_prefix("VmHWM:")?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
-        Some(kb * 1024)
-    })
 }
 
 /// What one measured child did.
@@ -705,18 +665,7 @@ fn latency_at_rate(
     if !args.keep {
         let _ =
             rt.block_on(admin.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{id}\" CASCADE")));
-        let names: Vec<String> = INPUTS
-            .iter()
-            .chain(OUTPUTS.iter())
-            .map(|(_, n)| format!("{id}.{n}"))
-            .collect();
-        if let Ok(a) = rdkafka::config::ClientConfig::new()
-            .set("bootstrap.servers", &args.services.brokers)
-            .create::<rdkafka::admin::AdminClient<_>>()
-        {
-            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-            let _ = rt.block_on(a.delete_topics(&refs, &rdkafka::admin::AdminOptions::new()));
-        }
+        let _ = rt.block_on(delete_topics(&args.services.brokers, &private_topics(&id)));
     }
     result
 }
@@ -1114,17 +1063,7 @@ fn main() -> anyhow::Result<()> {
         rt.block_on(admin.batch_execute(&format!(
             "DROP SCHEMA IF EXISTS \"{id}\" CASCADE; DROP SCHEMA IF EXISTS \"{id}_seed\" CASCADE;"
         )))?;
-        let names: Vec<String> = INPUTS
-            .iter()
-            .chain(OUTPUTS.iter())
-            .map(|(_, n)| format!("{id}.{n}"))
-            .collect();
-        let admin_client: rdkafka::admin::AdminClient<_> = rdkafka::config::ClientConfig::new()
-            .set("bootstrap.servers", &args.services.brokers)
-            .create()?;
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let _ =
-            rt.block_on(admin_client.delete_topics(&refs, &rdkafka::admin::AdminOptions::new()));
+        rt.block_on(delete_topics(&args.services.brokers, &private_topics(&id)))?;
         let _ = std::fs::remove_dir_all(&work);
     }
     print_table(&result);

@@ -160,11 +160,8 @@ pub fn keyed<'s, L: KeyedLogic>(
                     (a, b) => a.or(b),
                 };
                 let complete = |t: u64| frontier.is_none_or(|f| t < f);
-                // Everything this activation outputs, each update at its own stamp, given in
-                // one message at the first stamp processed (a message's time may be below its
-                // updates' times): one message per activation, not one per stamp.
+                // What this activation outputs, each update at its own stamp (module doc).
                 let mut produced: Vec<(L::Out, u64, isize)> = Vec::new();
-                let mut first: Option<u64> = None;
                 loop {
                     let next = [
                         buffer.first_key_value().map(|(t, _)| *t),
@@ -210,12 +207,10 @@ pub fn keyed<'s, L: KeyedLogic>(
                             }
                         }
                     }
-                    if !cx.out.is_empty() {
-                        first.get_or_insert(t);
-                        produced.extend(cx.out.into_iter().map(|(o, d)| (o, t, d)));
-                    }
+                    produced.extend(cx.out.into_iter().map(|(o, d)| (o, t, d)));
                 }
-                if let Some(t) = first {
+                // Stamps are processed in order: the first update's is the least.
+                if let Some(&(_, t, _)) = produced.first() {
                     let held = cap.as_ref().expect("a capability while stamps are pending");
                     let at = held.delayed(&t);
                     output.session(&at).give_iterator(produced.into_iter());
