@@ -364,7 +364,7 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
 #[derive(Default)]
 struct Merger {
     batch: FlushBatch,
-    index: HashMap<(u8, String, String), usize>,
+    index: HashMap<(u8, hmis_dataflows::model::Str, hmis_dataflows::model::Str), usize>,
 }
 
 impl Merger {
@@ -392,7 +392,11 @@ impl Merger {
 }
 
 /// Merges `b` (later) into `a`, whose row keys are indexed in `rows`.
-fn merge(a: &mut FlushBatch, rows: &mut HashMap<(u8, String, String), usize>, b: FlushBatch) {
+fn merge(
+    a: &mut FlushBatch,
+    rows: &mut HashMap<(u8, hmis_dataflows::model::Str, hmis_dataflows::model::Str), usize>,
+    b: FlushBatch,
+) {
     for (k, v) in b.rows {
         match rows.get(&k) {
             Some(&i) => a.rows[i].1 = v,

@@ -131,16 +131,23 @@ fn picture_of(o: &Outcome) -> Picture {
         match row {
             Row::Workflow(x) => {
                 w.insert((
-                    x.workflow_instance_id.clone(),
-                    x.status.clone(),
+                    x.workflow_instance_id.to_string(),
+                    x.status.to_string(),
                     x.progress_percentage,
                 ));
             }
             Row::Task(x) => {
-                t.insert((x.task_instance_id.clone(), x.status.clone(), x.attempt));
+                t.insert((
+                    x.task_instance_id.to_string(),
+                    x.status.to_string(),
+                    x.attempt,
+                ));
             }
             Row::Readiness(x) => {
-                r.insert((x.workflow_instance_id.clone(), x.task_def_id.clone()));
+                r.insert((
+                    x.workflow_instance_id.to_string(),
+                    x.task_def_id.to_string(),
+                ));
             }
             _ => {}
         }

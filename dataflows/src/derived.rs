@@ -4,6 +4,7 @@
 //! replay, a restart or a second pipeline on the same input produces the same ids
 //! (compensation actions use exactly the contract's name, `hmis-flow:compensation:<orderId>:<actionType>`).
 
+use crate::model::Str;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -79,33 +80,33 @@ pub fn v5(name: &str) -> String {
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Derived {
     pub event_type: Option<DerivedType>,
-    pub event_id: String,
-    pub workflow_instance_id: String,
-    pub patient_id: Option<String>,
-    pub task_instance_id: Option<String>,
-    pub task_def_id: Option<String>,
-    pub task_name: Option<String>,
-    pub template_id: Option<String>,
+    pub event_id: Str,
+    pub workflow_instance_id: Str,
+    pub patient_id: Option<Str>,
+    pub task_instance_id: Option<Str>,
+    pub task_def_id: Option<Str>,
+    pub task_name: Option<Str>,
+    pub template_id: Option<Str>,
     pub template_version: Option<i64>,
-    pub order_id: Option<String>,
-    pub order_type: Option<String>,
+    pub order_id: Option<Str>,
+    pub order_type: Option<Str>,
     pub attempt: Option<u32>,
     pub automatic: Option<bool>,
     pub progress_percentage: Option<i32>,
     pub duration_seconds: Option<i64>,
-    pub escalated_to: Option<String>,
-    pub escalation_reason: Option<String>,
+    pub escalated_to: Option<Str>,
+    pub escalation_reason: Option<Str>,
     pub escalation_level: Option<i32>,
     pub due_at: Option<Millis>,
     pub minutes_overdue: Option<i64>,
-    pub action_id: Option<String>,
-    pub action_type: Option<String>,
-    pub amount: Option<String>,
-    pub reason: Option<String>,
-    pub error_message: Option<String>,
-    pub cause_event_id: Option<String>,
+    pub action_id: Option<Str>,
+    pub action_type: Option<Str>,
+    pub amount: Option<Str>,
+    pub reason: Option<Str>,
+    pub error_message: Option<Str>,
+    pub cause_event_id: Option<Str>,
     /// Open orders blocking a task (TASK_BLOCKED).
-    pub blocking_order_ids: Vec<String>,
+    pub blocking_order_ids: Vec<Str>,
     /// The event marks a *transition* of a state that may recur (readiness, blocking,
     /// progress): its id also names the pipeline time of the transition, so each transition
     /// is its own event, and one that persists is never re-emitted.
@@ -116,8 +117,8 @@ impl Derived {
     pub fn new(event_type: DerivedType, id_name: &str, workflow_instance_id: &str) -> Self {
         Derived {
             event_type: Some(event_type),
-            event_id: v5(id_name),
-            workflow_instance_id: workflow_instance_id.to_string(),
+            event_id: v5(id_name).into(),
+            workflow_instance_id: workflow_instance_id.into(),
             ..Default::default()
         }
     }
@@ -133,7 +134,7 @@ impl Derived {
         let mut put = |k: &str, v: Value| {
             m.insert(k.to_string(), v);
         };
-        put("eventId", self.event_id.clone().into());
+        put("eventId", self.event_id.as_str().into());
         put(
             "eventType",
             self.event_type
@@ -144,7 +145,7 @@ impl Derived {
         put("eventTime", format_time(event_time).into());
         put(
             "workflowInstanceId",
-            self.workflow_instance_id.clone().into(),
+            self.workflow_instance_id.as_str().into(),
         );
         macro_rules! opt {
             ($name:literal, $v:expr) => {
@@ -191,19 +192,19 @@ impl Derived {
     pub fn to_record(&self, event_time: Millis) -> OutRecord {
         if self.per_transition {
             let mut d = self.clone();
-            d.event_id = v5(&format!("{}@{event_time}", self.event_id));
+            d.event_id = v5(&format!("{}@{event_time}", self.event_id)).into();
             d.per_transition = false;
             return d.to_record(event_time);
         }
         OutRecord {
             topic: OutTopic::Derived,
-            event_id: self.event_id.clone(),
+            event_id: self.event_id.to_string(),
             event_type: self
                 .event_type
                 .map(|t| t.as_str())
                 .unwrap_or("UNKNOWN")
                 .to_string(),
-            key: Some(self.workflow_instance_id.clone()),
+            key: Some(self.workflow_instance_id.to_string()),
             payload: self.to_json(event_time),
         }
     }

@@ -13,6 +13,7 @@
 //!
 //! Unknown fields are ignored (forward compatibility).
 
+use crate::model::Str;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -113,18 +114,18 @@ impl TaskStatus {
 /// TASK_CREATED, TASK_STARTED, TASK_COMPLETED or TASK_FAILED.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct TaskEvent {
-    pub event_id: String,
+    pub event_id: Str,
     pub event_time: Millis,
     pub pos: Pos,
-    pub task_instance_id: String,
-    pub workflow_instance_id: String,
-    pub patient_id: Option<String>,
-    pub task_def_id: String,
-    pub task_name: Option<String>,
+    pub task_instance_id: Str,
+    pub workflow_instance_id: Str,
+    pub patient_id: Option<Str>,
+    pub task_def_id: Str,
+    pub task_name: Option<Str>,
     /// Implied by the event type (the payload's `status`, if any, must agree).
     pub status: TaskStatus,
     pub attempt: u32,
-    pub error_message: Option<String>,
+    pub error_message: Option<Str>,
     pub due_at: Option<Millis>,
     /// The record's Kafka key as text (for a dead letter).
     pub raw_key: Option<Arc<[u8]>>,
@@ -145,18 +146,18 @@ pub enum WorkflowEventKind {
 /// WORKFLOW_STARTED, WORKFLOW_ESCALATED, WORKFLOW_FAILED or WORKFLOW_COMPLETED from upstream.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct WorkflowEvent {
-    pub event_id: String,
+    pub event_id: Str,
     pub event_time: Millis,
     pub pos: Pos,
-    pub workflow_instance_id: String,
+    pub workflow_instance_id: Str,
     pub kind: WorkflowEventKind,
-    pub patient_id: Option<String>,
+    pub patient_id: Option<Str>,
     /// Required on WORKFLOW_STARTED.
-    pub template_id: Option<String>,
+    pub template_id: Option<Str>,
     /// Required on WORKFLOW_STARTED.
     pub template_version: Option<i64>,
-    pub template_name: Option<String>,
-    pub escalation_reason: Option<String>,
+    pub template_name: Option<Str>,
+    pub escalation_reason: Option<Str>,
     /// The record's Kafka key as text (for a dead letter).
     pub raw_key: Option<Arc<[u8]>>,
     /// The record's original payload, kept so that an event dead-lettered later (an unknown
@@ -265,25 +266,25 @@ impl OrderEventKind {
 /// An ORDER_* event.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct OrderEvent {
-    pub event_id: String,
+    pub event_id: Str,
     pub event_time: Millis,
     pub pos: Pos,
     pub kind: OrderEventKind,
-    pub order_id: String,
-    pub workflow_instance_id: Option<String>,
-    pub patient_id: Option<String>,
-    pub order_type: Option<String>,
+    pub order_id: Str,
+    pub workflow_instance_id: Option<Str>,
+    pub patient_id: Option<Str>,
+    pub order_type: Option<Str>,
     /// The state the event moves the order to; `None` only for ORDER_COMPENSATION_COMPLETED.
     pub order_status: Option<OrderStatus>,
-    pub actor: Option<String>,
-    pub actor_role: Option<String>,
+    pub actor: Option<Str>,
+    pub actor_role: Option<Str>,
     /// Cost in the smallest currency unit is not assumed: kept as the decimal text sent.
-    pub cost: Option<String>,
-    pub department: Option<String>,
+    pub cost: Option<Str>,
+    pub department: Option<Str>,
     pub critical: bool,
-    pub reason: Option<String>,
-    pub appointment_id: Option<String>,
-    pub action_id: Option<String>,
+    pub reason: Option<Str>,
+    pub appointment_id: Option<Str>,
+    pub action_id: Option<Str>,
     /// The record's Kafka key as text, kept for the dead letter of a rejected transition.
     pub raw_key: Option<Arc<[u8]>>,
     /// The record's original payload (UTF-8 JSON as received), kept so that a transition the
@@ -295,24 +296,24 @@ pub struct OrderEvent {
 /// One task of a workflow template (contract §3), defaults applied.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct TaskDef {
-    pub task_def_id: String,
-    pub name: Option<String>,
+    pub task_def_id: Str,
+    pub name: Option<Str>,
     pub required: bool,
-    pub next_task_id: Option<String>,
+    pub next_task_id: Option<Str>,
     pub sla_minutes: Option<u32>,
     pub max_retries: u32,
-    pub failure_task_id: Option<String>,
-    pub blocking_order_types: Vec<String>,
-    pub escalate_to: String,
+    pub failure_task_id: Option<Str>,
+    pub blocking_order_types: Vec<Str>,
+    pub escalate_to: Str,
     pub automatic: bool,
 }
 
 /// A validated workflow template version.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Template {
-    pub template_id: String,
+    pub template_id: Str,
     pub version: i64,
-    pub template_name: Option<String>,
+    pub template_name: Option<Str>,
     pub tasks: Vec<TaskDef>,
 }
 
@@ -325,7 +326,7 @@ impl Template {
 /// A record of the compacted definitions topic: a template version, or its deletion.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct DefinitionRecord {
-    pub template_id: String,
+    pub template_id: Str,
     pub version: i64,
     pub pos: Pos,
     /// `None`: a tombstone (null value) deleting that version.
@@ -358,7 +359,7 @@ impl Event {
 /// HEALTH_CHECK, PERFORMANCE_METRIC, ERROR_REPORT or AUDIT_EVENT (contract §6).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct SystemEvent {
-    pub event_id: String,
+    pub event_id: Str,
     pub event_time: Millis,
     pub pos: Pos,
     pub component: String,
@@ -662,7 +663,7 @@ fn required<T>(v: Option<T>, field: &str, event_type: &str) -> Result<T, Rejecti
     v.ok_or_else(|| Rejection::schema(format!("{event_type} lacks required field `{field}`")))
 }
 
-fn non_empty<S: Text>(v: Option<S>, field: &str, event_type: &str) -> Result<String, Rejection> {
+fn non_empty<S: Text>(v: Option<S>, field: &str, event_type: &str) -> Result<Str, Rejection> {
     let v = required(v, field, event_type)?;
     let len = v.as_ref().len();
     if len == 0 {
@@ -676,7 +677,12 @@ fn non_empty<S: Text>(v: Option<S>, field: &str, event_type: &str) -> Result<Str
             limits::MAX_ID_BYTES
         )));
     }
-    Ok(v.into())
+    Ok(to_str(v))
+}
+
+/// A field's text as the event keeps it.
+fn to_str<S: Text>(v: S) -> Str {
+    Str::from(v.as_ref())
 }
 
 /// Decodes one record of `topic` (its key and value) into an event.
@@ -790,7 +796,7 @@ fn check_head<S: Text>(
     et: &str,
     event_id: Option<S>,
     event_time: Option<S>,
-) -> Result<(String, Millis), Rejection> {
+) -> Result<(Str, Millis), Rejection> {
     match (topic, et) {
         (InputTopic::Tasks, "TASK_CREATED" | "TASK_STARTED" | "TASK_COMPLETED" | "TASK_FAILED") => {
         }
@@ -822,7 +828,7 @@ fn check_head<S: Text>(
 /// What every event carries besides its topic's fields, checked.
 struct Head<'a> {
     et: &'a str,
-    event_id: String,
+    event_id: Str,
     event_time: Millis,
     pos: Pos,
     key: Option<&'a [u8]>,
@@ -866,12 +872,12 @@ fn task_event<S: Text>(h: Head<'_>, raw: RawTask<S>) -> Result<Event, Rejection>
         pos: h.pos,
         task_instance_id: non_empty(raw.task_instance_id, "taskInstanceId", et)?,
         workflow_instance_id: non_empty(raw.workflow_instance_id, "workflowInstanceId", et)?,
-        patient_id: raw.patient_id.map(Into::into),
+        patient_id: raw.patient_id.map(to_str),
         task_def_id: non_empty(raw.task_def_id, "taskDefId", et)?,
-        task_name: raw.task_name.map(Into::into),
+        task_name: raw.task_name.map(to_str),
         status,
         attempt,
-        error_message: raw.error_message.map(Into::into),
+        error_message: raw.error_message.map(to_str),
         due_at,
         raw_key: h.key.map(Arc::from),
         raw: Some(Arc::from(h.text)),
@@ -892,7 +898,7 @@ fn workflow_event<S: Text>(h: Head<'_>, raw: RawWorkflow<S>) -> Result<Event, Re
             Some(required(raw.template_version, "templateVersion", et)?),
         )
     } else {
-        (raw.template_id.map(Into::into), raw.template_version)
+        (raw.template_id.map(to_str), raw.template_version)
     };
     Ok(Event::Workflow(WorkflowEvent {
         event_id: h.event_id,
@@ -900,11 +906,11 @@ fn workflow_event<S: Text>(h: Head<'_>, raw: RawWorkflow<S>) -> Result<Event, Re
         pos: h.pos,
         workflow_instance_id: non_empty(raw.workflow_instance_id, "workflowInstanceId", et)?,
         kind,
-        patient_id: raw.patient_id.map(Into::into),
+        patient_id: raw.patient_id.map(to_str),
         template_id,
         template_version,
-        template_name: raw.workflow_template_name.map(Into::into),
-        escalation_reason: raw.escalation_reason.map(Into::into),
+        template_name: raw.workflow_template_name.map(to_str),
+        escalation_reason: raw.escalation_reason.map(to_str),
         raw_key: h.key.map(Arc::from),
         raw: Some(Arc::from(h.text)),
     }))
@@ -973,18 +979,18 @@ fn order_event<S: Text>(h: Head<'_>, raw: RawOrder<S>) -> Result<Event, Rejectio
         pos: h.pos,
         kind,
         order_id: non_empty(raw.order_id, "orderId", et)?,
-        workflow_instance_id: raw.workflow_instance_id.map(Into::into),
-        patient_id: raw.patient_id.map(Into::into),
-        order_type: order_type.map(Into::into),
+        workflow_instance_id: raw.workflow_instance_id.map(to_str),
+        patient_id: raw.patient_id.map(to_str),
+        order_type: order_type.map(to_str),
         order_status,
-        actor: raw.actor.map(Into::into),
-        actor_role: md.actor_role.map(Into::into),
-        cost: md.cost.map(|n| n.to_string()),
-        department: md.department.map(Into::into),
+        actor: raw.actor.map(to_str),
+        actor_role: md.actor_role.map(to_str),
+        cost: md.cost.map(|n| Str::from(n.to_string())),
+        department: md.department.map(to_str),
         critical: md.critical.unwrap_or(false),
-        reason: md.reason.map(Into::into),
-        appointment_id: md.appointment_id.map(Into::into),
-        action_id: md.action_id.map(Into::into),
+        reason: md.reason.map(to_str),
+        appointment_id: md.appointment_id.map(to_str),
+        action_id: md.action_id.map(to_str),
         raw_key: h.key.map(Arc::from),
         raw: Some(Arc::from(h.text)),
     }))
@@ -1149,7 +1155,7 @@ fn decode_definition(
     let Some(bytes) = value else {
         let (template_id, version) = parse_def_key(key)?;
         return Ok(DefinitionRecord {
-            template_id,
+            template_id: template_id.into(),
             version,
             pos,
             template: None,
@@ -1202,21 +1208,28 @@ fn decode_definition(
         )?;
         tasks.push(TaskDef {
             task_def_id,
-            name: t.name,
+            name: t.name.map(Str::from),
             required: t.required.unwrap_or(true),
-            next_task_id: t.next_task_id,
+            next_task_id: t.next_task_id.map(Str::from),
             sla_minutes: t.sla_minutes,
             max_retries: t.max_retries.unwrap_or(0),
-            failure_task_id: t.failure_task_id,
-            blocking_order_types: t.blocking_order_types.unwrap_or_default(),
-            escalate_to: t.escalate_to.unwrap_or_else(|| "MANAGER".to_string()),
+            failure_task_id: t.failure_task_id.map(Str::from),
+            blocking_order_types: t
+                .blocking_order_types
+                .unwrap_or_default()
+                .into_iter()
+                .map(Str::from)
+                .collect(),
+            escalate_to: t
+                .escalate_to
+                .map_or_else(|| Str::from("MANAGER"), Str::from),
             automatic: t.automatic.unwrap_or(false),
         });
     }
     let template = Template {
         template_id,
         version,
-        template_name: raw.template_name,
+        template_name: raw.template_name.map(Str::from),
         tasks,
     };
     validate_template(&template).map_err(|d| Rejection::new(RejectReason::InvalidDefinition, d))?;

@@ -32,7 +32,10 @@ use crate::Emit;
 /// reference comparison can collapse captured output exactly as the sink would.
 #[derive(Default)]
 pub struct Collapser {
-    rows: BTreeMap<(u8, String, String), Option<std::sync::Arc<crate::output::Row>>>,
+    rows: BTreeMap<
+        (u8, crate::model::Str, crate::model::Str),
+        Option<std::sync::Arc<crate::output::Row>>,
+    >,
     records: Vec<crate::output::OutRecord>,
     seen: HashSet<(crate::output::OutTopic, String)>,
     dead: Vec<crate::output::DeadLetter>,

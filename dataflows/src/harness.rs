@@ -12,7 +12,7 @@ use crate::RulesConfig;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
     /// Final table contents by primary key.
-    pub rows: BTreeMap<(u8, String, String), Row>,
+    pub rows: BTreeMap<(u8, crate::model::Str, crate::model::Str), Row>,
     /// Published records in publication order.
     pub records: Vec<OutRecord>,
     /// Every batch, in order.

@@ -25,6 +25,7 @@ pub mod events;
 pub mod gather;
 pub mod harness;
 pub mod lifecycle;
+pub mod model;
 pub mod orders;
 pub mod output;
 pub mod system;
@@ -79,7 +80,7 @@ pub enum Emit {
     /// A row state; `+1` when it becomes current, `-1` when it stops being current.
     Row(Arc<Row>),
     /// A record to publish, with its ordering key (workflow, type rank) within one instant.
-    Record((String, u8), OutRecord),
+    Record((model::Str, u8), OutRecord),
     /// A rejected input record.
     Dead(DeadLetter),
     /// The input position after a record.
@@ -113,7 +114,7 @@ pub fn templates<'s>(
     definitions: VecCollection<'s, u64, DefinitionRecord>,
 ) -> VecCollection<'s, u64, ((String, i64), Arc<Template>)> {
     definitions
-        .map(|d| ((d.template_id.clone(), d.version), d))
+        .map(|d| ((d.template_id.to_string(), d.version), d))
         .reduce_named("Templates", |_key, input, output| {
             if let Some((latest, _)) = input.iter().max_by_key(|(d, _)| d.pos) {
                 if let Some(t) = &latest.template {
@@ -146,7 +147,7 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
     );
 
     let wf_states = workflows
-        .map(|e| (e.workflow_instance_id.clone(), e))
+        .map(|e| (e.workflow_instance_id.to_string(), e))
         .reduce_named("WorkflowState", |wid, input, output| {
             let events: Vec<&WorkflowEvent> = input.iter().map(|(e, _)| &***e).collect();
             output.push((Arc::new(fold_workflow(wid, &events)), 1));
@@ -157,7 +158,7 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
         .flat_map(|(wid, st)| {
             st.started
                 .as_ref()
-                .map(|s| ((s.template_id.clone(), s.template_version), wid))
+                .map(|s| ((s.template_id.to_string(), s.template_version), wid))
         })
         .join_map(templates, |_key, wid, t| {
             (wid.clone(), WfFact::Template(t.clone()))
@@ -165,12 +166,12 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
 
     let task_facts = tasks
         .task_states()
-        .map(|(_, s)| (s.workflow_instance_id.clone(), WfFact::Task(s)));
+        .map(|(_, s)| (s.workflow_instance_id.to_string(), WfFact::Task(s)));
 
     let order_states = orders.order_states(Arc::new(cfg.eligibility.clone()));
     let order_facts = order_states
         .clone()
-        .flat_map(|(_, st)| OrderFact::of(&st).map(|(w, f)| (w, WfFact::Order(f))));
+        .flat_map(|(_, st)| OrderFact::of(&st).map(|(w, f)| (w.to_string(), WfFact::Order(f))));
 
     let facts = wf_states
         .map(|(wid, st)| (wid, WfFact::State(st)))

@@ -210,7 +210,7 @@ impl Tracked for WfInput {
         RejectReason::UnknownWorkflow
     }
     fn owner(key: String) -> Owner {
-        Owner::Workflow(key)
+        Owner::Workflow(key.into())
     }
     fn dead_letter(
         &self,
@@ -264,7 +264,7 @@ impl Tracked for Arc<OrderEvent> {
         RejectReason::InvalidTransition
     }
     fn owner(key: String) -> Owner {
-        Owner::Order(key)
+        Owner::Order(key.into())
     }
     fn dead_letter(
         &self,

@@ -42,6 +42,7 @@
 //! published (in wall mode a result dated before the deadline can arrive after it fired;
 //! the event stands, and so does the flag).
 
+use crate::model::Str;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -144,19 +145,19 @@ pub struct RejectedOrderEvent {
 /// The current state of one order, and the history that produced it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct OrderState {
-    pub order_id: String,
-    pub workflow_instance_id: Option<String>,
-    pub patient_id: Option<String>,
-    pub order_type: Option<String>,
+    pub order_id: Str,
+    pub workflow_instance_id: Option<Str>,
+    pub patient_id: Option<Str>,
+    pub order_type: Option<Str>,
     /// `None` when no accepted event created it yet.
     pub status: Option<OrderStatus>,
     /// eventId / eventTime of the last accepted status-changing event.
-    pub last_event_id: Option<String>,
+    pub last_event_id: Option<Str>,
     pub last_event_time: Option<Millis>,
-    pub last_actor: Option<String>,
-    pub cost: Option<String>,
-    pub department: Option<String>,
-    pub appointment_id: Option<String>,
+    pub last_actor: Option<Str>,
+    pub cost: Option<Str>,
+    pub department: Option<Str>,
+    pub appointment_id: Option<Str>,
     /// Accepted events in application order.
     pub accepted: Vec<OrderEvent>,
     pub rejected: Vec<RejectedOrderEvent>,
@@ -182,7 +183,7 @@ pub fn fold_order(order_id: &str, events: &[&OrderEvent], elig: &Eligibility) ->
     evs.dedup_by(|b, a| a.event_id == b.event_id);
     evs.sort_by_key(|e| (e.event_time, e.pos));
     let mut st = OrderState {
-        order_id: order_id.to_string(),
+        order_id: order_id.into(),
         workflow_instance_id: None,
         patient_id: None,
         order_type: None,
@@ -272,7 +273,7 @@ impl<'s> OrderStates<'s> for VecCollection<'s, u64, Arc<OrderEvent>> {
         self,
         elig: Arc<Eligibility>,
     ) -> VecCollection<'s, u64, (String, Arc<OrderState>)> {
-        self.map(|e| (e.order_id.clone(), e)).reduce_named(
+        self.map(|e| (e.order_id.to_string(), e)).reduce_named(
             "OrderState",
             move |key, input, output| {
                 let events: Vec<&OrderEvent> = input.iter().map(|(e, _)| &***e).collect();
@@ -350,7 +351,7 @@ pub struct Notice {
     pub derived: Derived,
     /// Whether the order names a workflow; if not, the JSON says `"workflowInstanceId": null`.
     pub in_workflow: bool,
-    pub appointment_id: Option<String>,
+    pub appointment_id: Option<Str>,
 }
 
 impl Notice {
@@ -450,7 +451,7 @@ impl CriticalAlert {
         let rank = DerivedType::OrderCriticalResult as u8;
         [
             (
-                Emit::Record((self.ordering_key.clone(), rank), record),
+                Emit::Record((self.ordering_key.as_str().into(), rank), record),
                 t,
                 1,
             ),
@@ -462,12 +463,12 @@ impl CriticalAlert {
 /// An order with a fulfillment deadline: what ORDER_OVERDUE reports.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct OverdueInfo {
-    pub order_id: String,
-    pub order_type: String,
-    pub workflow_instance_id: Option<String>,
-    pub patient_id: Option<String>,
+    pub order_id: Str,
+    pub order_type: Str,
+    pub workflow_instance_id: Option<Str>,
+    pub patient_id: Option<Str>,
     /// The ORDER_ACTIVATED event the deadline runs from.
-    pub activated_event_id: String,
+    pub activated_event_id: Str,
     pub activated_at: Millis,
     pub due_at: Millis,
 }
@@ -494,9 +495,9 @@ pub enum OrderOut {
 /// What an order's derived events say about it: the first values its accepted events name.
 #[derive(Default)]
 struct Identity {
-    workflow_instance_id: Option<String>,
-    patient_id: Option<String>,
-    order_type: Option<String>,
+    workflow_instance_id: Option<Str>,
+    patient_id: Option<Str>,
+    order_type: Option<Str>,
 }
 
 impl Identity {
@@ -521,7 +522,7 @@ impl Identity {
         let key = self.workflow_instance_id.as_deref().unwrap_or(order_id);
         let mut d = Derived::new(ty, id_name, key);
         d.patient_id = self.patient_id.clone();
-        d.order_id = Some(order_id.to_string());
+        d.order_id = Some(order_id.into());
         d.order_type = self.order_type.clone();
         Notice {
             derived: d,
@@ -547,18 +548,18 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
                       reject: Option<RejectReason>| {
         OrderOut::Row(Row::OrderTransition(OrderTransitionRow {
             event_id: e.event_id.clone(),
-            order_id: oid.to_string(),
+            order_id: oid.into(),
             workflow_instance_id: e
                 .workflow_instance_id
                 .clone()
                 .or_else(|| ident.workflow_instance_id.clone()),
-            event_type: e.kind.as_str().to_string(),
-            from_status: from.map(|s| s.as_str().to_string()),
-            to_status: to.map(|s| s.as_str().to_string()),
+            event_type: e.kind.as_str().into(),
+            from_status: from.map(|s| s.as_str().into()),
+            to_status: to.map(|s| s.as_str().into()),
             actor: e.actor.clone(),
             actor_role: e.actor_role.clone(),
             accepted: reject.is_none(),
-            reject_reason: reject.map(|r| r.as_str().to_string()),
+            reject_reason: reject.map(|r| r.as_str().into()),
             event_time: e.event_time,
             source_partition: e.pos.partition,
             source_offset: e.pos.offset,
@@ -587,7 +588,7 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
             ),
             oid,
         );
-        n.derived.reason = Some(r.reason.as_str().to_string());
+        n.derived.reason = Some(r.reason.as_str().into());
         n.derived.cause_event_id = Some(e.event_id.clone());
         out.push(OrderOut::Event(n));
         out.push(OrderOut::Dead(r.clone()));
@@ -598,8 +599,8 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
     let mut at: BTreeMap<OrderStatus, Millis> = BTreeMap::new();
     // The last actor, and the role each actor last stated (an event may name its actor
     // without repeating the role).
-    let mut actor: Option<&String> = None;
-    let mut roles: BTreeMap<&String, &String> = BTreeMap::new();
+    let mut actor: Option<&Str> = None;
+    let mut roles: BTreeMap<&Str, &Str> = BTreeMap::new();
     let mut critical = false;
     let mut cancel: Option<(usize, &OrderEvent)> = None;
     let mut activated: Option<(usize, &OrderEvent)> = None;
@@ -657,13 +658,13 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
                         "critical result on {} order {oid} ({status})",
                         ident.order_type.as_deref().unwrap_or("an")
                     ),
-                    cause_event_id: e.event_id.clone(),
-                    derived_event_id: n.derived.event_id.clone(),
+                    cause_event_id: e.event_id.to_string(),
+                    derived_event_id: n.derived.event_id.to_string(),
                     order_id: oid.to_string(),
-                    order_type: ident.order_type.clone(),
-                    workflow_instance_id: ident.workflow_instance_id.clone(),
-                    patient_id: ident.patient_id.clone(),
-                    ordering_key: n.derived.workflow_instance_id.clone(),
+                    order_type: ident.order_type.as_deref().map(String::from),
+                    workflow_instance_id: ident.workflow_instance_id.as_deref().map(String::from),
+                    patient_id: ident.patient_id.as_deref().map(String::from),
+                    ordering_key: n.derived.workflow_instance_id.to_string(),
                 }));
                 out.push(OrderOut::Event(n));
             }
@@ -681,7 +682,7 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
         let before = &st.accepted[..=ci];
         let reached_activated = before.iter().any(|e| e.kind == OrderEventKind::Activated);
         let last =
-            |f: fn(&OrderEvent) -> &Option<String>| before.iter().rev().find_map(|e| f(e).clone());
+            |f: fn(&OrderEvent) -> &Option<Str>| before.iter().rev().find_map(|e| f(e).clone());
         let cost = last(|e| &e.cost);
         let appointment = last(|e| &e.appointment_id);
         let ty = ident.order_type.as_deref().unwrap_or("");
@@ -696,7 +697,7 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
             if !applies {
                 continue;
             }
-            let id = action_id(oid, action);
+            let id: Str = action_id(oid, action).into();
             let amount = (action == "REVERSE_CHARGE").then(|| cost.clone()).flatten();
             let appointment_id = (action == "CANCEL_APPOINTMENT")
                 .then(|| appointment.clone())
@@ -712,10 +713,10 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
                 .min();
             out.push(OrderOut::Row(Row::Compensation(CompensationRow {
                 action_id: id.clone(),
-                order_id: oid.to_string(),
+                order_id: oid.into(),
                 workflow_instance_id: ident.workflow_instance_id.clone(),
                 patient_id: ident.patient_id.clone(),
-                action_type: action.to_string(),
+                action_type: action.into(),
                 amount: amount.clone(),
                 appointment_id: appointment_id.clone(),
                 status: if completed_at.is_some() {
@@ -723,7 +724,7 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
                 } else {
                     "PENDING"
                 }
-                .to_string(),
+                .into(),
                 reason: c.reason.clone(),
                 cause_event_id: Some(c.event_id.clone()),
                 requested_at: c.event_time,
@@ -735,7 +736,7 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
                 oid,
             );
             n.derived.action_id = Some(id);
-            n.derived.action_type = Some(action.to_string());
+            n.derived.action_type = Some(action.into());
             n.derived.amount = amount;
             n.derived.reason = c.reason.clone();
             n.derived.cause_event_id = Some(c.event_id.clone());
@@ -752,7 +753,7 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
         .unwrap_or_default();
     if let (Some((ai, a)), Some(limit)) = (activated, rules.limit_ms(&ty)) {
         let info = OverdueInfo {
-            order_id: oid.to_string(),
+            order_id: oid.into(),
             order_type: ty.clone(),
             workflow_instance_id: ident.workflow_instance_id.clone(),
             patient_id: ident.patient_id.clone(),
@@ -773,13 +774,13 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
 
     let cancel_reason = cancel.and_then(|(_, c)| c.reason.clone());
     out.push(OrderOut::OrderBase(OrderRow {
-        order_id: oid.to_string(),
+        order_id: oid.into(),
         workflow_instance_id: st.workflow_instance_id.clone(),
         patient_id: st.patient_id.clone(),
         order_type: st.order_type.clone().unwrap_or_default(),
-        order_status: status.as_str().to_string(),
+        order_status: status.as_str().into(),
         actor: actor.cloned(),
-        actor_role: actor.and_then(|a| roles.get(a)).map(|r| r.to_string()),
+        actor_role: actor.and_then(|a| roles.get(a)).map(|r| (*r).clone()),
         cost: st.cost.clone(),
         department: st.department.clone(),
         critical,
@@ -855,7 +856,7 @@ pub fn order_rules<'s>(
             OrderOut::OverdueOpen(i) => Some((i.order_id.clone(), i)),
             _ => None,
         })
-        .delay_until(|(_, i): &(String, OverdueInfo)| Some(i.due_at));
+        .delay_until(|(_, i): &(Str, OverdueInfo)| Some(i.due_at));
     let overdue = late
         .concat(open)
         .reduce_named("OrdersOverdue", |_id, input, output| {
@@ -864,14 +865,14 @@ pub fn order_rules<'s>(
     // The first appearance per order stands (a later change of the order's facts must not
     // re-derive ORDER_OVERDUE with new contents under the same eventId).
     let crate::timers::Appearances { events, facts } =
-        crate::timers::key_appearances(overdue.clone(), retired, decide_from, |id: &String, _| {
+        crate::timers::key_appearances(overdue.clone(), retired, decide_from, |id: &Str, _| {
             crate::output::Owner::Order(id.clone())
         });
     // The row shows every ORDER_OVERDUE published, live or not (in wall mode a result dated
     // before the deadline may arrive after it fired), with the live ones.
     let overdue_shown = overdue.concat(facts);
     let overdue_out = events
-        .flat_map(|((_, i), t, r): ((String, OverdueInfo), Millis, isize)| {
+        .flat_map(|((_, i), t, r): ((Str, OverdueInfo), Millis, isize)| {
             (r > 0).then(|| {
                 let ident = Identity {
                     workflow_instance_id: i.workflow_instance_id.clone(),

@@ -13,6 +13,7 @@
 //!
 //! Times are milliseconds since the Unix epoch (the pipeline clock, contract §8).
 
+use crate::model::Str;
 use serde::{Deserialize, Serialize};
 
 /// Pipeline-clock instant, milliseconds since the Unix epoch.
@@ -21,17 +22,17 @@ pub type Millis = u64;
 /// A row of `workflow_instances`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct WorkflowRow {
-    pub workflow_instance_id: String,
-    pub patient_id: Option<String>,
-    pub template_id: String,
+    pub workflow_instance_id: Str,
+    pub patient_id: Option<Str>,
+    pub template_id: Str,
     pub template_version: i64,
-    pub template_name: Option<String>,
+    pub template_name: Option<Str>,
     /// ACTIVE, COMPLETED or FAILED.
-    pub status: String,
+    pub status: Str,
     pub progress_percentage: i32,
     pub is_escalated: bool,
     pub escalation_level: i32,
-    pub escalation_reason: Option<String>,
+    pub escalation_reason: Option<Str>,
     pub started_at: Option<Millis>,
     pub completed_at: Option<Millis>,
 }
@@ -39,33 +40,33 @@ pub struct WorkflowRow {
 /// A row of `task_instances`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct TaskRow {
-    pub task_instance_id: String,
-    pub workflow_instance_id: String,
-    pub patient_id: Option<String>,
-    pub task_def_id: String,
-    pub task_name: Option<String>,
+    pub task_instance_id: Str,
+    pub workflow_instance_id: Str,
+    pub patient_id: Option<Str>,
+    pub task_def_id: Str,
+    pub task_name: Option<Str>,
     /// PENDING, IN_PROGRESS, COMPLETED or FAILED.
-    pub status: String,
+    pub status: Str,
     pub attempt: i32,
     pub due_at: Option<Millis>,
     pub sla_breached: bool,
     pub is_escalated: bool,
-    pub escalated_to: Option<String>,
+    pub escalated_to: Option<Str>,
     pub created_at: Option<Millis>,
     pub started_at: Option<Millis>,
     pub completed_at: Option<Millis>,
-    pub error_message: Option<String>,
+    pub error_message: Option<Str>,
 }
 
 /// A row of `task_readiness`: one per ready (workflow instance, task definition).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ReadinessRow {
-    pub workflow_instance_id: String,
-    pub task_def_id: String,
-    pub patient_id: Option<String>,
-    pub template_id: String,
+    pub workflow_instance_id: Str,
+    pub task_def_id: Str,
+    pub patient_id: Option<Str>,
+    pub template_id: Str,
     pub template_version: i64,
-    pub task_name: Option<String>,
+    pub task_name: Option<Str>,
     pub automatic: bool,
     /// Attempt the executor should create next (1, or the retry's attempt).
     pub next_attempt: i32,
@@ -74,19 +75,19 @@ pub struct ReadinessRow {
 /// A row of `orders`: the current state of an order.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct OrderRow {
-    pub order_id: String,
-    pub workflow_instance_id: Option<String>,
-    pub patient_id: Option<String>,
-    pub order_type: String,
-    pub order_status: String,
-    pub actor: Option<String>,
-    pub actor_role: Option<String>,
+    pub order_id: Str,
+    pub workflow_instance_id: Option<Str>,
+    pub patient_id: Option<Str>,
+    pub order_type: Str,
+    pub order_status: Str,
+    pub actor: Option<Str>,
+    pub actor_role: Option<Str>,
     /// Decimal text as sent (`metadata.cost`).
-    pub cost: Option<String>,
-    pub department: Option<String>,
+    pub cost: Option<Str>,
+    pub department: Option<Str>,
     pub critical: bool,
-    pub appointment_id: Option<String>,
-    pub cancel_reason: Option<String>,
+    pub appointment_id: Option<Str>,
+    pub cancel_reason: Option<Str>,
     pub is_overdue: bool,
     pub created_at: Option<Millis>,
     pub authorized_at: Option<Millis>,
@@ -101,16 +102,16 @@ pub struct OrderRow {
 /// A row of `order_transitions`: one per order event, accepted or rejected.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct OrderTransitionRow {
-    pub event_id: String,
-    pub order_id: String,
-    pub workflow_instance_id: Option<String>,
-    pub event_type: String,
-    pub from_status: Option<String>,
-    pub to_status: Option<String>,
-    pub actor: Option<String>,
-    pub actor_role: Option<String>,
+    pub event_id: Str,
+    pub order_id: Str,
+    pub workflow_instance_id: Option<Str>,
+    pub event_type: Str,
+    pub from_status: Option<Str>,
+    pub to_status: Option<Str>,
+    pub actor: Option<Str>,
+    pub actor_role: Option<Str>,
     pub accepted: bool,
-    pub reject_reason: Option<String>,
+    pub reject_reason: Option<Str>,
     pub event_time: Millis,
     pub source_partition: i32,
     pub source_offset: i64,
@@ -120,18 +121,18 @@ pub struct OrderTransitionRow {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct CompensationRow {
     /// UUID v5 of `hmis-flow:compensation:<orderId>:<actionType>` (URL namespace).
-    pub action_id: String,
-    pub order_id: String,
-    pub workflow_instance_id: Option<String>,
-    pub patient_id: Option<String>,
+    pub action_id: Str,
+    pub order_id: Str,
+    pub workflow_instance_id: Option<Str>,
+    pub patient_id: Option<Str>,
     /// SEND_NOTIFICATION, REVERSE_CHARGE, CANCEL_ORDER, RELEASE_RESOURCE, CANCEL_APPOINTMENT.
-    pub action_type: String,
-    pub amount: Option<String>,
-    pub appointment_id: Option<String>,
+    pub action_type: Str,
+    pub amount: Option<Str>,
+    pub appointment_id: Option<Str>,
     /// PENDING or COMPLETED.
-    pub status: String,
-    pub reason: Option<String>,
-    pub cause_event_id: Option<String>,
+    pub status: Str,
+    pub reason: Option<Str>,
+    pub cause_event_id: Option<Str>,
     pub requested_at: Millis,
     pub completed_at: Option<Millis>,
 }
@@ -139,18 +140,18 @@ pub struct CompensationRow {
 /// A row of `sla_breaches`: one per breached (task, attempt).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct SlaBreachRow {
-    pub task_instance_id: String,
+    pub task_instance_id: Str,
     pub attempt: i32,
-    pub workflow_instance_id: String,
-    pub patient_id: Option<String>,
-    pub template_id: Option<String>,
+    pub workflow_instance_id: Str,
+    pub patient_id: Option<Str>,
+    pub template_id: Option<Str>,
     pub template_version: Option<i64>,
-    pub task_def_id: String,
+    pub task_def_id: Str,
     pub due_at: Millis,
     pub breached_at: Millis,
     pub minutes_overdue: i64,
-    pub escalated_to: Option<String>,
-    pub event_id: Option<String>,
+    pub escalated_to: Option<Str>,
+    pub event_id: Option<Str>,
 }
 
 /// A row of `alerts` (the same alert is published on `system-alerts`).
@@ -242,19 +243,20 @@ pub enum Row {
 
 impl Row {
     /// The primary key of the row within its table, used to collapse many changes to one upsert.
-    pub fn key(&self) -> (u8, String, String) {
+    pub fn key(&self) -> (u8, Str, Str) {
+        let none = Str::default;
         match self {
-            Row::Workflow(w) => (0, w.workflow_instance_id.clone(), String::new()),
-            Row::Task(t) => (1, t.task_instance_id.clone(), String::new()),
+            Row::Workflow(w) => (0, w.workflow_instance_id.clone(), none()),
+            Row::Task(t) => (1, t.task_instance_id.clone(), none()),
             Row::Readiness(r) => (2, r.workflow_instance_id.clone(), r.task_def_id.clone()),
-            Row::Order(o) => (3, o.order_id.clone(), String::new()),
-            Row::OrderTransition(t) => (4, t.event_id.clone(), String::new()),
-            Row::Compensation(c) => (5, c.action_id.clone(), String::new()),
-            Row::SlaBreach(b) => (6, b.task_instance_id.clone(), b.attempt.to_string()),
-            Row::Alert(a) => (7, a.alert_id.clone(), String::new()),
-            Row::ComponentHealth(h) => (8, h.component.clone(), String::new()),
-            Row::Audit(a) => (9, a.event_id.clone(), String::new()),
-            Row::ErrorReport(e) => (10, e.event_id.clone(), String::new()),
+            Row::Order(o) => (3, o.order_id.clone(), none()),
+            Row::OrderTransition(t) => (4, t.event_id.clone(), none()),
+            Row::Compensation(c) => (5, c.action_id.clone(), none()),
+            Row::SlaBreach(b) => (6, b.task_instance_id.clone(), b.attempt.to_string().into()),
+            Row::Alert(a) => (7, a.alert_id.as_str().into(), none()),
+            Row::ComponentHealth(h) => (8, h.component.as_str().into(), none()),
+            Row::Audit(a) => (9, a.event_id.as_str().into(), none()),
+            Row::ErrorReport(e) => (10, e.event_id.as_str().into(), none()),
         }
     }
 }
@@ -263,8 +265,8 @@ impl Row {
 /// memory), the row's retraction means "forget", not "delete".
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Owner {
-    Workflow(String),
-    Order(String),
+    Workflow(Str),
+    Order(Str),
 }
 
 impl Row {
@@ -286,8 +288,8 @@ impl Row {
             Row::OrderTransition(t) => Owner::Order(t.order_id.clone()),
             Row::Compensation(c) => Owner::Order(c.order_id.clone()),
             Row::Alert(a) => match (&a.order_id, &a.workflow_instance_id) {
-                (Some(o), _) => Owner::Order(o.clone()),
-                (None, Some(w)) => Owner::Workflow(w.clone()),
+                (Some(o), _) => Owner::Order(o.as_str().into()),
+                (None, Some(w)) => Owner::Workflow(w.as_str().into()),
                 (None, None) => return None,
             },
             Row::ComponentHealth(_) | Row::Audit(_) | Row::ErrorReport(_) => return None,
@@ -586,7 +588,7 @@ pub struct FlushBatch {
     /// Exclusive upper bound of the pipeline times this batch completes.
     pub frontier: Millis,
     /// Final state of every row touched in the batch; `None` deletes the row.
-    pub rows: Vec<((u8, String, String), Option<Row>)>,
+    pub rows: Vec<((u8, Str, Str), Option<Row>)>,
     /// Derived events, alerts and dead-letter documents to publish, in production order.
     pub records: Vec<OutRecord>,
     /// Dead letters for the `dead_letters` table.

@@ -130,7 +130,7 @@ impl Alert<'_> {
             kind: self.kind.to_string(),
             message: self.message,
             raised_at: t,
-            cause_event_id: Some(e.event_id.clone()),
+            cause_event_id: Some(e.event_id.to_string()),
             component: Some(e.component.clone()),
             workflow_instance_id: None,
             task_instance_id: None,
@@ -138,7 +138,11 @@ impl Alert<'_> {
             details: Some(self.details.to_string()),
         };
         // Published after the derived events of the same instant, in component order.
-        out.push((Emit::Record((e.component.clone(), u8::MAX), record), t, 1));
+        out.push((
+            Emit::Record((e.component.as_str().into(), u8::MAX), record),
+            t,
+            1,
+        ));
         out.push((Emit::row(Row::Alert(row)), t, 1));
     }
 }
@@ -214,7 +218,7 @@ fn apply(
         SystemKind::ErrorReport { severity, message } => {
             out.push((
                 Emit::row(Row::ErrorReport(ErrorReportRow {
-                    event_id: e.event_id.clone(),
+                    event_id: e.event_id.to_string(),
                     component: e.component.clone(),
                     severity: severity.as_str().to_string(),
                     message: message.clone(),
@@ -245,7 +249,7 @@ fn apply(
             details,
         } => out.push((
             Emit::row(Row::Audit(AuditRow {
-                event_id: e.event_id.clone(),
+                event_id: e.event_id.to_string(),
                 component: e.component.clone(),
                 actor: actor.clone(),
                 action: action.clone(),

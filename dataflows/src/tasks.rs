@@ -5,6 +5,7 @@
 //! eventTime (then the later offset, so the choice is total). Duplicate eventIds count
 //! once (the first by position wins).
 
+use crate::model::Str;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -17,17 +18,17 @@ use crate::output::Millis;
 /// The current state of one task instance.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct TaskState {
-    pub task_instance_id: String,
-    pub workflow_instance_id: String,
-    pub patient_id: Option<String>,
-    pub task_def_id: String,
-    pub task_name: Option<String>,
+    pub task_instance_id: Str,
+    pub workflow_instance_id: Str,
+    pub patient_id: Option<Str>,
+    pub task_def_id: Str,
+    pub task_name: Option<Str>,
     pub status: TaskStatus,
     pub attempt: u32,
     /// eventTime of the winning event.
     pub event_time: Millis,
     /// eventId of the winning event (the cause of what follows from this state).
-    pub event_id: String,
+    pub event_id: Str,
     /// eventTime of the TASK_CREATED of the current attempt.
     pub created_at: Option<Millis>,
     /// `dueAt` of the TASK_CREATED of the current attempt, when it carried one.
@@ -36,7 +37,7 @@ pub struct TaskState {
     pub started_at: Option<Millis>,
     /// eventTime of the TASK_COMPLETED / TASK_FAILED that decided the current attempt.
     pub finished_at: Option<Millis>,
-    pub error_message: Option<String>,
+    pub error_message: Option<Str>,
     /// eventTime of the task's most recent event (any attempt).
     pub last_event_time: Millis,
     /// Every attempt seen, in attempt order (SLA is per attempt, also for superseded ones).
@@ -58,7 +59,7 @@ pub struct AttemptInfo {
     /// eventTime of the earliest event of a higher attempt (the attempt was superseded).
     pub superseded_at: Option<Millis>,
     /// The attempt's TASK_FAILED, if it failed: (eventId, errorMessage).
-    pub failed: Option<(String, Option<String>)>,
+    pub failed: Option<(Str, Option<Str>)>,
 }
 
 impl AttemptInfo {
@@ -178,14 +179,12 @@ pub trait TaskStates<'s> {
 
 impl<'s> TaskStates<'s> for VecCollection<'s, u64, Arc<TaskEvent>> {
     fn task_states(self) -> VecCollection<'s, u64, (String, Arc<TaskState>)> {
-        self.map(|e| (e.task_instance_id.clone(), e)).reduce_named(
-            "TaskState",
-            |_key, input, output| {
+        self.map(|e| (e.task_instance_id.to_string(), e))
+            .reduce_named("TaskState", |_key, input, output| {
                 let events = dedup_by_event_id(input.iter().map(|(e, _)| &***e));
                 if let Some(state) = fold_task(&events) {
                     output.push((Arc::new(state), 1));
                 }
-            },
-        )
+            })
     }
 }

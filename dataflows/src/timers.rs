@@ -15,6 +15,7 @@
 //! Consolidate (or reduce) before reading a delayed collection: updates at future times are
 //! held by the operators that follow, not emitted early.
 
+use crate::model::Str;
 use std::sync::Arc;
 
 use differential_dataflow::{AsCollection, VecCollection};
@@ -234,7 +235,7 @@ fn emit(d: Derived, t: u64) -> (Emit, u64, isize) {
 )]
 enum WfRowPart {
     Base(Arc<WorkflowRow>, Option<Millis>),
-    Breach(Millis, String),
+    Breach(Millis, Str),
     Level(i32),
 }
 
@@ -244,7 +245,7 @@ enum WfRowPart {
 )]
 enum TaskRowPart {
     Base(Arc<TaskRow>),
-    Breach(u32, String),
+    Breach(u32, Str),
 }
 
 /// The time rules (contract §4 SLA, stale tasks, unanswered escalations) and the rows they
@@ -274,7 +275,9 @@ pub fn time_rules<'s>(
         .inner
         .flat_map(|((wid, out), t, r)| match out {
             WfOut::Row(row) => Some((Emit::Row(row), t, r)),
-            WfOut::Event(d) if r > 0 => Some((Emit::Record((wid, d.rank()), d.to_record(t)), t, 1)),
+            WfOut::Event(d) if r > 0 => {
+                Some((Emit::Record((wid.into(), d.rank()), d.to_record(t)), t, 1))
+            }
             _ => None,
         })
         .as_collection();
@@ -283,7 +286,7 @@ pub fn time_rules<'s>(
     let late = sla_late.map(|i| ((i.task_instance_id.clone(), i.attempt), i));
     let open = sla_open
         .map(|i| ((i.task_instance_id.clone(), i.attempt), i))
-        .delay_until(|(_, i): &((String, u32), Arc<SlaInfo>)| Some(i.due_at));
+        .delay_until(|(_, i): &((Str, u32), Arc<SlaInfo>)| Some(i.due_at));
     let breaches = late
         .concat(open)
         .reduce_named("SlaBreaches", |_key, input, output| {
@@ -299,81 +302,79 @@ pub fn time_rules<'s>(
     // mode), with the live ones.
     let breaches_shown = breaches.concat(facts);
     let breach_out = events
-        .flat_map(
-            |((_, i), t, r): (((String, u32), Arc<SlaInfo>), u64, isize)| {
-                let mut out = Vec::new();
-                if r <= 0 {
-                    return out;
-                }
-                let minutes = (t.saturating_sub(i.due_at) / 60_000) as i64;
-                let reason = format!("SLA_BREACH:{}", i.task_def_id);
-                let base = |ty: DerivedType, name: String| {
-                    let mut d = Derived::new(ty, &name, &i.workflow_instance_id);
-                    d.patient_id = i.patient_id.clone();
-                    d.template_id = Some(i.template_id.clone());
-                    d.template_version = Some(i.template_version);
-                    d.task_instance_id = Some(i.task_instance_id.clone());
-                    d.task_def_id = Some(i.task_def_id.clone());
-                    d.task_name = i.task_name.clone();
-                    d.attempt = Some(i.attempt);
-                    d
-                };
-                let mut b = base(
-                    DerivedType::TaskSlaBreached,
-                    format!(
-                        "hmis-flow:TASK_SLA_BREACHED:{}:{}",
-                        i.task_instance_id, i.attempt
-                    ),
-                );
-                b.due_at = Some(i.due_at);
-                b.minutes_overdue = Some(minutes);
-                let breach_id = b.event_id.clone();
-                out.push(emit(b, t));
-                let mut e = base(
-                    DerivedType::TaskEscalated,
-                    format!(
-                        "hmis-flow:TASK_ESCALATED:{}:{}",
-                        i.task_instance_id, i.attempt
-                    ),
-                );
-                e.escalated_to = Some(i.escalate_to.clone());
-                e.escalation_reason = Some(reason.clone());
-                e.escalation_level = Some(1);
-                e.cause_event_id = Some(breach_id.clone());
-                out.push(emit(e, t));
-                let mut w = base(
-                    DerivedType::WorkflowEscalated,
-                    format!(
-                        "hmis-flow:WORKFLOW_ESCALATED:{}:SLA_BREACH:{}:{}",
-                        i.workflow_instance_id, i.task_instance_id, i.attempt
-                    ),
-                );
-                w.escalation_reason = Some(reason);
-                w.escalation_level = Some(1);
-                w.escalated_to = Some(i.escalate_to.clone());
-                w.cause_event_id = Some(breach_id.clone());
-                out.push(emit(w, t));
-                out.push((
-                    Emit::row(Row::SlaBreach(SlaBreachRow {
-                        task_instance_id: i.task_instance_id.clone(),
-                        attempt: i.attempt as i32,
-                        workflow_instance_id: i.workflow_instance_id.clone(),
-                        patient_id: i.patient_id.clone(),
-                        template_id: Some(i.template_id.clone()),
-                        template_version: Some(i.template_version),
-                        task_def_id: i.task_def_id.clone(),
-                        due_at: i.due_at,
-                        breached_at: t,
-                        minutes_overdue: minutes,
-                        escalated_to: Some(i.escalate_to.clone()),
-                        event_id: Some(breach_id),
-                    })),
-                    t,
-                    1,
-                ));
-                out
-            },
-        )
+        .flat_map(|((_, i), t, r): (((Str, u32), Arc<SlaInfo>), u64, isize)| {
+            let mut out = Vec::new();
+            if r <= 0 {
+                return out;
+            }
+            let minutes = (t.saturating_sub(i.due_at) / 60_000) as i64;
+            let reason: Str = format!("SLA_BREACH:{}", i.task_def_id).into();
+            let base = |ty: DerivedType, name: String| {
+                let mut d = Derived::new(ty, &name, &i.workflow_instance_id);
+                d.patient_id = i.patient_id.clone();
+                d.template_id = Some(i.template_id.clone());
+                d.template_version = Some(i.template_version);
+                d.task_instance_id = Some(i.task_instance_id.clone());
+                d.task_def_id = Some(i.task_def_id.clone());
+                d.task_name = i.task_name.clone();
+                d.attempt = Some(i.attempt);
+                d
+            };
+            let mut b = base(
+                DerivedType::TaskSlaBreached,
+                format!(
+                    "hmis-flow:TASK_SLA_BREACHED:{}:{}",
+                    i.task_instance_id, i.attempt
+                ),
+            );
+            b.due_at = Some(i.due_at);
+            b.minutes_overdue = Some(minutes);
+            let breach_id = b.event_id.clone();
+            out.push(emit(b, t));
+            let mut e = base(
+                DerivedType::TaskEscalated,
+                format!(
+                    "hmis-flow:TASK_ESCALATED:{}:{}",
+                    i.task_instance_id, i.attempt
+                ),
+            );
+            e.escalated_to = Some(i.escalate_to.clone());
+            e.escalation_reason = Some(reason.clone());
+            e.escalation_level = Some(1);
+            e.cause_event_id = Some(breach_id.clone());
+            out.push(emit(e, t));
+            let mut w = base(
+                DerivedType::WorkflowEscalated,
+                format!(
+                    "hmis-flow:WORKFLOW_ESCALATED:{}:SLA_BREACH:{}:{}",
+                    i.workflow_instance_id, i.task_instance_id, i.attempt
+                ),
+            );
+            w.escalation_reason = Some(reason);
+            w.escalation_level = Some(1);
+            w.escalated_to = Some(i.escalate_to.clone());
+            w.cause_event_id = Some(breach_id.clone());
+            out.push(emit(w, t));
+            out.push((
+                Emit::row(Row::SlaBreach(SlaBreachRow {
+                    task_instance_id: i.task_instance_id.clone(),
+                    attempt: i.attempt as i32,
+                    workflow_instance_id: i.workflow_instance_id.clone(),
+                    patient_id: i.patient_id.clone(),
+                    template_id: Some(i.template_id.clone()),
+                    template_version: Some(i.template_version),
+                    task_def_id: i.task_def_id.clone(),
+                    due_at: i.due_at,
+                    breached_at: t,
+                    minutes_overdue: minutes,
+                    escalated_to: Some(i.escalate_to.clone()),
+                    event_id: Some(breach_id),
+                })),
+                t,
+                1,
+            ));
+            out
+        })
         .as_collection();
 
     // Stale PENDING tasks.
@@ -392,7 +393,7 @@ pub fn time_rules<'s>(
     )
     .events
     .flat_map(
-        |((_, s), t, r): (((String, u32, Millis), Arc<StaleInfo>), u64, isize)| {
+        |((_, s), t, r): (((Str, u32, Millis), Arc<StaleInfo>), u64, isize)| {
             (r > 0 && t > s.deadline).then(|| {
                 let mut d = Derived::new(
                     DerivedType::TaskStale,
@@ -417,7 +418,7 @@ pub fn time_rules<'s>(
     // Unanswered escalations: one per (workflow, level).
     let reesc = re_escalate
         .map(|r| ((r.workflow_instance_id.clone(), r.level), r))
-        .delay_until(|(_, r): &((String, i32), Arc<ReEscalation>)| Some(r.deadline))
+        .delay_until(|(_, r): &((Str, i32), Arc<ReEscalation>)| Some(r.deadline))
         .reduce_named("ReEscalations", |_key, input, output| {
             // One per (workflow, level), with content that does not depend on which of several
             // escalations fired it (nor when): a second source firing later, or the first one
@@ -426,7 +427,7 @@ pub fn time_rules<'s>(
             output.push((
                 Arc::new(ReEscalation {
                     deadline: 0,
-                    source: String::new(),
+                    source: Str::default(),
                     ..r.clone()
                 }),
                 1,
@@ -436,14 +437,14 @@ pub fn time_rules<'s>(
         reesc.clone(),
         retired,
         decide_from,
-        |(wid, _): &(String, i32), _| Owner::Workflow(wid.clone()),
+        |(wid, _): &(Str, i32), _| Owner::Workflow(wid.clone()),
     );
     // The row shows every level published, live or not (the workflow closed, or in wall
     // mode a completion dated before the deadline answered it afterwards), with the live ones.
     let levels_shown = reesc.concat(facts);
     let reesc_out = events
         .flat_map(
-            |((_, r), t, diff): (((String, i32), Arc<ReEscalation>), u64, isize)| {
+            |((_, r), t, diff): (((Str, i32), Arc<ReEscalation>), u64, isize)| {
                 (diff > 0).then(|| {
                     let mut d = Derived::new(
                         DerivedType::WorkflowEscalated,
@@ -457,7 +458,7 @@ pub fn time_rules<'s>(
                     d.template_id = Some(r.template_id.clone());
                     d.template_version = Some(r.template_version);
                     d.escalation_level = Some(r.level);
-                    d.escalation_reason = Some("UNANSWERED_ESCALATION".to_string());
+                    d.escalation_reason = Some("UNANSWERED_ESCALATION".into());
                     emit(d, t)
                 })
             },
@@ -469,15 +470,15 @@ pub fn time_rules<'s>(
         .map(|(wid, (row, t))| (wid, WfRowPart::Base(row, t)))
         .concat(breaches_shown.clone().map(|(_, i)| {
             (
-                i.workflow_instance_id.clone(),
+                i.workflow_instance_id.to_string(),
                 WfRowPart::Breach(i.due_at, i.task_def_id.clone()),
             )
         }))
-        .concat(levels_shown.map(|((wid, level), _)| (wid, WfRowPart::Level(level))));
+        .concat(levels_shown.map(|((wid, level), _)| (wid.to_string(), WfRowPart::Level(level))));
     let wf_rows = wf_parts
         .reduce_named("WorkflowRow", |_wid, input, output| {
             let mut base = None;
-            let mut breach: Option<(Millis, &String)> = None;
+            let mut breach: Option<(Millis, &Str)> = None;
             let mut level = 0;
             for (p, _) in input {
                 match p {
@@ -498,7 +499,7 @@ pub fn time_rules<'s>(
                 row.is_escalated = true;
                 row.escalation_level = row.escalation_level.max(1);
                 if reason_time.is_none_or(|t| due >= t) {
-                    row.escalation_reason = Some(format!("SLA_BREACH:{def}"));
+                    row.escalation_reason = Some(format!("SLA_BREACH:{def}").into());
                 }
             }
             if level > 0 {

@@ -15,6 +15,7 @@
 //!                                     └─► reduce(evaluate) ─► WfOut: rows and derived events
 //! ```
 
+use crate::model::Str;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -31,8 +32,8 @@ use crate::tasks::TaskState;
 /// What upstream said about a workflow instance.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct WfState {
-    pub workflow_instance_id: String,
-    pub patient_id: Option<String>,
+    pub workflow_instance_id: Str,
+    pub patient_id: Option<Str>,
     /// From WORKFLOW_STARTED (the earliest, if several).
     pub started: Option<Started>,
     /// The latest upstream WORKFLOW_COMPLETED / WORKFLOW_FAILED, by (eventTime, offset).
@@ -40,16 +41,16 @@ pub struct WfState {
     /// eventTime of the first upstream terminal event: nothing is derived after it.
     pub first_upstream_terminal: Option<Millis>,
     /// The latest upstream WORKFLOW_ESCALATED reason, if any was sent.
-    pub upstream_escalation: Option<(Millis, Option<String>)>,
+    pub upstream_escalation: Option<(Millis, Option<Str>)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Started {
-    pub template_id: String,
+    pub template_id: Str,
     pub template_version: i64,
-    pub template_name: Option<String>,
+    pub template_name: Option<Str>,
     pub at: Millis,
-    pub event_id: String,
+    pub event_id: Str,
 }
 
 /// Folds the upstream events of one workflow instance (duplicates count once).
@@ -59,7 +60,7 @@ pub fn fold_workflow(wid: &str, events: &[&WorkflowEvent]) -> WfState {
     evs.dedup_by(|b, a| a.event_id == b.event_id);
     evs.sort_by_key(|e| (e.event_time, e.pos));
     let mut st = WfState {
-        workflow_instance_id: wid.to_string(),
+        workflow_instance_id: wid.into(),
         patient_id: None,
         started: None,
         upstream_terminal: None,
@@ -107,13 +108,13 @@ pub enum WfFact {
 /// What readiness needs of an order.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct OrderFact {
-    pub order_id: String,
-    pub order_type: Option<String>,
+    pub order_id: Str,
+    pub order_type: Option<Str>,
     pub open: bool,
 }
 
 impl OrderFact {
-    pub fn of(st: &OrderState) -> Option<(String, OrderFact)> {
+    pub fn of(st: &OrderState) -> Option<(Str, OrderFact)> {
         let wid = st.workflow_instance_id.clone()?;
         st.status?;
         Some((
@@ -156,27 +157,27 @@ pub enum WfOut {
 /// Identifies a task attempt with a deadline, and what its breach reports.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct SlaInfo {
-    pub task_instance_id: String,
+    pub task_instance_id: Str,
     pub attempt: u32,
-    pub workflow_instance_id: String,
-    pub patient_id: Option<String>,
-    pub template_id: String,
+    pub workflow_instance_id: Str,
+    pub patient_id: Option<Str>,
+    pub template_id: Str,
     pub template_version: i64,
-    pub task_def_id: String,
-    pub task_name: Option<String>,
+    pub task_def_id: Str,
+    pub task_name: Option<Str>,
     pub due_at: Millis,
-    pub escalate_to: String,
+    pub escalate_to: Str,
 }
 
 /// A PENDING task attempt and when it goes stale.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct StaleInfo {
-    pub task_instance_id: String,
+    pub task_instance_id: Str,
     pub attempt: u32,
-    pub workflow_instance_id: String,
-    pub patient_id: Option<String>,
-    pub task_def_id: String,
-    pub task_name: Option<String>,
+    pub workflow_instance_id: Str,
+    pub patient_id: Option<Str>,
+    pub task_def_id: Str,
+    pub task_name: Option<Str>,
     pub last_event_time: Millis,
     pub deadline: Millis,
 }
@@ -184,14 +185,14 @@ pub struct StaleInfo {
 /// A re-escalation of workflow W to `level`, due at `deadline` unless a task completes first.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ReEscalation {
-    pub workflow_instance_id: String,
+    pub workflow_instance_id: Str,
     pub level: i32,
     pub deadline: Millis,
-    pub patient_id: Option<String>,
-    pub template_id: String,
+    pub patient_id: Option<Str>,
+    pub template_id: Str,
     pub template_version: i64,
     /// What was escalated first (e.g. `SLA_BREACH:triage`).
-    pub source: String,
+    pub source: Str,
 }
 
 /// Durations of the time rules (contract §4 defaults).
@@ -422,7 +423,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             out.push(WfOut::Event(Arc::new(d)));
         }
         if let (Some((WfStatus::Failed, _)), Some(f)) = (derived_first, derived_failure) {
-            let reason = format!("TASK_FAILED:{}", f.task_def_id);
+            let reason: Str = format!("TASK_FAILED:{}", f.task_def_id).into();
             let mut d = base(
                 DerivedType::WorkflowFailed,
                 format!("hmis-flow:WORKFLOW_FAILED:{wid}"),
@@ -537,15 +538,15 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                     DerivedType::TaskReady,
                     format!("hmis-flow:TASK_READY:{wid}:{id}:{next_attempt}"),
                 );
-                e.task_def_id = Some(id.to_string());
+                e.task_def_id = Some(id.into());
                 e.task_name = d.name.clone();
                 e.attempt = Some(next_attempt);
                 e.automatic = Some(d.automatic);
                 e.per_transition = true;
                 out.push(WfOut::Event(Arc::new(e)));
                 out.push(WfOut::Row(Arc::new(Row::Readiness(ReadinessRow {
-                    workflow_instance_id: wid.to_string(),
-                    task_def_id: id.to_string(),
+                    workflow_instance_id: wid.into(),
+                    task_def_id: id.into(),
                     patient_id: patient.clone(),
                     template_id: started.template_id.clone(),
                     template_version: started.template_version,
@@ -559,10 +560,10 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                     DerivedType::TaskBlocked,
                     format!("hmis-flow:TASK_BLOCKED:{wid}:{id}:{next_attempt}"),
                 );
-                e.task_def_id = Some(id.to_string());
+                e.task_def_id = Some(id.into());
                 e.task_name = d.name.clone();
                 e.attempt = Some(next_attempt);
-                e.reason = Some("BLOCKING_ORDER_OPEN".to_string());
+                e.reason = Some("BLOCKING_ORDER_OPEN".into());
                 e.per_transition = true;
                 out.push(WfOut::Event(Arc::new(e)));
             }
@@ -572,7 +573,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
     // Rows (escalations found by timers are merged in later, see `lib.rs`).
     out.push(WfOut::WorkflowBase(
         Arc::new(WorkflowRow {
-            workflow_instance_id: wid.to_string(),
+            workflow_instance_id: wid.into(),
             patient_id: patient.clone(),
             template_id: started.template_id.clone(),
             template_version: started.template_version,
@@ -580,7 +581,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                 .template_name
                 .clone()
                 .or_else(|| template.and_then(|t| t.template_name.clone())),
-            status: status.as_str().to_string(),
+            status: status.as_str().into(),
             progress_percentage: progress,
             is_escalated: escalation_reason.is_some(),
             escalation_level: if escalation_reason.is_some() { 1 } else { 0 },
@@ -601,7 +602,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
         .filter(|t| t.status == TaskStatus::Completed)
         .filter_map(|t| t.finished_at)
         .collect();
-    let re_escalate = |source: String, at: Millis, out: &mut Vec<WfOut>| {
+    let re_escalate = |source: Str, at: Millis, out: &mut Vec<WfOut>| {
         if !active {
             return;
         }
@@ -611,7 +612,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                 break;
             }
             out.push(WfOut::ReEscalate(Arc::new(ReEscalation {
-                workflow_instance_id: wid.to_string(),
+                workflow_instance_id: wid.into(),
                 level,
                 deadline,
                 patient_id: patient.clone(),
@@ -640,11 +641,11 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             .or_else(|| def.and_then(|d| d.name.clone()));
         out.push(WfOut::TaskBase(Arc::new(TaskRow {
             task_instance_id: task.task_instance_id.clone(),
-            workflow_instance_id: wid.to_string(),
+            workflow_instance_id: wid.into(),
             patient_id: task.patient_id.clone().or_else(|| patient.clone()),
             task_def_id: task.task_def_id.clone(),
             task_name: task_name.clone(),
-            status: task.status.as_str().to_string(),
+            status: task.status.as_str().into(),
             attempt: task.attempt as i32,
             due_at,
             sla_breached: false,
@@ -663,7 +664,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             let info = Arc::new(SlaInfo {
                 task_instance_id: task.task_instance_id.clone(),
                 attempt: a.attempt,
-                workflow_instance_id: wid.to_string(),
+                workflow_instance_id: wid.into(),
                 patient_id: task.patient_id.clone().or_else(|| patient.clone()),
                 template_id: started.template_id.clone(),
                 template_version: started.template_version,
@@ -680,7 +681,11 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                 && a.attempt == task.attempt
                 && matches!(task.status, TaskStatus::Pending | TaskStatus::InProgress);
             if late || (open && active) {
-                re_escalate(format!("SLA_BREACH:{}", task.task_def_id), due, &mut out);
+                re_escalate(
+                    format!("SLA_BREACH:{}", task.task_def_id).into(),
+                    due,
+                    &mut out,
+                );
             }
             // Still open when the workflow left ACTIVE after dueAt: the clock breached it
             // while it was in scope, and that stays a fact when the timer's scope ends (else
@@ -698,7 +703,7 @@ pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             out.push(WfOut::Stale(Arc::new(StaleInfo {
                 task_instance_id: task.task_instance_id.clone(),
                 attempt: task.attempt,
-                workflow_instance_id: wid.to_string(),
+                workflow_instance_id: wid.into(),
                 patient_id: task.patient_id.clone().or_else(|| patient.clone()),
                 task_def_id: task.task_def_id.clone(),
                 task_name,

@@ -1256,7 +1256,7 @@ fn fields_and_defaults() {
     let ab = t.task("antibiotics").unwrap();
     assert_eq!(
         (ab.blocking_order_types.clone(), ab.next_task_id.clone()),
-        (vec!["LAB_TEST".to_string()], None)
+        (vec!["LAB_TEST".into()], None)
     );
     let mr = t.task("manual-review").unwrap();
     assert_eq!(

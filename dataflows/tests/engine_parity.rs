@@ -161,7 +161,10 @@ fn compare_flushes(a: &Outcome, b: &Outcome) -> Option<String> {
     use std::collections::{BTreeMap, BTreeSet};
     type Group = (
         Millis,
-        BTreeMap<(u8, String, String), Option<hmis_dataflows::output::Row>>,
+        BTreeMap<
+            (u8, hmis_dataflows::model::Str, hmis_dataflows::model::Str),
+            Option<hmis_dataflows::output::Row>,
+        >,
         Vec<OutRecord>,
         Vec<OutRecord>,
         Vec<String>,
@@ -469,17 +472,17 @@ fn lifecycle_feed(h: &history::History, rng: &mut SmallRng) -> Feed {
         let mut e = e.clone();
         match &mut e {
             Event::Task(x) => {
-                x.event_id = id;
+                x.event_id = id.into();
                 x.event_time = at;
                 x.pos.offset = offset;
             }
             Event::Workflow(x) => {
-                x.event_id = id;
+                x.event_id = id.into();
                 x.event_time = at;
                 x.pos.offset = offset;
             }
             Event::Order(x) => {
-                x.event_id = id;
+                x.event_id = id.into();
                 x.event_time = at;
                 x.pos.offset = offset;
             }
@@ -498,8 +501,8 @@ fn lifecycle_feed(h: &history::History, rng: &mut SmallRng) -> Feed {
             if let Event::Task(x) = &mut g {
                 // A task of its own: the differential core keys task state by
                 // taskInstanceId across workflows (a known difference, docs/engine.md).
-                x.workflow_instance_id = format!("ghost-w{}", i % 2);
-                x.task_instance_id = format!("ghost-t{i}");
+                x.workflow_instance_id = format!("ghost-w{}", i % 2).into();
+                x.task_instance_id = format!("ghost-t{i}").into();
             }
             feed.push((at, g));
         }

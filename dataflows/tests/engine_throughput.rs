@@ -23,6 +23,7 @@ use std::time::Instant;
 use hmis_dataflows::engine::{run_with, Core};
 use hmis_dataflows::events::{Event, Template};
 use hmis_dataflows::harness::Run;
+use hmis_dataflows::model::Str;
 use hmis_dataflows::output::Millis;
 use hmis_dataflows::RulesConfig;
 
@@ -38,7 +39,7 @@ fn cpu_secs() -> f64 {
 
 /// Every id of `e` prefixed with `p`.
 fn prefixed(e: Event, p: &str) -> Event {
-    let px = |s: &mut String| *s = format!("{p}{s}");
+    let px = |s: &mut Str| *s = format!("{p}{s}").into();
     match e {
         Event::Definition(mut d) => {
             px(&mut d.template_id);

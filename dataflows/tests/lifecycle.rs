@@ -78,7 +78,7 @@ fn task_rows(o: &Outcome) -> Vec<(String, String)> {
     o.rows
         .values()
         .filter_map(|r| match r {
-            Row::Task(t) => Some((t.task_instance_id.clone(), t.status.clone())),
+            Row::Task(t) => Some((t.task_instance_id.to_string(), t.status.to_string())),
             _ => None,
         })
         .collect()
@@ -86,7 +86,7 @@ fn task_rows(o: &Outcome) -> Vec<(String, String)> {
 
 fn workflow_status(o: &Outcome, wid: &str) -> Option<String> {
     o.rows.values().find_map(|r| match r {
-        Row::Workflow(w) if w.workflow_instance_id == wid => Some(w.status.clone()),
+        Row::Workflow(w) if w.workflow_instance_id == wid => Some(w.status.to_string()),
         _ => None,
     })
 }

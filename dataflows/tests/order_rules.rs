@@ -154,7 +154,7 @@ fn orders(o: &Outcome) -> BTreeMap<String, OrderRow> {
     o.rows
         .values()
         .filter_map(|r| match r {
-            Row::Order(x) => Some((x.order_id.clone(), x.clone())),
+            Row::Order(x) => Some((x.order_id.to_string(), x.clone())),
             _ => None,
         })
         .collect()
@@ -295,9 +295,9 @@ fn the_happy_path_fills_the_order_row_and_one_transition_per_event() {
         .iter()
         .map(|t| {
             (
-                t.event_type.clone(),
-                t.from_status.clone(),
-                t.to_status.clone(),
+                t.event_type.to_string(),
+                t.from_status.as_deref().map(String::from),
+                t.to_status.as_deref().map(String::from),
                 t.accepted,
             )
         })
@@ -674,8 +674,11 @@ fn compensation_sets_for_a_cancellation_at_each_stage() {
                     .iter()
                     .map(|c| {
                         (
-                            c.action_type.clone(),
-                            (c.amount.clone(), c.appointment_id.clone()),
+                            c.action_type.to_string(),
+                            (
+                                c.amount.as_deref().map(String::from),
+                                c.appointment_id.as_deref().map(String::from),
+                            ),
                         )
                     })
                     .collect();
@@ -762,7 +765,7 @@ fn compensation_completed_marks_its_action_completed() {
     assert_each_once(&o);
     let status: BTreeMap<String, (String, Option<Millis>)> = compensations(&o)
         .into_iter()
-        .map(|c| (c.action_type, (c.status, c.completed_at)))
+        .map(|c| (c.action_type.into(), (c.status.into(), c.completed_at)))
         .collect();
     let p = |s: &str| (s.to_string(), None);
     assert_eq!(

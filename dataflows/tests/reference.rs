@@ -42,6 +42,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use common::*;
 use hmis_dataflows::events::{parse_time, Event};
 use hmis_dataflows::harness::{run, Outcome, Run};
+use hmis_dataflows::model::Str;
 use hmis_dataflows::output::{Millis, OutRecord, OutTopic, Row};
 use model::Expected;
 use rand::rngs::SmallRng;
@@ -73,19 +74,21 @@ fn observe(o: &Outcome) -> Observed {
     for r in o.rows.values() {
         match r {
             Row::Readiness(r) => {
-                ob.ready
-                    .insert((r.workflow_instance_id.clone(), r.task_def_id.clone()));
+                ob.ready.insert((
+                    r.workflow_instance_id.to_string(),
+                    r.task_def_id.to_string(),
+                ));
             }
             Row::Workflow(w) => {
                 ob.workflows.insert(
-                    w.workflow_instance_id.clone(),
-                    (w.status.clone(), w.progress_percentage, w.is_escalated),
+                    w.workflow_instance_id.to_string(),
+                    (w.status.to_string(), w.progress_percentage, w.is_escalated),
                 );
             }
             Row::Task(t) => {
                 ob.tasks.insert(
-                    t.task_instance_id.clone(),
-                    (t.status.clone(), t.attempt as u32),
+                    t.task_instance_id.to_string(),
+                    (t.status.to_string(), t.attempt as u32),
                 );
             }
             // Order, SLA and alert tables are outside this comparison.
@@ -236,7 +239,7 @@ impl Cx<'_> {
     }
     /// Whether an order of W has two events at one eventTime.
     fn order_tie(&self, wid: &str) -> bool {
-        let mut ids: BTreeMap<(String, Millis), BTreeSet<String>> = BTreeMap::new();
+        let mut ids: BTreeMap<(Str, Millis), BTreeSet<Str>> = BTreeMap::new();
         for r in &self.h.records {
             if let Event::Order(o) = &r.event {
                 if o.workflow_instance_id.as_deref() == Some(wid) {
@@ -951,9 +954,14 @@ fn check_rows_follow_events(
                 && !dead.contains(&(topic_of(&r.event), p, off))
             {
                 upstream
-                    .entry(e.workflow_instance_id.clone())
+                    .entry(e.workflow_instance_id.to_string())
                     .or_default()
-                    .insert(e.escalation_reason.clone().unwrap_or_default());
+                    .insert(
+                        e.escalation_reason
+                            .as_deref()
+                            .unwrap_or_default()
+                            .to_string(),
+                    );
             }
         }
     }
@@ -973,7 +981,7 @@ fn check_rows_follow_events(
     for row in o.rows.values() {
         match row {
             Row::Workflow(w) => {
-                let wid = &w.workflow_instance_id;
+                let wid = w.workflow_instance_id.as_str();
                 let (levels, reasons) = all.workflows.get(wid).unwrap_or(&none);
                 let up = upstream.get(wid);
                 let got = (w.is_escalated, w.escalation_level as i64);
@@ -981,7 +989,9 @@ fn check_rows_follow_events(
                 let least = after.workflow(wid, up.is_some());
                 let reason_ok = match &w.escalation_reason {
                     Some(r) => {
-                        w.is_escalated && (reasons.contains(r) || up.is_some_and(|u| u.contains(r)))
+                        w.is_escalated
+                            && (reasons.contains(r.as_str())
+                                || up.is_some_and(|u| u.contains(r.as_str())))
                     }
                     None => !w.is_escalated,
                 };
@@ -1007,8 +1017,12 @@ fn check_rows_follow_events(
                 );
             }
             Row::Task(t) => {
-                let tid = &t.task_instance_id;
-                let got = (t.sla_breached, t.is_escalated, t.escalated_to.clone());
+                let tid = t.task_instance_id.as_str();
+                let got = (
+                    t.sla_breached,
+                    t.is_escalated,
+                    t.escalated_to.as_deref().map(str::to_string),
+                );
                 let want = all.task(tid, t.attempt as i64);
                 if got == want {
                     continue;
@@ -1047,9 +1061,9 @@ fn check_rows_follow_events(
                     ),
                 );
             }
-            Row::Order(r) if r.is_overdue != all.overdue.contains(&r.order_id) => {
+            Row::Order(r) if r.is_overdue != all.overdue.contains(r.order_id.as_str()) => {
                 let excused_loss =
-                    has_excuse && r.is_overdue == after.overdue.contains(&r.order_id);
+                    has_excuse && r.is_overdue == after.overdue.contains(r.order_id.as_str());
                 report(
                     if excused_loss {
                         excuse
@@ -1061,7 +1075,7 @@ fn check_rows_follow_events(
                         r.order_id,
                         r.order_status,
                         r.is_overdue,
-                        all.overdue.contains(&r.order_id)
+                        all.overdue.contains(r.order_id.as_str())
                     ),
                 );
             }

@@ -34,7 +34,7 @@ fn check(component: &str, status: &str, at: Millis) -> Event {
 
 fn event_id(e: &Event) -> String {
     match e {
-        Event::System(s) => s.event_id.clone(),
+        Event::System(s) => s.event_id.to_string(),
         _ => unreachable!(),
     }
 }
@@ -383,7 +383,7 @@ fn reference(
                 continue;
             }
             if status == "UNHEALTHY" && prev.as_ref().map(|p| p.0.as_str()) != Some("UNHEALTHY") {
-                raised.push(s.event_id.clone());
+                raised.push(s.event_id.to_string());
             }
             let since = match &prev {
                 Some(p) if p.0 == status => p.3,

@@ -23,7 +23,10 @@ fn ready(o: &Outcome) -> Vec<(String, String)> {
     o.rows
         .values()
         .filter_map(|r| match r {
-            Row::Readiness(r) => Some((r.workflow_instance_id.clone(), r.task_def_id.clone())),
+            Row::Readiness(r) => Some((
+                r.workflow_instance_id.to_string(),
+                r.task_def_id.to_string(),
+            )),
             _ => None,
         })
         .collect()

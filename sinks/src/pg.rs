@@ -728,7 +728,10 @@ impl<'a> Plan<'a> {
         // what the table conflicts on; the batch's key only matters for deletes.
         let mut last: HashMap<
             (u8, &'a str, Cow<'a, str>),
-            (&'a (u8, String, String), Option<&'a Row>),
+            (
+                &'a (u8, hmis_dataflows::model::Str, hmis_dataflows::model::Str),
+                Option<&'a Row>,
+            ),
         > = HashMap::new();
         for (key, row) in &batch.rows {
             let unified = match row {

@@ -980,7 +980,7 @@ fn transition_row(event_id: &str, accepted: bool) -> OrderTransitionRow {
 
 fn compensation_row(action_type: &str, amount: Option<&str>) -> CompensationRow {
     CompensationRow {
-        action_id: format!("act-{action_type}"),
+        action_id: format!("act-{action_type}").into(),
         order_id: "o-1".into(),
         workflow_instance_id: Some("wf-1".into()),
         patient_id: Some("patient-1".into()),
@@ -1008,7 +1008,7 @@ fn breach_row(task: &str, attempt: i32) -> SlaBreachRow {
         breached_at: T0 + 15 * 60_000 + 1,
         minutes_overdue: 0,
         escalated_to: Some("CHARGE_NURSE".into()),
-        event_id: Some(format!("breach-{task}-{attempt}")),
+        event_id: Some(format!("breach-{task}-{attempt}").into()),
     }
 }
 

@@ -49,6 +49,7 @@ use hmis_dataflows::events::{
     decode, format_time, Event, InputTopic, OrderEvent, Pos, TaskEvent, Template, WorkflowEvent,
 };
 use hmis_dataflows::gather::Gather;
+use hmis_dataflows::model::Str;
 use hmis_dataflows::orders::{evaluate_order, fold_order};
 use hmis_dataflows::tasks::{dedup_by_event_id, fold_task};
 use hmis_dataflows::workflows::{evaluate, fold_workflow, OrderFact, WfFact, WfOut};
@@ -346,13 +347,13 @@ fn run_dataflow(
 
 #[derive(Default)]
 struct Naive {
-    templates: HashMap<(String, i64), Arc<Template>>,
-    workflows: HashMap<String, Vec<WorkflowEvent>>,
-    tasks: HashMap<String, HashMap<String, Vec<TaskEvent>>>,
-    orders: HashMap<String, HashMap<String, Vec<OrderEvent>>>,
+    templates: HashMap<(Str, i64), Arc<Template>>,
+    workflows: HashMap<Str, Vec<WorkflowEvent>>,
+    tasks: HashMap<Str, HashMap<Str, Vec<TaskEvent>>>,
+    orders: HashMap<Str, HashMap<Str, Vec<OrderEvent>>>,
     /// Orders without a workflow: only their own rules apply.
-    lone_orders: HashMap<String, Vec<OrderEvent>>,
-    last: HashMap<String, Vec<WfOut>>,
+    lone_orders: HashMap<Str, Vec<OrderEvent>>,
+    last: HashMap<Str, Vec<WfOut>>,
     changes: u64,
 }
 
@@ -406,7 +407,7 @@ impl Naive {
     }
 
     /// Refolds workflow `wid` from all its events and counts the outputs that changed.
-    fn recompute(&mut self, wid: &str, rules: &RulesConfig) {
+    fn recompute(&mut self, wid: &Str, rules: &RulesConfig) {
         let mut facts = Vec::new();
         if let Some(evs) = self.workflows.get(wid) {
             let refs: Vec<&WorkflowEvent> = evs.iter().collect();
@@ -445,7 +446,7 @@ impl Naive {
         outs.dedup();
         let prev = self.last.remove(wid).unwrap_or_default();
         self.changes += symmetric_difference(&prev, &outs) + order_outs as u64;
-        self.last.insert(wid.to_string(), outs);
+        self.last.insert(wid.clone(), outs);
     }
 }
 

@@ -14,6 +14,7 @@
 //! at that instant, with [`Emit::Retired`], forget them), and a tombstone of its eventId
 //! hashes rejects a later event (`INVALID_TRANSITION`) and ignores a duplicate.
 
+use crate::model::Str;
 use std::sync::Arc;
 
 use serde_json::json;
@@ -34,7 +35,7 @@ use crate::workflows::OrderFact;
 use crate::Emit;
 
 /// What the order operator outputs: something to emit, or a fact for a workflow.
-pub type OrderOutput = Result<Emit, (String, OrderFact)>;
+pub type OrderOutput = Result<Emit, (Str, OrderFact)>;
 
 /// One order's state.
 #[derive(Default)]
@@ -49,7 +50,7 @@ struct Entry {
     /// Whether the restart seed ([`Config::decide_from`]) has been applied.
     seeded: bool,
     row: Option<Row>,
-    fact: Option<(String, OrderFact)>,
+    fact: Option<(Str, OrderFact)>,
     /// The closure as the old core's tracker sees it.
     closure: Closure<Arc<OrderState>>,
     /// Set once the order retired.
@@ -62,7 +63,7 @@ pub struct OrderLogic {
     rules: OrderRules,
     decide_from: u64,
     life: LifecycleRules,
-    orders: std::collections::HashMap<String, Entry>,
+    orders: std::collections::HashMap<Str, Entry>,
 }
 
 impl OrderLogic {
@@ -130,7 +131,7 @@ fn alert(a: &CriticalAlert, t: Millis) -> [Emit; 2] {
     [
         Emit::Record(
             (
-                a.ordering_key.clone(),
+                a.ordering_key.as_str().into(),
                 DerivedType::OrderCriticalResult as u8,
             ),
             record,
@@ -228,23 +229,23 @@ pub(crate) fn replace<T: Clone + PartialEq>(
 }
 
 impl KeyedLogic for OrderLogic {
-    type Key = String;
+    type Key = Str;
     type Rec = Arc<OrderEvent>;
     type Side = ();
     type Out = OrderOutput;
     type Order = (i32, i64);
 
-    fn key(rec: &Self::Rec) -> String {
+    fn key(rec: &Self::Rec) -> Str {
         rec.order_id.clone()
     }
     fn order(rec: &Self::Rec) -> (i32, i64) {
         (rec.pos.partition, rec.pos.offset)
     }
-    fn side(&mut self, _t: u64, _side: Vec<((), isize)>, _touched: &mut Vec<String>) {}
+    fn side(&mut self, _t: u64, _side: Vec<((), isize)>, _touched: &mut Vec<Str>) {}
 
     fn step(
         &mut self,
-        oid: &String,
+        oid: &Str,
         t: u64,
         recs: Vec<(Self::Rec, isize)>,
         cx: &mut Ctx<OrderOutput>,

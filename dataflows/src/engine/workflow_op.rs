@@ -25,6 +25,7 @@
 //! event (`UNKNOWN_WORKFLOW`) and ignores a duplicate. Order facts are not the workflow's
 //! records: they keep coming from the orders' own lifecycle.
 
+use crate::model::Str;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -53,10 +54,10 @@ pub enum WfRec {
     Workflow(Arc<WorkflowEvent>),
     Task(Arc<TaskEvent>),
     /// (workflowInstanceId, fact).
-    Order(String, OrderFact),
+    Order(Str, OrderFact),
 }
 
-type TemplateKey = (String, i64);
+type TemplateKey = (Str, i64);
 
 /// One workflow's state.
 #[derive(Default)]
@@ -64,7 +65,7 @@ struct Entry {
     /// Workflow events, each with the end of its grace.
     events: Vec<(Arc<WorkflowEvent>, u64)>,
     /// Task events by task, each with the end of its grace.
-    tasks: BTreeMap<String, Vec<(Arc<TaskEvent>, u64)>>,
+    tasks: BTreeMap<Str, Vec<(Arc<TaskEvent>, u64)>>,
     /// Whether the workflow was known (started, its template present), by instant.
     known: Log,
     closure: Closure<(Arc<WorkflowRow>, Option<Millis>)>,
@@ -75,15 +76,15 @@ struct Entry {
     pin: Option<TemplateKey>,
     /// The previous evaluation's rows and events (sorted, distinct).
     prev: Vec<WfOut>,
-    breaches_now: BTreeMap<(String, u32), Arc<SlaInfo>>,
-    breaches_seen: BTreeMap<(String, u32), Arc<SlaInfo>>,
-    stale_now: BTreeSet<(String, u32, Millis)>,
-    stale_seen: HashSet<(String, u32, Millis)>,
+    breaches_now: BTreeMap<(Str, u32), Arc<SlaInfo>>,
+    breaches_seen: BTreeMap<(Str, u32), Arc<SlaInfo>>,
+    stale_now: BTreeSet<(Str, u32, Millis)>,
+    stale_seen: HashSet<(Str, u32, Millis)>,
     levels_now: BTreeMap<i32, Arc<ReEscalation>>,
     levels_seen: BTreeMap<i32, Arc<ReEscalation>>,
     seeded: bool,
     wf_row: Option<Arc<Row>>,
-    task_rows: BTreeMap<String, Arc<Row>>,
+    task_rows: BTreeMap<Str, Arc<Row>>,
 }
 
 impl Entry {
@@ -108,8 +109,8 @@ pub struct WorkflowLogic {
     /// Definition records per (templateId, version), with their multiplicities.
     definitions: HashMap<TemplateKey, Vec<(DefinitionRecord, isize)>>,
     /// Which of this worker's workflows pin each template version.
-    pinned: HashMap<TemplateKey, HashSet<String>>,
-    workflows: HashMap<String, Entry>,
+    pinned: HashMap<TemplateKey, HashSet<Str>>,
+    workflows: HashMap<Str, Entry>,
 }
 
 impl WorkflowLogic {
@@ -143,7 +144,7 @@ fn emit(d: Derived, t: u64) -> Emit {
 /// The events and the row of an SLA breach found at `t` (as in `time_rules`).
 fn breach(i: &SlaInfo, t: u64, cx: &mut Ctx<Emit>) {
     let minutes = (t.saturating_sub(i.due_at) / 60_000) as i64;
-    let reason = format!("SLA_BREACH:{}", i.task_def_id);
+    let reason: Str = format!("SLA_BREACH:{}", i.task_def_id).into();
     let base = |ty: DerivedType, name: String| {
         let mut d = Derived::new(ty, &name, &i.workflow_instance_id);
         d.patient_id = i.patient_id.clone();
@@ -240,7 +241,7 @@ fn re_escalation(r: &ReEscalation, t: u64) -> Emit {
     d.template_id = Some(r.template_id.clone());
     d.template_version = Some(r.template_version);
     d.escalation_level = Some(r.level);
-    d.escalation_reason = Some("UNANSWERED_ESCALATION".to_string());
+    d.escalation_reason = Some("UNANSWERED_ESCALATION".into());
     emit(d, t)
 }
 
@@ -255,14 +256,14 @@ fn keep_min<K: Ord, V: Ord>(m: &mut BTreeMap<K, V>, k: K, v: V) {
 }
 
 impl KeyedLogic for WorkflowLogic {
-    type Key = String;
+    type Key = Str;
     type Rec = WfRec;
     type Side = DefinitionRecord;
     type Out = Emit;
     /// Workflow events, then task events, each by position; then order facts.
     type Order = (u8, i32, i64);
 
-    fn key(rec: &WfRec) -> String {
+    fn key(rec: &WfRec) -> Str {
         match rec {
             WfRec::Workflow(e) => e.workflow_instance_id.clone(),
             WfRec::Task(e) => e.workflow_instance_id.clone(),
@@ -277,7 +278,7 @@ impl KeyedLogic for WorkflowLogic {
         }
     }
 
-    fn side(&mut self, _t: u64, side: Vec<(DefinitionRecord, isize)>, touched: &mut Vec<String>) {
+    fn side(&mut self, _t: u64, side: Vec<(DefinitionRecord, isize)>, touched: &mut Vec<Str>) {
         let mut changed: BTreeSet<TemplateKey> = BTreeSet::new();
         let mut before: HashMap<TemplateKey, Option<Arc<Template>>> = HashMap::new();
         for (d, n) in side {
@@ -302,7 +303,7 @@ impl KeyedLogic for WorkflowLogic {
         }
     }
 
-    fn step(&mut self, wid: &String, t: u64, recs: Vec<(WfRec, isize)>, cx: &mut Ctx<Emit>) {
+    fn step(&mut self, wid: &Str, t: u64, recs: Vec<(WfRec, isize)>, cx: &mut Ctx<Emit>) {
         let mut e = self.workflows.remove(wid).unwrap_or_default();
         let life_rules = &self.life;
         let stats = &life_rules.stats;
@@ -486,7 +487,7 @@ impl KeyedLogic for WorkflowLogic {
         // Split: rows and events pass through; timer candidates count from deadline + 1.
         let mut pass = Vec::new();
         let mut breaches_now = BTreeMap::new();
-        let mut stale_now: BTreeMap<(String, u32, Millis), Arc<StaleInfo>> = BTreeMap::new();
+        let mut stale_now: BTreeMap<(Str, u32, Millis), Arc<StaleInfo>> = BTreeMap::new();
         let mut levels_now: BTreeMap<i32, Arc<ReEscalation>> = BTreeMap::new();
         let mut wf_base = None;
         let mut closed = None;
@@ -530,7 +531,7 @@ impl KeyedLogic for WorkflowLogic {
                     l,
                     Arc::new(ReEscalation {
                         deadline: 0,
-                        source: String::new(),
+                        source: Str::default(),
                         ..ReEscalation::clone(&r)
                     }),
                 )
@@ -587,7 +588,7 @@ impl KeyedLogic for WorkflowLogic {
         let shown = || e.breaches_now.values().chain(e.breaches_seen.values());
         let wf_row = wf_base.map(|(row, reason_time)| {
             let mut row = WorkflowRow::clone(&row);
-            let mut latest: Option<(Millis, &String)> = None;
+            let mut latest: Option<(Millis, &Str)> = None;
             for i in shown() {
                 let part = (i.due_at, &i.task_def_id);
                 if latest.is_none_or(|l| part.0 > l.0 || (part.0 == l.0 && part.1 < l.1)) {
@@ -598,7 +599,7 @@ impl KeyedLogic for WorkflowLogic {
                 row.is_escalated = true;
                 row.escalation_level = row.escalation_level.max(1);
                 if reason_time.is_none_or(|t| due >= t) {
-                    row.escalation_reason = Some(format!("SLA_BREACH:{def}"));
+                    row.escalation_reason = Some(format!("SLA_BREACH:{def}").into());
                 }
             }
             let level = e
@@ -617,7 +618,7 @@ impl KeyedLogic for WorkflowLogic {
         let mut task_rows = BTreeMap::new();
         for base in task_bases {
             let mut row = TaskRow::clone(&base);
-            let mut found: Vec<(u32, &String)> = shown()
+            let mut found: Vec<(u32, &Str)> = shown()
                 .filter(|i| i.task_instance_id == row.task_instance_id)
                 .map(|i| (i.attempt, &i.escalate_to))
                 .collect();

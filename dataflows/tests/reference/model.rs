@@ -43,6 +43,7 @@ use hmis_dataflows::events::{
     Event, OrderEvent, OrderEventKind, OrderStatus, Pos, TaskDef, TaskEvent, TaskStatus, Template,
     WorkflowEvent, WorkflowEventKind,
 };
+use hmis_dataflows::model::Str;
 use hmis_dataflows::output::Millis;
 
 /// What the contract says the pipeline must produce for a final set of input events.
@@ -107,10 +108,10 @@ fn rank(s: TaskStatus) -> u8 {
 /// Keeps, per eventId, the event with the lowest position.
 fn first_per_id<T: Clone>(
     events: Vec<T>,
-    id: impl Fn(&T) -> String,
+    id: impl Fn(&T) -> Str,
     pos: impl Fn(&T) -> Pos,
 ) -> Vec<T> {
-    let mut best: BTreeMap<String, T> = BTreeMap::new();
+    let mut best: BTreeMap<Str, T> = BTreeMap::new();
     for e in events {
         let k = id(&e);
         match best.get(&k) {
@@ -171,11 +172,11 @@ fn may_authorize(order_type: &str, role: Option<&str>) -> bool {
 }
 
 /// The order's (status, type) as of `t`, `None` while no event of it was accepted.
-fn order_at(events: &[OrderEvent], t: Millis) -> Option<(OrderStatus, Option<String>)> {
+fn order_at(events: &[OrderEvent], t: Millis) -> Option<(OrderStatus, Option<Str>)> {
     let mut evs: Vec<&OrderEvent> = events.iter().filter(|e| e.event_time <= t).collect();
     evs.sort_by_key(|e| (e.event_time, e.pos));
     let mut status: Option<OrderStatus> = None;
-    let mut ty: Option<String> = None;
+    let mut ty: Option<Str> = None;
     for e in evs {
         if !lifecycle_allows(status, e.kind) {
             continue;
@@ -243,7 +244,7 @@ pub fn expect(events: &[Event]) -> Expected {
     let orders = first_per_id(orders, |e: &OrderEvent| e.event_id.clone(), |e| e.pos);
 
     // Templates: per (id, version) the record with the highest position; a tombstone deletes.
-    let mut latest: BTreeMap<(String, i64), (Pos, Option<Arc<Template>>)> = BTreeMap::new();
+    let mut latest: BTreeMap<(Str, i64), (Pos, Option<Arc<Template>>)> = BTreeMap::new();
     for d in defs {
         let k = (d.template_id.clone(), d.version);
         if latest.get(&k).is_none_or(|(p, _)| *p < d.pos) {
@@ -259,28 +260,28 @@ pub fn expect(events: &[Event]) -> Expected {
     let mut wf_events: BTreeMap<String, Vec<WorkflowEvent>> = BTreeMap::new();
     for e in wfs {
         wf_events
-            .entry(e.workflow_instance_id.clone())
+            .entry(e.workflow_instance_id.to_string())
             .or_default()
             .push(e);
     }
     let mut task_events: BTreeMap<String, BTreeMap<String, Vec<TaskEvent>>> = BTreeMap::new();
     for e in tasks {
         task_events
-            .entry(e.workflow_instance_id.clone())
+            .entry(e.workflow_instance_id.to_string())
             .or_default()
-            .entry(e.task_instance_id.clone())
+            .entry(e.task_instance_id.to_string())
             .or_default()
             .push(e);
     }
     let mut order_events: BTreeMap<String, BTreeMap<String, Vec<OrderEvent>>> = BTreeMap::new();
     for e in orders {
-        let Some(w) = e.workflow_instance_id.clone() else {
+        let Some(w) = e.workflow_instance_id.as_deref().map(str::to_string) else {
             continue;
         };
         order_events
             .entry(w)
             .or_default()
-            .entry(e.order_id.clone())
+            .entry(e.order_id.to_string())
             .or_default()
             .push(e);
     }
@@ -395,7 +396,7 @@ pub fn expect(events: &[Event]) -> Expected {
                         .is_some_and(|d| d.failure_task_id.is_none() && e.attempt > d.max_retries)
                 })
                 .min_by_key(|(tid, e)| (e.event_time, *tid))
-                .map(|(_, e)| e.task_def_id.clone());
+                .map(|(_, e)| e.task_def_id.to_string());
             if derived.is_none() && up.is_none() {
                 if let Some(f) = failure {
                     derived = Some(Terminal::Failed);
@@ -427,7 +428,7 @@ pub fn expect(events: &[Event]) -> Expected {
             let mut ready_now: BTreeMap<String, u32> = BTreeMap::new();
             let mut blocked_now = BTreeSet::new();
             if status == "ACTIVE" {
-                let open_types: Vec<String> = orders_of_w
+                let open_types: Vec<Str> = orders_of_w
                     .values()
                     .filter_map(|evs| order_at(evs, t))
                     .filter(|(s, _)| is_open(*s))
@@ -468,9 +469,9 @@ pub fn expect(events: &[Event]) -> Expected {
                                 })
                                 .max()
                                 .unwrap_or(1);
-                            ready_now.insert(d.task_def_id.clone(), attempt);
+                            ready_now.insert(d.task_def_id.to_string(), attempt);
                         } else {
-                            blocked_now.insert(d.task_def_id.clone());
+                            blocked_now.insert(d.task_def_id.to_string());
                         }
                     }
                 }

@@ -102,7 +102,7 @@ pub fn task(id: &str, workflow: &str, status: &str) -> Row {
         task_instance_id: id.into(),
         workflow_instance_id: workflow.into(),
         patient_id: Some("patient-1".into()),
-        task_def_id: format!("def-{id}"),
+        task_def_id: format!("def-{id}").into(),
         task_name: Some("Triage".into()),
         status: status.into(),
         attempt: 1,
@@ -124,19 +124,29 @@ pub fn ready(workflow: &str, def: &str) -> Row {
         patient_id: Some("patient-1".into()),
         template_id: "sepsis-bundle".into(),
         template_version: 3,
-        task_name: Some(def.to_uppercase()),
+        task_name: Some(def.to_uppercase().into()),
         automatic: false,
         next_attempt: 1,
     })
 }
 
 /// A batch entry that upserts `row`.
-pub fn upsert(row: Row) -> ((u8, String, String), Option<Row>) {
+pub fn upsert(
+    row: Row,
+) -> (
+    (u8, hmis_dataflows::model::Str, hmis_dataflows::model::Str),
+    Option<Row>,
+) {
     (row.key(), Some(row))
 }
 
 /// A batch entry that deletes the row with the same key as `row`.
-pub fn delete(row: Row) -> ((u8, String, String), Option<Row>) {
+pub fn delete(
+    row: Row,
+) -> (
+    (u8, hmis_dataflows::model::Str, hmis_dataflows::model::Str),
+    Option<Row>,
+) {
     (row.key(), None)
 }
 

@@ -1,0 +1,9 @@
+//! Compact records: the types the hot path carries instead of owned `String`s.
+//!
+//! - [`Str`]: an immutable, shared string. Ids and texts are decoded once into a `Str` and
+//!   from then on copied by reference count, not by allocation: a task's id appears in its
+//!   events, its folded state, its SLA facts, its rows and the derived events it causes.
+
+mod shared_str;
+
+pub use shared_str::Str;
