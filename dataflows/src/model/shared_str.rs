@@ -168,8 +168,9 @@ mod tests {
             let back: Str = serde_json::from_str(&serde_json::to_string(x).unwrap()).unwrap();
             assert_eq!(back, s);
             for y in words {
-                assert_eq!(Str::from(x).cmp(&Str::from(y)), x.cmp(y), "{x:?} {y:?}");
-                assert_eq!(Str::from(x) == Str::from(y), x == y);
+                let (a, b) = (Str::from(x), Str::from(y));
+                assert_eq!(a.cmp(&b), x.cmp(y), "{x:?} {y:?}");
+                assert_eq!(a == b, x == y);
             }
         }
         let e = serde_json::from_str::<Str>("1").unwrap_err().to_string();
