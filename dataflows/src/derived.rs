@@ -114,7 +114,11 @@ pub struct Derived {
 }
 
 impl Derived {
-    pub fn new(event_type: DerivedType, id_name: &str, workflow_instance_id: &str) -> Self {
+    pub fn new(
+        event_type: DerivedType,
+        id_name: &str,
+        workflow_instance_id: impl Into<Str>,
+    ) -> Self {
         Derived {
             event_type: Some(event_type),
             event_id: v5(id_name).into(),

@@ -257,7 +257,8 @@ impl DefSummary<'_> {
 }
 
 /// Evaluates the contract's rules for one workflow instance from its facts.
-pub fn evaluate(wid: &str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
+/// `wid` is shared by every row and event the workflow yields (a reference count each).
+pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
     let mut out = Vec::new();
     let mut state = None;
     let mut template = None;
@@ -796,7 +797,7 @@ impl<'s> WorkflowRules<'s> for VecCollection<'s, u64, (String, WfFact)> {
     fn workflow_rules(self, rules: TimeRules) -> VecCollection<'s, u64, (String, WfOut)> {
         self.reduce_named("WorkflowRules", move |wid, input, output| {
             let facts: Vec<&WfFact> = input.iter().map(|(f, _)| *f).collect();
-            let mut outs = evaluate(wid, &facts, &rules);
+            let mut outs = evaluate(&Str::from(wid), &facts, &rules);
             outs.sort();
             outs.dedup();
             output.extend(outs.into_iter().map(|o| (o, 1)));

@@ -75,6 +75,12 @@ impl From<String> for Str {
     }
 }
 
+impl From<&Str> for Str {
+    fn from(s: &Str) -> Self {
+        s.clone()
+    }
+}
+
 impl From<&String> for Str {
     fn from(s: &String) -> Self {
         Str(Arc::from(s.as_str()))
