@@ -6,9 +6,8 @@
 
 use crate::model::Str;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
-use crate::events::format_time;
+use crate::events::write_time;
 use crate::output::{Millis, OutRecord, OutTopic};
 
 /// The derived event types, in the order they are published when produced at the same instant
@@ -71,9 +70,16 @@ impl DerivedType {
     }
 }
 
-/// UUID v5 (URL namespace) of `name`, as text.
+/// UUID v5 (URL namespace) of `name`, as text (lower-case, hyphenated).
 pub fn v5(name: &str) -> String {
-    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, name.as_bytes()).to_string()
+    v5_str(name).to_string()
+}
+
+/// [`v5`] as a shared string: encoded on the stack, one allocation (no formatter).
+pub fn v5_str(name: &str) -> Str {
+    let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, name.as_bytes());
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    Str::from(&*id.hyphenated().encode_lower(&mut buf))
 }
 
 /// A derived event before serialization. Absent fields are omitted from the JSON.
@@ -121,7 +127,7 @@ impl Derived {
     ) -> Self {
         Derived {
             event_type: Some(event_type),
-            event_id: v5(id_name).into(),
+            event_id: v5_str(id_name),
             workflow_instance_id: workflow_instance_id.into(),
             ..Default::default()
         }
@@ -133,70 +139,54 @@ impl Derived {
     }
 
     /// The JSON document, stamped with the pipeline clock at which it was derived.
+    ///
+    /// Written directly, keys in the byte order a `serde_json::Map` (a `BTreeMap`) gives
+    /// them, values escaped and formatted by serde_json: byte for byte the document of
+    /// building a `Map` and printing it (`tests::to_json_matches_the_map_document` keeps
+    /// that version as its oracle), without a `String` per key and a `Value` per field.
     pub fn to_json(&self, event_time: Millis) -> String {
-        let mut m = Map::new();
-        let mut put = |k: &str, v: Value| {
-            m.insert(k.to_string(), v);
-        };
-        put("eventId", self.event_id.as_str().into());
-        put(
-            "eventType",
-            self.event_type
-                .map(|t| t.as_str())
-                .unwrap_or("UNKNOWN")
-                .into(),
-        );
-        put("eventTime", format_time(event_time).into());
-        put(
-            "workflowInstanceId",
-            self.workflow_instance_id.as_str().into(),
-        );
-        macro_rules! opt {
-            ($name:literal, $v:expr) => {
-                if let Some(v) = &$v {
-                    put($name, serde_json::json!(v));
-                }
-            };
-        }
-        opt!("patientId", self.patient_id);
-        opt!("taskInstanceId", self.task_instance_id);
-        opt!("taskDefId", self.task_def_id);
-        opt!("taskName", self.task_name);
-        opt!("templateId", self.template_id);
-        opt!("templateVersion", self.template_version);
-        opt!("orderId", self.order_id);
-        opt!("orderType", self.order_type);
-        opt!("attempt", self.attempt);
-        opt!("automatic", self.automatic);
-        opt!("progressPercentage", self.progress_percentage);
-        opt!("durationSeconds", self.duration_seconds);
-        opt!("escalatedTo", self.escalated_to);
-        opt!("escalationReason", self.escalation_reason);
-        opt!("escalationLevel", self.escalation_level);
-        if let Some(d) = self.due_at {
-            put("dueAt", format_time(d).into());
-        }
-        opt!("minutesOverdue", self.minutes_overdue);
-        opt!("actionId", self.action_id);
-        opt!("actionType", self.action_type);
-        opt!("amount", self.amount);
-        opt!("reason", self.reason);
-        opt!("errorMessage", self.error_message);
-        opt!("causeEventId", self.cause_event_id);
+        let mut w = JsonObject::with_capacity(640);
+        let event_type = self.event_type.map(|t| t.as_str()).unwrap_or("UNKNOWN");
+        w.opt("actionId", &self.action_id);
+        w.opt("actionType", &self.action_type);
+        w.opt("amount", &self.amount);
+        w.opt("attempt", &self.attempt);
+        w.opt("automatic", &self.automatic);
         if !self.blocking_order_ids.is_empty() {
-            put(
-                "blockingOrderIds",
-                serde_json::json!(self.blocking_order_ids),
-            );
+            w.field("blockingOrderIds", &self.blocking_order_ids);
         }
-        Value::Object(m).to_string()
+        w.opt("causeEventId", &self.cause_event_id);
+        if let Some(d) = self.due_at {
+            w.time("dueAt", d);
+        }
+        w.opt("durationSeconds", &self.duration_seconds);
+        w.opt("errorMessage", &self.error_message);
+        w.opt("escalatedTo", &self.escalated_to);
+        w.opt("escalationLevel", &self.escalation_level);
+        w.opt("escalationReason", &self.escalation_reason);
+        w.field("eventId", self.event_id.as_str());
+        w.time("eventTime", event_time);
+        w.field("eventType", event_type);
+        w.opt("minutesOverdue", &self.minutes_overdue);
+        w.opt("orderId", &self.order_id);
+        w.opt("orderType", &self.order_type);
+        w.opt("patientId", &self.patient_id);
+        w.opt("progressPercentage", &self.progress_percentage);
+        w.opt("reason", &self.reason);
+        w.opt("taskDefId", &self.task_def_id);
+        w.opt("taskInstanceId", &self.task_instance_id);
+        w.opt("taskName", &self.task_name);
+        w.opt("templateId", &self.template_id);
+        w.opt("templateVersion", &self.template_version);
+        w.field("workflowInstanceId", self.workflow_instance_id.as_str());
+        w.finish()
     }
 
     /// The record published to `workflow-derived-events` (key workflowInstanceId).
     pub fn to_record(&self, event_time: Millis) -> OutRecord {
         if self.per_transition {
             let mut d = self.clone();
-            d.event_id = v5(&format!("{}@{event_time}", self.event_id)).into();
+            d.event_id = v5_str(&format!("{}@{event_time}", self.event_id));
             d.per_transition = false;
             return d.to_record(event_time);
         }
@@ -211,5 +201,212 @@ impl Derived {
             key: Some(self.workflow_instance_id.to_string()),
             payload: self.to_json(event_time),
         }
+    }
+}
+
+/// A compact JSON object written field by field (keys are trusted literals).
+struct JsonObject {
+    buf: Vec<u8>,
+}
+
+impl JsonObject {
+    fn with_capacity(n: usize) -> Self {
+        let mut buf = Vec::with_capacity(n);
+        buf.push(b'{');
+        JsonObject { buf }
+    }
+    fn key(&mut self, k: &str) {
+        if self.buf.len() > 1 {
+            self.buf.push(b',');
+        }
+        self.buf.push(b'"');
+        self.buf.extend_from_slice(k.as_bytes());
+        self.buf.extend_from_slice(b"\":");
+    }
+    fn field<T: Serialize + ?Sized>(&mut self, k: &str, v: &T) {
+        self.key(k);
+        serde_json::to_writer(&mut self.buf, v).expect("strings, integers and bools serialize");
+    }
+    fn opt<T: Serialize>(&mut self, k: &str, v: &Option<T>) {
+        if let Some(v) = v {
+            self.field(k, v);
+        }
+    }
+    fn time(&mut self, k: &str, ms: Millis) {
+        self.key(k);
+        self.buf.push(b'"');
+        write_time(&mut self.buf, ms);
+        self.buf.push(b'"');
+    }
+    fn finish(mut self) -> String {
+        self.buf.push(b'}');
+        String::from_utf8(self.buf).expect("serde_json writes UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Map, Value};
+
+    /// The document as it was built before: a `serde_json::Map` printed compactly.
+    fn map_document(d: &Derived, event_time: Millis) -> String {
+        use crate::events::format_time;
+        let mut m = Map::new();
+        let mut put = |k: &str, v: Value| {
+            m.insert(k.to_string(), v);
+        };
+        put("eventId", d.event_id.as_str().into());
+        put(
+            "eventType",
+            d.event_type.map(|t| t.as_str()).unwrap_or("UNKNOWN").into(),
+        );
+        put("eventTime", format_time(event_time).into());
+        put("workflowInstanceId", d.workflow_instance_id.as_str().into());
+        macro_rules! opt {
+            ($name:literal, $v:expr) => {
+                if let Some(v) = &$v {
+                    put($name, serde_json::json!(v));
+                }
+            };
+        }
+        opt!("patientId", d.patient_id);
+        opt!("taskInstanceId", d.task_instance_id);
+        opt!("taskDefId", d.task_def_id);
+        opt!("taskName", d.task_name);
+        opt!("templateId", d.template_id);
+        opt!("templateVersion", d.template_version);
+        opt!("orderId", d.order_id);
+        opt!("orderType", d.order_type);
+        opt!("attempt", d.attempt);
+        opt!("automatic", d.automatic);
+        opt!("progressPercentage", d.progress_percentage);
+        opt!("durationSeconds", d.duration_seconds);
+        opt!("escalatedTo", d.escalated_to);
+        opt!("escalationReason", d.escalation_reason);
+        opt!("escalationLevel", d.escalation_level);
+        if let Some(t) = d.due_at {
+            put("dueAt", format_time(t).into());
+        }
+        opt!("minutesOverdue", d.minutes_overdue);
+        opt!("actionId", d.action_id);
+        opt!("actionType", d.action_type);
+        opt!("amount", d.amount);
+        opt!("reason", d.reason);
+        opt!("errorMessage", d.error_message);
+        opt!("causeEventId", d.cause_event_id);
+        if !d.blocking_order_ids.is_empty() {
+            put("blockingOrderIds", serde_json::json!(d.blocking_order_ids));
+        }
+        Value::Object(m).to_string()
+    }
+
+    #[test]
+    fn v5_is_the_uuid_text() {
+        for name in ["", "hmis-flow:ready:w:t", "é 日本 😀", "x@1764892800123"] {
+            let want = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, name.as_bytes()).to_string();
+            assert_eq!(v5(name), want);
+            assert_eq!(v5_str(name).as_str(), want);
+        }
+    }
+
+    #[test]
+    fn to_json_matches_the_map_document() {
+        let texts = [
+            "",
+            "a",
+            "3f1c0a9e-1b2c-4d5e-8f90-123456789abc",
+            "quote \" backslash \\ slash / tab \t newline \n",
+            "control \u{1} \u{1f} del \u{7f}",
+            "unicode é 日本 😀 \u{2028}",
+        ];
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..5_000 {
+            let mut pick = |n: u64| next() % n;
+            let text = |p: &mut dyn FnMut(u64) -> u64| -> Option<Str> {
+                (p(3) > 0).then(|| Str::from(texts[p(texts.len() as u64) as usize]))
+            };
+            let mut d = Derived {
+                event_type: (pick(8) > 0)
+                    .then(|| DerivedType::ALL[pick(DerivedType::ALL.len() as u64) as usize]),
+                event_id: Str::from(texts[pick(texts.len() as u64) as usize]),
+                workflow_instance_id: Str::from(texts[pick(texts.len() as u64) as usize]),
+                ..Default::default()
+            };
+            d.patient_id = text(&mut pick);
+            d.task_instance_id = text(&mut pick);
+            d.task_def_id = text(&mut pick);
+            d.task_name = text(&mut pick);
+            d.template_id = text(&mut pick);
+            d.order_id = text(&mut pick);
+            d.order_type = text(&mut pick);
+            d.escalated_to = text(&mut pick);
+            d.escalation_reason = text(&mut pick);
+            d.action_id = text(&mut pick);
+            d.action_type = text(&mut pick);
+            d.amount = text(&mut pick);
+            d.reason = text(&mut pick);
+            d.error_message = text(&mut pick);
+            d.cause_event_id = text(&mut pick);
+            let signed = |v: u64| v as i64;
+            d.template_version = (pick(2) == 0).then(|| signed(pick(u64::MAX)));
+            d.attempt = (pick(2) == 0).then(|| pick(u64::MAX) as u32);
+            d.automatic = (pick(2) == 0).then(|| pick(2) == 0);
+            d.progress_percentage = (pick(2) == 0).then(|| pick(u64::MAX) as i32);
+            d.duration_seconds = (pick(2) == 0).then(|| signed(pick(u64::MAX)));
+            d.escalation_level = (pick(2) == 0).then(|| pick(u64::MAX) as i32);
+            d.due_at = (pick(2) == 0).then(|| pick(4_102_444_800_000));
+            d.minutes_overdue = (pick(2) == 0).then(|| signed(pick(u64::MAX)));
+            for _ in 0..pick(4) {
+                d.blocking_order_ids
+                    .push(Str::from(texts[pick(texts.len() as u64) as usize]));
+            }
+            let at = if i % 100 == 0 {
+                u64::MAX - i
+            } else {
+                pick(4_102_444_800_000)
+            };
+            assert_eq!(d.to_json(at), map_document(&d, at), "{d:?} at {at}");
+        }
+        // Every field present at once, and none of the optional ones.
+        let full = Derived {
+            event_type: Some(DerivedType::TaskBlocked),
+            event_id: "e".into(),
+            workflow_instance_id: "w".into(),
+            patient_id: Some("p".into()),
+            task_instance_id: Some("t".into()),
+            task_def_id: Some("td".into()),
+            task_name: Some("n".into()),
+            template_id: Some("tpl".into()),
+            template_version: Some(3),
+            order_id: Some("o".into()),
+            order_type: Some("LAB".into()),
+            attempt: Some(2),
+            automatic: Some(true),
+            progress_percentage: Some(50),
+            duration_seconds: Some(-4),
+            escalated_to: Some("x".into()),
+            escalation_reason: Some("r".into()),
+            escalation_level: Some(1),
+            due_at: Some(5),
+            minutes_overdue: Some(7),
+            action_id: Some("a".into()),
+            action_type: Some("REFUND".into()),
+            amount: Some("1.5".into()),
+            reason: Some("why".into()),
+            error_message: Some("err".into()),
+            cause_event_id: Some("c".into()),
+            blocking_order_ids: vec!["o1".into(), "o2".into()],
+            per_transition: false,
+        };
+        assert_eq!(full.to_json(9), map_document(&full, 9));
+        let bare = Derived::default();
+        assert_eq!(bare.to_json(0), map_document(&bare, 0));
     }
 }

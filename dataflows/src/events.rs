@@ -458,8 +458,44 @@ pub fn parse_time(s: &str) -> Result<Millis, String> {
 
 /// Formats pipeline milliseconds as RFC 3339 with millisecond precision (`2026-11-26T10:15:00.123Z`).
 pub fn format_time(ms: Millis) -> String {
+    let mut buf = Vec::with_capacity(24);
+    write_time(&mut buf, ms);
+    String::from_utf8(buf).expect("ASCII")
+}
+
+/// Appends [`format_time`]'s text for `ms` to `buf`: `YYYY-MM-DDTHH:MM:SS.mmmZ`, written
+/// digit by digit for years up to 9999 (every real timestamp), through chrono's
+/// `%Y-%m-%dT%H:%M:%S%.3fZ` beyond (a sign and more year digits), which it equals
+/// (`tests::write_time_matches_chrono`).
+pub fn write_time(buf: &mut Vec<u8>, ms: Millis) {
+    use chrono::{Datelike, Timelike};
     let t = chrono::DateTime::from_timestamp_millis(ms as i64).unwrap_or_default();
-    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+    let year = t.year();
+    if !(0..=9999).contains(&year) {
+        use std::io::Write;
+        let _ = write!(buf, "{}", t.format("%Y-%m-%dT%H:%M:%S%.3fZ"));
+        return;
+    }
+    fn digits(buf: &mut Vec<u8>, n: u32, width: u32) {
+        let mut div = 10u32.pow(width - 1);
+        while div > 0 {
+            buf.push(b'0' + ((n / div) % 10) as u8);
+            div /= 10;
+        }
+    }
+    digits(buf, year as u32, 4);
+    for (sep, n, width) in [
+        (b'-', t.month(), 2),
+        (b'-', t.day(), 2),
+        (b'T', t.hour(), 2),
+        (b':', t.minute(), 2),
+        (b':', t.second(), 2),
+        (b'.', t.timestamp_subsec_millis(), 3),
+    ] {
+        buf.push(sep);
+        digits(buf, n, width);
+    }
+    buf.push(b'Z');
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1391,4 +1427,43 @@ pub fn check_any_record(topic: InputTopic, key: Option<&[u8]>, value: Option<&[u
         "detail bounded"
     );
     assert!(d.to_record().payload.len() < 1_000_000, "one Kafka message");
+}
+
+#[cfg(test)]
+mod time_format_tests {
+    use super::*;
+
+    fn chrono_text(ms: Millis) -> String {
+        let t = chrono::DateTime::from_timestamp_millis(ms as i64).unwrap_or_default();
+        t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+    }
+
+    #[test]
+    fn write_time_matches_chrono() {
+        let mut cases: Vec<Millis> = vec![
+            0,
+            1,
+            999,
+            1000,
+            86_399_999,
+            951_782_400_000, // 2000-02-29
+            1_764_892_800_123,
+            253_402_300_799_999, // 9999-12-31T23:59:59.999
+            253_402_300_800_000, // +10000
+            8_210_266_876_799_999,
+            (i64::MAX as u64) + 7, // negative as i64
+            u64::MAX,
+        ];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            cases.push(x % 4_102_444_800_000); // up to 2100
+            cases.push(x);
+        }
+        for ms in cases {
+            assert_eq!(format_time(ms), chrono_text(ms), "ms = {ms}");
+        }
+    }
 }
