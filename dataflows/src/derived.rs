@@ -72,14 +72,19 @@ impl DerivedType {
 
 /// UUID v5 (URL namespace) of `name`, as text (lower-case, hyphenated).
 pub fn v5(name: &str) -> String {
-    v5_str(name).to_string()
+    with_v5(name, |s| s.to_owned())
 }
 
-/// [`v5`] as a shared string: encoded on the stack, one allocation (no formatter).
+/// [`v5`] as a shared string (one allocation).
 pub fn v5_str(name: &str) -> Str {
+    with_v5(name, |s| Str::from(s))
+}
+
+/// Hands [`v5`]'s text, encoded on the stack (no formatter), to `make`.
+fn with_v5<R>(name: &str, make: impl FnOnce(&str) -> R) -> R {
     let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, name.as_bytes());
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    Str::from(&*id.hyphenated().encode_lower(&mut buf))
+    make(id.hyphenated().encode_lower(&mut buf))
 }
 
 /// A derived event before serialization. Absent fields are omitted from the JSON.

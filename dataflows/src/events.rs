@@ -466,7 +466,7 @@ pub fn format_time(ms: Millis) -> String {
 /// Appends [`format_time`]'s text for `ms` to `buf`: `YYYY-MM-DDTHH:MM:SS.mmmZ`, written
 /// digit by digit for years up to 9999 (every real timestamp), through chrono's
 /// `%Y-%m-%dT%H:%M:%S%.3fZ` beyond (a sign and more year digits), which it equals
-/// (`tests::write_time_matches_chrono`).
+/// (`time_format_tests::write_time_matches_chrono`).
 pub fn write_time(buf: &mut Vec<u8>, ms: Millis) {
     use chrono::{Datelike, Timelike};
     let t = chrono::DateTime::from_timestamp_millis(ms as i64).unwrap_or_default();
