@@ -87,11 +87,48 @@ fn with_v5<R>(name: &str, make: impl FnOnce(&str) -> R) -> R {
     make(id.hyphenated().encode_lower(&mut buf))
 }
 
+/// The parts of an id's name `hmis-flow:<eventType>:<a>[:<b>][:<n>]`, kept instead of the
+/// id while an event may still turn out to be one already derived: the rules re-derive a
+/// workflow's events at each instant it changes and publish those that are new, so most
+/// are compared and dropped, and hashing their names (SHA-1) and formatting them was
+/// ~15 % of the workflow rules' time (docs/engine.md, session 11). Two events have equal
+/// names exactly when their parts are equal (within one event type the parts have one
+/// shape, and `n` is the last, numeric part), so comparing parts compares ids.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct IdName {
+    pub a: Str,
+    pub b: Option<Str>,
+    pub n: Option<i64>,
+}
+
+impl IdName {
+    /// The name, for the event type `ty`.
+    pub fn render(&self, ty: DerivedType) -> String {
+        use std::fmt::Write;
+        let mut s = String::with_capacity(96);
+        s.push_str("hmis-flow:");
+        s.push_str(ty.as_str());
+        s.push(':');
+        s.push_str(&self.a);
+        if let Some(b) = &self.b {
+            s.push(':');
+            s.push_str(b);
+        }
+        if let Some(n) = self.n {
+            write!(s, ":{n}").expect("writing to a String");
+        }
+        s
+    }
+}
+
 /// A derived event before serialization. Absent fields are omitted from the JSON.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Derived {
     pub event_type: Option<DerivedType>,
+    /// The id; empty while the id is named lazily (`id_name`).
     pub event_id: Str,
+    /// The name of an id hashed only when the event is published ([`Derived::named`]).
+    pub id_name: Option<IdName>,
     pub workflow_instance_id: Str,
     pub patient_id: Option<Str>,
     pub task_instance_id: Option<Str>,
@@ -138,6 +175,24 @@ impl Derived {
         }
     }
 
+    /// An event whose id is named by `name` (see [`IdName`]) and hashed when published.
+    pub fn named(event_type: DerivedType, name: IdName, workflow_instance_id: &Str) -> Self {
+        Derived {
+            event_type: Some(event_type),
+            id_name: Some(name),
+            workflow_instance_id: workflow_instance_id.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// The id (hashed now if it was named lazily).
+    pub fn id(&self) -> Str {
+        match (&self.id_name, self.event_type) {
+            (Some(n), Some(ty)) => v5_str(&n.render(ty)),
+            _ => self.event_id.clone(),
+        }
+    }
+
     /// Publication rank within one instant and workflow (the [`DerivedType`] order).
     pub fn rank(&self) -> u8 {
         self.event_type.map(|t| t as u8).unwrap_or(u8::MAX)
@@ -150,6 +205,11 @@ impl Derived {
     /// building a `Map` and printing it (`tests::to_json_matches_the_map_document` keeps
     /// that version as its oracle), without a `String` per key and a `Value` per field.
     pub fn to_json(&self, event_time: Millis) -> String {
+        self.json_with_id(event_time, &self.id())
+    }
+
+    /// [`Derived::to_json`] with the id given.
+    fn json_with_id(&self, event_time: Millis, event_id: &str) -> String {
         let mut w = JsonObject::with_capacity(640);
         let event_type = self.event_type.map(|t| t.as_str()).unwrap_or("UNKNOWN");
         w.opt("actionId", &self.action_id);
@@ -169,7 +229,7 @@ impl Derived {
         w.opt("escalatedTo", &self.escalated_to);
         w.opt("escalationLevel", &self.escalation_level);
         w.opt("escalationReason", &self.escalation_reason);
-        w.field("eventId", self.event_id.as_str());
+        w.field("eventId", event_id);
         w.time("eventTime", event_time);
         w.field("eventType", event_type);
         w.opt("minutesOverdue", &self.minutes_overdue);
@@ -189,22 +249,20 @@ impl Derived {
 
     /// The record published to `workflow-derived-events` (key workflowInstanceId).
     pub fn to_record(&self, event_time: Millis) -> OutRecord {
+        let mut id = self.id();
         if self.per_transition {
-            let mut d = self.clone();
-            d.event_id = v5_str(&format!("{}@{event_time}", self.event_id));
-            d.per_transition = false;
-            return d.to_record(event_time);
+            id = v5_str(&format!("{id}@{event_time}"));
         }
         OutRecord {
             topic: OutTopic::Derived,
-            event_id: self.event_id.to_string(),
+            event_id: id.to_string(),
             event_type: self
                 .event_type
                 .map(|t| t.as_str())
                 .unwrap_or("UNKNOWN")
                 .to_string(),
             key: Some(self.workflow_instance_id.to_string()),
-            payload: self.to_json(event_time),
+            payload: self.json_with_id(event_time, &id),
         }
     }
 }
@@ -383,6 +441,7 @@ mod tests {
         let full = Derived {
             event_type: Some(DerivedType::TaskBlocked),
             event_id: "e".into(),
+            id_name: None,
             workflow_instance_id: "w".into(),
             patient_id: Some("p".into()),
             task_instance_id: Some("t".into()),
@@ -413,5 +472,36 @@ mod tests {
         assert_eq!(full.to_json(9), map_document(&full, 9));
         let bare = Derived::default();
         assert_eq!(bare.to_json(0), map_document(&bare, 0));
+    }
+
+    /// A lazily named id is the id of its name, as eagerly named events have it, and events
+    /// compare equal exactly when their names are equal.
+    #[test]
+    fn named_ids_are_the_ids_of_their_names() {
+        let w: Str = "wf-1".into();
+        let cases = [
+            (DerivedType::WorkflowProgress, IdName { a: w.clone(), b: None, n: Some(50) }, "hmis-flow:WORKFLOW_PROGRESS:wf-1:50"),
+            (DerivedType::WorkflowCompleted, IdName { a: w.clone(), b: None, n: None }, "hmis-flow:WORKFLOW_COMPLETED:wf-1"),
+            (DerivedType::WorkflowEscalated, IdName { a: w.clone(), b: Some("TASK_FAILED:lab".into()), n: Some(1) }, "hmis-flow:WORKFLOW_ESCALATED:wf-1:TASK_FAILED:lab:1"),
+            (DerivedType::TaskRetryScheduled, IdName { a: "t-9".into(), b: None, n: Some(2) }, "hmis-flow:TASK_RETRY_SCHEDULED:t-9:2"),
+            (DerivedType::TaskReady, IdName { a: w.clone(), b: Some("triage".into()), n: Some(3) }, "hmis-flow:TASK_READY:wf-1:triage:3"),
+        ];
+        for (ty, name, text) in cases {
+            assert_eq!(name.render(ty), text);
+            let lazy = Derived::named(ty, name.clone(), &w);
+            let eager = Derived::new(ty, text, w.clone());
+            assert_eq!(lazy.id(), eager.event_id);
+            assert_eq!(lazy.to_record(7), eager.to_record(7));
+            let mut lazy_t = lazy.clone();
+            let mut eager_t = eager.clone();
+            lazy_t.per_transition = true;
+            eager_t.per_transition = true;
+            assert_eq!(lazy_t.to_record(7), eager_t.to_record(7));
+            assert_ne!(lazy_t.to_record(7).event_id, lazy.to_record(7).event_id);
+        }
+        let ready = |def: &str, n| Derived::named(DerivedType::TaskReady, IdName { a: w.clone(), b: Some(def.into()), n: Some(n) }, &w);
+        assert_eq!(ready("a", 1), ready("a", 1));
+        assert_ne!(ready("a", 1), ready("a", 2));
+        assert_ne!(ready("a", 1), ready("b", 1));
     }
 }

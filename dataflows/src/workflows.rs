@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use differential_dataflow::VecCollection;
 
-use crate::derived::{Derived, DerivedType};
+use crate::derived::{Derived, DerivedType, IdName};
 use crate::events::{TaskStatus, Template, WorkflowEvent, WorkflowEventKind};
 use crate::orders::OrderState;
 use crate::output::{Millis, ReadinessRow, Row, TaskRow, WorkflowRow};
@@ -256,19 +256,90 @@ impl DefSummary<'_> {
     }
 }
 
+/// What the rules derive from one task alone, given its workflow's [`PartsKey`]: the task's
+/// row before SLA breaches are merged in, the SLA identity of each attempt with a due time,
+/// and, for a PENDING task, when it goes stale. Whether each of these counts (the workflow
+/// is active, an attempt is late or open) is decided at each evaluation; the parts are
+/// built again only when their inputs change (see [`TaskMemo`]).
+#[derive(Clone, Debug)]
+pub struct TaskParts {
+    pub base: Arc<TaskRow>,
+    /// One per attempt of `TaskState::attempts` that has a due time, in attempt order.
+    pub sla: Vec<Arc<SlaInfo>>,
+    pub stale: Option<Arc<StaleInfo>>,
+    /// What an SLA breach of the task escalates first (`SLA_BREACH:<taskDefId>`).
+    pub sla_source: Str,
+}
+
+/// Everything [`TaskParts`] are built from: the task's state and template (by identity:
+/// a folded state or a template is a new `Arc` when it changes), the workflow's patient
+/// and pinned template version.
+#[derive(Clone, Debug)]
+pub struct PartsKey {
+    pub task: Arc<TaskState>,
+    pub template: Option<Arc<Template>>,
+    pub patient: Option<Str>,
+    pub template_id: Str,
+    pub template_version: i64,
+}
+
+impl PartsKey {
+    /// Same inputs (states and templates by identity, the rest by value).
+    pub fn same(&self, other: &PartsKey) -> bool {
+        Arc::ptr_eq(&self.task, &other.task)
+            && match (&self.template, &other.template) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+            && self.patient == other.patient
+            && self.template_id == other.template_id
+            && self.template_version == other.template_version
+    }
+}
+
+/// Where [`evaluate_with`] keeps [`TaskParts`] between evaluations.
+pub trait TaskMemo {
+    /// The parts for `key`: kept ones if built from the same inputs, else `make`'s.
+    fn parts(&mut self, key: PartsKey, make: &mut dyn FnMut() -> TaskParts) -> Arc<TaskParts>;
+}
+
+/// No memory: parts are built at every evaluation.
+pub struct NoMemo;
+
+impl TaskMemo for NoMemo {
+    fn parts(&mut self, _key: PartsKey, make: &mut dyn FnMut() -> TaskParts) -> Arc<TaskParts> {
+        Arc::new(make())
+    }
+}
+
 /// Evaluates the contract's rules for one workflow instance from its facts.
 /// `wid` is shared by every row and event the workflow yields (a reference count each).
 pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
+    evaluate_with(wid, facts, rules, &mut NoMemo)
+}
+
+/// [`evaluate`], keeping per-task parts in `memo`.
+pub fn evaluate_with(
+    wid: &Str,
+    facts: &[&WfFact],
+    rules: &TimeRules,
+    memo: &mut dyn TaskMemo,
+) -> Vec<WfOut> {
     let mut out = Vec::new();
     let mut state = None;
     let mut template = None;
     let mut tasks: Vec<&TaskState> = Vec::new();
+    let mut task_arcs: Vec<&Arc<TaskState>> = Vec::new();
     let mut orders: Vec<&OrderFact> = Vec::new();
     for f in facts {
         match f {
             WfFact::State(s) => state = Some(s),
             WfFact::Template(t) => template = Some(t),
-            WfFact::Task(t) => tasks.push(t),
+            WfFact::Task(t) => {
+                tasks.push(t);
+                task_arcs.push(t);
+            }
             WfFact::Order(o) => orders.push(o),
         }
     }
@@ -388,8 +459,10 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
         (None, None) => (WfStatus::Active, None),
     };
 
-    let base = |ty: DerivedType, id: String| {
-        let mut d = Derived::new(ty, &id, wid);
+    // Ids are named, and hashed only for the events that turn out to be new.
+    let name = |a: &Str, b: Option<Str>, n: Option<i64>| IdName { a: a.clone(), b, n };
+    let base = |ty: DerivedType, id: IdName| {
+        let mut d = Derived::named(ty, id, wid);
         d.patient_id = patient.clone();
         d.template_id = Some(started.template_id.clone());
         d.template_version = Some(started.template_version);
@@ -406,7 +479,7 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
         out.push(WfOut::Event(Arc::new({
             let mut d = base(
                 DerivedType::WorkflowProgress,
-                format!("hmis-flow:WORKFLOW_PROGRESS:{wid}:{progress}"),
+                name(wid, None, Some(progress.into())),
             );
             d.progress_percentage = Some(progress);
             d.per_transition = true;
@@ -417,7 +490,7 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
         if let (Some((WfStatus::Completed, _)), Some(at)) = (derived_first, derived_completion) {
             let mut d = base(
                 DerivedType::WorkflowCompleted,
-                format!("hmis-flow:WORKFLOW_COMPLETED:{wid}"),
+                name(wid, None, None),
             );
             d.progress_percentage = Some(progress);
             d.duration_seconds = Some((at.saturating_sub(started.at) / 1000) as i64);
@@ -427,7 +500,7 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             let reason: Str = format!("TASK_FAILED:{}", f.task_def_id).into();
             let mut d = base(
                 DerivedType::WorkflowFailed,
-                format!("hmis-flow:WORKFLOW_FAILED:{wid}"),
+                name(wid, None, None),
             );
             d.task_instance_id = Some(f.task_instance_id.clone());
             d.task_def_id = Some(f.task_def_id.clone());
@@ -437,7 +510,7 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             out.push(WfOut::Event(Arc::new(d)));
             let mut e = base(
                 DerivedType::WorkflowEscalated,
-                format!("hmis-flow:WORKFLOW_ESCALATED:{wid}:{reason}:1"),
+                name(wid, Some(reason.clone()), Some(1)),
             );
             e.task_instance_id = Some(f.task_instance_id.clone());
             e.task_def_id = Some(f.task_def_id.clone());
@@ -467,10 +540,7 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                 };
                 let mut d = base(
                     DerivedType::TaskRetryScheduled,
-                    format!(
-                        "hmis-flow:TASK_RETRY_SCHEDULED:{}:{}",
-                        task.task_instance_id, a.attempt
-                    ),
+                    name(&task.task_instance_id, None, Some(a.attempt.into())),
                 );
                 d.task_instance_id = Some(task.task_instance_id.clone());
                 d.task_def_id = Some(task.task_def_id.clone());
@@ -537,9 +607,9 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                 // into readiness is one event (`per_transition`).
                 let mut e = base(
                     DerivedType::TaskReady,
-                    format!("hmis-flow:TASK_READY:{wid}:{id}:{next_attempt}"),
+                    name(wid, Some(d.task_def_id.clone()), Some(next_attempt.into())),
                 );
-                e.task_def_id = Some(id.into());
+                e.task_def_id = Some(d.task_def_id.clone());
                 e.task_name = d.name.clone();
                 e.attempt = Some(next_attempt);
                 e.automatic = Some(d.automatic);
@@ -547,7 +617,7 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                 out.push(WfOut::Event(Arc::new(e)));
                 out.push(WfOut::Row(Arc::new(Row::Readiness(ReadinessRow {
                     workflow_instance_id: wid.into(),
-                    task_def_id: id.into(),
+                    task_def_id: d.task_def_id.clone(),
                     patient_id: patient.clone(),
                     template_id: started.template_id.clone(),
                     template_version: started.template_version,
@@ -559,9 +629,9 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                 // Which orders block may change while the task stays blocked: not content.
                 let mut e = base(
                     DerivedType::TaskBlocked,
-                    format!("hmis-flow:TASK_BLOCKED:{wid}:{id}:{next_attempt}"),
+                    name(wid, Some(d.task_def_id.clone()), Some(next_attempt.into())),
                 );
-                e.task_def_id = Some(id.into());
+                e.task_def_id = Some(d.task_def_id.clone());
                 e.task_name = d.name.clone();
                 e.attempt = Some(next_attempt);
                 e.reason = Some("BLOCKING_ORDER_OPEN".into());
@@ -630,63 +700,98 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             &mut out,
         );
     }
-    for task in &tasks {
+    for task_arc in &task_arcs {
+        let task: &TaskState = task_arc;
         let def = template.and_then(|t| t.task(&task.task_def_id));
         let sla_due = |created: Option<Millis>, explicit: Option<Millis>| {
             explicit.or_else(|| Some(created? + u64::from(def?.sla_minutes?) * 60_000))
         };
-        let due_at = sla_due(task.created_at, task.due_at_explicit);
-        let task_name = task
-            .task_name
-            .clone()
-            .or_else(|| def.and_then(|d| d.name.clone()));
-        out.push(WfOut::TaskBase(Arc::new(TaskRow {
-            task_instance_id: task.task_instance_id.clone(),
-            workflow_instance_id: wid.into(),
-            patient_id: task.patient_id.clone().or_else(|| patient.clone()),
-            task_def_id: task.task_def_id.clone(),
-            task_name: task_name.clone(),
-            status: task.status.as_str().into(),
-            attempt: task.attempt as i32,
-            due_at,
-            sla_breached: false,
-            is_escalated: false,
-            escalated_to: None,
-            created_at: task.created_at,
-            started_at: task.started_at,
-            completed_at: task.finished_at,
-            error_message: task.error_message.clone(),
-        })));
+        let key = PartsKey {
+            task: Arc::clone(task_arc),
+            template: template.cloned(),
+            patient: patient.clone(),
+            template_id: started.template_id.clone(),
+            template_version: started.template_version,
+        };
+        let parts = memo.parts(key, &mut || {
+            let task_name = task
+                .task_name
+                .clone()
+                .or_else(|| def.and_then(|d| d.name.clone()));
+            let patient_id = task.patient_id.clone().or_else(|| patient.clone());
+            let base = Arc::new(TaskRow {
+                task_instance_id: task.task_instance_id.clone(),
+                workflow_instance_id: wid.into(),
+                patient_id: patient_id.clone(),
+                task_def_id: task.task_def_id.clone(),
+                task_name: task_name.clone(),
+                status: task.status.as_str().into(),
+                attempt: task.attempt as i32,
+                due_at: sla_due(task.created_at, task.due_at_explicit),
+                sla_breached: false,
+                is_escalated: false,
+                escalated_to: None,
+                created_at: task.created_at,
+                started_at: task.started_at,
+                completed_at: task.finished_at,
+                error_message: task.error_message.clone(),
+            });
+            let sla = task
+                .attempts
+                .iter()
+                .filter_map(|a| {
+                    let due = sla_due(a.created_at, a.due_at_explicit)?;
+                    Some(Arc::new(SlaInfo {
+                        task_instance_id: task.task_instance_id.clone(),
+                        attempt: a.attempt,
+                        workflow_instance_id: wid.into(),
+                        patient_id: patient_id.clone(),
+                        template_id: started.template_id.clone(),
+                        template_version: started.template_version,
+                        task_def_id: task.task_def_id.clone(),
+                        task_name: task_name.clone(),
+                        due_at: due,
+                        escalate_to: def
+                            .map(|d| d.escalate_to.clone())
+                            .unwrap_or_else(|| "MANAGER".into()),
+                    }))
+                })
+                .collect();
+            let stale = (task.status == TaskStatus::Pending).then(|| {
+                Arc::new(StaleInfo {
+                    task_instance_id: task.task_instance_id.clone(),
+                    attempt: task.attempt,
+                    workflow_instance_id: wid.into(),
+                    patient_id: patient_id.clone(),
+                    task_def_id: task.task_def_id.clone(),
+                    task_name: task_name.clone(),
+                    last_event_time: task.last_event_time,
+                    deadline: task.last_event_time + rules.stale_after_ms,
+                })
+            });
+            TaskParts {
+                base,
+                sla,
+                stale,
+                sla_source: format!("SLA_BREACH:{}", task.task_def_id).into(),
+            }
+        });
+        out.push(WfOut::TaskBase(parts.base.clone()));
         // SLA per attempt: late (data) or open (clock).
+        let mut infos = parts.sla.iter().cloned();
         for a in &task.attempts {
             let Some(due) = sla_due(a.created_at, a.due_at_explicit) else {
                 continue;
             };
-            let info = Arc::new(SlaInfo {
-                task_instance_id: task.task_instance_id.clone(),
-                attempt: a.attempt,
-                workflow_instance_id: wid.into(),
-                patient_id: task.patient_id.clone().or_else(|| patient.clone()),
-                template_id: started.template_id.clone(),
-                template_version: started.template_version,
-                task_def_id: task.task_def_id.clone(),
-                task_name: task_name.clone(),
-                due_at: due,
-                escalate_to: def
-                    .map(|d| d.escalate_to.clone())
-                    .unwrap_or_else(|| "MANAGER".into()),
-            });
+            let info = infos.next().expect("one SLA part per attempt with a due time");
+            debug_assert_eq!((info.attempt, info.due_at), (a.attempt, due));
             let late =
                 a.started_at.is_some_and(|s| s > due) || a.ended_at().is_some_and(|e| e > due);
             let open = a.ended_at().is_none()
                 && a.attempt == task.attempt
                 && matches!(task.status, TaskStatus::Pending | TaskStatus::InProgress);
             if late || (open && active) {
-                re_escalate(
-                    format!("SLA_BREACH:{}", task.task_def_id).into(),
-                    due,
-                    &mut out,
-                );
+                re_escalate(parts.sla_source.clone(), due, &mut out);
             }
             // Still open when the workflow left ACTIVE after dueAt: the clock breached it
             // while it was in scope, and that stays a fact when the timer's scope ends (else
@@ -700,17 +805,10 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                 out.push(WfOut::SlaOpen(info));
             }
         }
-        if active && task.status == TaskStatus::Pending {
-            out.push(WfOut::Stale(Arc::new(StaleInfo {
-                task_instance_id: task.task_instance_id.clone(),
-                attempt: task.attempt,
-                workflow_instance_id: wid.into(),
-                patient_id: task.patient_id.clone().or_else(|| patient.clone()),
-                task_def_id: task.task_def_id.clone(),
-                task_name,
-                last_event_time: task.last_event_time,
-                deadline: task.last_event_time + rules.stale_after_ms,
-            })));
+        if active {
+            if let Some(stale) = &parts.stale {
+                out.push(WfOut::Stale(stale.clone()));
+            }
         }
     }
     out

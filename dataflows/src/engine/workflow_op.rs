@@ -42,9 +42,10 @@ use crate::lifecycle::{
 };
 use crate::output::Owner;
 use crate::output::{Millis, Row, SlaBreachRow, TaskRow, WorkflowRow};
-use crate::tasks::{dedup_by_event_id, fold_task};
+use crate::tasks::{dedup_by_event_id, fold_task, TaskState};
 use crate::workflows::{
-    evaluate, fold_workflow, OrderFact, ReEscalation, SlaInfo, StaleInfo, TimeRules, WfFact, WfOut,
+    evaluate_with, fold_workflow, OrderFact, PartsKey, TaskMemo, TaskParts, ReEscalation, SlaInfo, StaleInfo, TimeRules, WfFact, WfOut,
+    WfState,
 };
 use crate::Emit;
 
@@ -64,8 +65,10 @@ type TemplateKey = (Str, i64);
 struct Entry {
     /// Workflow events, each with the end of its grace.
     events: Vec<(Arc<WorkflowEvent>, u64)>,
-    /// Task events by task, each with the end of its grace.
-    tasks: BTreeMap<Str, Vec<(Arc<TaskEvent>, u64)>>,
+    /// Task events by task, each with the end of its grace, and the task's folded state.
+    tasks: BTreeMap<Str, TaskSlot>,
+    /// The folded workflow events, kept until they change (`None`: refold).
+    wf_state: Option<Arc<WfState>>,
     /// Whether the workflow was known (started, its template present), by instant.
     known: Log,
     closure: Closure<(Arc<WorkflowRow>, Option<Millis>)>,
@@ -84,20 +87,70 @@ struct Entry {
     levels_seen: BTreeMap<i32, Arc<ReEscalation>>,
     seeded: bool,
     wf_row: Option<Arc<Row>>,
-    task_rows: BTreeMap<Str, Arc<Row>>,
+    task_rows: BTreeMap<Str, TaskRowState>,
+}
+
+/// One task's events and their fold, kept until the events change.
+#[derive(Default)]
+struct TaskSlot {
+    events: Vec<(Arc<TaskEvent>, u64)>,
+    /// The fold of `events` (`None` while they changed since it was taken).
+    state: Option<Option<Arc<TaskState>>>,
+    /// What the rules built from the fold, and from what ([`TaskMemo`]).
+    parts: Option<(PartsKey, Arc<TaskParts>)>,
+}
+
+/// The task slots of a workflow keep the parts the rules build per task.
+struct SlotMemo<'a>(&'a mut BTreeMap<Str, TaskSlot>);
+
+impl TaskMemo for SlotMemo<'_> {
+    fn parts(&mut self, key: PartsKey, make: &mut dyn FnMut() -> TaskParts) -> Arc<TaskParts> {
+        let Some(slot) = self.0.get_mut(&key.task.task_instance_id) else {
+            return Arc::new(make());
+        };
+        match &slot.parts {
+            Some((k, p)) if k.same(&key) => p.clone(),
+            _ => {
+                let p = Arc::new(make());
+                slot.parts = Some((key, p.clone()));
+                p
+            }
+        }
+    }
+}
+
+/// A task's row as last output, with what it was built from: the rules' base row and the
+/// SLA breaches merged in ((attempt, escalatedTo), sorted).
+struct TaskRowState {
+    base: Arc<TaskRow>,
+    found: Vec<(u32, Str)>,
+    row: Arc<Row>,
+}
+
+impl TaskSlot {
+    /// The task's state: the cached fold, or a new one when the events changed.
+    fn state(&mut self) -> Option<Arc<TaskState>> {
+        let events = &self.events;
+        self.state
+            .get_or_insert_with(|| {
+                let evs = dedup_by_event_id(events.iter().map(|(x, _)| &**x));
+                fold_task(&evs).map(Arc::new)
+            })
+            .clone()
+    }
 }
 
 impl Entry {
     /// Records held (workflow and task events).
     fn held(&self) -> usize {
-        self.events.len() + self.tasks.values().map(Vec::len).sum::<usize>()
+        self.events.len() + self.tasks.values().map(|s| s.events.len()).sum::<usize>()
     }
     /// The ends of the graces of the records held.
     fn graces(&self) -> impl Iterator<Item = u64> + '_ {
         self.events
             .iter()
             .map(|(_, g)| *g)
-            .chain(self.tasks.values().flatten().map(|(_, g)| *g))
+            .chain(self.tasks.values().flat_map(|s| &s.events).map(|(_, g)| *g))
     }
 }
 
@@ -348,21 +401,27 @@ impl KeyedLogic for WorkflowLogic {
                         let g = grace_end_of(life_rules, x.event_time, t);
                         arrived.push(g);
                         e.events.push((x, g));
+                        e.wf_state = None;
                     } else if let Some(i) = e.events.iter().position(|(y, _)| *y == x) {
                         e.events.swap_remove(i);
+                        e.wf_state = None;
                     }
                 }
                 WfRec::Task(x) => {
-                    let evs = e.tasks.entry(x.task_instance_id.clone()).or_default();
+                    let slot = e.tasks.entry(x.task_instance_id.clone()).or_default();
                     if d > 0 {
                         let g = grace_end_of(life_rules, x.event_time, t);
                         arrived.push(g);
-                        evs.push((x, g));
-                    } else if let Some(i) = evs.iter().position(|(y, _)| *y == x) {
-                        evs.swap_remove(i);
-                        if evs.is_empty() {
+                        slot.events.push((x, g));
+                        slot.state = None;
+                    } else if let Some(i) = slot.events.iter().position(|(y, _)| *y == x) {
+                        slot.events.swap_remove(i);
+                        slot.state = None;
+                        if slot.events.is_empty() {
                             e.tasks.remove(&x.task_instance_id);
                         }
+                    } else if slot.events.is_empty() {
+                        e.tasks.remove(&x.task_instance_id);
                     }
                 }
                 WfRec::Order(_, f) => {
@@ -391,16 +450,23 @@ impl KeyedLogic for WorkflowLogic {
                 }
                 !late
             });
-            for evs in e.tasks.values_mut() {
-                evs.retain(|(x, g)| {
+            if !dead.is_empty() {
+                e.wf_state = None;
+            }
+            for slot in e.tasks.values_mut() {
+                let before = slot.events.len();
+                slot.events.retain(|(x, g)| {
                     let late = *g < t;
                     if late {
                         dead.push(WfInput::Task(x.clone()));
                     }
                     !late
                 });
+                if slot.events.len() != before {
+                    slot.state = None;
+                }
             }
-            e.tasks.retain(|_, evs| !evs.is_empty());
+            e.tasks.retain(|_, slot| !slot.events.is_empty());
             for r in dead {
                 let reason = r.unknown_reason().expect("workflow records are checked");
                 let detail = unknown_detail(reason, wid, grace);
@@ -413,11 +479,12 @@ impl KeyedLogic for WorkflowLogic {
         if e.tomb.is_none() && !cx.exhausted() && e.closure.retires_at(t) {
             let mut ids = HashSet::with_capacity(e.held());
             ids.extend(e.events.iter().map(|(x, _)| hash_str(&x.event_id)));
-            for evs in e.tasks.values() {
-                ids.extend(evs.iter().map(|(x, _)| hash_str(&x.event_id)));
+            for slot in e.tasks.values() {
+                ids.extend(slot.events.iter().map(|(x, _)| hash_str(&x.event_id)));
             }
             e.events.clear();
             e.tasks.clear();
+            e.wf_state = None;
             e.tomb = Some(Tomb { at: t, ids });
             e.breaches_seen.clear();
             e.stale_seen.clear();
@@ -432,13 +499,22 @@ impl KeyedLogic for WorkflowLogic {
             );
         }
 
-        // The facts, as the differential chain gathers them under the workflow's key.
-        let mut facts: Vec<WfFact> = Vec::new();
+        // The facts, as the differential chain gathers them under the workflow's key, in
+        // their sorted order without sorting: the state, the template, the tasks by
+        // taskInstanceId (a `TaskState`'s first field), the orders (a `BTreeMap`'s keys).
+        // Folds are cached: only what changed at this instant is folded again.
+        let mut facts: Vec<WfFact> = Vec::with_capacity(2 + e.tasks.len() + e.orders.len());
         let mut pin = None;
         let mut known = false;
         if !e.events.is_empty() {
-            let evs: Vec<&WorkflowEvent> = e.events.iter().map(|(x, _)| &**x).collect();
-            let st = fold_workflow(wid, &evs);
+            let events = &e.events;
+            let st = e
+                .wf_state
+                .get_or_insert_with(|| {
+                    let evs: Vec<&WorkflowEvent> = events.iter().map(|(x, _)| &**x).collect();
+                    Arc::new(fold_workflow(wid, &evs))
+                })
+                .clone();
             if let Some(s) = &st.started {
                 let key = (s.template_id.clone(), s.template_version);
                 if let Some(tpl) = self.template(&key) {
@@ -447,12 +523,11 @@ impl KeyedLogic for WorkflowLogic {
                 }
                 pin = Some(key);
             }
-            facts.push(WfFact::State(Arc::new(st)));
+            facts.push(WfFact::State(st));
         }
-        for evs in e.tasks.values() {
-            let evs = dedup_by_event_id(evs.iter().map(|(x, _)| &**x));
-            if let Some(s) = fold_task(&evs) {
-                facts.push(WfFact::Task(Arc::new(s)));
+        for slot in e.tasks.values_mut() {
+            if let Some(s) = slot.state() {
+                facts.push(WfFact::Task(s));
             }
         }
         facts.extend(
@@ -461,7 +536,7 @@ impl KeyedLogic for WorkflowLogic {
                 .filter(|(_, n)| **n > 0)
                 .map(|(f, _)| WfFact::Order(f.clone())),
         );
-        facts.sort();
+        debug_assert!(facts.windows(2).all(|w| w[0] <= w[1]), "facts in order");
         if pin != e.pin {
             if let Some(old) = e.pin.take() {
                 if let Some(ws) = self.pinned.get_mut(&old) {
@@ -480,9 +555,7 @@ impl KeyedLogic for WorkflowLogic {
             e.pin = pin;
         }
         let refs: Vec<&WfFact> = facts.iter().collect();
-        let mut outs = evaluate(wid, &refs, &self.rules);
-        outs.sort();
-        outs.dedup();
+        let outs = evaluate_with(wid, &refs, &self.rules, &mut SlotMemo(&mut e.tasks));
 
         // Split: rows and events pass through; timer candidates count from deadline + 1.
         let mut pass = Vec::new();
@@ -523,6 +596,10 @@ impl KeyedLogic for WorkflowLogic {
                 WfOut::TaskBase(row) => task_bases.push(row),
             }
         }
+        // Only what is diffed with the previous evaluation needs an order (the rest is keyed
+        // above, by least value, which no order changes).
+        pass.sort();
+        pass.dedup();
         // One per (workflow, level), with content independent of which escalation fired it.
         let levels_now: BTreeMap<i32, Arc<ReEscalation>> = levels_now
             .into_iter()
@@ -615,31 +692,42 @@ impl KeyedLogic for WorkflowLogic {
             }
             Arc::new(Row::Workflow(row))
         });
+        // A task's row is built again only when its base row or its breaches changed.
+        let old = std::mem::take(&mut e.task_rows);
         let mut task_rows = BTreeMap::new();
         for base in task_bases {
-            let mut row = TaskRow::clone(&base);
-            let mut found: Vec<(u32, &Str)> = shown()
-                .filter(|i| i.task_instance_id == row.task_instance_id)
-                .map(|i| (i.attempt, &i.escalate_to))
+            let mut found: Vec<(u32, Str)> = shown()
+                .filter(|i| i.task_instance_id == base.task_instance_id)
+                .map(|i| (i.attempt, i.escalate_to.clone()))
                 .collect();
             found.sort();
-            row.sla_breached = found.iter().any(|(a, _)| *a as i32 == row.attempt);
-            if let Some((_, to)) = found.last() {
-                row.is_escalated = true;
-                row.escalated_to = Some((*to).clone());
-            }
-            task_rows.insert(row.task_instance_id.clone(), Arc::new(Row::Task(row)));
+            let kept = old
+                .get(&base.task_instance_id)
+                .filter(|o| Arc::ptr_eq(&o.base, &base) && o.found == found)
+                .map(|o| o.row.clone());
+            let row = kept.unwrap_or_else(|| {
+                let mut row = TaskRow::clone(&base);
+                row.sla_breached = found.iter().any(|(a, _)| *a as i32 == row.attempt);
+                if let Some((_, to)) = found.last() {
+                    row.is_escalated = true;
+                    row.escalated_to = Some(to.clone());
+                }
+                Arc::new(Row::Task(row))
+            });
+            task_rows.insert(
+                base.task_instance_id.clone(),
+                TaskRowState { base, found, row },
+            );
         }
         replace(&mut e.wf_row, wf_row, |r, d| cx.give(Emit::Row(r), d));
-        let old = std::mem::take(&mut e.task_rows);
-        for (id, row) in &old {
-            if task_rows.get(id) != Some(row) {
-                cx.give(Emit::Row(row.clone()), -1);
+        for (id, o) in &old {
+            if task_rows.get(id).map(|n| &n.row) != Some(&o.row) {
+                cx.give(Emit::Row(o.row.clone()), -1);
             }
         }
-        for (id, row) in &task_rows {
-            if old.get(id) != Some(row) {
-                cx.give(Emit::Row(row.clone()), 1);
+        for (id, n) in &task_rows {
+            if old.get(id).map(|o| &o.row) != Some(&n.row) {
+                cx.give(Emit::Row(n.row.clone()), 1);
             }
         }
         e.task_rows = task_rows;
