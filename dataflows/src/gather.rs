@@ -44,9 +44,11 @@ pub struct Collapser {
 
 impl Collapser {
     /// Adds all changes of one time (any order within the time).
-    pub fn add_time(&mut self, mut updates: Vec<(Emit, isize)>) {
-        // Retractions first, so a row replaced at this time ends at its new value.
-        updates.sort_by_key(|u| u.1 > 0);
+    pub fn add_time(&mut self, updates: Vec<(Emit, isize)>) {
+        // Retractions first, so a row replaced at this time ends at its new value (a stable
+        // partition: each part keeps its order).
+        let (mut updates, pos): (Vec<_>, Vec<_>) = updates.into_iter().partition(|u| u.1 <= 0);
+        updates.extend(pos);
         // State retired at this time: its rows' retractions forget, they do not delete.
         let retired: HashSet<Owner> = updates
             .iter()
@@ -184,9 +186,15 @@ impl Gather for VecCollection<'_, u64, Emit> {
                 }
                 let later = pending.split_off(&upper);
                 let done = std::mem::replace(&mut pending, later);
-                for (_t, mut updates) in done {
-                    updates.sort_by(|a, b| order_key(&a.0).cmp(&order_key(&b.0)));
-                    collapser.add_time(updates);
+                for (_t, updates) in done {
+                    // Records in publication order, the rest after them in arrival order
+                    // (what a stable sort by `order_key` gives, without moving the rest).
+                    let (mut ordered, rest): (Vec<_>, Vec<_>) = updates
+                        .into_iter()
+                        .partition(|(e, _)| matches!(e, Emit::Record(..)));
+                    ordered.sort_by(|a, b| order_key(&a.0).cmp(&order_key(&b.0)));
+                    ordered.extend(rest);
+                    collapser.add_time(ordered);
                 }
                 last_frontier = Some(upper);
                 flush(collapser.take(upper.max(suppress_before)));

@@ -16,7 +16,6 @@
 //!   the tracker's flag: its last closure signal of an instant decides it, and the rules'
 //!   signals of one instant reach it in the order of their values (see [`Closure::update`]).
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
 use crate::lifecycle::{retire_instant, LifecycleRules, Stats, SIGNAL_DELAY_MS};
@@ -146,13 +145,36 @@ impl<V: Ord> Closure<V> {
 }
 
 /// A retired key: the hashes of its eventIds, until `at + tombstone_retention_ms`.
+///
+/// The hashes are a sorted, distinct `Vec` (8 bytes each, built with one sort at
+/// retirement; a `HashSet` cost ~2× the memory and SipHash per insert, 4 % of the workflow
+/// operator's samples in the session 11 profile). Lookups are binary searches; an insert
+/// (an event that arrives after retirement) is rare.
 #[derive(Debug)]
 pub(crate) struct Tomb {
     pub at: u64,
-    pub ids: HashSet<u64>,
+    ids: Vec<u64>,
 }
 
 impl Tomb {
+    pub fn new(at: u64, mut ids: Vec<u64>) -> Tomb {
+        ids.sort_unstable();
+        ids.dedup();
+        ids.shrink_to_fit();
+        Tomb { at, ids }
+    }
+
+    /// Adds `id`; whether it was absent (as `HashSet::insert`).
+    pub fn insert(&mut self, id: u64) -> bool {
+        match self.ids.binary_search(&id) {
+            Ok(_) => false,
+            Err(i) => {
+                self.ids.insert(i, id);
+                true
+            }
+        }
+    }
+
     /// Whether the tombstone has expired at `t` (the old core forgets it once the frontier
     /// has passed `at + retention`).
     pub fn expired(&self, rules: &LifecycleRules, t: u64) -> bool {

@@ -262,7 +262,7 @@ impl KeyedLogic for OrderLogic {
             if let Some(tomb) = &mut e.tomb {
                 // Retired: a duplicate changes nothing, a new event is rejected.
                 if d > 0 {
-                    if tomb.ids.insert(hash_str(&r.event_id)) {
+                    if tomb.insert(hash_str(&r.event_id)) {
                         life::count(stats, |s| &s.late_total);
                         let detail = late_detail(oid, tomb.at);
                         let dl = r.dead_letter(life_rules, r.late_reason(), detail, t);
@@ -284,7 +284,7 @@ impl KeyedLogic for OrderLogic {
         if e.tomb.is_none() && !cx.exhausted() && e.closure.retires_at(t) {
             let ids = e.events.iter().map(|r| hash_str(&r.event_id)).collect();
             e.events.clear();
-            e.tomb = Some(Tomb { at: t, ids });
+            e.tomb = Some(Tomb::new(t, ids));
             e.appeared = None;
             e.overdue_now = None;
             retired = true;

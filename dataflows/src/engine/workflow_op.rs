@@ -377,7 +377,7 @@ impl KeyedLogic for WorkflowLogic {
                         WfRec::Task(x) => WfInput::Task(x),
                         WfRec::Order(..) => unreachable!("order facts are not tracked"),
                     };
-                    if tomb.ids.insert(hash_str(input.event_id())) {
+                    if tomb.insert(hash_str(input.event_id())) {
                         life::count(stats, |s| &s.late_total);
                         let detail = late_detail(wid, tomb.at);
                         cx.give(
@@ -477,7 +477,7 @@ impl KeyedLogic for WorkflowLogic {
         // Retirement: every record of the workflow is dropped at this instant.
         let mut retired = false;
         if e.tomb.is_none() && !cx.exhausted() && e.closure.retires_at(t) {
-            let mut ids = HashSet::with_capacity(e.held());
+            let mut ids = Vec::with_capacity(e.held());
             ids.extend(e.events.iter().map(|(x, _)| hash_str(&x.event_id)));
             for slot in e.tasks.values() {
                 ids.extend(slot.events.iter().map(|(x, _)| hash_str(&x.event_id)));
@@ -485,7 +485,7 @@ impl KeyedLogic for WorkflowLogic {
             e.events.clear();
             e.tasks.clear();
             e.wf_state = None;
-            e.tomb = Some(Tomb { at: t, ids });
+            e.tomb = Some(Tomb::new(t, ids));
             e.breaches_seen.clear();
             e.stale_seen.clear();
             e.levels_seen.clear();
