@@ -52,7 +52,7 @@ use serde_json::{json, Value};
 use differential_dataflow::{AsCollection, VecCollection};
 use timely::dataflow::operators::vec::Map as _;
 
-use crate::derived::{v5, Derived, DerivedType};
+use crate::derived::{v5, Derived, DerivedType, IdName};
 use crate::events::{format_time, InputTopic, OrderEvent, OrderEventKind, OrderStatus};
 use crate::output::{
     AlertRow, CompensationRow, DeadLetter, Millis, OrderRow, OrderTransitionRow, OutRecord,
@@ -518,11 +518,15 @@ impl Identity {
     }
 
     /// A derived event about order `order_id`, keyed by its workflow (else the orderId).
-    fn notice(&self, ty: DerivedType, id_name: &str, order_id: &str) -> Notice {
-        let key = self.workflow_instance_id.as_deref().unwrap_or(order_id);
-        let mut d = Derived::new(ty, id_name, key);
+    /// Its id is named (`hmis-flow:<type>:<name…>`) and hashed when it is published.
+    fn notice(&self, ty: DerivedType, name: IdName, order_id: &Str) -> Notice {
+        let key = self
+            .workflow_instance_id
+            .clone()
+            .unwrap_or_else(|| order_id.clone());
+        let mut d = Derived::named(ty, name, &key);
         d.patient_id = self.patient_id.clone();
-        d.order_id = Some(order_id.into());
+        d.order_id = Some(order_id.clone());
         d.order_type = self.order_type.clone();
         Notice {
             derived: d,
@@ -540,8 +544,10 @@ fn positive(amount: &str) -> bool {
 /// Everything the contract derives from one order's state (§5).
 pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
     let mut out = Vec::new();
-    let oid = st.order_id.as_str();
+    let oid = &st.order_id;
     let ident = Identity::of(st);
+    // Ids are named, and hashed only for the events that turn out to be new.
+    let named = |a: &Str, b: Option<Str>| IdName { a: a.clone(), b, n: None };
     let transition = |e: &OrderEvent,
                       from: Option<OrderStatus>,
                       to: Option<OrderStatus>,
@@ -581,11 +587,7 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
         };
         let mut n = own.notice(
             DerivedType::OrderTransitionRejected,
-            &format!(
-                "hmis-flow:ORDER_TRANSITION_REJECTED:{}:{}",
-                e.event_id,
-                r.reason.as_str()
-            ),
+            named(&e.event_id, Some(r.reason.as_str().into())),
             oid,
         );
         n.derived.reason = Some(r.reason.as_str().into());
@@ -631,7 +633,7 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
                 if rules.auto_activate.iter().any(|t| t == ty) {
                     let mut n = ident.notice(
                         DerivedType::OrderActivationRequested,
-                        &format!("hmis-flow:ORDER_ACTIVATION_REQUESTED:{}", e.event_id),
+                        named(&e.event_id, None),
                         oid,
                     );
                     n.derived.cause_event_id = Some(e.event_id.clone());
@@ -643,7 +645,7 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
                 critical = true;
                 let mut n = ident.notice(
                     DerivedType::OrderCriticalResult,
-                    &format!("hmis-flow:ORDER_CRITICAL_RESULT:{}", e.event_id),
+                    named(&e.event_id, None),
                     oid,
                 );
                 n.derived.cause_event_id = Some(e.event_id.clone());
@@ -659,7 +661,7 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
                         ident.order_type.as_deref().unwrap_or("an")
                     ),
                     cause_event_id: e.event_id.to_string(),
-                    derived_event_id: n.derived.event_id.to_string(),
+                    derived_event_id: n.derived.id().to_string(),
                     order_id: oid.to_string(),
                     order_type: ident.order_type.as_deref().map(String::from),
                     workflow_instance_id: ident.workflow_instance_id.as_deref().map(String::from),
@@ -732,7 +734,7 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
             })));
             let mut n = ident.notice(
                 DerivedType::OrderCompensationRequested,
-                &format!("hmis-flow:ORDER_COMPENSATION_REQUESTED:{id}"),
+                named(&id, None),
                 oid,
             );
             n.derived.action_id = Some(id);
@@ -881,7 +883,11 @@ pub fn order_rules<'s>(
                 };
                 let mut n = ident.notice(
                     DerivedType::OrderOverdue,
-                    &format!("hmis-flow:ORDER_OVERDUE:{}", i.order_id),
+                    IdName {
+                        a: i.order_id.clone(),
+                        b: None,
+                        n: None,
+                    },
                     &i.order_id,
                 );
                 n.derived.due_at = Some(i.due_at);
