@@ -256,90 +256,19 @@ impl DefSummary<'_> {
     }
 }
 
-/// What the rules derive from one task alone, given its workflow's [`PartsKey`]: the task's
-/// row before SLA breaches are merged in, the SLA identity of each attempt with a due time,
-/// and, for a PENDING task, when it goes stale. Whether each of these counts (the workflow
-/// is active, an attempt is late or open) is decided at each evaluation; the parts are
-/// built again only when their inputs change (see [`TaskMemo`]).
-#[derive(Clone, Debug)]
-pub struct TaskParts {
-    pub base: Arc<TaskRow>,
-    /// One per attempt of `TaskState::attempts` that has a due time, in attempt order.
-    pub sla: Vec<Arc<SlaInfo>>,
-    pub stale: Option<Arc<StaleInfo>>,
-    /// What an SLA breach of the task escalates first (`SLA_BREACH:<taskDefId>`).
-    pub sla_source: Str,
-}
-
-/// Everything [`TaskParts`] are built from: the task's state and template (by identity:
-/// a folded state or a template is a new `Arc` when it changes), the workflow's patient
-/// and pinned template version.
-#[derive(Clone, Debug)]
-pub struct PartsKey {
-    pub task: Arc<TaskState>,
-    pub template: Option<Arc<Template>>,
-    pub patient: Option<Str>,
-    pub template_id: Str,
-    pub template_version: i64,
-}
-
-impl PartsKey {
-    /// Same inputs (states and templates by identity, the rest by value).
-    pub fn same(&self, other: &PartsKey) -> bool {
-        Arc::ptr_eq(&self.task, &other.task)
-            && match (&self.template, &other.template) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            }
-            && self.patient == other.patient
-            && self.template_id == other.template_id
-            && self.template_version == other.template_version
-    }
-}
-
-/// Where [`evaluate_with`] keeps [`TaskParts`] between evaluations.
-pub trait TaskMemo {
-    /// The parts for `key`: kept ones if built from the same inputs, else `make`'s.
-    fn parts(&mut self, key: PartsKey, make: &mut dyn FnMut() -> TaskParts) -> Arc<TaskParts>;
-}
-
-/// No memory: parts are built at every evaluation.
-pub struct NoMemo;
-
-impl TaskMemo for NoMemo {
-    fn parts(&mut self, _key: PartsKey, make: &mut dyn FnMut() -> TaskParts) -> Arc<TaskParts> {
-        Arc::new(make())
-    }
-}
-
 /// Evaluates the contract's rules for one workflow instance from its facts.
 /// `wid` is shared by every row and event the workflow yields (a reference count each).
 pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
-    evaluate_with(wid, facts, rules, &mut NoMemo)
-}
-
-/// [`evaluate`], keeping per-task parts in `memo`.
-pub fn evaluate_with(
-    wid: &Str,
-    facts: &[&WfFact],
-    rules: &TimeRules,
-    memo: &mut dyn TaskMemo,
-) -> Vec<WfOut> {
     let mut out = Vec::new();
     let mut state = None;
     let mut template = None;
     let mut tasks: Vec<&TaskState> = Vec::new();
-    let mut task_arcs: Vec<&Arc<TaskState>> = Vec::new();
     let mut orders: Vec<&OrderFact> = Vec::new();
     for f in facts {
         match f {
             WfFact::State(s) => state = Some(s),
             WfFact::Template(t) => template = Some(t),
-            WfFact::Task(t) => {
-                tasks.push(t);
-                task_arcs.push(t);
-            }
+            WfFact::Task(t) => tasks.push(t),
             WfFact::Order(o) => orders.push(o),
         }
     }
@@ -700,98 +629,63 @@ pub fn evaluate_with(
             &mut out,
         );
     }
-    for task_arc in &task_arcs {
-        let task: &TaskState = task_arc;
+    for task in &tasks {
         let def = template.and_then(|t| t.task(&task.task_def_id));
         let sla_due = |created: Option<Millis>, explicit: Option<Millis>| {
             explicit.or_else(|| Some(created? + u64::from(def?.sla_minutes?) * 60_000))
         };
-        let key = PartsKey {
-            task: Arc::clone(task_arc),
-            template: template.cloned(),
-            patient: patient.clone(),
-            template_id: started.template_id.clone(),
-            template_version: started.template_version,
-        };
-        let parts = memo.parts(key, &mut || {
-            let task_name = task
-                .task_name
-                .clone()
-                .or_else(|| def.and_then(|d| d.name.clone()));
-            let patient_id = task.patient_id.clone().or_else(|| patient.clone());
-            let base = Arc::new(TaskRow {
-                task_instance_id: task.task_instance_id.clone(),
-                workflow_instance_id: wid.into(),
-                patient_id: patient_id.clone(),
-                task_def_id: task.task_def_id.clone(),
-                task_name: task_name.clone(),
-                status: task.status.as_str().into(),
-                attempt: task.attempt as i32,
-                due_at: sla_due(task.created_at, task.due_at_explicit),
-                sla_breached: false,
-                is_escalated: false,
-                escalated_to: None,
-                created_at: task.created_at,
-                started_at: task.started_at,
-                completed_at: task.finished_at,
-                error_message: task.error_message.clone(),
-            });
-            let sla = task
-                .attempts
-                .iter()
-                .filter_map(|a| {
-                    let due = sla_due(a.created_at, a.due_at_explicit)?;
-                    Some(Arc::new(SlaInfo {
-                        task_instance_id: task.task_instance_id.clone(),
-                        attempt: a.attempt,
-                        workflow_instance_id: wid.into(),
-                        patient_id: patient_id.clone(),
-                        template_id: started.template_id.clone(),
-                        template_version: started.template_version,
-                        task_def_id: task.task_def_id.clone(),
-                        task_name: task_name.clone(),
-                        due_at: due,
-                        escalate_to: def
-                            .map(|d| d.escalate_to.clone())
-                            .unwrap_or_else(|| "MANAGER".into()),
-                    }))
-                })
-                .collect();
-            let stale = (task.status == TaskStatus::Pending).then(|| {
-                Arc::new(StaleInfo {
-                    task_instance_id: task.task_instance_id.clone(),
-                    attempt: task.attempt,
-                    workflow_instance_id: wid.into(),
-                    patient_id: patient_id.clone(),
-                    task_def_id: task.task_def_id.clone(),
-                    task_name: task_name.clone(),
-                    last_event_time: task.last_event_time,
-                    deadline: task.last_event_time + rules.stale_after_ms,
-                })
-            });
-            TaskParts {
-                base,
-                sla,
-                stale,
-                sla_source: format!("SLA_BREACH:{}", task.task_def_id).into(),
-            }
-        });
-        out.push(WfOut::TaskBase(parts.base.clone()));
+        let due_at = sla_due(task.created_at, task.due_at_explicit);
+        let task_name = task
+            .task_name
+            .clone()
+            .or_else(|| def.and_then(|d| d.name.clone()));
+        out.push(WfOut::TaskBase(Arc::new(TaskRow {
+            task_instance_id: task.task_instance_id.clone(),
+            workflow_instance_id: wid.into(),
+            patient_id: task.patient_id.clone().or_else(|| patient.clone()),
+            task_def_id: task.task_def_id.clone(),
+            task_name: task_name.clone(),
+            status: task.status.as_str().into(),
+            attempt: task.attempt as i32,
+            due_at,
+            sla_breached: false,
+            is_escalated: false,
+            escalated_to: None,
+            created_at: task.created_at,
+            started_at: task.started_at,
+            completed_at: task.finished_at,
+            error_message: task.error_message.clone(),
+        })));
         // SLA per attempt: late (data) or open (clock).
-        let mut infos = parts.sla.iter().cloned();
         for a in &task.attempts {
             let Some(due) = sla_due(a.created_at, a.due_at_explicit) else {
                 continue;
             };
-            let info = infos.next().expect("one SLA part per attempt with a due time");
-            debug_assert_eq!((info.attempt, info.due_at), (a.attempt, due));
+            let info = Arc::new(SlaInfo {
+                task_instance_id: task.task_instance_id.clone(),
+                attempt: a.attempt,
+                workflow_instance_id: wid.into(),
+                patient_id: task.patient_id.clone().or_else(|| patient.clone()),
+                template_id: started.template_id.clone(),
+                template_version: started.template_version,
+                task_def_id: task.task_def_id.clone(),
+                task_name: task_name.clone(),
+                due_at: due,
+                escalate_to: def
+                    .map(|d| d.escalate_to.clone())
+                    .unwrap_or_else(|| "MANAGER".into()),
+            });
             let late =
                 a.started_at.is_some_and(|s| s > due) || a.ended_at().is_some_and(|e| e > due);
             let open = a.ended_at().is_none()
                 && a.attempt == task.attempt
                 && matches!(task.status, TaskStatus::Pending | TaskStatus::InProgress);
             if late || (open && active) {
-                re_escalate(parts.sla_source.clone(), due, &mut out);
+                re_escalate(
+                    format!("SLA_BREACH:{}", task.task_def_id).into(),
+                    due,
+                    &mut out,
+                );
             }
             // Still open when the workflow left ACTIVE after dueAt: the clock breached it
             // while it was in scope, and that stays a fact when the timer's scope ends (else
@@ -805,10 +699,17 @@ pub fn evaluate_with(
                 out.push(WfOut::SlaOpen(info));
             }
         }
-        if active {
-            if let Some(stale) = &parts.stale {
-                out.push(WfOut::Stale(stale.clone()));
-            }
+        if active && task.status == TaskStatus::Pending {
+            out.push(WfOut::Stale(Arc::new(StaleInfo {
+                task_instance_id: task.task_instance_id.clone(),
+                attempt: task.attempt,
+                workflow_instance_id: wid.into(),
+                patient_id: task.patient_id.clone().or_else(|| patient.clone()),
+                task_def_id: task.task_def_id.clone(),
+                task_name,
+                last_event_time: task.last_event_time,
+                deadline: task.last_event_time + rules.stale_after_ms,
+            })));
         }
     }
     out

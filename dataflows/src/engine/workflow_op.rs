@@ -44,7 +44,7 @@ use crate::output::Owner;
 use crate::output::{Millis, Row, SlaBreachRow, TaskRow, WorkflowRow};
 use crate::tasks::{dedup_by_event_id, fold_task, TaskState};
 use crate::workflows::{
-    evaluate_with, fold_workflow, OrderFact, PartsKey, TaskMemo, TaskParts, ReEscalation, SlaInfo, StaleInfo, TimeRules, WfFact, WfOut,
+    evaluate, fold_workflow, OrderFact, ReEscalation, SlaInfo, StaleInfo, TimeRules, WfFact, WfOut,
     WfState,
 };
 use crate::Emit;
@@ -66,7 +66,9 @@ struct Entry {
     /// Workflow events, each with the end of its grace.
     events: Vec<(Arc<WorkflowEvent>, u64)>,
     /// Task events by task, each with the end of its grace, and the task's folded state.
-    tasks: BTreeMap<Str, TaskSlot>,
+    /// Boxed: a `BTreeMap` leaf holds room for 11 values, so a small workflow would pay for
+    /// 11 inline slots.
+    tasks: BTreeMap<Str, Box<TaskSlot>>,
     /// The folded workflow events, kept until they change (`None`: refold).
     wf_state: Option<Arc<WfState>>,
     /// Whether the workflow was known (started, its template present), by instant.
@@ -87,7 +89,7 @@ struct Entry {
     levels_seen: BTreeMap<i32, Arc<ReEscalation>>,
     seeded: bool,
     wf_row: Option<Arc<Row>>,
-    task_rows: BTreeMap<Str, TaskRowState>,
+    task_rows: BTreeMap<Str, Arc<Row>>,
 }
 
 /// One task's events and their fold, kept until the events change.
@@ -96,35 +98,6 @@ struct TaskSlot {
     events: Vec<(Arc<TaskEvent>, u64)>,
     /// The fold of `events` (`None` while they changed since it was taken).
     state: Option<Option<Arc<TaskState>>>,
-    /// What the rules built from the fold, and from what ([`TaskMemo`]).
-    parts: Option<(PartsKey, Arc<TaskParts>)>,
-}
-
-/// The task slots of a workflow keep the parts the rules build per task.
-struct SlotMemo<'a>(&'a mut BTreeMap<Str, TaskSlot>);
-
-impl TaskMemo for SlotMemo<'_> {
-    fn parts(&mut self, key: PartsKey, make: &mut dyn FnMut() -> TaskParts) -> Arc<TaskParts> {
-        let Some(slot) = self.0.get_mut(&key.task.task_instance_id) else {
-            return Arc::new(make());
-        };
-        match &slot.parts {
-            Some((k, p)) if k.same(&key) => p.clone(),
-            _ => {
-                let p = Arc::new(make());
-                slot.parts = Some((key, p.clone()));
-                p
-            }
-        }
-    }
-}
-
-/// A task's row as last output, with what it was built from: the rules' base row and the
-/// SLA breaches merged in ((attempt, escalatedTo), sorted).
-struct TaskRowState {
-    base: Arc<TaskRow>,
-    found: Vec<(u32, Str)>,
-    row: Arc<Row>,
 }
 
 impl TaskSlot {
@@ -555,7 +528,7 @@ impl KeyedLogic for WorkflowLogic {
             e.pin = pin;
         }
         let refs: Vec<&WfFact> = facts.iter().collect();
-        let outs = evaluate_with(wid, &refs, &self.rules, &mut SlotMemo(&mut e.tasks));
+        let outs = evaluate(wid, &refs, &self.rules);
 
         // Split: rows and events pass through; timer candidates count from deadline + 1.
         let mut pass = Vec::new();
@@ -692,42 +665,31 @@ impl KeyedLogic for WorkflowLogic {
             }
             Arc::new(Row::Workflow(row))
         });
-        // A task's row is built again only when its base row or its breaches changed.
-        let old = std::mem::take(&mut e.task_rows);
         let mut task_rows = BTreeMap::new();
         for base in task_bases {
-            let mut found: Vec<(u32, Str)> = shown()
-                .filter(|i| i.task_instance_id == base.task_instance_id)
-                .map(|i| (i.attempt, i.escalate_to.clone()))
+            let mut row = TaskRow::clone(&base);
+            let mut found: Vec<(u32, &Str)> = shown()
+                .filter(|i| i.task_instance_id == row.task_instance_id)
+                .map(|i| (i.attempt, &i.escalate_to))
                 .collect();
             found.sort();
-            let kept = old
-                .get(&base.task_instance_id)
-                .filter(|o| Arc::ptr_eq(&o.base, &base) && o.found == found)
-                .map(|o| o.row.clone());
-            let row = kept.unwrap_or_else(|| {
-                let mut row = TaskRow::clone(&base);
-                row.sla_breached = found.iter().any(|(a, _)| *a as i32 == row.attempt);
-                if let Some((_, to)) = found.last() {
-                    row.is_escalated = true;
-                    row.escalated_to = Some(to.clone());
-                }
-                Arc::new(Row::Task(row))
-            });
-            task_rows.insert(
-                base.task_instance_id.clone(),
-                TaskRowState { base, found, row },
-            );
+            row.sla_breached = found.iter().any(|(a, _)| *a as i32 == row.attempt);
+            if let Some((_, to)) = found.last() {
+                row.is_escalated = true;
+                row.escalated_to = Some((*to).clone());
+            }
+            task_rows.insert(row.task_instance_id.clone(), Arc::new(Row::Task(row)));
         }
         replace(&mut e.wf_row, wf_row, |r, d| cx.give(Emit::Row(r), d));
-        for (id, o) in &old {
-            if task_rows.get(id).map(|n| &n.row) != Some(&o.row) {
-                cx.give(Emit::Row(o.row.clone()), -1);
+        let old = std::mem::take(&mut e.task_rows);
+        for (id, row) in &old {
+            if task_rows.get(id) != Some(row) {
+                cx.give(Emit::Row(row.clone()), -1);
             }
         }
-        for (id, n) in &task_rows {
-            if old.get(id).map(|o| &o.row) != Some(&n.row) {
-                cx.give(Emit::Row(n.row.clone()), 1);
+        for (id, row) in &task_rows {
+            if old.get(id) != Some(row) {
+                cx.give(Emit::Row(row.clone()), 1);
             }
         }
         e.task_rows = task_rows;
