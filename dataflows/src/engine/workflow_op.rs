@@ -4,9 +4,10 @@
 //! A workflow's entry keeps its workflow events, the events of its tasks, the facts of its
 //! orders (from [`super::order_op`]) and the template version it pins (definitions are
 //! broadcast: every worker holds the latest valid record per (templateId, version)). At each
-//! stamp where any of these changed, or a timer of the key is due, the workflow is refolded
-//! ([`fold_workflow`], [`fold_task`]) and evaluated ([`evaluate`]); the outputs are compared
-//! with the previous evaluation's:
+//! stamp where any of these changed, or a timer of the key is due, the workflow is evaluated
+//! ([`evaluate`]) over its folds ([`fold_workflow`], [`fold_task`]; each kept with its
+//! events and taken again only when they change); the outputs are compared with the
+//! previous evaluation's:
 //!
 //! - rows (`task_readiness`) as `(-old, +new)`, derived events when they appear;
 //! - SLA breaches, stale tasks and re-escalations as in [`crate::timers::time_rules`]: a
