@@ -102,6 +102,10 @@ pub struct IdName {
 }
 
 impl IdName {
+    pub fn new(a: &Str, b: Option<Str>, n: Option<i64>) -> IdName {
+        IdName { a: a.clone(), b, n }
+    }
+
     /// The name, for the event type `ty`.
     pub fn render(&self, ty: DerivedType) -> String {
         use std::fmt::Write;
@@ -480,11 +484,51 @@ mod tests {
     fn named_ids_are_the_ids_of_their_names() {
         let w: Str = "wf-1".into();
         let cases = [
-            (DerivedType::WorkflowProgress, IdName { a: w.clone(), b: None, n: Some(50) }, "hmis-flow:WORKFLOW_PROGRESS:wf-1:50"),
-            (DerivedType::WorkflowCompleted, IdName { a: w.clone(), b: None, n: None }, "hmis-flow:WORKFLOW_COMPLETED:wf-1"),
-            (DerivedType::WorkflowEscalated, IdName { a: w.clone(), b: Some("TASK_FAILED:lab".into()), n: Some(1) }, "hmis-flow:WORKFLOW_ESCALATED:wf-1:TASK_FAILED:lab:1"),
-            (DerivedType::TaskRetryScheduled, IdName { a: "t-9".into(), b: None, n: Some(2) }, "hmis-flow:TASK_RETRY_SCHEDULED:t-9:2"),
-            (DerivedType::TaskReady, IdName { a: w.clone(), b: Some("triage".into()), n: Some(3) }, "hmis-flow:TASK_READY:wf-1:triage:3"),
+            (
+                DerivedType::WorkflowProgress,
+                IdName {
+                    a: w.clone(),
+                    b: None,
+                    n: Some(50),
+                },
+                "hmis-flow:WORKFLOW_PROGRESS:wf-1:50",
+            ),
+            (
+                DerivedType::WorkflowCompleted,
+                IdName {
+                    a: w.clone(),
+                    b: None,
+                    n: None,
+                },
+                "hmis-flow:WORKFLOW_COMPLETED:wf-1",
+            ),
+            (
+                DerivedType::WorkflowEscalated,
+                IdName {
+                    a: w.clone(),
+                    b: Some("TASK_FAILED:lab".into()),
+                    n: Some(1),
+                },
+                "hmis-flow:WORKFLOW_ESCALATED:wf-1:TASK_FAILED:lab:1",
+            ),
+            (
+                DerivedType::TaskRetryScheduled,
+                IdName {
+                    a: "t-9".into(),
+                    b: None,
+                    n: Some(2),
+                },
+                "hmis-flow:TASK_RETRY_SCHEDULED:t-9:2",
+            ),
+            (
+                DerivedType::TaskReady,
+                IdName {
+                    a: w.clone(),
+                    b: Some("triage".into()),
+                    n: Some(3),
+                },
+                "hmis-flow:TASK_READY:wf-1:triage:3",
+            ),
         ];
         for (ty, name, text) in cases {
             assert_eq!(name.render(ty), text);
@@ -499,7 +543,17 @@ mod tests {
             assert_eq!(lazy_t.to_record(7), eager_t.to_record(7));
             assert_ne!(lazy_t.to_record(7).event_id, lazy.to_record(7).event_id);
         }
-        let ready = |def: &str, n| Derived::named(DerivedType::TaskReady, IdName { a: w.clone(), b: Some(def.into()), n: Some(n) }, &w);
+        let ready = |def: &str, n| {
+            Derived::named(
+                DerivedType::TaskReady,
+                IdName {
+                    a: w.clone(),
+                    b: Some(def.into()),
+                    n: Some(n),
+                },
+                &w,
+            )
+        };
         assert_eq!(ready("a", 1), ready("a", 1));
         assert_ne!(ready("a", 1), ready("a", 2));
         assert_ne!(ready("a", 1), ready("b", 1));

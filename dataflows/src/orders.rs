@@ -547,7 +547,7 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
     let oid = &st.order_id;
     let ident = Identity::of(st);
     // Ids are named, and hashed only for the events that turn out to be new.
-    let named = |a: &Str, b: Option<Str>| IdName { a: a.clone(), b, n: None };
+    let named = |a: &Str, b: Option<Str>| IdName::new(a, b, None);
     let transition = |e: &OrderEvent,
                       from: Option<OrderStatus>,
                       to: Option<OrderStatus>,
@@ -883,11 +883,7 @@ pub fn order_rules<'s>(
                 };
                 let mut n = ident.notice(
                     DerivedType::OrderOverdue,
-                    IdName {
-                        a: i.order_id.clone(),
-                        b: None,
-                        n: None,
-                    },
+                    IdName::new(&i.order_id, None, None),
                     &i.order_id,
                 );
                 n.derived.due_at = Some(i.due_at);

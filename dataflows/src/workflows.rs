@@ -389,7 +389,7 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
     };
 
     // Ids are named, and hashed only for the events that turn out to be new.
-    let name = |a: &Str, b: Option<Str>, n: Option<i64>| IdName { a: a.clone(), b, n };
+    let name = IdName::new;
     let base = |ty: DerivedType, id: IdName| {
         let mut d = Derived::named(ty, id, wid);
         d.patient_id = patient.clone();
@@ -417,20 +417,14 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
     }
     {
         if let (Some((WfStatus::Completed, _)), Some(at)) = (derived_first, derived_completion) {
-            let mut d = base(
-                DerivedType::WorkflowCompleted,
-                name(wid, None, None),
-            );
+            let mut d = base(DerivedType::WorkflowCompleted, name(wid, None, None));
             d.progress_percentage = Some(progress);
             d.duration_seconds = Some((at.saturating_sub(started.at) / 1000) as i64);
             out.push(WfOut::Event(Arc::new(d)));
         }
         if let (Some((WfStatus::Failed, _)), Some(f)) = (derived_first, derived_failure) {
             let reason: Str = format!("TASK_FAILED:{}", f.task_def_id).into();
-            let mut d = base(
-                DerivedType::WorkflowFailed,
-                name(wid, None, None),
-            );
+            let mut d = base(DerivedType::WorkflowFailed, name(wid, None, None));
             d.task_instance_id = Some(f.task_instance_id.clone());
             d.task_def_id = Some(f.task_def_id.clone());
             d.reason = Some(reason.clone());

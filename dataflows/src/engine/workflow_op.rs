@@ -382,20 +382,20 @@ impl KeyedLogic for WorkflowLogic {
                     }
                 }
                 WfRec::Task(x) => {
-                    let slot = e.tasks.entry(x.task_instance_id.clone()).or_default();
                     if d > 0 {
+                        let slot = e.tasks.entry(x.task_instance_id.clone()).or_default();
                         let g = grace_end_of(life_rules, x.event_time, t);
                         arrived.push(g);
                         slot.events.push((x, g));
                         slot.state = None;
-                    } else if let Some(i) = slot.events.iter().position(|(y, _)| *y == x) {
-                        slot.events.swap_remove(i);
-                        slot.state = None;
-                        if slot.events.is_empty() {
-                            e.tasks.remove(&x.task_instance_id);
+                    } else if let Some(slot) = e.tasks.get_mut(&x.task_instance_id) {
+                        if let Some(i) = slot.events.iter().position(|(y, _)| *y == x) {
+                            slot.events.swap_remove(i);
+                            slot.state = None;
+                            if slot.events.is_empty() {
+                                e.tasks.remove(&x.task_instance_id);
+                            }
                         }
-                    } else if slot.events.is_empty() {
-                        e.tasks.remove(&x.task_instance_id);
                     }
                 }
                 WfRec::Order(_, f) => {
