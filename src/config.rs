@@ -115,6 +115,11 @@ pub struct Config {
     pub tick_ms: u64,
     /// Seconds to wait for another instance's lock on `group_id` before giving up.
     pub lock_wait_secs: u64,
+    /// Benchmarks only (`run --discard-output`): computes everything, then drops the rows,
+    /// derived events and offsets instead of writing them, so a run measures reading and
+    /// the dataflow without PostgreSQL or Kafka output. Nothing is committed: the next run
+    /// starts where this one did.
+    pub discard_output: bool,
     /// Topic names.
     pub topics: Topics,
     /// librdkafka options for every Kafka client (e.g. `security.protocol`, `ssl.*`,
@@ -147,6 +152,7 @@ impl Default for Config {
             poll_batch: 2_000,
             tick_ms: 100,
             lock_wait_secs: 30,
+            discard_output: false,
             topics: Topics::default(),
             kafka: KafkaOptions::default(),
             rules: hmis_dataflows::RulesConfig::default(),

@@ -99,6 +99,23 @@ pub fn metrics_text(s: &Shared) -> String {
         committed / 1000,
         committed % 1000
     ));
+    for (name, help, us) in [
+        (
+            "hmis_sink_apply_seconds_total",
+            "Time spent writing flushes to PostgreSQL (one transaction each, retries included).",
+            &s.sink_apply_us,
+        ),
+        (
+            "hmis_outbox_publish_seconds_total",
+            "Time spent publishing committed derived events from the outbox to Kafka.",
+            &s.sink_publish_us,
+        ),
+    ] {
+        let v = us.load(Ordering::Relaxed) as f64 / 1e6;
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v:.6}\n"
+        ));
+    }
     let mut counter = |name: &str, help: &str, kind: &str, v: u64| {
         out.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"

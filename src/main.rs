@@ -100,6 +100,10 @@ struct RunArgs {
     /// Records (key + value) larger than this many bytes are dead-lettered unread.
     #[arg(long, env = "HMIS_MAX_RECORD_BYTES")]
     max_record_bytes: Option<usize>,
+    /// Benchmarks only: compute everything but write nothing (no rows, no derived events,
+    /// no offsets), to measure reading and the dataflow without the sinks.
+    #[arg(long)]
+    discard_output: bool,
 }
 
 #[derive(Args, Clone)]
@@ -256,6 +260,7 @@ fn real_main() -> anyhow::Result<()> {
             if let Some(m) = args.max_record_bytes {
                 cfg.max_record_bytes = m;
             }
+            cfg.discard_output |= args.discard_output;
             let shared = Arc::new(Shared::default());
             // Signals and HTTP run on a small side runtime; the pipeline has its own threads.
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -75,6 +75,10 @@ pub struct Shared {
     pub dead_letters: AtomicU64,
     pub batches_committed: AtomicU64,
     pub rows_written: AtomicU64,
+    /// Time the sink spent applying batches to PostgreSQL (µs), retries included.
+    pub sink_apply_us: AtomicU64,
+    /// Time the sink spent publishing the outbox to Kafka (µs), retries included.
+    pub sink_publish_us: AtomicU64,
     /// Alerts committed (rows of `alerts`: system events and critical results).
     pub alerts_raised: AtomicU64,
     /// ERROR_REPORTs committed that raise no alert (MEDIUM and LOW: contract §6, "counted").
@@ -348,6 +352,12 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
         anyhow::bail!(f);
     }
     sink_result?;
+    info!(
+        apply_s = shared.sink_apply_us.load(Ordering::Relaxed) as f64 / 1e6,
+        publish_s = shared.sink_publish_us.load(Ordering::Relaxed) as f64 / 1e6,
+        elapsed_s = started.elapsed().as_secs_f64(),
+        "sink time"
+    );
     Ok(RunSummary {
         records_read: shared.records_read.load(Ordering::SeqCst),
         dead_letters: shared.dead_letters.load(Ordering::SeqCst),
@@ -647,11 +657,18 @@ fn sink_thread(
                 && batch.offsets.is_empty();
             // Progress-only batches are committed at most every 500 ms (or when finishing).
             let finishing = shared.final_frontier.load(Ordering::SeqCst) > 0;
-            if !is_empty
+            if cfg.discard_output {
+                shared.committed.store(batch.frontier, Ordering::SeqCst);
+                shared.published.store(batch.frontier, Ordering::SeqCst);
+            } else if !is_empty
                 || finishing
                 || batch.frontier >= shared.committed.load(Ordering::SeqCst) + 500
             {
+                let applying = Instant::now();
                 let res = apply_with_retry(&mut pg, &cfg, &batch, &shared).await;
+                shared
+                    .sink_apply_us
+                    .fetch_add(applying.elapsed().as_micros() as u64, Ordering::Relaxed);
                 if let Err(e) = res {
                     let e = hmis_sinks::redact::error(&e);
                     error!(error = %e, "sink failed permanently");
@@ -680,8 +697,12 @@ fn sink_thread(
                     .fetch_add(quiet, Ordering::Relaxed);
                 shared.committed.store(batch.frontier, Ordering::SeqCst);
                 if !batch.records.is_empty() {
+                    let publishing = Instant::now();
                     let res =
                         publish_with_retry(&mut publisher, &mut pcfg, &mut pg, &cfg, &shared).await;
+                    shared
+                        .sink_publish_us
+                        .fetch_add(publishing.elapsed().as_micros() as u64, Ordering::Relaxed);
                     match res {
                         Ok(k) => {
                             shared

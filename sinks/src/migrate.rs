@@ -68,6 +68,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0006_roles",
         sql: include_str!("../../migrations/0006_roles.sql"),
     },
+    Migration {
+        version: 7,
+        name: "0007_outbox_keys",
+        sql: include_str!("../../migrations/0007_outbox_keys.sql"),
+    },
 ];
 
 /// Advisory lock key serializing migrations across all instances on one database

@@ -1515,7 +1515,16 @@ async fn write_outbox(
     let mut skipped = 0u64;
     // Chunks run in order and each keeps its order (WITH ORDINALITY ... ORDER BY), so seq
     // follows the batch's production order.
-    for chunk in records.chunks(CHUNK) {
+    for all in records.chunks(CHUNK) {
+        // A record repeated within one statement is written once (its first occurrence):
+        // the ledger's ON CONFLICT keeps one id, but the outbox has no key of its own to
+        // drop the repeat (migration 0007). Across statements the ledger decides.
+        let mut seen = HashSet::with_capacity(all.len());
+        let chunk: Vec<&OutRecord> = all
+            .iter()
+            .filter(|r| seen.insert((outbox_topic(r.topic), r.event_id.as_str())))
+            .collect();
+        skipped += (all.len() - chunk.len()) as u64;
         let topic: Vec<&str> = chunk.iter().map(|r| outbox_topic(r.topic)).collect();
         let key: Vec<Option<&str>> = chunk.iter().map(|r| r.key.as_deref()).collect();
         let event_id: Vec<&str> = chunk.iter().map(|r| r.event_id.as_str()).collect();
@@ -1879,8 +1888,7 @@ impl Statements {
                  FROM u
                  WHERE u.topic = 'dead_letter'
                     OR EXISTS (SELECT 1 FROM first f WHERE f.topic = u.topic AND f.event_id = u.event_id)
-                 ORDER BY u.ord
-                 ON CONFLICT (group_id, topic, event_id) DO NOTHING"
+                 ORDER BY u.ord"
                     .into(),
                 "insert hmis_outbox",
             )

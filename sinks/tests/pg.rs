@@ -29,7 +29,8 @@ async fn migrate_creates_the_schema_once() {
             "0003_published_events",
             "0004_system_events",
             "0005_dead_letter_encodings",
-            "0006_roles"
+            "0006_roles",
+            "0007_outbox_keys"
         ]
     );
     assert!(migrate(&mut client).await.unwrap().is_empty());
@@ -479,6 +480,39 @@ async fn large_batches_keep_production_order_across_chunks() {
         .collect();
     let expected: Vec<String> = (0..n).map(|i| format!("e-{i:06}")).collect();
     assert_eq!(ids, expected, "seq follows the batch order");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_record_repeated_in_a_flush_enters_the_outbox_once() {
+    // The outbox has no unique key of its own (migration 0007): the ledger and the
+    // statement's own de-duplication keep one copy, within a chunk and across chunks.
+    let db = TestDb::new().await;
+    let mut sink = db.claimed_sink("rep").await;
+    let n = hmis_sinks::pg::CHUNK + 10;
+    let mut b = batch(T0);
+    b.records = (0..n)
+        .map(|i| record(OutTopic::Derived, &format!("e-{:06}", i % 7), Some("wf-1")))
+        .collect();
+    b.records
+        .push(record(OutTopic::Alerts, "e-000000", Some("wf-1")));
+    sink.apply("rep", &b).await.unwrap();
+    // Applied again (a retried flush): nothing new.
+    sink.apply("rep", &b).await.unwrap();
+
+    let client = db.client().await;
+    let rows: Vec<(String, String)> = client
+        .query("SELECT topic, event_id FROM hmis_outbox ORDER BY seq", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut expected: Vec<(String, String)> = (0..7)
+        .map(|i| ("derived".to_string(), format!("e-{i:06}")))
+        .collect();
+    expected.push(("alerts".to_string(), "e-000000".to_string()));
+    assert_eq!(rows, expected, "each (topic, id) once, in first-occurrence order");
     db.drop().await;
 }
 
