@@ -512,7 +512,10 @@ async fn a_record_repeated_in_a_flush_enters_the_outbox_once() {
         .map(|i| ("derived".to_string(), format!("e-{i:06}")))
         .collect();
     expected.push(("alerts".to_string(), "e-000000".to_string()));
-    assert_eq!(rows, expected, "each (topic, id) once, in first-occurrence order");
+    assert_eq!(
+        rows, expected,
+        "each (topic, id) once, in first-occurrence order"
+    );
     db.drop().await;
 }
 
