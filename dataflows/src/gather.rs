@@ -112,15 +112,10 @@ impl Collapser {
     /// each as [`Collapser::add_time`] orders it).
     fn add_sorted(&mut self, updates: &mut Vec<(Emit, u64, isize)>) {
         // The times' extents and retired owners first (borrowed), then the changes in order.
-        let mut groups: Vec<(usize, HashSet<Owner>)> = Vec::new();
-        let mut i = 0;
-        while i < updates.len() {
-            let t = updates[i].1;
-            let n = updates[i..].iter().take_while(|u| u.1 == t).count();
-            let retired = retired_in(updates[i..i + n].iter().map(|(e, _, r)| (e, *r)));
-            groups.push((n, retired));
-            i += n;
-        }
+        let groups: Vec<(usize, HashSet<Owner>)> = updates
+            .chunk_by(|a, b| a.1 == b.1)
+            .map(|time| (time.len(), retired_in(time.iter().map(|(e, _, r)| (e, *r)))))
+            .collect();
         let mut it = updates.drain(..);
         for (n, retired) in groups {
             for (e, _, r) in it.by_ref().take(n) {
