@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use crate::derived::{Derived, DerivedType};
 use crate::engine::keyed::{Ctx, KeyedLogic};
 use crate::engine::life::{self, check_instant, Closure, Log, Tomb};
-use crate::engine::order_op::{diff_sorted, replace};
+use crate::engine::order_op::{diff_sorted, supersede, RowChanges};
 use crate::events::{DefinitionRecord, TaskEvent, Template, WorkflowEvent};
 use crate::lifecycle::{
     grace_end_of, hash_str, late_detail, unknown_detail, LifecycleRules, Tracked, WfInput,
@@ -589,13 +589,15 @@ impl KeyedLogic for WorkflowLogic {
             })
             .collect();
 
+        let mut rows = RowChanges::default();
         diff_sorted(&e.prev, &pass, |o, d| match o {
-            WfOut::Row(row) => cx.give(Emit::Row(row.clone()), d),
+            WfOut::Row(row) => rows.give(row.clone(), d, |r, d| cx.give(Emit::Row(r), d)),
             WfOut::Event(ev) if d > 0 => {
                 cx.give(Emit::Record((wid.clone(), ev.rank()), ev.to_record(t)), 1)
             }
             _ => {}
         });
+        rows.finish(|r, d| cx.give(Emit::Row(r), d));
         e.prev = pass;
 
         // Emit-once keys: what was present when the clock reached `decide_from` appeared
@@ -681,10 +683,11 @@ impl KeyedLogic for WorkflowLogic {
             }
             task_rows.insert(row.task_instance_id.clone(), Arc::new(Row::Task(row)));
         }
-        replace(&mut e.wf_row, wf_row, |r, d| cx.give(Emit::Row(r), d));
+        supersede(&mut e.wf_row, wf_row, |r, d| cx.give(Emit::Row(r), d));
+        // A task row replaced needs only its `+new` (see `RowChanges`); one gone, its `-old`.
         let old = std::mem::take(&mut e.task_rows);
         for (id, row) in &old {
-            if task_rows.get(id) != Some(row) {
+            if !task_rows.contains_key(id) {
                 cx.give(Emit::Row(row.clone()), -1);
             }
         }
