@@ -150,6 +150,11 @@ struct GenerateArgs {
     quiet: bool,
 }
 
+/// mimalloc instead of glibc's malloc: allocation and free were a fifth of the dataflow's
+/// profile (docs/engine.md, session 13).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn load(common: &Common) -> anyhow::Result<Config> {
     let mut cfg = match &common.config {
         Some(p) => Config::from_file(p)?,

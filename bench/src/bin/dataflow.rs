@@ -102,6 +102,12 @@ struct Args {
     /// Internal: measure one memory variant in this process, print its JSON on stdout.
     #[arg(long, hide = true)]
     memory_variant: Option<String>,
+    /// Feed as this benchmark did before session 13: every session advanced and flushed at
+    /// each new eventTime (one timely message and progress update per event). The runtime
+    /// inserts a poll batch at the records' own times and flushes once per poll, as the
+    /// default feeding now does.
+    #[arg(long)]
+    flush_per_time: bool,
 }
 
 fn role_of(topic: &str) -> InputTopic {
@@ -215,6 +221,7 @@ fn run_dataflow(
     feed: &[(u64, Event)],
     batch: usize,
     stamp: Stamp,
+    flush_per_time: bool,
 ) -> DataflowRun {
     let first = feed.first().map(|(t, _)| *t).unwrap_or(1).max(1);
     // Pipeline time per batch: event stamping keeps each eventTime; wall stamping gives the
@@ -303,8 +310,10 @@ fn run_dataflow(
         }
         let mut events = mine.drain(..).peekable();
         for &(batch_end, batch_time) in batches.iter() {
+            // As the runtime's source does: each event at its own time (at or above the
+            // sessions' time), one flush per batch.
             while let Some((_, t, e)) = events.next_if(|(i, _, _)| *i < batch_end) {
-                if t > sessions.time() {
+                if flush_per_time && t > sessions.time() {
                     sessions.advance_to(t);
                 }
                 sessions.insert(e, t);
@@ -859,6 +868,11 @@ fn measure_memory(n: usize) -> anyhow::Result<Value> {
     Ok(json!({ "variants": variants, "summary": derived }))
 }
 
+/// mimalloc instead of glibc's malloc: allocation and free were a fifth of the dataflow's
+/// profile (docs/engine.md, session 13).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 // ------------------------------------------------------------------------------------------
 
 fn main() -> anyhow::Result<()> {
@@ -890,6 +904,7 @@ fn main() -> anyhow::Result<()> {
             "workflows": args.workflows, "seed": args.seed, "batch": args.batch,
             "workers": args.workers, "repeat": args.repeat, "open_tasks": args.open_tasks,
             "finished_workflows": args.finished_workflows,
+            "flush_per_time": args.flush_per_time,
         },
     });
 
@@ -961,7 +976,14 @@ fn main() -> anyhow::Result<()> {
                 let mut rates = Rates::default();
                 let mut last = DataflowRun::default();
                 for _ in 0..repeat {
-                    last = run_dataflow(w.max(1), &defs, &feed, args.batch, stamp);
+                    last = run_dataflow(
+                        w.max(1),
+                        &defs,
+                        &feed,
+                        args.batch,
+                        stamp,
+                        args.flush_per_time,
+                    );
                     rates.push(n_events, last.seconds, last.cpu_seconds);
                 }
                 eprintln!(

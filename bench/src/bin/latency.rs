@@ -341,6 +341,11 @@ async fn outbox_stats(cfg: &Config, t0: u64) -> anyhow::Result<Value> {
     }))
 }
 
+/// mimalloc instead of glibc's malloc: allocation and free were a fifth of the dataflow's
+/// profile (docs/engine.md, session 13).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn wait_until(
     what: &str,
     timeout: Duration,

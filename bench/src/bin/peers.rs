@@ -66,6 +66,10 @@ struct Args {
     /// time from its produce timestamp to the PostgreSQL commit of its effects.
     #[arg(long, value_name = "RECORDS_PER_S")]
     latency_rate: Option<f64>,
+    /// The clock of the latency run: `wall` (default) or `event` (a time completes when the
+    /// records' eventTimes pass it).
+    #[arg(long, default_value = "wall")]
+    latency_clock: String,
     /// Workflows of the latency run (≈ 21 records each).
     #[arg(long, default_value_t = 500)]
     latency_workflows: usize,
@@ -538,7 +542,7 @@ fn latency_at_rate(
         let mut run = cmd(&[
             "run",
             "--clock",
-            "wall",
+            &args.latency_clock,
             "--workers",
             &args.workers.to_string(),
         ]);
@@ -652,7 +656,7 @@ fn latency_at_rate(
         }
         anyhow::ensure!(!latencies.is_empty(), "no latency measured");
         Ok(json!({
-            "system": "hmis-flow end to end, clock = wall",
+            "system": format!("hmis-flow end to end, clock = {}", args.latency_clock),
             "offered_rate_records_per_s": rate,
             "achieved_rate_records_per_s": round(records as f64 / produce_s.max(1e-9), 1),
             "records": records,
