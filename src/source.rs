@@ -373,7 +373,7 @@ impl Source {
                             );
                         }
                         sessions.emit(
-                            Emit::Dead(DeadLetter::of_bytes(
+                            Emit::dead(DeadLetter::of_bytes(
                                 &ps.topic,
                                 pos,
                                 msg.key(),

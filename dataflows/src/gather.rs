@@ -88,14 +88,14 @@ impl Collapser {
             Emit::Record(_, rec)
                 if r > 0 && self.seen.insert((rec.topic, rec.event_id.clone())) =>
             {
-                self.records.push(rec);
+                self.records.push(*rec);
             }
             Emit::Dead(d) if r > 0 => {
                 let rec = d.to_record();
                 if self.seen.insert((rec.topic, rec.event_id.clone())) {
                     self.records.push(rec);
                 }
-                self.dead.push(d);
+                self.dead.push(*d);
             }
             Emit::Offset(m) if r > 0 => {
                 let e = self
@@ -263,7 +263,7 @@ mod tests {
 
     fn record(wf: u32, rank: u8, id: u32) -> Emit {
         let wid: crate::model::Str = format!("wf-{wf}").into();
-        Emit::Record(
+        Emit::record(
             (wid.clone(), rank),
             OutRecord {
                 topic: OutTopic::Derived,
@@ -327,6 +327,14 @@ mod tests {
             c.add_time(ordered);
         }
         c.take(0)
+    }
+
+    /// Every update is moved through the exchange, the output buffers and the sort: the
+    /// large parts stay boxed.
+    #[test]
+    fn an_update_stays_small() {
+        let size = std::mem::size_of::<(Emit, u64, isize)>();
+        assert!(size <= 64, "(Emit, u64, isize) is {size} bytes");
     }
 
     #[test]

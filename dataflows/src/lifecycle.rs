@@ -467,7 +467,7 @@ pub fn track<'s, R: Tracked>(
                                 stats.late_total.fetch_add(1, Ordering::Relaxed);
                                 let detail = late_detail(r.key(), tomb.at);
                                 let dl = r.dead_letter(&rules, r.late_reason(), detail, t);
-                                session.give(Err((Emit::Dead(dl), t, 1)));
+                                session.give(Err((Emit::dead(dl), t, 1)));
                                 continue;
                             }
                             session.give(Ok((r.clone(), t, diff)));
@@ -623,7 +623,7 @@ pub fn track<'s, R: Tracked>(
                                             let detail = unknown_detail(reason, r.key(), grace);
                                             stats.unknown_total.fetch_add(1, Ordering::Relaxed);
                                             let dl = r.dead_letter(&rules, reason, detail, d);
-                                            session.give(Err((Emit::Dead(dl), d, 1)));
+                                            session.give(Err((Emit::dead(dl), d, 1)));
                                             session.give(Ok((r, d, -1)));
                                         }
                                         // Records of the key that arrived while it was known
@@ -675,7 +675,7 @@ pub fn track<'s, R: Tracked>(
                                                         detail,
                                                         t,
                                                     );
-                                                    session.give(Err((Emit::Dead(dl), t, 1)));
+                                                    session.give(Err((Emit::dead(dl), t, 1)));
                                                 } else {
                                                     stats
                                                         .duplicates_total

@@ -375,7 +375,7 @@ impl Notice {
     fn emit(&self, t: Millis) -> (Emit, Millis, isize) {
         let rank = self.derived.rank();
         (
-            Emit::Record(
+            Emit::record(
                 (self.derived.workflow_instance_id.clone(), rank),
                 self.to_record(t),
             ),
@@ -451,7 +451,7 @@ impl CriticalAlert {
         let rank = DerivedType::OrderCriticalResult as u8;
         [
             (
-                Emit::Record((self.ordering_key.as_str().into(), rank), record),
+                Emit::record((self.ordering_key.as_str().into(), rank), record),
                 t,
                 1,
             ),
@@ -841,7 +841,7 @@ pub fn order_rules<'s>(
                 OrderOut::Event(n) if r > 0 => vec![n.emit(t)],
                 OrderOut::Alert(a) if r > 0 => a.emit(t).into(),
                 OrderOut::Dead(rej) if r > 0 => {
-                    vec![(Emit::Dead(dead_letter(&rej, &rules.topic, t)), t, 1)]
+                    vec![(Emit::dead(dead_letter(&rej, &rules.topic, t)), t, 1)]
                 }
                 _ => Vec::new(),
             }

@@ -139,7 +139,7 @@ impl Alert<'_> {
         };
         // Published after the derived events of the same instant, in component order.
         out.push((
-            Emit::Record((e.component.as_str().into(), u8::MAX), record),
+            Emit::record((e.component.as_str().into(), u8::MAX), record),
             t,
             1,
         ));

@@ -223,7 +223,7 @@ where
 
 fn emit(d: Derived, t: u64) -> (Emit, u64, isize) {
     (
-        Emit::Record((d.workflow_instance_id.clone(), d.rank()), d.to_record(t)),
+        Emit::record((d.workflow_instance_id.clone(), d.rank()), d.to_record(t)),
         t,
         1,
     )
@@ -276,7 +276,7 @@ pub fn time_rules<'s>(
         .flat_map(|((wid, out), t, r)| match out {
             WfOut::Row(row) => Some((Emit::Row(row), t, r)),
             WfOut::Event(d) if r > 0 => {
-                Some((Emit::Record((wid.into(), d.rank()), d.to_record(t)), t, 1))
+                Some((Emit::record((wid.into(), d.rank()), d.to_record(t)), t, 1))
             }
             _ => None,
         })

@@ -80,7 +80,7 @@ impl OrderLogic {
 
 /// A derived order event's emit (as `Notice::emit`).
 fn notice(n: &Notice, t: Millis) -> Emit {
-    Emit::Record(
+    Emit::record(
         (n.derived.workflow_instance_id.clone(), n.derived.rank()),
         n.to_record(t),
     )
@@ -129,7 +129,7 @@ fn alert(a: &CriticalAlert, t: Millis) -> [Emit; 2] {
         details: Some(details.to_string()),
     };
     [
-        Emit::Record(
+        Emit::record(
             (
                 a.ordering_key.as_str().into(),
                 DerivedType::OrderCriticalResult as u8,
@@ -327,7 +327,7 @@ impl KeyedLogic for OrderLogic {
                         life::count(stats, |s| &s.late_total);
                         let detail = late_detail(oid, tomb.at);
                         let dl = r.dead_letter(life_rules, r.late_reason(), detail, t);
-                        cx.give(Ok(Emit::Dead(dl)), 1);
+                        cx.give(Ok(Emit::dead(dl)), 1);
                     } else {
                         life::count(stats, |s| &s.duplicates_total);
                     }
@@ -410,7 +410,7 @@ impl KeyedLogic for OrderLogic {
                 }
             }
             OrderOut::Dead(rej) if d > 0 => {
-                cx.give(Ok(Emit::Dead(dead_letter(rej, &rules.topic, t))), 1)
+                cx.give(Ok(Emit::dead(dead_letter(rej, &rules.topic, t))), 1)
             }
             _ => {}
         });

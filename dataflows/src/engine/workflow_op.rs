@@ -165,7 +165,7 @@ impl WorkflowLogic {
 }
 
 fn emit(d: Derived, t: u64) -> Emit {
-    Emit::Record((d.workflow_instance_id.clone(), d.rank()), d.to_record(t))
+    Emit::record((d.workflow_instance_id.clone(), d.rank()), d.to_record(t))
 }
 
 /// The events and the row of an SLA breach found at `t` (as in `time_rules`).
@@ -355,7 +355,7 @@ impl KeyedLogic for WorkflowLogic {
                         life::count(stats, |s| &s.late_total);
                         let detail = late_detail(wid, tomb.at);
                         cx.give(
-                            Emit::Dead(input.dead_letter(
+                            Emit::dead(input.dead_letter(
                                 life_rules,
                                 input.late_reason(),
                                 detail,
@@ -445,7 +445,7 @@ impl KeyedLogic for WorkflowLogic {
                 let reason = r.unknown_reason().expect("workflow records are checked");
                 let detail = unknown_detail(reason, wid, grace);
                 life::count(stats, |s| &s.unknown_total);
-                cx.give(Emit::Dead(r.dead_letter(life_rules, reason, detail, t)), 1);
+                cx.give(Emit::dead(r.dead_letter(life_rules, reason, detail, t)), 1);
             }
         }
         // Retirement: every record of the workflow is dropped at this instant.
@@ -593,7 +593,7 @@ impl KeyedLogic for WorkflowLogic {
         diff_sorted(&e.prev, &pass, |o, d| match o {
             WfOut::Row(row) => rows.give(row.clone(), d, |r, d| cx.give(Emit::Row(r), d)),
             WfOut::Event(ev) if d > 0 => {
-                cx.give(Emit::Record((wid.clone(), ev.rank()), ev.to_record(t)), 1)
+                cx.give(Emit::record((wid.clone(), ev.rank()), ev.to_record(t)), 1)
             }
             _ => {}
         });
