@@ -227,38 +227,16 @@ impl Gather for VecCollection<'_, u64, Emit> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::output::{AlertRow, OutRecord, OutTopic, ReadinessRow, Row};
+    use crate::output::{samples, OutRecord, OutTopic};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
     fn readiness(wf: u32, def: u32, attempt: i32) -> Emit {
-        Emit::row(Row::Readiness(ReadinessRow {
-            workflow_instance_id: format!("wf-{wf}").into(),
-            task_def_id: format!("d-{def}").into(),
-            patient_id: None,
-            template_id: "tpl".into(),
-            template_version: 1,
-            task_name: None,
-            automatic: false,
-            next_attempt: attempt,
-        }))
+        Emit::row(samples::readiness(wf, def, attempt))
     }
 
     fn alert(id: u32, wf: u32, message: u32) -> Emit {
-        Emit::row(Row::Alert(AlertRow {
-            alert_id: format!("a-{id}"),
-            severity: "HIGH".into(),
-            source: "test".into(),
-            kind: "k".into(),
-            message: format!("m-{message}"),
-            raised_at: 0,
-            cause_event_id: None,
-            component: None,
-            workflow_instance_id: Some(format!("wf-{wf}")),
-            task_instance_id: None,
-            order_id: None,
-            details: None,
-        }))
+        Emit::row(samples::alert(id, wf, message))
     }
 
     fn record(wf: u32, rank: u8, id: u32) -> Emit {

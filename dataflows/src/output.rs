@@ -259,30 +259,6 @@ impl Row {
             Row::ErrorReport(e) => (10, e.event_id.as_str().into(), none()),
         }
     }
-
-    /// `self.key() == other.key()`, without building the keys.
-    pub fn same_key(&self, other: &Row) -> bool {
-        match (self, other) {
-            (Row::Workflow(a), Row::Workflow(b)) => {
-                a.workflow_instance_id == b.workflow_instance_id
-            }
-            (Row::Task(a), Row::Task(b)) => a.task_instance_id == b.task_instance_id,
-            (Row::Readiness(a), Row::Readiness(b)) => {
-                a.workflow_instance_id == b.workflow_instance_id && a.task_def_id == b.task_def_id
-            }
-            (Row::Order(a), Row::Order(b)) => a.order_id == b.order_id,
-            (Row::OrderTransition(a), Row::OrderTransition(b)) => a.event_id == b.event_id,
-            (Row::Compensation(a), Row::Compensation(b)) => a.action_id == b.action_id,
-            (Row::SlaBreach(a), Row::SlaBreach(b)) => {
-                a.task_instance_id == b.task_instance_id && a.attempt == b.attempt
-            }
-            (Row::Alert(a), Row::Alert(b)) => a.alert_id == b.alert_id,
-            (Row::ComponentHealth(a), Row::ComponentHealth(b)) => a.component == b.component,
-            (Row::Audit(a), Row::Audit(b)) => a.event_id == b.event_id,
-            (Row::ErrorReport(a), Row::ErrorReport(b)) => a.event_id == b.event_id,
-            _ => false,
-        }
-    }
 }
 
 /// The state a row belongs to: when that state is retired (its inputs retracted to bound
@@ -619,4 +595,41 @@ pub struct FlushBatch {
     pub dead_letters: Vec<DeadLetter>,
     /// Highest position per input partition covered by this batch.
     pub offsets: Vec<OffsetMark>,
+}
+
+/// Rows for tests (the gather's and the keyed steps' changes).
+#[cfg(test)]
+pub(crate) mod samples {
+    use super::{AlertRow, ReadinessRow, Row};
+
+    pub(crate) fn readiness(wf: u32, def: u32, attempt: i32) -> Row {
+        Row::Readiness(ReadinessRow {
+            workflow_instance_id: format!("wf-{wf}").into(),
+            task_def_id: format!("d-{def}").into(),
+            patient_id: None,
+            template_id: "tpl".into(),
+            template_version: 1,
+            task_name: None,
+            automatic: false,
+            next_attempt: attempt,
+        })
+    }
+
+    /// A fact: an alert of workflow `wf`.
+    pub(crate) fn alert(id: u32, wf: u32, message: u32) -> Row {
+        Row::Alert(AlertRow {
+            alert_id: format!("a-{id}"),
+            severity: "HIGH".into(),
+            source: "test".into(),
+            kind: "k".into(),
+            message: format!("m-{message}"),
+            raised_at: 0,
+            cause_event_id: None,
+            component: None,
+            workflow_instance_id: Some(format!("wf-{wf}")),
+            task_instance_id: None,
+            order_id: None,
+            details: None,
+        })
+    }
 }

@@ -68,7 +68,7 @@ struct Args {
     latency_rate: Option<f64>,
     /// The clock of the latency run: `wall` (default) or `event` (a time completes when the
     /// records' eventTimes pass it).
-    #[arg(long, default_value = "wall")]
+    #[arg(long, default_value = "wall", value_parser = ["wall", "event"])]
     latency_clock: String,
     /// Workflows of the latency run (≈ 21 records each).
     #[arg(long, default_value_t = 500)]

@@ -15,12 +15,15 @@
 //! - [`order_op`], [`workflow_op`]: today's pure rule functions (`fold_*`, `evaluate*`)
 //!   driven per key and stamp; outputs diffed against the key's previous ones.
 //!
+//! - [`changes`]: a step's outputs as `±1` changes against its previous ones; a replaced
+//!   row as its `+new` only.
 //! - [`life`]: the lifecycle as state of the key (unknown references after the grace,
 //!   retirement, tombstones).
 //!
 //! [`build_keyed`] has [`crate::build`]'s signature and output; the differential test
 //! `dataflows/tests/engine_parity.rs` compares the two.
 
+pub(crate) mod changes;
 pub mod keyed;
 pub(crate) mod life;
 pub mod order_op;

@@ -33,9 +33,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::derived::{Derived, DerivedType};
+use crate::engine::changes::{diff_sorted, supersede, RowChanges};
 use crate::engine::keyed::{Ctx, KeyedLogic};
 use crate::engine::life::{self, check_instant, Closure, Log, Tomb};
-use crate::engine::order_op::{diff_sorted, supersede, RowChanges};
 use crate::events::{DefinitionRecord, TaskEvent, Template, WorkflowEvent};
 use crate::lifecycle::{
     grace_end_of, hash_str, late_detail, unknown_detail, LifecycleRules, Tracked, WfInput,
