@@ -1,9 +1,12 @@
 //! Gathering: from timestamped changes to [`FlushBatch`]es, one per frontier advance.
 //!
-//! All workers' [`Emit`]s are exchanged to worker 0, which buffers them in arrival order.
-//! When the frontier passes a time, every change at that time is final; the operator then
-//! sorts the completed changes once ([`gather_order`]) and hands them, collapsed into one
-//! [`FlushBatch`], to a callback (the sink).
+//! Two stages. Each worker sorts its own [`Emit`]s once their time is complete
+//! ([`gather_order`], one sorted run per frontier advance, on the worker that produced
+//! them); the runs are exchanged to worker 0, which buffers them in arrival order. When the
+//! frontier passes a time, every change at that time is final; worker 0 then merges the
+//! completed runs (a stable sort of sorted runs) and hands them, collapsed into one
+//! [`FlushBatch`], to a callback (the sink). The result is the single sort's: ties keep
+//! arrival order in both.
 //!
 //! Collapsing rules, applied in time order:
 //! - rows: per primary key, retractions before insertions at each time, so the batch holds
@@ -20,12 +23,15 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use timely::dataflow::channels::pact::Exchange;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
 use timely::progress::frontier::AntichainRef;
 
 use differential_dataflow::VecCollection;
 
+use crate::engine::keyed::Updates;
 use crate::output::{FlushBatch, Millis, OffsetMark, Owner};
 use crate::Emit;
 
@@ -187,6 +193,9 @@ pub trait Gather {
 
 impl Gather for VecCollection<'_, u64, Emit> {
     fn gather<F: FnMut(FlushBatch) + 'static>(self, suppress_before: Millis, mut flush: F) {
+        // Each worker sorts its own completed changes (stage 1), so the gatherer merges
+        // sorted runs instead of sorting everything alone (stage 2).
+        let sorted = sort_completed(self.inner, suppress_before);
         // Changes not yet complete, in arrival order: one buffer, sorted once per flush
         // (a map of per-time vectors cost a lookup per change and a growing vector per
         // distinct time: with event-time stamps most times hold a few changes).
@@ -194,13 +203,13 @@ impl Gather for VecCollection<'_, u64, Emit> {
         let mut done: Vec<(Emit, u64, isize)> = Vec::new();
         let mut collapser = Collapser::default();
         let mut last_frontier: Option<u64> = None;
-        let is_gatherer = self.scope().index() == 0;
-        self.inner.sink(
+        let is_gatherer = sorted.scope().index() == 0;
+        sorted.sink(
             Exchange::new(|_| 0u64),
             "Gather",
             move |(input, frontier)| {
                 input.for_each(|_cap, data| {
-                    pending.extend(data.drain(..).filter(|u| u.1 >= suppress_before));
+                    pending.append(data);
                 });
                 if !is_gatherer {
                     return;
@@ -212,6 +221,8 @@ impl Gather for VecCollection<'_, u64, Emit> {
                 }
                 // Both buffers keep their capacity across flushes (regrowing one from empty
                 // at every flush cost page faults: +8 s of system time in a catch-up).
+                // `pending` holds each worker's runs in [`gather_order`], cut into messages
+                // and interleaved: the stable sort finds the runs and merges them.
                 done.extend(pending.extract_if(.., |u| u.1 < upper));
                 done.sort_by(|a, b| {
                     gather_order(&a.0, a.1, a.2).cmp(&gather_order(&b.0, b.1, b.2))
@@ -222,6 +233,51 @@ impl Gather for VecCollection<'_, u64, Emit> {
             },
         );
     }
+}
+
+/// Stage 1 of the gather, on every worker: the worker's changes at or above
+/// `suppress_before`, output in [`gather_order`] once their time is complete, one sorted
+/// run per frontier advance. Holds one capability, at the least pending time.
+fn sort_completed<'s>(updates: Updates<'s, Emit>, suppress_before: Millis) -> Updates<'s, Emit> {
+    updates.unary_frontier::<CapacityContainerBuilder<Vec<(Emit, u64, isize)>>, _, _, _>(
+        Pipeline,
+        "GatherSort",
+        move |cap: Capability<u64>, _info| {
+            let mut cap = Some(cap);
+            let mut pending: Vec<(Emit, u64, isize)> = Vec::new();
+            let mut run: Vec<(Emit, u64, isize)> = Vec::new();
+            move |(input, frontier), output| {
+                input.for_each(|_cap, data| {
+                    pending.extend(data.drain(..).filter(|u| u.1 >= suppress_before));
+                });
+                let upper = frontier.frontier().first().copied();
+                let complete = |t: u64| upper.is_none_or(|f| t < f);
+                if pending.iter().any(|u| complete(u.1)) {
+                    run.extend(pending.extract_if(.., |u| complete(u.1)));
+                    run.sort_by(|a, b| {
+                        gather_order(&a.0, a.1, a.2).cmp(&gather_order(&b.0, b.1, b.2))
+                    });
+                    let held = cap
+                        .as_ref()
+                        .expect("a capability while changes are pending");
+                    let at = held.delayed(&run[0].1);
+                    output.session(&at).give_iterator(run.drain(..));
+                }
+                // Hold the capability at the least time a change may still be output.
+                let hold = pending.iter().map(|u| u.1).chain(upper).min();
+                match hold {
+                    None => cap = None,
+                    Some(h) => {
+                        if let Some(c) = cap.as_mut() {
+                            if h > *c.time() {
+                                c.downgrade(&h);
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    )
 }
 
 #[cfg(test)]

@@ -91,6 +91,9 @@ struct Entry {
     seeded: bool,
     wf_row: Option<Arc<Row>>,
     task_rows: BTreeMap<Str, Arc<Row>>,
+    /// The instants (deadline + 1) at which the last evaluation's timer candidates (SLA,
+    /// stale, re-escalation) come due: what a timer wake can change (see [`Entry::wakes_at`]).
+    time_wakes: Vec<u64>,
 }
 
 /// One task's events and their fold, kept until the events change.
@@ -115,6 +118,21 @@ impl TaskSlot {
 }
 
 impl Entry {
+    /// Whether a step at `t` without records or definition changes can change anything:
+    /// a timer candidate of the last evaluation comes due, a grace check, retirement or
+    /// tombstone expiry is due, or emit-once keys are to be seeded. Otherwise the step
+    /// would evaluate the same facts to the same outputs (the rules are a function of the
+    /// facts; the clock enters only through these instants), and is skipped: timers are
+    /// cancelled lazily, and most wakes find their candidate gone (a task started before
+    /// it went stale, completed before its SLA).
+    fn wakes_at(&self, t: u64, life: &LifecycleRules, decide_from: u64) -> bool {
+        (!self.seeded && t >= decide_from)
+            || self.time_wakes.contains(&t)
+            || self.closure.due.iter().any(|d| *d <= t)
+            || self.tomb.as_ref().is_some_and(|tb| tb.expired(life, t))
+            || (self.tomb.is_none() && self.graces().any(|g| check_instant(g) == t))
+    }
+
     /// Records held (workflow and task events).
     fn held(&self) -> usize {
         self.events.len() + self.tasks.values().map(|s| s.events.len()).sum::<usize>()
@@ -137,7 +155,10 @@ pub struct WorkflowLogic {
     definitions: HashMap<TemplateKey, Vec<(DefinitionRecord, isize)>>,
     /// Which of this worker's workflows pin each template version.
     pinned: HashMap<TemplateKey, HashSet<Str>>,
-    workflows: HashMap<Str, Entry>,
+    /// Keys stepped at the current stamp because a template they pin changed.
+    touched: HashSet<Str>,
+    /// foldhash: this map is probed at every step (SipHash was 2 % of the workers' time).
+    workflows: HashMap<Str, Entry, foldhash::fast::RandomState>,
 }
 
 impl WorkflowLogic {
@@ -148,20 +169,29 @@ impl WorkflowLogic {
             life,
             definitions: HashMap::new(),
             pinned: HashMap::new(),
-            workflows: HashMap::new(),
+            touched: HashSet::new(),
+            workflows: HashMap::default(),
         }
     }
 
     /// The latest valid template of `key`: the record with the highest position; a
     /// tombstone deletes (as [`crate::templates`]).
     fn template(&self, key: &TemplateKey) -> Option<Arc<Template>> {
-        self.definitions
-            .get(key)?
-            .iter()
-            .filter(|(_, n)| *n > 0)
-            .max_by_key(|(d, _)| d.pos)
-            .and_then(|(d, _)| d.template.clone())
+        template_of(&self.definitions, key)
     }
+}
+
+/// The latest valid template of `key` among `definitions` (see [`WorkflowLogic::template`]).
+fn template_of(
+    definitions: &HashMap<TemplateKey, Vec<(DefinitionRecord, isize)>>,
+    key: &TemplateKey,
+) -> Option<Arc<Template>> {
+    definitions
+        .get(key)?
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .max_by_key(|(d, _)| d.pos)
+        .and_then(|(d, _)| d.template.clone())
 }
 
 fn emit(d: Derived, t: u64) -> Emit {
@@ -325,14 +355,35 @@ impl KeyedLogic for WorkflowLogic {
             if before.get(&key).cloned().flatten() != self.template(&key) {
                 if let Some(ws) = self.pinned.get(&key) {
                     touched.extend(ws.iter().cloned());
+                    self.touched.extend(ws.iter().cloned());
                 }
             }
         }
     }
 
     fn step(&mut self, wid: &Str, t: u64, recs: Vec<(WfRec, isize)>, cx: &mut Ctx<Emit>) {
-        let mut e = self.workflows.remove(wid).unwrap_or_default();
-        let life_rules = &self.life;
+        // The key's entry in place (one hash, no move of the entry); removed at the end
+        // if the key turns out idle.
+        let WorkflowLogic {
+            rules,
+            decide_from,
+            life: life_rules,
+            definitions,
+            pinned,
+            touched,
+            workflows,
+        } = self;
+        let touched = touched.remove(wid);
+        if recs.is_empty()
+            && !touched
+            && !cx.exhausted()
+            && workflows
+                .get(wid)
+                .is_none_or(|e| !e.wakes_at(t, life_rules, *decide_from))
+        {
+            return;
+        }
+        let e = workflows.entry(wid.clone()).or_default();
         let stats = &life_rules.stats;
         let held_before = e.held() as i64;
         if !cx.exhausted() && e.tomb.as_ref().is_some_and(|tb| tb.expired(life_rules, t)) {
@@ -491,7 +542,7 @@ impl KeyedLogic for WorkflowLogic {
                 .clone();
             if let Some(s) = &st.started {
                 let key = (s.template_id.clone(), s.template_version);
-                if let Some(tpl) = self.template(&key) {
+                if let Some(tpl) = template_of(definitions, &key) {
                     facts.push(WfFact::Template(tpl));
                     known = true;
                 }
@@ -513,23 +564,20 @@ impl KeyedLogic for WorkflowLogic {
         debug_assert!(facts.windows(2).all(|w| w[0] <= w[1]), "facts in order");
         if pin != e.pin {
             if let Some(old) = e.pin.take() {
-                if let Some(ws) = self.pinned.get_mut(&old) {
+                if let Some(ws) = pinned.get_mut(&old) {
                     ws.remove(wid);
                     if ws.is_empty() {
-                        self.pinned.remove(&old);
+                        pinned.remove(&old);
                     }
                 }
             }
             if let Some(new) = &pin {
-                self.pinned
-                    .entry(new.clone())
-                    .or_default()
-                    .insert(wid.clone());
+                pinned.entry(new.clone()).or_default().insert(wid.clone());
             }
             e.pin = pin;
         }
         let refs: Vec<&WfFact> = facts.iter().collect();
-        let outs = evaluate(wid, &refs, &self.rules);
+        let outs = evaluate(wid, &refs, rules);
 
         // Split: rows and events pass through; timer candidates count from deadline + 1.
         let mut pass = Vec::new();
@@ -539,6 +587,11 @@ impl KeyedLogic for WorkflowLogic {
         let mut wf_base = None;
         let mut closed = None;
         let mut task_bases = Vec::new();
+        e.time_wakes.clear();
+        let mut wake_at = |w: u64, cx: &mut Ctx<Emit>| {
+            e.time_wakes.push(w);
+            cx.wake_at(w);
+        };
         for o in outs {
             match o {
                 WfOut::Event(_) | WfOut::Row(_) => pass.push(o),
@@ -552,15 +605,15 @@ impl KeyedLogic for WorkflowLogic {
                     (i.task_instance_id.clone(), i.attempt),
                     i,
                 ),
-                WfOut::SlaOpen(i) => cx.wake_at(i.due_at.saturating_add(1)),
+                WfOut::SlaOpen(i) => wake_at(i.due_at.saturating_add(1), cx),
                 WfOut::Stale(s) if t > s.deadline => keep_min(
                     &mut stale_now,
                     (s.task_instance_id.clone(), s.attempt, s.last_event_time),
                     s,
                 ),
-                WfOut::Stale(s) => cx.wake_at(s.deadline.saturating_add(1)),
+                WfOut::Stale(s) => wake_at(s.deadline.saturating_add(1), cx),
                 WfOut::ReEscalate(r) if t > r.deadline => keep_min(&mut levels_now, r.level, r),
-                WfOut::ReEscalate(r) => cx.wake_at(r.deadline.saturating_add(1)),
+                WfOut::ReEscalate(r) => wake_at(r.deadline.saturating_add(1), cx),
                 WfOut::WorkflowBase(row, rt) => {
                     if row.status != "ACTIVE" {
                         closed = Some((row.clone(), rt));
@@ -602,7 +655,7 @@ impl KeyedLogic for WorkflowLogic {
 
         // Emit-once keys: what was present when the clock reached `decide_from` appeared
         // before a restart; from then on, the first appearance derives the events.
-        if !e.seeded && t >= self.decide_from {
+        if !e.seeded && t >= *decide_from {
             e.seeded = true;
             for (k, v) in &e.breaches_now {
                 e.breaches_seen
@@ -614,7 +667,7 @@ impl KeyedLogic for WorkflowLogic {
                 e.levels_seen.entry(*k).or_insert_with(|| v.clone());
             }
         }
-        if t >= self.decide_from {
+        if t >= *decide_from {
             for (k, i) in &breaches_now {
                 if !e.breaches_seen.contains_key(k) {
                     e.breaches_seen.insert(k.clone(), i.clone());
@@ -668,9 +721,12 @@ impl KeyedLogic for WorkflowLogic {
             }
             Arc::new(Row::Workflow(row))
         });
-        let mut task_rows = BTreeMap::new();
-        for base in task_bases {
-            let mut row = TaskRow::clone(&base);
+        supersede(&mut e.wf_row, wf_row, |r, d| cx.give(Emit::Row(r), d));
+        // The task rows, updated in place: a row replaced needs only its `+new` (see
+        // `RowChanges`), one unchanged keeps its `Arc`, one gone outputs its `-old`.
+        let mut task_rows = std::mem::take(&mut e.task_rows);
+        for base in &task_bases {
+            let mut row = TaskRow::clone(base);
             let mut found: Vec<(u32, &Str)> = shown()
                 .filter(|i| i.task_instance_id == row.task_instance_id)
                 .map(|i| (i.attempt, &i.escalate_to))
@@ -681,20 +737,36 @@ impl KeyedLogic for WorkflowLogic {
                 row.is_escalated = true;
                 row.escalated_to = Some((*to).clone());
             }
-            task_rows.insert(row.task_instance_id.clone(), Arc::new(Row::Task(row)));
-        }
-        supersede(&mut e.wf_row, wf_row, |r, d| cx.give(Emit::Row(r), d));
-        // A task row replaced needs only its `+new` (see `RowChanges`); one gone, its `-old`.
-        let old = std::mem::take(&mut e.task_rows);
-        for (id, row) in &old {
-            if !task_rows.contains_key(id) {
-                cx.give(Emit::Row(row.clone()), -1);
+            let row = Row::Task(row);
+            match task_rows.get_mut(&base.task_instance_id) {
+                Some(old) => {
+                    if **old != row {
+                        *old = Arc::new(row);
+                        cx.give(Emit::Row(old.clone()), 1);
+                    }
+                }
+                None => {
+                    let row = Arc::new(row);
+                    cx.give(Emit::Row(row.clone()), 1);
+                    task_rows.insert(base.task_instance_id.clone(), row);
+                }
             }
         }
-        for (id, row) in &task_rows {
-            if old.get(id) != Some(row) {
-                cx.give(Emit::Row(row.clone()), 1);
-            }
+        if task_rows.len() > task_bases.len() {
+            // Some rows are gone: those whose task has no base now (the bases come in
+            // taskInstanceId order, the order of the task facts).
+            debug_assert!(task_bases
+                .windows(2)
+                .all(|w| w[0].task_instance_id < w[1].task_instance_id));
+            task_rows.retain(|id, row| {
+                let live = task_bases
+                    .binary_search_by(|b| b.task_instance_id.cmp(id))
+                    .is_ok();
+                if !live {
+                    cx.give(Emit::Row(row.clone()), -1);
+                }
+                live
+            });
         }
         e.task_rows = task_rows;
 
@@ -721,7 +793,7 @@ impl KeyedLogic for WorkflowLogic {
                 let at = row.completed_at.unwrap_or_default();
                 ((row, rt), at)
             });
-            if let Some(d) = e.closure.update(&self.life, t, closure) {
+            if let Some(d) = e.closure.update(life_rules, t, closure) {
                 cx.wake_at(d);
             }
             e.closure.log.prune(t);
@@ -730,12 +802,12 @@ impl KeyedLogic for WorkflowLogic {
         }
         let held_after = e.held() as i64;
         life::add(
-            &self.life.stats,
+            &life_rules.stats,
             |s| &s.held_records,
             held_after - held_before,
         );
         life::add(
-            &self.life.stats,
+            &life_rules.stats,
             |s| &s.live_keys,
             (held_after > 0) as i64 - (held_before > 0) as i64,
         );
@@ -753,8 +825,8 @@ impl KeyedLogic for WorkflowLogic {
             && e.breaches_now.is_empty()
             && e.stale_now.is_empty()
             && e.levels_now.is_empty();
-        if !idle {
-            self.workflows.insert(wid.clone(), e);
+        if idle {
+            workflows.remove(wid);
         }
     }
 }
