@@ -15,6 +15,8 @@
 //!   appearance of each key (task attempt, stale period, level) derives its events once; the
 //!   keys that appeared are state of the workflow, merged with the live ones into the
 //!   `workflow_instances` and `task_instances` rows, which are output when they change.
+//!   Timers are cancelled lazily: a wake whose instant none of this (nor the lifecycle
+//!   below) is due at is skipped without evaluating ([`Entry::wakes_at`]).
 //!
 //! The lifecycle ([`crate::lifecycle`], here [`super::life`]) is state of the key too: each
 //! task and workflow event keeps the end of its grace; at the instants the old core's
