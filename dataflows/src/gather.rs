@@ -31,7 +31,7 @@ use timely::progress::frontier::AntichainRef;
 
 use differential_dataflow::VecCollection;
 
-use crate::engine::keyed::Updates;
+use crate::engine::keyed::{hold, Updates};
 use crate::output::{FlushBatch, Millis, OffsetMark, Owner};
 use crate::Emit;
 
@@ -264,17 +264,7 @@ fn sort_completed<'s>(updates: Updates<'s, Emit>, suppress_before: Millis) -> Up
                     output.session(&at).give_iterator(run.drain(..));
                 }
                 // Hold the capability at the least time a change may still be output.
-                let hold = pending.iter().map(|u| u.1).chain(upper).min();
-                match hold {
-                    None => cap = None,
-                    Some(h) => {
-                        if let Some(c) = cap.as_mut() {
-                            if h > *c.time() {
-                                c.downgrade(&h);
-                            }
-                        }
-                    }
-                }
+                hold(&mut cap, pending.iter().map(|u| u.1).chain(upper).min());
             }
         },
     )

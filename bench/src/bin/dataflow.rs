@@ -108,7 +108,7 @@ struct Args {
     #[arg(long)]
     predecoded: bool,
     /// Stampings to measure, comma-separated (`event`, `wall`).
-    #[arg(long, value_delimiter = ',', default_value = "event,wall")]
+    #[arg(long, value_delimiter = ',', default_value = "event,wall", value_parser = ["event", "wall"])]
     stamps: Vec<String>,
     /// Feed as this benchmark did before session 13: every session advanced and flushed at
     /// each new eventTime (one timely message and progress update per event). The runtime
@@ -125,6 +125,17 @@ fn role_of(topic: &str) -> InputTopic {
         .expect("workload topic is an input topic")
 }
 
+/// Decodes one workload record read at `pos`.
+fn decode_record(r: &WorkloadRecord, pos: Pos) -> Result<Event, hmis_dataflows::events::Rejection> {
+    decode(
+        role_of(r.topic),
+        r.key.as_deref().map(str::as_bytes),
+        Some(&r.payload),
+        pos,
+    )
+}
+
+/// Every record, numbered by its index as offset (see [`pos_of`]); invalid ones left out.
 fn decode_all(records: &[WorkloadRecord]) -> Vec<Event> {
     records
         .iter()
@@ -134,13 +145,7 @@ fn decode_all(records: &[WorkloadRecord]) -> Vec<Event> {
                 partition: 0,
                 offset: i as i64,
             };
-            decode(
-                role_of(r.topic),
-                r.key.as_deref().map(str::as_bytes),
-                Some(&r.payload),
-                pos,
-            )
-            .ok()
+            decode_record(r, pos).ok()
         })
         .collect()
 }
@@ -227,16 +232,14 @@ struct DataflowRun {
 /// decoded inside the measured loop (the default: decode is part of the pipeline's cost).
 enum Item {
     Decoded(Event),
-    Raw(InputTopic, Option<Vec<u8>>, Vec<u8>, Pos),
+    Raw(WorkloadRecord, Pos),
 }
 
 impl Item {
     fn event(self) -> Event {
         match self {
             Item::Decoded(e) => e,
-            Item::Raw(topic, key, payload, pos) => {
-                decode(topic, key.as_deref(), Some(&payload), pos).expect("decoded once before")
-            }
+            Item::Raw(r, pos) => decode_record(&r, pos).expect("decoded once before"),
         }
     }
 }
@@ -255,26 +258,13 @@ fn pos_of(e: &Event) -> Pos {
 /// Decodes again, from its record's bytes, the event `e` was decoded as.
 fn decode_again(e: &Event, records: &[WorkloadRecord]) -> Event {
     let pos = pos_of(e);
-    let r = &records[pos.offset as usize];
-    decode(
-        role_of(r.topic),
-        r.key.as_deref().map(str::as_bytes),
-        Some(&r.payload),
-        pos,
-    )
-    .expect("decoded once before")
+    decode_record(&records[pos.offset as usize], pos).expect("decoded once before")
 }
 
 /// The workload record an event was decoded from, to be decoded again in the measured loop.
 fn raw_of(e: &Event, records: &[WorkloadRecord]) -> Item {
     let pos = pos_of(e);
-    let r = &records[pos.offset as usize];
-    Item::Raw(
-        role_of(r.topic),
-        r.key.as_ref().map(|k| k.as_bytes().to_vec()),
-        r.payload.clone(),
-        pos,
-    )
+    Item::Raw(records[pos.offset as usize].clone(), pos)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -81,6 +81,7 @@ pub struct Ctx<O> {
     out: Vec<(O, isize)>,
     wakes: Vec<u64>,
     exhausted: bool,
+    touched: bool,
 }
 
 impl<O> Ctx<O> {
@@ -98,6 +99,25 @@ impl<O> Ctx<O> {
     /// core's tracker drops its timers then.
     pub fn exhausted(&self) -> bool {
         self.exhausted
+    }
+    /// Whether the key is stepped because [`KeyedLogic::side`] named it at this stamp.
+    pub fn touched(&self) -> bool {
+        self.touched
+    }
+}
+
+/// Holds `cap` at `at`, the least time its operator may still output at (`None`: nothing
+/// more, the capability is dropped).
+pub(crate) fn hold(cap: &mut Option<Capability<u64>>, at: Option<u64>) {
+    match at {
+        None => *cap = None,
+        Some(h) => {
+            if let Some(c) = cap.as_mut() {
+                if h > *c.time() {
+                    c.downgrade(&h);
+                }
+            }
+        }
     }
 }
 
@@ -179,10 +199,12 @@ pub fn keyed<'s, L: KeyedLogic>(
                         let s = side_buf.pop_first().expect("first").1;
                         logic.side(t, s, &mut touched);
                     }
-                    let mut by_key: BTreeMap<L::Key, Vec<(L::Rec, isize)>> = BTreeMap::new();
+                    // Per key: its records, and whether the side records touched it.
+                    let mut by_key: BTreeMap<L::Key, (Vec<(L::Rec, isize)>, bool)> =
+                        BTreeMap::new();
                     if buffer.first_key_value().is_some_and(|(b, _)| *b == t) {
                         for (r, d) in buffer.pop_first().expect("first").1 {
-                            by_key.entry(L::key(&r)).or_default().push((r, d));
+                            by_key.entry(L::key(&r)).or_default().0.push((r, d));
                         }
                     }
                     while timers.first().is_some_and(|(w, _)| *w == t) {
@@ -190,16 +212,18 @@ pub fn keyed<'s, L: KeyedLogic>(
                         by_key.entry(k).or_default();
                     }
                     for k in touched {
-                        by_key.entry(k).or_default();
+                        by_key.entry(k).or_default().1 = true;
                     }
                     let mut cx = Ctx {
                         out: Vec::new(),
                         wakes: Vec::new(),
                         exhausted: frontier.is_none(),
+                        touched: false,
                     };
-                    for (k, mut rs) in by_key {
+                    for (k, (mut rs, touched)) in by_key {
                         // Stable: equal orders keep arrival order.
                         rs.sort_by_key(|(r, _)| L::order(r));
+                        cx.touched = touched;
                         logic.step(&k, t, rs, &mut cx);
                         for w in cx.wakes.drain(..) {
                             if w > t {
@@ -225,16 +249,7 @@ pub fn keyed<'s, L: KeyedLogic>(
                 .into_iter()
                 .flatten()
                 .min();
-                match hold {
-                    None => cap = None,
-                    Some(h) => {
-                        if let Some(c) = cap.as_mut() {
-                            if h > *c.time() {
-                                c.downgrade(&h);
-                            }
-                        }
-                    }
-                }
+                self::hold(&mut cap, hold);
             }
         },
     )

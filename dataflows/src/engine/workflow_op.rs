@@ -157,8 +157,6 @@ pub struct WorkflowLogic {
     definitions: HashMap<TemplateKey, Vec<(DefinitionRecord, isize)>>,
     /// Which of this worker's workflows pin each template version.
     pinned: HashMap<TemplateKey, HashSet<Str>>,
-    /// Keys stepped at the current stamp because a template they pin changed.
-    touched: HashSet<Str>,
     /// foldhash: this map is probed at every step (SipHash was 2 % of the workers' time).
     workflows: HashMap<Str, Entry, foldhash::fast::RandomState>,
 }
@@ -171,19 +169,13 @@ impl WorkflowLogic {
             life,
             definitions: HashMap::new(),
             pinned: HashMap::new(),
-            touched: HashSet::new(),
             workflows: HashMap::default(),
         }
     }
-
-    /// The latest valid template of `key`: the record with the highest position; a
-    /// tombstone deletes (as [`crate::templates`]).
-    fn template(&self, key: &TemplateKey) -> Option<Arc<Template>> {
-        template_of(&self.definitions, key)
-    }
 }
 
-/// The latest valid template of `key` among `definitions` (see [`WorkflowLogic::template`]).
+/// The latest valid template of `key` among `definitions`: the record with the highest
+/// position; a tombstone deletes (as [`crate::templates`]).
 fn template_of(
     definitions: &HashMap<TemplateKey, Vec<(DefinitionRecord, isize)>>,
     key: &TemplateKey,
@@ -343,7 +335,7 @@ impl KeyedLogic for WorkflowLogic {
         for (d, n) in side {
             let key = (d.template_id.clone(), d.version);
             if !before.contains_key(&key) {
-                before.insert(key.clone(), self.template(&key));
+                before.insert(key.clone(), template_of(&self.definitions, &key));
             }
             let recs = self.definitions.entry(key.clone()).or_default();
             match recs.iter_mut().find(|(x, _)| *x == d) {
@@ -354,10 +346,9 @@ impl KeyedLogic for WorkflowLogic {
             changed.insert(key);
         }
         for key in changed {
-            if before.get(&key).cloned().flatten() != self.template(&key) {
+            if before.get(&key).cloned().flatten() != template_of(&self.definitions, &key) {
                 if let Some(ws) = self.pinned.get(&key) {
                     touched.extend(ws.iter().cloned());
-                    self.touched.extend(ws.iter().cloned());
                 }
             }
         }
@@ -372,12 +363,10 @@ impl KeyedLogic for WorkflowLogic {
             life: life_rules,
             definitions,
             pinned,
-            touched,
             workflows,
         } = self;
-        let touched = touched.remove(wid);
         if recs.is_empty()
-            && !touched
+            && !cx.touched()
             && !cx.exhausted()
             && workflows
                 .get(wid)
