@@ -53,8 +53,8 @@ pub async fn create_topics(cfg: &Config) -> anyhow::Result<Vec<String>> {
     .await?)
 }
 
-/// Maps a workload record's (default) topic name to the configured one.
-fn configured_topic<'a>(cfg: &'a Config, default: &str) -> &'a str {
+/// The configured name of the input topic a workload record names by its default name.
+pub fn configured_topic<'a>(cfg: &'a Config, default: &str) -> &'a str {
     InputTopic::ALL
         .iter()
         .find(|r| r.default_name() == default)

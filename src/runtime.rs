@@ -39,6 +39,25 @@ use hmis_sinks::{PgSink, Publisher, PublisherConfig, SinkError, TopicNames};
 use crate::config::Config;
 use crate::source::{enumerate_partitions, wall_ms, Source};
 
+/// A worker's input time (its source's frontier) and whether its event partitions are all
+/// read to their end.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InputClock {
+    pub time: u64,
+    pub idle: bool,
+}
+
+/// The lowest input time of the workers other than `me` that are still reading; `None` when
+/// every other worker is idle. A worker that has not reported yet counts as reading at 0.
+pub fn reading_low(clocks: &[InputClock], me: usize, peers: usize) -> Option<u64> {
+    (0..peers)
+        .filter(|&w| w != me)
+        .map(|w| clocks.get(w).copied().unwrap_or_default())
+        .filter(|c| !c.idle)
+        .map(|c| c.time)
+        .min()
+}
+
 /// State shared by the workers, the sink thread and the HTTP endpoints.
 #[derive(Default)]
 pub struct Shared {
@@ -57,9 +76,9 @@ pub struct Shared {
     pub caught_up: AtomicUsize,
     /// Agreed final frontier (0 = not finishing).
     pub final_frontier: AtomicU64,
-    /// Each worker's input time (its source's frontier), by worker index: their minimum is
-    /// the pipeline clock, the most a drain may complete in `clock = event`.
-    pub input_times: Mutex<Vec<u64>>,
+    /// Each worker's input clock, by worker index: the lowest time is the pipeline clock, the
+    /// most a drain may complete in `clock = event`.
+    pub input_times: Mutex<Vec<InputClock>>,
     /// Set by a signal or a fatal sink error: stop reading, drain, exit.
     pub stop: AtomicBool,
     /// Set once state is restored and the sink is connected.
@@ -233,6 +252,7 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
         let tick = Duration::from_millis(cfg.tick_ms.max(1));
         let mut last_read = 0u64;
         let mut finishing_log = std::time::Instant::now();
+        let mut clock_log = Instant::now();
         loop {
             let final_frontier = shared.final_frontier.load(Ordering::SeqCst);
             if final_frontier > 0 {
@@ -271,20 +291,42 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
             } else {
                 0
             };
+            let others = reading_low(&shared.input_times.lock().unwrap(), index, peers);
             let f = source.frontier(
                 sessions.time(),
+                others,
                 shared.max_event_time.load(Ordering::Relaxed),
                 shared.max_stamp.load(Ordering::Relaxed),
             );
             if f > sessions.time() {
                 sessions.advance_to(f);
-                let mut times = shared.input_times.lock().unwrap();
-                if times.len() < peers {
-                    times.resize(peers, 0);
-                }
-                times[index] = f;
             } else {
                 sessions.flush();
+            }
+            {
+                let mut clocks = shared.input_times.lock().unwrap();
+                if clocks.len() < peers {
+                    clocks.resize(peers, InputClock::default());
+                }
+                clocks[index] = InputClock {
+                    time: sessions.time(),
+                    idle: source.idle(),
+                };
+            }
+            if clock_log.elapsed() > Duration::from_secs(1) {
+                clock_log = Instant::now();
+                let mut dataflow = None;
+                probe.with_frontier(|f| dataflow = f.first().copied());
+                debug!(
+                    worker = index,
+                    input_time = sessions.time(),
+                    dataflow_frontier = ?dataflow,
+                    max_event_time = shared.max_event_time.load(Ordering::Relaxed),
+                    max_stamp = shared.max_stamp.load(Ordering::Relaxed),
+                    in_flight = shared.in_flight.load(Ordering::SeqCst),
+                    partitions = %source.clock_report(),
+                    "clock"
+                );
             }
             let read = source.records_read;
             shared.records_read.fetch_add(read - last_read, Ordering::Relaxed);
@@ -326,7 +368,7 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
                         let low = if times.len() < peers {
                             0
                         } else {
-                            times.iter().copied().min().unwrap_or(0)
+                            times.iter().map(|c| c.time).min().unwrap_or(0)
                         };
                         low.max(resume).max(1)
                     }

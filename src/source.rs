@@ -236,6 +236,18 @@ impl Source {
         self.parts.values().any(|p| p.next_offset < p.restore_until)
     }
 
+    /// Every event partition read to its end, as far as the consumer last said (definitions
+    /// never move the clock), and neither restoring nor bootstrapping definitions: this worker
+    /// holds the pipeline clock back for nothing it has yet to read.
+    pub fn idle(&self) -> bool {
+        !self.restoring()
+            && !self.bootstrapping_definitions()
+            && self
+                .parts
+                .values()
+                .all(|p| p.role == InputTopic::Definitions || p.at_end)
+    }
+
     /// Definitions partitions not yet read to the end they had at start.
     pub fn bootstrapping_definitions(&self) -> bool {
         self.parts
@@ -435,15 +447,47 @@ impl Source {
             .unwrap_or(u64::MAX)
     }
 
+    /// One line per partition (role/partition, next offset, highest eventTime, at end): what
+    /// the event clock's frontier is made of, for the `clock` debug log.
+    pub fn clock_report(&self) -> String {
+        let mut v: Vec<_> = self.parts.values().collect();
+        v.sort_by_key(|p| (p.role, p.partition));
+        v.iter()
+            .map(|p| {
+                format!(
+                    "{:?}/{}@{}:{}{}",
+                    p.role,
+                    p.partition,
+                    p.next_offset,
+                    p.max_event_time.map_or(-1, |m| m as i64),
+                    if p.at_end { "E" } else { "" }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// The frontier this worker can promise: no record it reads later will be stamped earlier.
     ///
     /// Held while restoring, and while the definitions read at start are not all read: templates
     /// are bootstrapped at the earliest pipeline time, before any event that may need them.
     ///
-    /// In `clock = event`, once every partition is read to its end the clock is the highest
-    /// eventTime seen — or the highest stamp, if higher: records read after a restart with
-    /// eventTimes below the resumed frontier are stamped at it, and must still complete.
-    pub fn frontier(&self, current: u64, global_max_event_time: u64, global_max_stamp: u64) -> u64 {
+    /// In `clock = event`, a worker whose partitions are all read to their end holds nothing
+    /// back: its frontier follows the lowest of the workers still reading (`others`), so what
+    /// it reads next is stamped as close to its eventTime as the clock allows. Once every
+    /// worker's partitions are read to their end the clock is the highest eventTime seen — or
+    /// the highest stamp, if higher: records read after a restart with eventTimes below the
+    /// resumed frontier are stamped at it, and must still complete. (Jumping there as soon as
+    /// this worker's own partitions were at their end stamped what it read next at the
+    /// highest eventTime any worker had read, ahead of the clock: such a record waited for
+    /// every other worker's backlog.)
+    pub fn frontier(
+        &self,
+        current: u64,
+        others: Option<u64>,
+        global_max_event_time: u64,
+        global_max_stamp: u64,
+    ) -> u64 {
         if self.restoring() {
             return current.max(self.restore_time);
         }
@@ -468,12 +512,13 @@ impl Source {
                 if unknown {
                     current
                 } else {
-                    match low {
-                        Some(l) => l.saturating_sub(self.lateness),
-                        None if global_max_event_time > 0 => {
+                    match (low, others) {
+                        (Some(l), _) => l.saturating_sub(self.lateness),
+                        (None, Some(reading)) => reading,
+                        (None, None) if global_max_event_time > 0 => {
                             (global_max_event_time + 1).max(global_max_stamp.saturating_add(1))
                         }
-                        None => current,
+                        (None, None) => current,
                     }
                 }
             }

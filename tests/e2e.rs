@@ -730,3 +730,144 @@ async fn unknown_references_are_dead_lettered_after_the_grace_and_only_once() {
         .get(0);
     assert_eq!(n, 2);
 }
+
+/// Committed next offset of one input partition (0 when none is committed yet).
+async fn committed_offset(
+    db: &tokio_postgres::Client,
+    cfg: &Config,
+    topic: &str,
+    partition: i32,
+) -> i64 {
+    db.query_opt(
+        "SELECT next_offset FROM hmis_input_offsets WHERE group_id = $1 AND topic = $2 AND partition = $3",
+        &[&cfg.group_id, &topic, &partition],
+    )
+    .await
+    .unwrap()
+    .map_or(0, |r| r.get(0))
+}
+
+/// Produces each record to the given partition of its topic, in order.
+async fn produce_to(cfg: &Config, records: &[(&WorkloadRecord, i32)]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = hmis_flow::demo::producer_config(cfg).create().unwrap();
+    let mut pending = Vec::with_capacity(records.len());
+    for (r, partition) in records {
+        let mut rec = FutureRecord::to(hmis_flow::demo::configured_topic(cfg, r.topic))
+            .payload(&r.payload)
+            .partition(*partition);
+        if let Some(k) = &r.key {
+            rec = rec.key(k);
+        }
+        pending.push(producer.send_result(rec).map_err(|(e, _)| e).unwrap());
+    }
+    for p in pending {
+        p.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+}
+
+/// Event clock, 2 workers, live (not `--until-caught-up`): a record arriving on the partitions
+/// of a worker that has read all of its own is committed while another worker still works
+/// through a backlog. That worker's input time used to jump to the highest eventTime any
+/// worker had read plus one (contract §8 says so only once *every* partition is read to its
+/// end): it read nothing while the dataflow was behind that time, and what it read was
+/// stamped there, so the record waited for the end of the backlog (the 10-12 s latency tail
+/// of the 10K records/s benchmark).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_reads_new_records_while_another_works_through_a_backlog() {
+    let mut cfg = private_config("e2e_idle").await;
+    cfg.until_caught_up = false;
+    // Partitions are dealt to workers in this order, the i-th to worker i % workers.
+    let partitions = hmis_flow::source::enumerate_partitions(&cfg).unwrap();
+    let owned_by = |worker: usize, topic: &str| {
+        partitions
+            .iter()
+            .enumerate()
+            .find(|(i, (_, t, _))| i % 2 == worker && t == topic)
+            .map(|(_, (_, _, p))| *p)
+            .unwrap()
+    };
+    let records: Vec<WorkloadRecord> = hmis_flow::workload::generate(&WorkloadConfig {
+        seed: 5,
+        workflows: 4_000,
+        start_ms: 1_795_687_200_000,
+        bad_record_ratio: 0.0,
+        duplicate_ratio: 0.0,
+    });
+    // The backlog: every event on worker 1's partitions (definitions where they are).
+    let probe = records
+        .iter()
+        .find(|r| r.topic == hmis_flow::workload::SYSTEM_EVENTS_TOPIC)
+        .expect("the workload has system events")
+        .clone();
+    let backlog: Vec<(&WorkloadRecord, i32)> = records
+        .iter()
+        .map(|r| {
+            let topic = hmis_flow::demo::configured_topic(&cfg, r.topic);
+            let p = if r.topic == "workflow-definitions" {
+                0
+            } else {
+                owned_by(1, topic)
+            };
+            (r, p)
+        })
+        .collect();
+    produce_to(&cfg, &backlog).await;
+    let system = cfg.topics.system.clone();
+    let probe_partition = owned_by(0, &system);
+    let tasks = cfg.topics.tasks.clone();
+    let backlog_partition = owned_by(1, &tasks);
+    let backlog_end = backlog
+        .iter()
+        .filter(|(r, _)| hmis_flow::demo::configured_topic(&cfg, r.topic) == tasks)
+        .count() as i64;
+
+    hmis_sinks::PgSink::connect_with_tls(&cfg.database_url, &cfg.database_tls())
+        .await
+        .unwrap()
+        .migrate()
+        .await
+        .unwrap();
+    let (db, conn) = tokio_postgres::connect(&cfg.database_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let shared = Arc::new(hmis_flow::Shared::default());
+    let (run_cfg, run_shared) = (cfg.clone(), shared.clone());
+    let pipeline = std::thread::spawn(move || hmis_flow::run(run_cfg, run_shared));
+
+    // Once the backlog is being committed, one record arrives on worker 0's partition.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while committed_offset(&db, &cfg, &tasks, backlog_partition).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backlog is never committed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    produce_to(&cfg, &[(&probe, probe_partition)]).await;
+    let backlog_when_probe_committed = loop {
+        let backlog = committed_offset(&db, &cfg, &tasks, backlog_partition).await;
+        if committed_offset(&db, &cfg, &system, probe_partition).await == 1 {
+            break backlog;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the probe record is never committed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    shared.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    pipeline
+        .join()
+        .unwrap()
+        .expect("pipeline stops cleanly on request");
+    assert!(
+        backlog_when_probe_committed < backlog_end,
+        "the record on the idle worker's partition was committed only after the other worker's \
+         backlog ({backlog_when_probe_committed} of {backlog_end} task records committed by then)"
+    );
+    eprintln!(
+        "probe committed with {backlog_when_probe_committed} of {backlog_end} backlog task records committed"
+    );
+}

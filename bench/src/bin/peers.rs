@@ -530,7 +530,10 @@ fn latency_at_rate(
         c.args(sub)
             .arg("--config")
             .arg(&cfg_path)
-            .env("HMIS_LOG", "warn,librdkafka=error")
+            .env(
+                "HMIS_LOG",
+                std::env::var("HMIS_BENCH_LOG").unwrap_or_else(|_| "warn,librdkafka=error".into()),
+            )
             .env_remove("HMIS_BROKERS")
             .env_remove("HMIS_DATABASE_URL")
             .env_remove("HMIS_GROUP_ID");
@@ -631,7 +634,9 @@ fn latency_at_rate(
             .set("enable.auto.commit", "false")
             .create()?;
         let mut latencies: Vec<i64> = Vec::new();
+        let mut per_partition = serde_json::Map::new();
         for ((topic, partition), points) in &samples {
+            let first = latencies.len();
             let (_, high) =
                 consumer.fetch_watermarks(topic, *partition, Duration::from_secs(10))?;
             let mut tpl = rdkafka::TopicPartitionList::new();
@@ -653,6 +658,10 @@ fn latency_at_rate(
                     latencies.push(at - ts);
                 }
             }
+            per_partition.insert(
+                format!("{topic}/{partition}"),
+                hmis_bench::summary(&latencies[first..]),
+            );
         }
         anyhow::ensure!(!latencies.is_empty(), "no latency measured");
         Ok(json!({
@@ -663,6 +672,7 @@ fn latency_at_rate(
             "workflows": args.latency_workflows,
             "workers": args.workers,
             "produce_to_committed_ms": hmis_bench::summary(&latencies),
+            "produce_to_committed_ms_per_partition": per_partition,
             "note": "per input record: Kafka CreateTime (the producer's send) → the PostgreSQL commit holding its effects (rows + outbox), seen by polling hmis_input_offsets every 20 ms (+ the query's time); the derived events' publication from the outbox comes after. The seed-style baseline and Pathway (static mode, files) are not measured this way yet.",
         }))
     })();
