@@ -78,7 +78,7 @@ pub struct Shared {
     pub final_frontier: AtomicU64,
     /// Each worker's input clock, by worker index: the lowest time is the pipeline clock, the
     /// most a drain may complete in `clock = event`.
-    pub input_times: Mutex<Vec<InputClock>>,
+    pub input_clocks: Mutex<Vec<InputClock>>,
     /// Set by a signal or a fatal sink error: stop reading, drain, exit.
     pub stop: AtomicBool,
     /// Set once state is restored and the sink is connected.
@@ -291,7 +291,7 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
             } else {
                 0
             };
-            let others = reading_low(&shared.input_times.lock().unwrap(), index, peers);
+            let others = reading_low(&shared.input_clocks.lock().unwrap(), index, peers);
             let f = source.frontier(
                 sessions.time(),
                 others,
@@ -304,7 +304,7 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
                 sessions.flush();
             }
             {
-                let mut clocks = shared.input_times.lock().unwrap();
+                let mut clocks = shared.input_clocks.lock().unwrap();
                 if clocks.len() < peers {
                     clocks.resize(peers, InputClock::default());
                 }
@@ -364,7 +364,7 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
                     // partitions behind the others, may still change; records stamped at or
                     // after it stay uncommitted and are read again by the next run.
                     crate::config::ClockMode::Event => {
-                        let times = shared.input_times.lock().unwrap();
+                        let times = shared.input_clocks.lock().unwrap();
                         let low = if times.len() < peers {
                             0
                         } else {
@@ -502,8 +502,11 @@ impl Backoff {
 /// Applies a batch, retrying transient failures (the input stays paused meanwhile).
 /// A lost connection is re-opened, re-locked and re-claimed (a new epoch) before retrying;
 /// if another instance took the group meanwhile, we are fenced out (permanent).
+/// Applies a flush, reconnecting (and claiming the next epoch, published in `epoch` for the
+/// outbox publisher) and retrying transient failures.
 async fn apply_with_retry(
     pg: &mut PgSink,
+    epoch: &std::sync::atomic::AtomicI64,
     cfg: &Config,
     batch: &FlushBatch,
     shared: &Shared,
@@ -513,7 +516,13 @@ async fn apply_with_retry(
     loop {
         if pg.client().is_closed() {
             match reconnect(cfg, pg.epoch()).await {
-                Ok(new) => *pg = new,
+                // No await between the claim's commit and this store: on the sink's
+                // single-threaded runtime the publisher cannot see the new epoch in
+                // PostgreSQL before it sees it here.
+                Ok(new) => {
+                    *pg = new;
+                    epoch.store(pg.epoch().unwrap_or(0), Ordering::SeqCst);
+                }
                 Err(e) if e.is_transient() => {
                     backoff.wait("reconnect", &e, shared).await;
                     continue;
@@ -578,33 +587,36 @@ async fn reconnect(cfg: &Config, previous: Option<i64>) -> Result<PgSink, SinkEr
     Ok(pg)
 }
 
-/// Publishes the outbox, retrying transient failures.
+/// Publishes the outbox on the publisher's own connection, retrying transient failures.
 ///
-/// The publisher checks the epoch it was created with; after a reconnect claimed a new one
-/// it is recreated with that epoch (and re-reads the published positions), else its first
-/// check would find the group "taken over" by this very instance.
+/// The publisher checks the epoch it was created with. After the apply side's reconnect
+/// claimed a new one (`epoch`), the publisher is recreated with it (re-reading the published
+/// positions), else its next check would find the group "taken over" by this very instance;
+/// a fence seen while the apply side's epoch is not the publisher's is that case too.
 async fn publish_with_retry(
     publisher: &mut Publisher,
     pcfg: &mut PublisherConfig,
     pg: &mut PgSink,
+    epoch: &std::sync::atomic::AtomicI64,
     cfg: &Config,
     shared: &Shared,
 ) -> Result<usize, SinkError> {
     let mut backoff = Backoff::new();
     loop {
         if pg.client().is_closed() {
-            match reconnect(cfg, pg.epoch()).await {
+            match connect_sink(cfg).await {
                 Ok(new) => *pg = new,
                 Err(e) if e.is_transient() => {
-                    backoff.wait("reconnect", &e, shared).await;
+                    backoff.wait("reconnect publisher", &e, shared).await;
                     continue;
                 }
                 Err(e) => return Err(e),
             }
         }
-        if pcfg.epoch != pg.epoch() {
+        let current = Some(epoch.load(Ordering::SeqCst));
+        if pcfg.epoch != current {
             let mut renewed = pcfg.clone();
-            renewed.epoch = pg.epoch();
+            renewed.epoch = current;
             match Publisher::recover(renewed.clone()).await {
                 Ok(p) => {
                     Shared::mark_up(&shared.publish_retrying_since);
@@ -624,8 +636,70 @@ async fn publish_with_retry(
                 Shared::mark_up(&shared.publish_retrying_since);
                 return Ok(n);
             }
+            Err(SinkError::Fenced { .. }) if pcfg.epoch != Some(epoch.load(Ordering::SeqCst)) => {}
             Err(e) if e.is_transient() => backoff.wait("publish", &e, shared).await,
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// What the apply side has committed: its frontier, and how many committed batches carried
+/// outbox records (the publisher runs when that count moves).
+#[derive(Clone, Copy, Default)]
+struct Committed {
+    frontier: u64,
+    with_records: u64,
+}
+
+/// The outbox publisher, on its own connection, next to the apply loop: it publishes what
+/// each commit put in the outbox while the next flush is applied, and marks the committed
+/// frontier published. Returns once the apply loop has ended and everything it committed is
+/// published.
+async fn publish_loop(
+    cfg: &Config,
+    shared: &Shared,
+    epoch: &std::sync::atomic::AtomicI64,
+    mut publisher: Publisher,
+    mut pcfg: PublisherConfig,
+    mut committed: tokio::sync::watch::Receiver<Committed>,
+) -> anyhow::Result<()> {
+    let mut pg = connect_sink(cfg)
+        .await
+        .context("connecting the outbox publisher to PostgreSQL")?;
+    let mut published_batches = 0u64;
+    loop {
+        let done = committed.changed().await.is_err();
+        let target = *committed.borrow_and_update();
+        if target.with_records > published_batches {
+            let publishing = Instant::now();
+            let res =
+                publish_with_retry(&mut publisher, &mut pcfg, &mut pg, epoch, cfg, shared).await;
+            shared
+                .sink_publish_us
+                .fetch_add(publishing.elapsed().as_micros() as u64, Ordering::Relaxed);
+            match res {
+                Ok(k) => {
+                    shared
+                        .events_published
+                        .fetch_add(k as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    let e = hmis_sinks::redact::error(&e);
+                    error!(error = %e, "publisher failed permanently");
+                    *shared.fatal.lock().unwrap() = Some(format!("publisher: {e}"));
+                    shared.stop.store(true, Ordering::SeqCst);
+                    return Ok(());
+                }
+            }
+            published_batches = target.with_records;
+        }
+        if target.frontier > 0 {
+            shared
+                .published
+                .fetch_max(target.frontier, Ordering::SeqCst);
+        }
+        if done {
+            return Ok(());
         }
     }
 }
@@ -669,7 +743,7 @@ fn sink_thread(
             info!(group = cfg.group_id, epoch, "sink ready");
             Ok::<_, anyhow::Error>((pg, publisher, pcfg, progress))
         };
-        let (mut pg, mut publisher, mut pcfg, progress) = match start.await {
+        let (mut pg, publisher, pcfg, progress) = match start.await {
             Ok(v) => v,
             Err(e) => {
                 let _ = progress_tx.send(Err(e));
@@ -677,95 +751,99 @@ fn sink_thread(
             }
         };
         let _ = progress_tx.send(Ok(progress));
-        let lag_monitor = LagMonitor::new(&cfg);
-        loop {
-            let first = match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-                Ok(Some(b)) => b,
-                Err(_) => continue,
-                Ok(None) => break,
-            };
-            let mut merger = Merger::new(first);
-            let mut n = 1;
-            // Bound a transaction's size so a backlog is committed in steps.
-            while merger.rows() < 50_000 {
-                let Ok(b) = rx.try_recv() else { break };
-                merger.merge(b);
-                n += 1;
-            }
-            let batch = merger.batch;
-            let is_empty = batch.rows.is_empty()
-                && batch.records.is_empty()
-                && batch.dead_letters.is_empty()
-                && batch.offsets.is_empty();
-            // Progress-only batches are committed at most every 500 ms (or when finishing).
-            let finishing = shared.final_frontier.load(Ordering::SeqCst) > 0;
-            if cfg.discard_output {
-                shared.committed.store(batch.frontier, Ordering::SeqCst);
-                shared.published.store(batch.frontier, Ordering::SeqCst);
-            } else if !is_empty
-                || finishing
-                || batch.frontier >= shared.committed.load(Ordering::SeqCst) + 500
-            {
-                let applying = Instant::now();
-                let res = apply_with_retry(&mut pg, &cfg, &batch, &shared).await;
-                shared
-                    .sink_apply_us
-                    .fetch_add(applying.elapsed().as_micros() as u64, Ordering::Relaxed);
-                if let Err(e) = res {
-                    let e = hmis_sinks::redact::error(&e);
-                    error!(error = %e, "sink failed permanently");
-                    *shared.fatal.lock().unwrap() = Some(format!("sink: {e}"));
-                    shared.stop.store(true, Ordering::SeqCst);
-                    shared.in_flight.fetch_sub(n, Ordering::SeqCst);
-                    break;
+        // The publisher runs next to the apply loop on its own connection: a flush is applied
+        // while the previous one's outbox rows go to Kafka.
+        let epoch = std::sync::atomic::AtomicI64::new(pg.epoch().unwrap_or(0));
+        let (committed_tx, committed_rx) = tokio::sync::watch::channel(Committed::default());
+        let apply = async {
+            let committed_tx = committed_tx;
+            let mut with_records = 0u64;
+            let lag_monitor = LagMonitor::new(&cfg);
+            loop {
+                let first = match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
+                {
+                    Ok(Some(b)) => b,
+                    Err(_) => continue,
+                    Ok(None) => break,
+                };
+                let mut merger = Merger::new(first);
+                let mut n = 1;
+                // Bound a transaction's size so a backlog is committed in steps.
+                while merger.rows() < 50_000 {
+                    let Ok(b) = rx.try_recv() else { break };
+                    merger.merge(b);
+                    n += 1;
                 }
-                lag_monitor.commit(&batch);
-                shared
-                    .rows_written
-                    .fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
-                shared.batches_committed.fetch_add(1, Ordering::Relaxed);
-                let (alerts, quiet) =
-                    batch
-                        .rows
-                        .iter()
-                        .fold((0, 0), |(a, q), (_, row)| match row {
-                            Some(Row::Alert(_)) => (a + 1, q),
-                            Some(Row::ErrorReport(e)) if e.is_quiet() => (a, q + 1),
-                            _ => (a, q),
-                        });
-                shared.alerts_raised.fetch_add(alerts, Ordering::Relaxed);
-                shared
-                    .quiet_error_reports
-                    .fetch_add(quiet, Ordering::Relaxed);
-                shared.committed.store(batch.frontier, Ordering::SeqCst);
-                if !batch.records.is_empty() {
-                    let publishing = Instant::now();
-                    let res =
-                        publish_with_retry(&mut publisher, &mut pcfg, &mut pg, &cfg, &shared).await;
+                let batch = merger.batch;
+                let is_empty = batch.rows.is_empty()
+                    && batch.records.is_empty()
+                    && batch.dead_letters.is_empty()
+                    && batch.offsets.is_empty();
+                // Progress-only batches are committed at most every 500 ms (or when finishing).
+                let finishing = shared.final_frontier.load(Ordering::SeqCst) > 0;
+                if cfg.discard_output {
+                    shared.committed.store(batch.frontier, Ordering::SeqCst);
+                    shared.published.store(batch.frontier, Ordering::SeqCst);
+                } else if !is_empty
+                    || finishing
+                    || batch.frontier >= shared.committed.load(Ordering::SeqCst) + 500
+                {
+                    let applying = Instant::now();
+                    let res = apply_with_retry(&mut pg, &epoch, &cfg, &batch, &shared).await;
                     shared
-                        .sink_publish_us
-                        .fetch_add(publishing.elapsed().as_micros() as u64, Ordering::Relaxed);
-                    match res {
-                        Ok(k) => {
-                            shared
-                                .events_published
-                                .fetch_add(k as u64, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            let e = hmis_sinks::redact::error(&e);
-                            error!(error = %e, "publisher failed permanently");
-                            *shared.fatal.lock().unwrap() = Some(format!("publisher: {e}"));
-                            shared.stop.store(true, Ordering::SeqCst);
-                            shared.in_flight.fetch_sub(n, Ordering::SeqCst);
-                            break;
-                        }
+                        .sink_apply_us
+                        .fetch_add(applying.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    if let Err(e) = res {
+                        let e = hmis_sinks::redact::error(&e);
+                        error!(error = %e, "sink failed permanently");
+                        *shared.fatal.lock().unwrap() = Some(format!("sink: {e}"));
+                        shared.stop.store(true, Ordering::SeqCst);
+                        shared.in_flight.fetch_sub(n, Ordering::SeqCst);
+                        break;
                     }
+                    lag_monitor.commit(&batch);
+                    shared
+                        .rows_written
+                        .fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
+                    shared.batches_committed.fetch_add(1, Ordering::Relaxed);
+                    let (alerts, quiet) =
+                        batch
+                            .rows
+                            .iter()
+                            .fold((0, 0), |(a, q), (_, row)| match row {
+                                Some(Row::Alert(_)) => (a + 1, q),
+                                Some(Row::ErrorReport(e)) if e.is_quiet() => (a, q + 1),
+                                _ => (a, q),
+                            });
+                    shared.alerts_raised.fetch_add(alerts, Ordering::Relaxed);
+                    shared
+                        .quiet_error_reports
+                        .fetch_add(quiet, Ordering::Relaxed);
+                    shared.committed.store(batch.frontier, Ordering::SeqCst);
+                    if !batch.records.is_empty() {
+                        with_records += 1;
+                    }
+                    committed_tx.send_replace(Committed {
+                        frontier: batch.frontier,
+                        with_records,
+                    });
                 }
-                shared.published.store(batch.frontier, Ordering::SeqCst);
+                shared.in_flight.fetch_sub(n, Ordering::SeqCst);
             }
-            shared.in_flight.fetch_sub(n, Ordering::SeqCst);
-        }
-        Ok::<_, anyhow::Error>(())
+            drop(committed_tx);
+            Ok::<_, anyhow::Error>(())
+        };
+        let publish = async {
+            let res = publish_loop(&cfg, &shared, &epoch, publisher, pcfg, committed_rx).await;
+            if let Err(e) = &res {
+                // The workers stop (and the apply loop with them) only when told.
+                *shared.fatal.lock().unwrap() = Some(format!("publisher: {e:#}"));
+                shared.stop.store(true, Ordering::SeqCst);
+            }
+            res
+        };
+        let (applied, published) = tokio::join!(apply, publish);
+        applied.and(published)
     });
     if let Err(e) = &result {
         *shared.fatal.lock().unwrap() = Some(format!("{e:#}"));
@@ -929,4 +1007,27 @@ fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{reading_low, InputClock};
+
+    #[test]
+    fn an_idle_worker_follows_the_lowest_of_the_workers_still_reading() {
+        let c = |time, idle| InputClock { time, idle };
+        let clocks = [c(50, false), c(900, true), c(70, false)];
+        assert_eq!(reading_low(&clocks, 1, 3), Some(50));
+        assert_eq!(reading_low(&clocks, 0, 3), Some(70), "not its own time");
+        assert_eq!(
+            reading_low(&clocks[..2], 1, 3),
+            Some(0),
+            "a worker that has not reported yet holds the clock at 0"
+        );
+        assert_eq!(
+            reading_low(&[c(5, true), c(9, false)], 1, 2),
+            None,
+            "every other worker idle"
+        );
+    }
 }
