@@ -500,10 +500,9 @@ impl Backoff {
 }
 
 /// Applies a batch, retrying transient failures (the input stays paused meanwhile).
-/// A lost connection is re-opened, re-locked and re-claimed (a new epoch) before retrying;
-/// if another instance took the group meanwhile, we are fenced out (permanent).
-/// Applies a flush, reconnecting (and claiming the next epoch, published in `epoch` for the
-/// outbox publisher) and retrying transient failures.
+/// A lost connection is re-opened, re-locked and re-claimed (a new epoch, published in
+/// `epoch` for the outbox publisher) before retrying; if another instance took the group
+/// meanwhile, we are fenced out (permanent).
 async fn apply_with_retry(
     pg: &mut PgSink,
     epoch: &std::sync::atomic::AtomicI64,
@@ -516,9 +515,6 @@ async fn apply_with_retry(
     loop {
         if pg.client().is_closed() {
             match reconnect(cfg, pg.epoch()).await {
-                // No await between the claim's commit and this store: on the sink's
-                // single-threaded runtime the publisher cannot see the new epoch in
-                // PostgreSQL before it sees it here.
                 Ok(new) => {
                     *pg = new;
                     epoch.store(pg.epoch().unwrap_or(0), Ordering::SeqCst);
@@ -591,8 +587,10 @@ async fn reconnect(cfg: &Config, previous: Option<i64>) -> Result<PgSink, SinkEr
 ///
 /// The publisher checks the epoch it was created with. After the apply side's reconnect
 /// claimed a new one (`epoch`), the publisher is recreated with it (re-reading the published
-/// positions), else its next check would find the group "taken over" by this very instance;
-/// a fence seen while the apply side's epoch is not the publisher's is that case too.
+/// positions), else its next check would find the group "taken over" by this very instance.
+/// A fence is that case too when `epoch` moved; when it did not, the publisher looks once
+/// more after a pause (the claim may have committed with its answer not yet read by the
+/// apply side) before taking it for another instance's takeover.
 async fn publish_with_retry(
     publisher: &mut Publisher,
     pcfg: &mut PublisherConfig,
@@ -602,6 +600,7 @@ async fn publish_with_retry(
     shared: &Shared,
 ) -> Result<usize, SinkError> {
     let mut backoff = Backoff::new();
+    let mut fence_rechecked = false;
     loop {
         if pg.client().is_closed() {
             match connect_sink(cfg).await {
@@ -637,6 +636,10 @@ async fn publish_with_retry(
                 return Ok(n);
             }
             Err(SinkError::Fenced { .. }) if pcfg.epoch != Some(epoch.load(Ordering::SeqCst)) => {}
+            Err(SinkError::Fenced { .. }) if !fence_rechecked => {
+                fence_rechecked = true;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             Err(e) if e.is_transient() => backoff.wait("publish", &e, shared).await,
             Err(e) => return Err(e),
         }
