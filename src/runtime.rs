@@ -500,12 +500,10 @@ impl Backoff {
 }
 
 /// Applies a batch, retrying transient failures (the input stays paused meanwhile).
-/// A lost connection is re-opened, re-locked and re-claimed (a new epoch, published in
-/// `epoch` for the outbox publisher) before retrying; if another instance took the group
-/// meanwhile, we are fenced out (permanent).
+/// A lost connection is re-opened, re-locked and re-claimed (a new epoch) before retrying;
+/// if another instance took the group meanwhile, we are fenced out (permanent).
 async fn apply_with_retry(
     pg: &mut PgSink,
-    epoch: &std::sync::atomic::AtomicI64,
     cfg: &Config,
     batch: &FlushBatch,
     shared: &Shared,
@@ -515,10 +513,7 @@ async fn apply_with_retry(
     loop {
         if pg.client().is_closed() {
             match reconnect(cfg, pg.epoch()).await {
-                Ok(new) => {
-                    *pg = new;
-                    epoch.store(pg.epoch().unwrap_or(0), Ordering::SeqCst);
-                }
+                Ok(new) => *pg = new,
                 Err(e) if e.is_transient() => {
                     backoff.wait("reconnect", &e, shared).await;
                     continue;
@@ -583,39 +578,33 @@ async fn reconnect(cfg: &Config, previous: Option<i64>) -> Result<PgSink, SinkEr
     Ok(pg)
 }
 
-/// Publishes the outbox on the publisher's own connection, retrying transient failures.
+/// Publishes the outbox, retrying transient failures.
 ///
-/// The publisher checks the epoch it was created with. After the apply side's reconnect
-/// claimed a new one (`epoch`), the publisher is recreated with it (re-reading the published
-/// positions), else its next check would find the group "taken over" by this very instance.
-/// A fence is that case too when `epoch` moved; when it did not, the publisher looks once
-/// more after a pause (the claim may have committed with its answer not yet read by the
-/// apply side) before taking it for another instance's takeover.
+/// The publisher checks the epoch it was created with; after a reconnect claimed a new one
+/// it is recreated with that epoch (and re-reads the published positions), else its first
+/// check would find the group "taken over" by this very instance.
 async fn publish_with_retry(
     publisher: &mut Publisher,
     pcfg: &mut PublisherConfig,
     pg: &mut PgSink,
-    epoch: &std::sync::atomic::AtomicI64,
     cfg: &Config,
     shared: &Shared,
 ) -> Result<usize, SinkError> {
     let mut backoff = Backoff::new();
-    let mut fence_rechecked = false;
     loop {
         if pg.client().is_closed() {
-            match connect_sink(cfg).await {
+            match reconnect(cfg, pg.epoch()).await {
                 Ok(new) => *pg = new,
                 Err(e) if e.is_transient() => {
-                    backoff.wait("reconnect publisher", &e, shared).await;
+                    backoff.wait("reconnect", &e, shared).await;
                     continue;
                 }
                 Err(e) => return Err(e),
             }
         }
-        let current = Some(epoch.load(Ordering::SeqCst));
-        if pcfg.epoch != current {
+        if pcfg.epoch != pg.epoch() {
             let mut renewed = pcfg.clone();
-            renewed.epoch = current;
+            renewed.epoch = pg.epoch();
             match Publisher::recover(renewed.clone()).await {
                 Ok(p) => {
                     Shared::mark_up(&shared.publish_retrying_since);
@@ -635,74 +624,8 @@ async fn publish_with_retry(
                 Shared::mark_up(&shared.publish_retrying_since);
                 return Ok(n);
             }
-            Err(SinkError::Fenced { .. }) if pcfg.epoch != Some(epoch.load(Ordering::SeqCst)) => {}
-            Err(SinkError::Fenced { .. }) if !fence_rechecked => {
-                fence_rechecked = true;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
             Err(e) if e.is_transient() => backoff.wait("publish", &e, shared).await,
             Err(e) => return Err(e),
-        }
-    }
-}
-
-/// What the apply side has committed: its frontier, and how many committed batches carried
-/// outbox records (the publisher runs when that count moves).
-#[derive(Clone, Copy, Default)]
-struct Committed {
-    frontier: u64,
-    with_records: u64,
-}
-
-/// The outbox publisher, on its own connection, next to the apply loop: it publishes what
-/// each commit put in the outbox while the next flush is applied, and marks the committed
-/// frontier published. Returns once the apply loop has ended and everything it committed is
-/// published.
-async fn publish_loop(
-    cfg: &Config,
-    shared: &Shared,
-    epoch: &std::sync::atomic::AtomicI64,
-    mut publisher: Publisher,
-    mut pcfg: PublisherConfig,
-    mut committed: tokio::sync::watch::Receiver<Committed>,
-) -> anyhow::Result<()> {
-    let mut pg = connect_sink(cfg)
-        .await
-        .context("connecting the outbox publisher to PostgreSQL")?;
-    let mut published_batches = 0u64;
-    loop {
-        let done = committed.changed().await.is_err();
-        let target = *committed.borrow_and_update();
-        if target.with_records > published_batches {
-            let publishing = Instant::now();
-            let res =
-                publish_with_retry(&mut publisher, &mut pcfg, &mut pg, epoch, cfg, shared).await;
-            shared
-                .sink_publish_us
-                .fetch_add(publishing.elapsed().as_micros() as u64, Ordering::Relaxed);
-            match res {
-                Ok(k) => {
-                    shared
-                        .events_published
-                        .fetch_add(k as u64, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    let e = hmis_sinks::redact::error(&e);
-                    error!(error = %e, "publisher failed permanently");
-                    *shared.fatal.lock().unwrap() = Some(format!("publisher: {e}"));
-                    shared.stop.store(true, Ordering::SeqCst);
-                    return Ok(());
-                }
-            }
-            published_batches = target.with_records;
-        }
-        if target.frontier > 0 {
-            shared
-                .published
-                .fetch_max(target.frontier, Ordering::SeqCst);
-        }
-        if done {
-            return Ok(());
         }
     }
 }
@@ -746,7 +669,7 @@ fn sink_thread(
             info!(group = cfg.group_id, epoch, "sink ready");
             Ok::<_, anyhow::Error>((pg, publisher, pcfg, progress))
         };
-        let (mut pg, publisher, pcfg, progress) = match start.await {
+        let (mut pg, mut publisher, mut pcfg, progress) = match start.await {
             Ok(v) => v,
             Err(e) => {
                 let _ = progress_tx.send(Err(e));
@@ -754,99 +677,95 @@ fn sink_thread(
             }
         };
         let _ = progress_tx.send(Ok(progress));
-        // The publisher runs next to the apply loop on its own connection: a flush is applied
-        // while the previous one's outbox rows go to Kafka.
-        let epoch = std::sync::atomic::AtomicI64::new(pg.epoch().unwrap_or(0));
-        let (committed_tx, committed_rx) = tokio::sync::watch::channel(Committed::default());
-        let apply = async {
-            let committed_tx = committed_tx;
-            let mut with_records = 0u64;
-            let lag_monitor = LagMonitor::new(&cfg);
-            loop {
-                let first = match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
-                {
-                    Ok(Some(b)) => b,
-                    Err(_) => continue,
-                    Ok(None) => break,
-                };
-                let mut merger = Merger::new(first);
-                let mut n = 1;
-                // Bound a transaction's size so a backlog is committed in steps.
-                while merger.rows() < 50_000 {
-                    let Ok(b) = rx.try_recv() else { break };
-                    merger.merge(b);
-                    n += 1;
-                }
-                let batch = merger.batch;
-                let is_empty = batch.rows.is_empty()
-                    && batch.records.is_empty()
-                    && batch.dead_letters.is_empty()
-                    && batch.offsets.is_empty();
-                // Progress-only batches are committed at most every 500 ms (or when finishing).
-                let finishing = shared.final_frontier.load(Ordering::SeqCst) > 0;
-                if cfg.discard_output {
-                    shared.committed.store(batch.frontier, Ordering::SeqCst);
-                    shared.published.store(batch.frontier, Ordering::SeqCst);
-                } else if !is_empty
-                    || finishing
-                    || batch.frontier >= shared.committed.load(Ordering::SeqCst) + 500
-                {
-                    let applying = Instant::now();
-                    let res = apply_with_retry(&mut pg, &epoch, &cfg, &batch, &shared).await;
-                    shared
-                        .sink_apply_us
-                        .fetch_add(applying.elapsed().as_micros() as u64, Ordering::Relaxed);
-                    if let Err(e) = res {
-                        let e = hmis_sinks::redact::error(&e);
-                        error!(error = %e, "sink failed permanently");
-                        *shared.fatal.lock().unwrap() = Some(format!("sink: {e}"));
-                        shared.stop.store(true, Ordering::SeqCst);
-                        shared.in_flight.fetch_sub(n, Ordering::SeqCst);
-                        break;
-                    }
-                    lag_monitor.commit(&batch);
-                    shared
-                        .rows_written
-                        .fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
-                    shared.batches_committed.fetch_add(1, Ordering::Relaxed);
-                    let (alerts, quiet) =
-                        batch
-                            .rows
-                            .iter()
-                            .fold((0, 0), |(a, q), (_, row)| match row {
-                                Some(Row::Alert(_)) => (a + 1, q),
-                                Some(Row::ErrorReport(e)) if e.is_quiet() => (a, q + 1),
-                                _ => (a, q),
-                            });
-                    shared.alerts_raised.fetch_add(alerts, Ordering::Relaxed);
-                    shared
-                        .quiet_error_reports
-                        .fetch_add(quiet, Ordering::Relaxed);
-                    shared.committed.store(batch.frontier, Ordering::SeqCst);
-                    if !batch.records.is_empty() {
-                        with_records += 1;
-                    }
-                    committed_tx.send_replace(Committed {
-                        frontier: batch.frontier,
-                        with_records,
-                    });
-                }
-                shared.in_flight.fetch_sub(n, Ordering::SeqCst);
+        let lag_monitor = LagMonitor::new(&cfg);
+        loop {
+            let first = match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+                Ok(Some(b)) => b,
+                Err(_) => continue,
+                Ok(None) => break,
+            };
+            let mut merger = Merger::new(first);
+            let mut n = 1;
+            // Bound a transaction's size so a backlog is committed in steps.
+            while merger.rows() < 50_000 {
+                let Ok(b) = rx.try_recv() else { break };
+                merger.merge(b);
+                n += 1;
             }
-            drop(committed_tx);
-            Ok::<_, anyhow::Error>(())
-        };
-        let publish = async {
-            let res = publish_loop(&cfg, &shared, &epoch, publisher, pcfg, committed_rx).await;
-            if let Err(e) = &res {
-                // The workers stop (and the apply loop with them) only when told.
-                *shared.fatal.lock().unwrap() = Some(format!("publisher: {e:#}"));
-                shared.stop.store(true, Ordering::SeqCst);
+            let batch = merger.batch;
+            let is_empty = batch.rows.is_empty()
+                && batch.records.is_empty()
+                && batch.dead_letters.is_empty()
+                && batch.offsets.is_empty();
+            // Progress-only batches are committed at most every 500 ms (or when finishing).
+            let finishing = shared.final_frontier.load(Ordering::SeqCst) > 0;
+            if cfg.discard_output {
+                shared.committed.store(batch.frontier, Ordering::SeqCst);
+                shared.published.store(batch.frontier, Ordering::SeqCst);
+            } else if !is_empty
+                || finishing
+                || batch.frontier >= shared.committed.load(Ordering::SeqCst) + 500
+            {
+                let applying = Instant::now();
+                let res = apply_with_retry(&mut pg, &cfg, &batch, &shared).await;
+                shared
+                    .sink_apply_us
+                    .fetch_add(applying.elapsed().as_micros() as u64, Ordering::Relaxed);
+                if let Err(e) = res {
+                    let e = hmis_sinks::redact::error(&e);
+                    error!(error = %e, "sink failed permanently");
+                    *shared.fatal.lock().unwrap() = Some(format!("sink: {e}"));
+                    shared.stop.store(true, Ordering::SeqCst);
+                    shared.in_flight.fetch_sub(n, Ordering::SeqCst);
+                    break;
+                }
+                lag_monitor.commit(&batch);
+                shared
+                    .rows_written
+                    .fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
+                shared.batches_committed.fetch_add(1, Ordering::Relaxed);
+                let (alerts, quiet) =
+                    batch
+                        .rows
+                        .iter()
+                        .fold((0, 0), |(a, q), (_, row)| match row {
+                            Some(Row::Alert(_)) => (a + 1, q),
+                            Some(Row::ErrorReport(e)) if e.is_quiet() => (a, q + 1),
+                            _ => (a, q),
+                        });
+                shared.alerts_raised.fetch_add(alerts, Ordering::Relaxed);
+                shared
+                    .quiet_error_reports
+                    .fetch_add(quiet, Ordering::Relaxed);
+                shared.committed.store(batch.frontier, Ordering::SeqCst);
+                if !batch.records.is_empty() {
+                    let publishing = Instant::now();
+                    let res =
+                        publish_with_retry(&mut publisher, &mut pcfg, &mut pg, &cfg, &shared).await;
+                    shared
+                        .sink_publish_us
+                        .fetch_add(publishing.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    match res {
+                        Ok(k) => {
+                            shared
+                                .events_published
+                                .fetch_add(k as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            let e = hmis_sinks::redact::error(&e);
+                            error!(error = %e, "publisher failed permanently");
+                            *shared.fatal.lock().unwrap() = Some(format!("publisher: {e}"));
+                            shared.stop.store(true, Ordering::SeqCst);
+                            shared.in_flight.fetch_sub(n, Ordering::SeqCst);
+                            break;
+                        }
+                    }
+                }
+                shared.published.store(batch.frontier, Ordering::SeqCst);
             }
-            res
-        };
-        let (applied, published) = tokio::join!(apply, publish);
-        applied.and(published)
+            shared.in_flight.fetch_sub(n, Ordering::SeqCst);
+        }
+        Ok::<_, anyhow::Error>(())
     });
     if let Err(e) = &result {
         *shared.fatal.lock().unwrap() = Some(format!("{e:#}"));

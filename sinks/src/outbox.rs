@@ -19,12 +19,9 @@
 //! Why it holds:
 //! - **One writer per group.** `PgSink::claim` gives every instance a new epoch;
 //!   [`Publisher::publish_pending`] reads and deletes rows in a transaction that holds
-//!   the group's progress row `FOR KEY SHARE` and fails with [`SinkError::Fenced`] once the
-//!   epoch is not [`PublisherConfig::epoch`] any more. A new owner's claim locks the row
-//!   `FOR UPDATE`, so it waits for a running publish to finish, and two publishers never
-//!   overlap. The owner's own flushes lock it only `FOR NO KEY UPDATE`, which does not wait
-//!   for the publisher: the pipeline publishes one flush while it applies the next, on two
-//!   connections.
+//!   the group's progress row `FOR SHARE` and fails with [`SinkError::Fenced`] once the
+//!   epoch is not [`PublisherConfig::epoch`] any more. A new owner's claim waits for a
+//!   running publish to finish, so two publishers never overlap.
 //! - **seq order is production order.** Rows are produced in `seq` order to partitions
 //!   chosen up front, with an idempotent producer (`enable.idempotence`, `acks=all`) and
 //!   `enable.gapless.guarantee`, so a partition holds a gap-free prefix of our records for
@@ -230,7 +227,7 @@ impl Publisher {
         if let Some(ours) = self.config.epoch {
             let current: Option<i64> = tx
                 .query_opt(
-                    "SELECT epoch FROM hmis_pipeline_progress WHERE group_id = $1 FOR KEY SHARE",
+                    "SELECT epoch FROM hmis_pipeline_progress WHERE group_id = $1 FOR SHARE",
                     &[&group_id],
                 )
                 .await

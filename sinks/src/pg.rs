@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  PgSink::apply(group, batch)            one transaction
-//!   1 SELECT epoch ... FOR NO KEY UPDATE   ours? else SinkError::Fenced (nothing written)
+//!   1 SELECT epoch ... FOR UPDATE          ours? else SinkError::Fenced (nothing written)
 //!   2 DELETE ... = ANY($keys)              per table, rows whose final state is "gone"
 //!     INSERT ... SELECT * FROM UNNEST(...) per table, ON CONFLICT DO UPDATE
 //!                                          (workflow_instances, task_instances,
@@ -180,24 +180,9 @@ impl PgSink {
     /// use), records `owner` (a human-readable instance name), and returns the new epoch.
     /// From now on every earlier owner's [`PgSink::apply`] fails with
     /// [`SinkError::Fenced`].
-    ///
-    /// The claim locks the group's progress row `FOR UPDATE` first, so it waits for a running
-    /// flush (`FOR NO KEY UPDATE`) and a running outbox publish (`FOR KEY SHARE`) of the
-    /// previous owner to end: the upsert alone would lock it only `FOR NO KEY UPDATE`, which
-    /// does not wait for the publisher.
     pub async fn claim(&mut self, group_id: &str, owner: &str) -> Result<i64, SinkError> {
-        let tx = self
+        let epoch: i64 = self
             .client
-            .transaction()
-            .await
-            .map_err(SinkError::pg(format!("claim group {group_id}")))?;
-        tx.execute(
-            "SELECT 1 FROM hmis_pipeline_progress WHERE group_id = $1 FOR UPDATE",
-            &[&group_id],
-        )
-        .await
-        .map_err(SinkError::pg(format!("lock progress of group {group_id}")))?;
-        let epoch: i64 = tx
             .query_one(
                 "INSERT INTO hmis_pipeline_progress (group_id, epoch, owner, updated_at)
                  VALUES ($1, 1, $2, now())
@@ -211,9 +196,6 @@ impl PgSink {
             .await
             .map_err(SinkError::pg(format!("claim group {group_id}")))?
             .get(0);
-        tx.commit()
-            .await
-            .map_err(SinkError::pg(format!("claim group {group_id}")))?;
         debug!(group_id, owner, epoch, "claimed group");
         self.claimed = Some((group_id.to_string(), epoch));
         Ok(epoch)
@@ -1787,11 +1769,7 @@ impl Statements {
                    EXCLUDED.task_name, EXCLUDED.automatic, EXCLUDED.next_attempt)";
         Ok(Statements {
             lock_epoch: prepare(
-                // `NO KEY UPDATE`, not `UPDATE`: the outbox publisher's `KEY SHARE` does not wait
-                // for it, so a flush is applied while the previous one is published; a claim's
-                // `FOR UPDATE` waits for both.
-                "SELECT epoch FROM hmis_pipeline_progress WHERE group_id = $1 FOR NO KEY UPDATE"
-                    .into(),
+                "SELECT epoch FROM hmis_pipeline_progress WHERE group_id = $1 FOR UPDATE".into(),
                 "epoch check",
             )
             .await?,
