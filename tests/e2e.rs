@@ -213,6 +213,34 @@ fn run_pipeline_with(cfg: &Config, shared: Arc<hmis_flow::Shared>) -> hmis_flow:
         .expect("pipeline run")
 }
 
+/// The pipeline running in-process, as `hmis-flow run` without `--until-caught-up` runs it,
+/// until [`stop_pipeline`].
+fn spawn_pipeline(
+    cfg: &Config,
+) -> (
+    Arc<hmis_flow::Shared>,
+    std::thread::JoinHandle<anyhow::Result<hmis_flow::RunSummary>>,
+) {
+    let shared = Arc::new(hmis_flow::Shared::default());
+    let (run_cfg, run_shared) = (cfg.clone(), shared.clone());
+    (
+        shared,
+        std::thread::spawn(move || hmis_flow::run(run_cfg, run_shared)),
+    )
+}
+
+/// Asks a [`spawn_pipeline`] pipeline to stop, and waits for its clean exit.
+fn stop_pipeline(
+    shared: &hmis_flow::Shared,
+    pipeline: std::thread::JoinHandle<anyhow::Result<hmis_flow::RunSummary>>,
+) {
+    shared.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    pipeline
+        .join()
+        .unwrap()
+        .expect("pipeline stops cleanly on request");
+}
+
 /// eventIds on the derived topic, with how often each appears.
 fn derived_ids(cfg: &Config) -> BTreeMap<String, usize> {
     let mut ids = BTreeMap::new();
@@ -545,9 +573,7 @@ async fn wall_clock_breach_fires_with_no_further_input() {
         },
     ];
     hmis_flow::demo::produce(&cfg, &records).await.unwrap();
-    let shared = Arc::new(hmis_flow::Shared::default());
-    let (run_cfg, run_shared) = (cfg.clone(), shared.clone());
-    let pipeline = std::thread::spawn(move || hmis_flow::run(run_cfg, run_shared));
+    let (shared, pipeline) = spawn_pipeline(&cfg);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let mut seen_at = None;
     while std::time::Instant::now() < deadline {
@@ -561,11 +587,7 @@ async fn wall_clock_breach_fires_with_no_further_input() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    shared.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    pipeline
-        .join()
-        .unwrap()
-        .expect("pipeline stops cleanly on request");
+    stop_pipeline(&shared, pipeline);
     let seen_at = seen_at.expect("TASK_SLA_BREACHED published with no further input");
     assert!(seen_at > now + 2_000, "not before the deadline");
     let (c, conn) = tokio_postgres::connect(&cfg.database_url, tokio_postgres::NoTls)
@@ -731,20 +753,17 @@ async fn unknown_references_are_dead_lettered_after_the_grace_and_only_once() {
     assert_eq!(n, 2);
 }
 
-/// Committed next offset of one input partition (0 when none is committed yet).
-async fn committed_offset(
-    db: &tokio_postgres::Client,
-    cfg: &Config,
-    topic: &str,
-    partition: i32,
-) -> i64 {
-    db.query_opt(
-        "SELECT next_offset FROM hmis_input_offsets WHERE group_id = $1 AND topic = $2 AND partition = $3",
-        &[&cfg.group_id, &topic, &partition],
-    )
-    .await
-    .unwrap()
-    .map_or(0, |r| r.get(0))
+/// The committed next offsets of two input partitions (0 where none is committed yet), read
+/// in one query, so from one commit.
+async fn committed_pair(
+    pg: &hmis_sinks::PgSink,
+    group: &str,
+    a: (&str, i32),
+    b: (&str, i32),
+) -> (i64, i64) {
+    let offsets = pg.load_progress(group).await.unwrap().offsets;
+    let at = |(topic, p): (&str, i32)| offsets.get(&(topic.to_string(), p)).copied().unwrap_or(0);
+    (at(a), at(b))
 }
 
 /// Produces each record to the given partition of its topic, in order.
@@ -822,23 +841,23 @@ async fn an_idle_worker_reads_new_records_while_another_works_through_a_backlog(
         .filter(|(r, _)| hmis_flow::demo::configured_topic(&cfg, r.topic) == tasks)
         .count() as i64;
 
-    hmis_sinks::PgSink::connect_with_tls(&cfg.database_url, &cfg.database_tls())
-        .await
-        .unwrap()
-        .migrate()
+    let mut pg = hmis_sinks::PgSink::connect_with_tls(&cfg.database_url, &cfg.database_tls())
         .await
         .unwrap();
-    let (db, conn) = tokio_postgres::connect(&cfg.database_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let shared = Arc::new(hmis_flow::Shared::default());
-    let (run_cfg, run_shared) = (cfg.clone(), shared.clone());
-    let pipeline = std::thread::spawn(move || hmis_flow::run(run_cfg, run_shared));
+    pg.migrate().await.unwrap();
+    let committed = || {
+        committed_pair(
+            &pg,
+            &cfg.group_id,
+            (&tasks, backlog_partition),
+            (&system, probe_partition),
+        )
+    };
+    let (shared, pipeline) = spawn_pipeline(&cfg);
 
     // Once the backlog is being committed, one record arrives on worker 0's partition.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while committed_offset(&db, &cfg, &tasks, backlog_partition).await == 0 {
+    while committed().await.0 == 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the backlog is never committed"
@@ -847,8 +866,8 @@ async fn an_idle_worker_reads_new_records_while_another_works_through_a_backlog(
     }
     produce_to(&cfg, &[(&probe, probe_partition)]).await;
     let backlog_when_probe_committed = loop {
-        let backlog = committed_offset(&db, &cfg, &tasks, backlog_partition).await;
-        if committed_offset(&db, &cfg, &system, probe_partition).await == 1 {
+        let (backlog, probe) = committed().await;
+        if probe == 1 {
             break backlog;
         }
         assert!(
@@ -857,11 +876,7 @@ async fn an_idle_worker_reads_new_records_while_another_works_through_a_backlog(
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
-    shared.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    pipeline
-        .join()
-        .unwrap()
-        .expect("pipeline stops cleanly on request");
+    stop_pipeline(&shared, pipeline);
     assert!(
         backlog_when_probe_committed < backlog_end,
         "the record on the idle worker's partition was committed only after the other worker's \

@@ -230,6 +230,13 @@ pub fn summary(values: &[i64]) -> Value {
     })
 }
 
+/// The log filter (`HMIS_LOG`) for the `hmis-flow` processes a benchmark starts:
+/// `HMIS_BENCH_LOG` when set (e.g. `hmis_flow::runtime=debug` for the clock log), else
+/// `default`.
+pub fn child_log_filter(default: &str) -> String {
+    std::env::var("HMIS_BENCH_LOG").unwrap_or_else(|_| default.into())
+}
+
 /// `bench/results/`.
 pub fn results_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results")

@@ -141,10 +141,8 @@ fn main() -> anyhow::Result<()> {
     let db = &args.services.database_url;
     let hf = |b: &PathBuf| {
         let mut c = Command::new(b);
-        c.env("HMIS_CONFIG", &cfg).env(
-            "HMIS_LOG",
-            std::env::var("HMIS_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-        );
+        c.env("HMIS_CONFIG", &cfg)
+            .env("HMIS_LOG", hmis_bench::child_log_filter("warn"));
         c.stdout(std::process::Stdio::null());
         c
     };

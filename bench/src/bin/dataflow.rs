@@ -226,8 +226,6 @@ struct DataflowRun {
     flushes: u64,
 }
 
-/// Feeds `defs` then `feed` (in eventTime order) to `workers` timely workers, `batch` events
-/// at a time, stepping until each batch's time is complete.
 /// What a worker inserts: an event decoded before the measurement, or a record's bytes,
 /// decoded inside the measured loop (the default: decode is part of the pipeline's cost).
 enum Item {
@@ -255,18 +253,20 @@ fn pos_of(e: &Event) -> Pos {
     }
 }
 
+/// The workload record an event was decoded from, and its position.
+fn record_of<'r>(e: &Event, records: &'r [WorkloadRecord]) -> (&'r WorkloadRecord, Pos) {
+    let pos = pos_of(e);
+    (&records[pos.offset as usize], pos)
+}
+
 /// Decodes again, from its record's bytes, the event `e` was decoded as.
 fn decode_again(e: &Event, records: &[WorkloadRecord]) -> Event {
-    let pos = pos_of(e);
-    decode_record(&records[pos.offset as usize], pos).expect("decoded once before")
+    let (r, pos) = record_of(e, records);
+    decode_record(r, pos).expect("decoded once before")
 }
 
-/// The workload record an event was decoded from, to be decoded again in the measured loop.
-fn raw_of(e: &Event, records: &[WorkloadRecord]) -> Item {
-    let pos = pos_of(e);
-    Item::Raw(records[pos.offset as usize].clone(), pos)
-}
-
+/// Feeds `defs` then `feed` (in eventTime order) to `workers` timely workers, `batch` events
+/// at a time, stepping until each batch's time is complete.
 #[allow(clippy::too_many_arguments)]
 fn run_dataflow(
     workers: usize,
@@ -308,7 +308,10 @@ fn run_dataflow(
     // Each worker owns its share (round robin, as partitions are dealt), so nothing is cloned
     // inside the measured loop.
     let item = |e: &Event| match raw {
-        Some(records) => raw_of(e, records),
+        Some(records) => {
+            let (r, pos) = record_of(e, records);
+            Item::Raw(r.clone(), pos)
+        }
         None => Item::Decoded(e.clone()),
     };
     let mut shares: Vec<Vec<(usize, u64, Item)>> = (0..workers).map(|_| Vec::new()).collect();

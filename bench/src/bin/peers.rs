@@ -532,7 +532,7 @@ fn latency_at_rate(
             .arg(&cfg_path)
             .env(
                 "HMIS_LOG",
-                std::env::var("HMIS_BENCH_LOG").unwrap_or_else(|_| "warn,librdkafka=error".into()),
+                hmis_bench::child_log_filter("warn,librdkafka=error"),
             )
             .env_remove("HMIS_BROKERS")
             .env_remove("HMIS_DATABASE_URL")
