@@ -9,8 +9,10 @@
 //!                                          task_readiness, orders, order_transitions,
 //!                                          compensation_actions, sla_breaches, alerts)
 //!   3 INSERT INTO dead_letters             one per input record, duplicates ignored
-//!   4 INSERT INTO hmis_outbox              batch order -> seq order, duplicates ignored;
-//!                                          a dead letter only if step 3 stored it
+//!   4 INSERT INTO hmis_outbox              batch order -> seq order; an id already there
+//!                                          (published or not: the outbox is the ledger)
+//!                                          is ignored; a dead letter only if step 3
+//!                                          stored it
 //!   5 upsert hmis_input_offsets            where consumption resumes
 //!     UPDATE hmis_pipeline_progress        the completed frontier
 //!  COMMIT
@@ -92,12 +94,13 @@ pub struct PgSink {
     claimed: Option<(String, i64)>,
     statements: Option<Statements>,
     /// Derived events and alerts not put in the outbox because their id was published
-    /// before (`hmis_published_events`): derived again, e.g. after a restart.
+    /// before (their id is in `hmis_outbox`): derived again, e.g. after a restart.
     pub republish_suppressed: u64,
     /// Items of flushes PostgreSQL refused for their content, dead-lettered instead
     /// (`hmis_sink_items_dead_lettered_total`).
     pub quarantined: u64,
-    /// How long published ids are remembered (default 7 days, the input retention).
+    /// How long published outbox rows, the ledger of published ids, are kept (default 7
+    /// days, the input retention).
     pub ledger_retention: std::time::Duration,
     last_prune: Option<std::time::Instant>,
 }
@@ -658,9 +661,9 @@ fn table_of(row: &Row) -> &'static str {
 }
 
 impl PgSink {
-    /// Forgets published ids older than [`PgSink::ledger_retention`], at most every 10
-    /// minutes, outside the flush transaction. Best effort: a failure is logged and retried
-    /// at the next chance.
+    /// Forgets published ids (outbox rows) older than [`PgSink::ledger_retention`], at
+    /// most every 10 minutes, outside the flush transaction. Best effort: a failure is
+    /// logged and retried at the next chance.
     async fn prune_ledger(&mut self, group_id: &str) {
         if self
             .last_prune
@@ -670,19 +673,23 @@ impl PgSink {
         }
         self.last_prune = Some(std::time::Instant::now());
         let secs = self.ledger_retention.as_secs_f64();
+        // Only rows already published (or ledger entries without a record): one still
+        // waiting for the publisher is never lost to its age.
         let r = self
             .client
             .execute(
-                "DELETE FROM hmis_published_events
-                 WHERE group_id = $1 AND first_at < now() - make_interval(secs => $2)",
+                "DELETE FROM hmis_outbox
+                 WHERE group_id = $1 AND created_at < now() - make_interval(secs => $2)
+                   AND (payload IS NULL OR seq <= (SELECT published_seq FROM hmis_pipeline_progress
+                                                   WHERE group_id = $1))",
                 &[&group_id, &secs],
             )
             .await;
         match r {
-            Ok(n) if n > 0 => debug!(group_id, pruned = n, "published-id ledger pruned"),
+            Ok(n) if n > 0 => debug!(group_id, pruned = n, "published outbox rows pruned"),
             Ok(_) => {}
             Err(e) => {
-                warn!(group_id, error = %crate::redact::postgres(&e), "pruning hmis_published_events failed")
+                warn!(group_id, error = %crate::redact::postgres(&e), "pruning hmis_outbox failed")
             }
         }
     }
@@ -1517,8 +1524,9 @@ async fn write_outbox(
     // follows the batch's production order.
     for all in records.chunks(CHUNK) {
         // A record repeated within one statement is written once (its first occurrence):
-        // the ledger's ON CONFLICT keeps one id, but the outbox has no key of its own to
-        // drop the repeat (migration 0007). Across statements the ledger decides.
+        // ON CONFLICT DO NOTHING keeps the first of two rows one statement inserts with the
+        // same key, but dropping the repeat here keeps that independent of the plan.
+        // Across statements the outbox's ids decide (migration 0008).
         let mut seen = HashSet::with_capacity(all.len());
         let chunk: Vec<&OutRecord> = all
             .iter()
@@ -1873,22 +1881,15 @@ impl Statements {
             )
             .await?,
             insert_outbox: prepare(
-                // Derived events and alerts enter the outbox only with a first entry in the
-                // ledger; dead letters are published once by `write_dead_letters`.
-                "WITH u AS (
-                     SELECT * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
-                          WITH ORDINALITY AS u(topic, key, event_id, event_type, payload, ord)),
-                 first AS (
-                     INSERT INTO hmis_published_events (group_id, topic, event_id)
-                     SELECT $1, u.topic, u.event_id FROM u WHERE u.topic <> 'dead_letter'
-                     ON CONFLICT DO NOTHING
-                     RETURNING topic, event_id)
-                 INSERT INTO hmis_outbox (group_id, topic, key, event_id, event_type, payload)
+                // The outbox is the ledger of published ids too (migration 0008): a record
+                // whose id is there already, published or not, is not inserted again. Dead
+                // letters reach here only when `write_dead_letters` stored them.
+                "INSERT INTO hmis_outbox (group_id, topic, key, event_id, event_type, payload)
                  SELECT $1, u.topic, u.key, u.event_id, u.event_type, u.payload
-                 FROM u
-                 WHERE u.topic = 'dead_letter'
-                    OR EXISTS (SELECT 1 FROM first f WHERE f.topic = u.topic AND f.event_id = u.event_id)
-                 ORDER BY u.ord"
+                 FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+                      WITH ORDINALITY AS u(topic, key, event_id, event_type, payload, ord)
+                 ORDER BY u.ord
+                 ON CONFLICT (group_id, topic, event_id) DO NOTHING"
                     .into(),
                 "insert hmis_outbox",
             )

@@ -200,15 +200,17 @@ fn records(prefix: &str, count: usize) -> Vec<hmis_dataflows::output::OutRecord>
         .collect()
 }
 
+/// Outbox rows not published yet.
 async fn outbox_len(client: &tokio_postgres::Client) -> i64 {
     client
-        .query_one("SELECT count(*) FROM hmis_outbox", &[])
+        .query_one("SELECT count(*) FROM hmis_outbox_pending", &[])
         .await
         .unwrap()
         .get(0)
 }
 
-/// Publish, crash before the delete commits, publish again: every record exactly once.
+/// Publish, crash before marking the rows published commits, publish again: every record
+/// exactly once.
 async fn round_trip(broker: Broker) {
     let db = TestDb::new().await;
     let suffix = uuid::Uuid::new_v4().simple().to_string();
@@ -232,11 +234,17 @@ async fn round_trip(broker: Broker) {
     sink.apply("pub", &first).await.unwrap();
 
     let mut pg = db.client().await;
-    // What the outbox held before publishing: restored below to simulate a crash after
-    // producing but before the delete committed.
-    pg.batch_execute("CREATE TABLE outbox_before AS SELECT * FROM hmis_outbox")
+    // Where publishing stood before: restored below to simulate a crash after producing but
+    // before marking the rows published committed.
+    let published_before: i64 = pg
+        .query_one(
+            "SELECT published_seq FROM hmis_pipeline_progress WHERE group_id = 'pub'",
+            &[],
+        )
         .await
-        .unwrap();
+        .unwrap()
+        .get(0);
+    assert_eq!(outbox_len(&pg).await, 300);
 
     let mut config = PublisherConfig::new(&brokers, "pub");
     config.topics = names.clone();
@@ -251,10 +259,14 @@ async fn round_trip(broker: Broker) {
     assert_eq!(publisher.publish_pending(&mut pg).await.unwrap(), 0);
     drop(publisher);
 
-    // The crash: every published row is back; new rows arrive after it.
-    pg.batch_execute("INSERT INTO hmis_outbox SELECT * FROM outbox_before")
-        .await
-        .unwrap();
+    // The crash: every published row is unpublished again; new rows arrive after it.
+    pg.execute(
+        "UPDATE hmis_pipeline_progress SET published_seq = $1 WHERE group_id = 'pub'",
+        &[&published_before],
+    )
+    .await
+    .unwrap();
+    assert_eq!(outbox_len(&pg).await, 300);
     let mut second = batch(T0 + 1);
     second.records = records("two", 50);
     sink.apply("pub", &second).await.unwrap();
