@@ -32,8 +32,9 @@ use tracing::{debug, error, info, warn};
 
 use hmis_dataflows::engine::{build_core, Core};
 use hmis_dataflows::gather::Gather;
-use hmis_dataflows::output::{FlushBatch, Row};
+use hmis_dataflows::output::{FlushBatch, OutRecord, Row};
 use hmis_dataflows::{RulesConfig, Sessions};
+use hmis_sinks::pg::OutboxRow;
 use hmis_sinks::{PgSink, Publisher, PublisherConfig, SinkError, TopicNames};
 
 use crate::config::Config;
@@ -585,7 +586,9 @@ async fn reconnect(cfg: &Config, previous: Option<i64>) -> Result<PgSink, SinkEr
     Ok(pg)
 }
 
-/// Publishes the outbox, retrying transient failures.
+/// Publishes the outbox, retrying transient failures: first what the last flush inserted,
+/// from memory (`records`, `inserted`: see [`Publisher::publish_inserted`]), and after a
+/// failure by reading the outbox.
 ///
 /// The publisher checks the epoch it was created with; after a reconnect claimed a new one
 /// it is recreated with that epoch (and re-reads the published positions), else its first
@@ -596,6 +599,8 @@ async fn publish_with_retry(
     pg: &mut PgSink,
     cfg: &Config,
     shared: &Shared,
+    records: &[OutRecord],
+    mut inserted: Option<Vec<OutboxRow>>,
 ) -> Result<usize, SinkError> {
     let mut backoff = Backoff::new();
     loop {
@@ -625,7 +630,8 @@ async fn publish_with_retry(
                 Err(e) => return Err(e),
             }
         }
-        match publisher.publish_pending(pg.client_mut()).await {
+        let published = publisher.publish_inserted(pg.client_mut(), records, inserted.take());
+        match published.await {
             Ok(n) => {
                 Shared::mark_up(&shared.postgres_down_since);
                 Shared::mark_up(&shared.publish_retrying_since);
@@ -745,10 +751,19 @@ fn sink_thread(
                     .quiet_error_reports
                     .fetch_add(quiet, Ordering::Relaxed);
                 shared.committed.store(batch.frontier, Ordering::SeqCst);
+                let inserted = pg.take_outbox_inserted();
                 if !batch.records.is_empty() {
                     let publishing = Instant::now();
-                    let res =
-                        publish_with_retry(&mut publisher, &mut pcfg, &mut pg, &cfg, &shared).await;
+                    let res = publish_with_retry(
+                        &mut publisher,
+                        &mut pcfg,
+                        &mut pg,
+                        &cfg,
+                        &shared,
+                        &batch.records,
+                        inserted,
+                    )
+                    .await;
                     shared
                         .sink_publish_us
                         .fetch_add(publishing.elapsed().as_micros() as u64, Ordering::Relaxed);

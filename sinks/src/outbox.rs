@@ -49,18 +49,18 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use hmis_dataflows::output::OutTopic;
+use hmis_dataflows::output::{OutRecord, OutTopic};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 use tracing::{debug, info, warn};
 
 use crate::kafka::{self, KafkaClientConfig, KafkaOptions};
-use crate::pg::outbox_topic;
+use crate::pg::{outbox_topic, OutboxRow};
 use crate::SinkError;
 
 /// Header carrying the record's `hmis_outbox.seq`, as decimal ASCII.
@@ -217,6 +217,74 @@ impl Publisher {
         }
     }
 
+    /// Publishes what the last flush inserted into the outbox (`inserted`, from
+    /// [`crate::PgSink::take_outbox_inserted`]; the records are `records`, the flush's),
+    /// producing them from memory instead of reading them back. Falls back to
+    /// [`Publisher::publish_pending`] whenever that would not publish every pending row:
+    /// the positions are stale, the inserted rows are unknown, or rows of the group other
+    /// than these wait (e.g. of an apply whose commit succeeded unseen before a retry).
+    /// Returns how many records were produced.
+    pub async fn publish_inserted(
+        &mut self,
+        client: &mut Client,
+        records: &[OutRecord],
+        inserted: Option<Vec<OutboxRow>>,
+    ) -> Result<usize, SinkError> {
+        let Some(mut inserted) = inserted.filter(|i| !i.is_empty() && !self.stale) else {
+            return self.publish_pending(client).await;
+        };
+        inserted.sort_unstable_by_key(|r| r.seq);
+        let by_id: HashMap<(&str, &str), &OutRecord> = records
+            .iter()
+            .map(|r| ((outbox_topic(r.topic), r.event_id.as_str()), r))
+            .collect();
+        let pending: Option<Vec<Pending>> = inserted
+            .iter()
+            .map(|row| {
+                let r = by_id.get(&(row.topic.as_str(), row.event_id.as_str()))?;
+                Some(Pending {
+                    seq: row.seq,
+                    topic: &row.topic,
+                    key: r.key.as_deref(),
+                    event_id: &r.event_id,
+                    payload: &r.payload,
+                })
+            })
+            .collect();
+        let Some(pending) = pending else {
+            warn!("an inserted outbox row is not among the flush's records; reading the outbox");
+            return self.publish_pending(client).await;
+        };
+
+        let group_id = self.config.group_id.clone();
+        let tx = client
+            .transaction()
+            .await
+            .map_err(SinkError::pg("begin outbox publish"))?;
+        let after = self.lock_progress(&tx).await?;
+        // Nothing else may wait below these rows (above them nothing can exist yet: one
+        // writer, and its next flush comes after this call).
+        let first = pending[0].seq;
+        let others: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM hmis_outbox
+                                WHERE group_id = $1 AND seq > $2 AND seq < $3
+                                  AND payload IS NOT NULL)",
+                &[&group_id, &after, &first],
+            )
+            .await
+            .map_err(SinkError::pg("check hmis_outbox"))?
+            .get(0);
+        if others || first <= after {
+            tx.commit()
+                .await
+                .map_err(SinkError::pg("end outbox publish"))?;
+            debug!(group_id, "other outbox rows pending; reading the outbox");
+            return self.publish_pending(client).await;
+        }
+        self.publish_in(tx, &pending).await
+    }
+
     /// One transaction: fence check, read a batch, produce it, mark it published. Returns
     /// (records produced, rows handled).
     async fn publish_batch(&mut self, client: &mut Client) -> Result<(usize, usize), SinkError> {
@@ -225,30 +293,7 @@ impl Publisher {
             .transaction()
             .await
             .map_err(SinkError::pg("begin outbox publish"))?;
-        // The progress row, locked until the batch is marked published: a new owner's
-        // claim waits for this publish to end.
-        let progress = tx
-            .query_opt(
-                "SELECT epoch, published_seq FROM hmis_pipeline_progress
-                 WHERE group_id = $1 FOR NO KEY UPDATE",
-                &[&group_id],
-            )
-            .await
-            .map_err(SinkError::pg(format!("check epoch of group {group_id}")))?;
-        let current: Option<i64> = progress.as_ref().map(|row| row.get(0));
-        match (self.config.epoch, current) {
-            (Some(ours), current) if current != Some(ours) => {
-                return Err(SinkError::Fenced {
-                    group_id,
-                    ours,
-                    current,
-                })
-            }
-            (None, None) => return Err(SinkError::NotClaimed { group_id }),
-            _ => {}
-        }
-        let published: i64 = progress.map_or(0, |row| row.get(1));
-        let after = self.published_through.max(published);
+        let after = self.lock_progress(&tx).await?;
         let limit = i64::try_from(self.config.batch_size).unwrap_or(i64::MAX);
         let rows = tx
             .query(
@@ -276,15 +321,60 @@ impl Publisher {
                 payload: row.get(4),
             })
             .collect();
+        let produced = self.publish_in(tx, &records).await?;
+        Ok((produced, records.len()))
+    }
 
+    /// Locks the group's progress row until the transaction ends (a new owner's claim
+    /// waits for this publish), checks the epoch, and returns the seq publishing continues
+    /// after.
+    async fn lock_progress(&self, tx: &Transaction<'_>) -> Result<i64, SinkError> {
+        let group_id = &self.config.group_id;
+        let progress = tx
+            .query_opt(
+                "SELECT epoch, published_seq FROM hmis_pipeline_progress
+                 WHERE group_id = $1 FOR NO KEY UPDATE",
+                &[group_id],
+            )
+            .await
+            .map_err(SinkError::pg(format!("check epoch of group {group_id}")))?;
+        let current: Option<i64> = progress.as_ref().map(|row| row.get(0));
+        match (self.config.epoch, current) {
+            (Some(ours), current) if current != Some(ours) => {
+                return Err(SinkError::Fenced {
+                    group_id: group_id.clone(),
+                    ours,
+                    current,
+                })
+            }
+            (None, None) => {
+                return Err(SinkError::NotClaimed {
+                    group_id: group_id.clone(),
+                })
+            }
+            _ => {}
+        }
+        let published: i64 = progress.map_or(0, |row| row.get(1));
+        Ok(self.published_through.max(published))
+    }
+
+    /// Produces `records` (ascending seqs, above the published one) in the transaction
+    /// that locked the progress row, marks them published and commits. Returns how many
+    /// were produced (those already in Kafka are not).
+    async fn publish_in(
+        &mut self,
+        tx: Transaction<'_>,
+        records: &[Pending<'_>],
+    ) -> Result<usize, SinkError> {
         // Until the deliveries are confirmed and the batch marked published, the positions
         // may be behind: a cancelled or failed call leaves them marked stale.
         self.stale = true;
-        let produced = self.produce(&records).await?;
+        let produced = self.produce(records).await?;
+        let group_id = &self.config.group_id;
         let high = records[records.len() - 1].seq;
         tx.execute(
             "UPDATE hmis_pipeline_progress SET published_seq = $2 WHERE group_id = $1",
-            &[&group_id, &high],
+            &[group_id, &high],
         )
         .await
         .map_err(SinkError::pg("mark hmis_outbox rows published"))?;
@@ -299,11 +389,11 @@ impl Publisher {
             skipped = records.len() - produced,
             "outbox batch published"
         );
-        Ok((produced, records.len()))
+        Ok(produced)
     }
 
     /// Produces the records not yet in Kafka, in order, and waits for every delivery.
-    async fn produce(&mut self, records: &[Pending]) -> Result<usize, SinkError> {
+    async fn produce(&mut self, records: &[Pending<'_>]) -> Result<usize, SinkError> {
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut first_error: Option<SinkError> = None;
         let mut produced = 0;
@@ -312,7 +402,7 @@ impl Publisher {
         for record in records {
             let Some(topic) = self.config.topics.resolve(&record.topic) else {
                 first_error = Some(SinkError::Topic {
-                    topic: record.topic.clone(),
+                    topic: record.topic.to_string(),
                     detail: format!("outbox seq {} names no output topic", record.seq),
                 });
                 break;
@@ -458,12 +548,13 @@ async fn settle(
 }
 
 /// An outbox row as read for publishing.
-struct Pending {
+struct Pending<'a> {
     seq: i64,
-    topic: String,
-    key: Option<String>,
-    event_id: String,
-    payload: String,
+    /// Logical ([`outbox_topic`]).
+    topic: &'a str,
+    key: Option<&'a str>,
+    event_id: &'a str,
+    payload: &'a str,
 }
 
 /// A produced record awaiting its delivery report.

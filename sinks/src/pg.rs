@@ -103,6 +103,17 @@ pub struct PgSink {
     /// days, the input retention).
     pub ledger_retention: std::time::Duration,
     last_prune: Option<std::time::Instant>,
+    /// The outbox rows the last [`PgSink::apply`] inserted, when it knows them all (see
+    /// [`PgSink::take_outbox_inserted`]).
+    inserted: Option<Vec<OutboxRow>>,
+}
+
+/// An outbox row a flush inserted: its seq, logical topic ([`outbox_topic`]) and event id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub seq: i64,
+    pub topic: String,
+    pub event_id: String,
 }
 
 impl PgSink {
@@ -132,6 +143,7 @@ impl PgSink {
             quarantined: 0,
             ledger_retention: std::time::Duration::from_secs(7 * 24 * 3600),
             last_prune: None,
+            inserted: None,
         }
     }
 
@@ -144,6 +156,14 @@ impl PgSink {
     /// The underlying client, mutably (transactions need it).
     pub fn client_mut(&mut self) -> &mut Client {
         &mut self.client
+    }
+
+    /// The outbox rows the last successful [`PgSink::apply`] inserted, once: what
+    /// [`crate::Publisher::publish_inserted`] produces from memory. `None` when they are not
+    /// known (no apply since the last call, an apply that failed, or one that wrote item by
+    /// item): the publisher then reads the outbox.
+    pub fn take_outbox_inserted(&mut self) -> Option<Vec<OutboxRow>> {
+        self.inserted.take()
     }
 
     /// Applies the pending schema migrations (see [`crate::migrate()`]).
@@ -333,11 +353,21 @@ impl PgSink {
             });
         }
 
+        self.inserted = None;
+        let mut inserted = Vec::new();
         let (suppressed, quarantined, plans) = match isolate {
             Isolate::No => {
                 let plan = Plan::new(batch)?;
-                let suppressed =
-                    write_content(&tx, statements, group_id, batch, &plan, ready_since).await?;
+                let suppressed = write_content(
+                    &tx,
+                    statements,
+                    group_id,
+                    batch,
+                    &plan,
+                    ready_since,
+                    &mut inserted,
+                )
+                .await?;
                 (suppressed, 0, vec![plan])
             }
             Isolate::Yes => write_isolating(&tx, statements, group_id, batch, ready_since).await?,
@@ -368,6 +398,9 @@ impl PgSink {
         tx.commit()
             .await
             .map_err(SinkError::pg(format!("commit flush of group {group_id}")))?;
+        if isolate == Isolate::No {
+            self.inserted = Some(inserted);
+        }
         if suppressed > 0 {
             debug!(
                 group_id,
@@ -408,6 +441,7 @@ async fn write_content(
     batch: &FlushBatch,
     plan: &Plan<'_>,
     ready_since: DateTime<Utc>,
+    inserted: &mut Vec<OutboxRow>,
 ) -> Result<u64, SinkError> {
     plan.write_rows(tx, statements, ready_since).await?;
     // A dead letter is published only when it is stored for the first time: an input
@@ -415,7 +449,7 @@ async fn write_content(
     // the crash is re-decided after the replay) is not published twice.
     let stored = write_dead_letters(tx, statements, &batch.dead_letters).await?;
     if batch.dead_letters.len() == stored.len() {
-        write_outbox(tx, statements, group_id, &batch.records).await
+        write_outbox(tx, statements, group_id, &batch.records, inserted).await
     } else {
         let records: Vec<OutRecord> = batch
             .records
@@ -423,7 +457,7 @@ async fn write_content(
             .filter(|r| r.topic != OutTopic::DeadLetter || stored.contains(&r.event_id))
             .cloned()
             .collect();
-        write_outbox(tx, statements, group_id, &records).await
+        write_outbox(tx, statements, group_id, &records, inserted).await
     }
 }
 
@@ -493,7 +527,21 @@ async fn write_isolating<'b>(
         let part = sub_batch(batch, &items[lo..hi]);
         savepoint(tx, "SAVEPOINT hmis_item").await?;
         let written = match Plan::new(&part) {
-            Ok(plan) => write_content(tx, statements, group_id, &part, &plan, ready_since).await,
+            // What it inserted is not kept: the publisher reads the outbox after an
+            // isolated flush.
+            Ok(plan) => {
+                let inserted = &mut Vec::new();
+                write_content(
+                    tx,
+                    statements,
+                    group_id,
+                    &part,
+                    &plan,
+                    ready_since,
+                    inserted,
+                )
+                .await
+            }
             Err(e) => Err(e),
         };
         match written {
@@ -527,7 +575,17 @@ async fn write_isolating<'b>(
                 };
                 savepoint(tx, "SAVEPOINT hmis_item").await?;
                 let plan = Plan::new(&lone)?;
-                match write_content(tx, statements, group_id, &lone, &plan, ready_since).await {
+                let inserted = &mut Vec::new();
+                let written = write_content(
+                    tx,
+                    statements,
+                    group_id,
+                    &lone,
+                    &plan,
+                    ready_since,
+                    inserted,
+                );
+                match written.await {
                     Ok(_) => savepoint(tx, "RELEASE SAVEPOINT hmis_item").await?,
                     Err(e2) if e2.is_content_error() => {
                         // Cannot happen by construction (base64 text, bounded detail); if
@@ -1512,12 +1570,14 @@ impl<'a> TaskColumns<'a> {
     }
 }
 
-/// Inserts the records whose ids were not published before; returns how many were not.
+/// Inserts the records whose ids were not published before, adding them to `inserted`;
+/// returns how many were not.
 async fn write_outbox(
     tx: &Transaction<'_>,
     st: &Statements,
     group_id: &str,
     records: &[OutRecord],
+    inserted: &mut Vec<OutboxRow>,
 ) -> Result<u64, SinkError> {
     let mut skipped = 0u64;
     // Chunks run in order and each keeps its order (WITH ORDINALITY ... ORDER BY), so seq
@@ -1538,14 +1598,19 @@ async fn write_outbox(
         let event_id: Vec<&str> = chunk.iter().map(|r| r.event_id.as_str()).collect();
         let event_type: Vec<&str> = chunk.iter().map(|r| r.event_type.as_str()).collect();
         let payload: Vec<&str> = chunk.iter().map(|r| r.payload.as_str()).collect();
-        let inserted = tx
-            .execute(
+        let rows = tx
+            .query(
                 &st.insert_outbox,
                 &[&group_id, &topic, &key, &event_id, &event_type, &payload],
             )
             .await
             .map_err(SinkError::pg("insert hmis_outbox"))?;
-        skipped += (chunk.len() as u64).saturating_sub(inserted);
+        skipped += (chunk.len() as u64).saturating_sub(rows.len() as u64);
+        inserted.extend(rows.iter().map(|row| OutboxRow {
+            seq: row.get(0),
+            topic: row.get(1),
+            event_id: row.get(2),
+        }));
     }
     Ok(skipped)
 }
@@ -1889,7 +1954,8 @@ impl Statements {
                  FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
                       WITH ORDINALITY AS u(topic, key, event_id, event_type, payload, ord)
                  ORDER BY u.ord
-                 ON CONFLICT (group_id, topic, event_id) DO NOTHING"
+                 ON CONFLICT (group_id, topic, event_id) DO NOTHING
+                 RETURNING seq, topic, event_id"
                     .into(),
                 "insert hmis_outbox",
             )

@@ -373,6 +373,84 @@ async fn outbox_round_trip_mock_cluster() {
     round_trip(Broker::Mock(MockKafka::start())).await;
 }
 
+/// Publishing a flush from memory (`publish_inserted`) publishes exactly what it inserted;
+/// and when rows of an earlier flush wait unseen (its commit succeeded, but the sink never
+/// learnt what it inserted, as when a commit's answer is lost and the flush retried), it
+/// reads the outbox instead, so they are published too, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_is_published_from_memory_and_rows_waiting_unseen_are_not_skipped() {
+    let broker = Broker::Mock(MockKafka::start());
+    let db = TestDb::new().await;
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let names = TopicNames {
+        derived: format!("derived-{suffix}"),
+        alerts: format!("alerts-{suffix}"),
+        dead_letter: format!("dead-letter-{suffix}"),
+    };
+    let layout = [
+        (names.derived.as_str(), 4),
+        (names.alerts.as_str(), 1),
+        (names.dead_letter.as_str(), 1),
+    ];
+    let specs: Vec<TopicSpec> = layout.iter().map(|(n, p)| TopicSpec::new(*n, *p)).collect();
+    broker.create(&specs).await;
+    let brokers = broker.bootstrap();
+
+    let mut sink = db.claimed_sink("pub").await;
+    let mut config = PublisherConfig::new(&brokers, "pub");
+    config.topics = names.clone();
+    config.epoch = sink.epoch();
+    config.timeout = Duration::from_secs(20);
+    let mut publisher = Publisher::recover(config).await.unwrap();
+    let mut pg = db.client().await;
+
+    // A flush published from memory: 40 records, one of them repeated from before.
+    let mut first = batch(T0);
+    first.records = records("a", 40);
+    sink.apply("pub", &first).await.unwrap();
+    let inserted = sink
+        .take_outbox_inserted()
+        .expect("known after a plain apply");
+    assert_eq!(inserted.len(), 40);
+    assert!(sink.take_outbox_inserted().is_none(), "taken once");
+    let n = publisher
+        .publish_inserted(&mut pg, &first.records, Some(inserted))
+        .await
+        .unwrap();
+    assert_eq!(n, 40);
+    assert_eq!(outbox_len(&pg).await, 0);
+
+    // A flush whose inserted rows the publisher never hears of, then one it does.
+    let mut unseen = batch(T0 + 1);
+    unseen.records = records("b", 30);
+    sink.apply("pub", &unseen).await.unwrap();
+    drop(sink.take_outbox_inserted());
+    let mut next = batch(T0 + 2);
+    next.records = records("c", 20);
+    next.records.push(first.records[0].clone());
+    sink.apply("pub", &next).await.unwrap();
+    let inserted = sink.take_outbox_inserted().unwrap();
+    assert_eq!(inserted.len(), 20, "the repeat is not inserted again");
+    let n = publisher
+        .publish_inserted(&mut pg, &next.records, Some(inserted))
+        .await
+        .unwrap();
+    assert_eq!(n, 50, "the unseen flush's rows too");
+    assert_eq!(outbox_len(&pg).await, 0);
+
+    let topics: Vec<(String, i32)> = layout.iter().map(|(n, p)| (n.to_string(), *p)).collect();
+    let seen = tokio::task::spawn_blocking(move || {
+        let topics: Vec<(&str, i32)> = topics.iter().map(|(n, p)| (n.as_str(), *p)).collect();
+        read_all(&brokers, &topics)
+    })
+    .await
+    .unwrap();
+    let ids: HashSet<&str> = seen.iter().map(|s| s.event_id.as_str()).collect();
+    assert_eq!(seen.len(), 90, "each record once");
+    assert_eq!(ids.len(), 90);
+    db.drop().await;
+}
+
 /// Our partition choice equals librdkafka's own Java-compatible `murmur2` partitioner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_choice_matches_librdkafka_murmur2() {
