@@ -264,7 +264,7 @@ fn the_pipeline_role_runs_it_and_the_logs_hold_no_patient_data() {
         assert!(count(&cfg, sql) > 0, "no {what}");
     }
     assert_eq!(
-        count(&cfg, "SELECT count(*) FROM hmis_outbox_pending"),
+        count(&cfg, "SELECT count(*) FROM hmis_outbox"),
         0,
         "all published"
     );

@@ -15,7 +15,7 @@
 //!
 //!  hmis_outbox ──► Publisher::publish_pending (outbox.rs) ──► workflow-derived-events
 //!     (seq order)     explicit partition, header                system-alerts
-//!                     hmis-outbox-seq, then published_seq       workflow-dead-letter
+//!                     hmis-outbox-seq, then DELETE              workflow-dead-letter
 //! ```
 //!
 //! Input offsets are committed with the effects they caused, so after a crash the pipeline

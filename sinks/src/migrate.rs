@@ -73,11 +73,6 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0007_outbox_keys",
         sql: include_str!("../../migrations/0007_outbox_keys.sql"),
     },
-    Migration {
-        version: 8,
-        name: "0008_outbox_ledger",
-        sql: include_str!("../../migrations/0008_outbox_ledger.sql"),
-    },
 ];
 
 /// Advisory lock key serializing migrations across all instances on one database
@@ -102,12 +97,6 @@ CREATE TABLE IF NOT EXISTS hmis_schema_migrations (
 /// one, [`SinkError::UnknownMigration`] when the database is newer than this build, and
 /// [`SinkError::Postgres`] when a statement fails; nothing is applied in any of these cases.
 pub async fn migrate(client: &mut Client) -> Result<Vec<String>, SinkError> {
-    migrate_through(client, i32::MAX).await
-}
-
-/// [`migrate`], applying only the migrations up to `version`: a schema as an older build
-/// left it (e.g. to test what a migration does to existing data).
-pub async fn migrate_through(client: &mut Client, version: i32) -> Result<Vec<String>, SinkError> {
     let tx = client
         .transaction()
         .await
@@ -171,7 +160,7 @@ pub async fn migrate_through(client: &mut Client, version: i32) -> Result<Vec<St
     }
 
     let mut done = Vec::new();
-    for migration in MIGRATIONS.iter().filter(|m| m.version <= version) {
+    for migration in MIGRATIONS {
         let checksum: String = tx
             .query_one(
                 "SELECT encode(sha256(convert_to(replace($1, E'\\r', ''), 'UTF8')), 'hex')",

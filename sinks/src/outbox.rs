@@ -6,34 +6,31 @@
 //!   │ seq │ topic/key│ ... │ ────────────────────────► │ ... [hmis-outbox-seq=41] │
 //!   └─────┴──────────┴─────┘   header hmis-outbox-seq  └──────────────────────────┘
 //!        ▲                     await every delivery,        │ on start: last message
-//!        └─ published_seq ◄─── then advance it in the ──────┘ of ours per partition
-//!           (progress row)     same transaction               = published position
+//!        └──── DELETE seqs ◄── then delete in the same ─────┘ of ours per partition
+//!                              transaction                    = published position
 //! ```
 //!
 //! # The guarantee
 //!
 //! Each outbox row reaches its topic once, in `seq` order per partition, hence in the order
 //! the rules produced the events of each key (all events of a workflow instance share the
-//! key workflowInstanceId and so one partition). Published rows stay in the outbox as the
-//! ledger of published ids (migration 0008) until the sink prunes them by age; what is
-//! published is `hmis_pipeline_progress.published_seq`, below which every row of the group
-//! is in Kafka.
+//! key workflowInstanceId and so one partition).
 //!
 //! Why it holds:
 //! - **One writer per group.** `PgSink::claim` gives every instance a new epoch;
-//!   [`Publisher::publish_pending`] reads rows and advances `published_seq` in a
-//!   transaction that holds the group's progress row `FOR NO KEY UPDATE` and fails with
-//!   [`SinkError::Fenced`] once the epoch is not [`PublisherConfig::epoch`] any more. A new
-//!   owner's claim waits for a running publish to finish, so two publishers never overlap.
+//!   [`Publisher::publish_pending`] reads and deletes rows in a transaction that holds
+//!   the group's progress row `FOR SHARE` and fails with [`SinkError::Fenced`] once the
+//!   epoch is not [`PublisherConfig::epoch`] any more. A new owner's claim waits for a
+//!   running publish to finish, so two publishers never overlap.
 //! - **seq order is production order.** Rows are produced in `seq` order to partitions
 //!   chosen up front, with an idempotent producer (`enable.idempotence`, `acks=all`) and
 //!   `enable.gapless.guarantee`, so a partition holds a gap-free prefix of our records for
 //!   it, and its last record of ours carries the highest seq published there.
-//! - **Crash between produce and commit.** `published_seq` stays where it was. On start
-//!   (and after any publish error) [`Publisher::recover`] reads, for every partition of
-//!   every output topic, the last message carrying our group's `hmis-outbox-group` header
-//!   and takes its `hmis-outbox-seq` as the partition's published position; rows at or
-//!   below it are passed over without producing them again.
+//! - **Crash between produce and delete.** The rows stay in the outbox. On start (and
+//!   after any publish error) [`Publisher::recover`] reads, for every partition of every
+//!   output topic, the last message carrying our group's `hmis-outbox-group` header and
+//!   takes its `hmis-outbox-seq` as the partition's published position; rows at or below
+//!   it are deleted without producing them again.
 //!
 //! Assumptions: the partition count of an output topic does not change while rows are in
 //! the outbox (keys would move); and a produce request whose outcome was never reported
@@ -128,7 +125,7 @@ pub struct PublisherConfig {
     /// [`SinkError::Fenced`] once another instance claimed the group. `None` skips the
     /// check (only for tools that run alone).
     pub epoch: Option<i64>,
-    /// Outbox rows read, produced and marked published per transaction. Default 5000.
+    /// Outbox rows read, produced and deleted per transaction. Default 5000.
     pub batch_size: usize,
     /// The operator's librdkafka options (TLS, SASL, e.g. `compression.type`), for the
     /// producer and the recovery consumer alike. The settings the guarantee rests on
@@ -168,11 +165,13 @@ pub struct Publisher {
     positions: HashMap<(String, i32), i64>,
     /// Positions may be behind Kafka (an error or a cancelled publish): re-read them first.
     stale: bool,
-    /// Every row of the group at or below this seq is published (as far as this publisher
-    /// knows; `hmis_pipeline_progress.published_seq` is the durable copy): the next read
-    /// starts after it. Seqs of one group commit in increasing order (one fenced writer,
-    /// one transaction at a time), so nothing can appear below it later.
-    published_through: i64,
+    /// Every row of the group at or below this seq is deleted: the next read starts after
+    /// it. Without it each read walked the index from the group's first entry over every
+    /// row deleted since the last vacuum (a queue's dead tuples): in a catch-up that read
+    /// was 40 % of PostgreSQL's time (docs/engine.md, session 12). Seqs of one group commit
+    /// in increasing order (one fenced writer, one transaction at a time), so nothing can
+    /// appear below it later; it goes back to 0 whenever the positions are re-read.
+    deleted_through: i64,
 }
 
 impl Publisher {
@@ -186,7 +185,7 @@ impl Publisher {
             partitions: HashMap::new(),
             positions: HashMap::new(),
             stale: true,
-            published_through: 0,
+            deleted_through: 0,
         };
         publisher.refresh().await?;
         Ok(publisher)
@@ -198,10 +197,10 @@ impl Publisher {
     }
 
     /// Publishes every outbox row of the group, in seq order, batch by batch: produce,
-    /// await all deliveries, advance `published_seq`. Rows already in Kafka are passed over
-    /// without producing. Returns how many records were produced.
+    /// await all deliveries, delete. Rows already in Kafka are deleted without producing.
+    /// Returns how many records were produced.
     ///
-    /// After an error nothing is lost: the rows not marked published stay so, and the next call
+    /// After an error nothing is lost: the rows not yet deleted stay, and the next call
     /// first re-reads the published positions (recreating the producer if it failed).
     pub async fn publish_pending(&mut self, client: &mut Client) -> Result<usize, SinkError> {
         let mut produced = 0;
@@ -241,10 +240,10 @@ impl Publisher {
         let pending: Option<Vec<Pending>> = inserted
             .iter()
             .map(|row| {
-                let r = by_id.get(&(row.topic.as_str(), row.event_id.as_str()))?;
+                let r = by_id.get(&(row.topic, row.event_id.as_str()))?;
                 Some(Pending {
                     seq: row.seq,
-                    topic: &row.topic,
+                    topic: row.topic,
                     key: r.key.as_deref(),
                     event_id: &r.event_id,
                     payload: &r.payload,
@@ -268,8 +267,7 @@ impl Publisher {
         let others: bool = tx
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM hmis_outbox
-                                WHERE group_id = $1 AND seq > $2 AND seq < $3
-                                  AND payload IS NOT NULL)",
+                                WHERE group_id = $1 AND seq > $2 AND seq < $3)",
                 &[&group_id, &after, &first],
             )
             .await
@@ -285,8 +283,8 @@ impl Publisher {
         self.publish_in(tx, &pending).await
     }
 
-    /// One transaction: fence check, read a batch, produce it, mark it published. Returns
-    /// (records produced, rows handled).
+    /// One transaction: fence check, read a batch, produce it, delete it. Returns (records
+    /// produced, rows handled).
     async fn publish_batch(&mut self, client: &mut Client) -> Result<(usize, usize), SinkError> {
         let group_id = self.config.group_id.clone();
         let tx = client
@@ -298,8 +296,7 @@ impl Publisher {
         let rows = tx
             .query(
                 "SELECT seq, topic, key, event_id, payload FROM hmis_outbox
-                 WHERE group_id = $1 AND seq > $2 AND payload IS NOT NULL
-                 ORDER BY seq LIMIT $3",
+                 WHERE group_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
                 &[&group_id, &after, &limit],
             )
             .await
@@ -308,7 +305,7 @@ impl Publisher {
             tx.commit()
                 .await
                 .map_err(SinkError::pg("end outbox publish"))?;
-            self.published_through = after;
+            self.deleted_through = after;
             return Ok((0, 0));
         }
         let records: Vec<Pending> = rows
@@ -325,64 +322,61 @@ impl Publisher {
         Ok((produced, records.len()))
     }
 
-    /// Locks the group's progress row until the transaction ends (a new owner's claim
-    /// waits for this publish), checks the epoch, and returns the seq publishing continues
-    /// after.
+    /// Holds the group's progress row `FOR SHARE` until the transaction ends (a new
+    /// owner's claim waits for this publish), checks the epoch, and returns the seq reading
+    /// continues after.
     async fn lock_progress(&self, tx: &Transaction<'_>) -> Result<i64, SinkError> {
         let group_id = &self.config.group_id;
-        let progress = tx
-            .query_opt(
-                "SELECT epoch, published_seq FROM hmis_pipeline_progress
-                 WHERE group_id = $1 FOR NO KEY UPDATE",
-                &[group_id],
-            )
-            .await
-            .map_err(SinkError::pg(format!("check epoch of group {group_id}")))?;
-        let current: Option<i64> = progress.as_ref().map(|row| row.get(0));
-        match (self.config.epoch, current) {
-            (Some(ours), current) if current != Some(ours) => {
+        if let Some(ours) = self.config.epoch {
+            let current: Option<i64> = tx
+                .query_opt(
+                    "SELECT epoch FROM hmis_pipeline_progress WHERE group_id = $1 FOR SHARE",
+                    &[group_id],
+                )
+                .await
+                .map_err(SinkError::pg(format!("check epoch of group {group_id}")))?
+                .map(|row| row.get(0));
+            if current != Some(ours) {
                 return Err(SinkError::Fenced {
                     group_id: group_id.clone(),
                     ours,
                     current,
-                })
+                });
             }
-            (None, None) => {
-                return Err(SinkError::NotClaimed {
-                    group_id: group_id.clone(),
-                })
-            }
-            _ => {}
         }
-        let published: i64 = progress.map_or(0, |row| row.get(1));
-        Ok(self.published_through.max(published))
+        Ok(self.deleted_through)
     }
 
-    /// Produces `records` (ascending seqs, above the published one) in the transaction
-    /// that locked the progress row, marks them published and commits. Returns how many
-    /// were produced (those already in Kafka are not).
+    /// Produces `records` (ascending seqs, above `deleted_through`) in the transaction that
+    /// holds the progress row, deletes their rows and commits. Returns how many were
+    /// produced (those already in Kafka are not).
     async fn publish_in(
         &mut self,
         tx: Transaction<'_>,
         records: &[Pending<'_>],
     ) -> Result<usize, SinkError> {
-        // Until the deliveries are confirmed and the batch marked published, the positions
-        // may be behind: a cancelled or failed call leaves them marked stale.
+        // Until the deliveries are confirmed and the rows deleted, the positions may be
+        // behind: a cancelled or failed call leaves them marked stale.
         self.stale = true;
         let produced = self.produce(records).await?;
         let group_id = &self.config.group_id;
-        let high = records[records.len() - 1].seq;
+        let seqs: Vec<i64> = records.iter().map(|r| r.seq).collect();
+        // The rows are ascending, from just above `deleted_through`: bounding the range
+        // keeps the delete a short index range scan instead of a search of the group's
+        // whole (dead-tuple laden) key range for each seq.
+        let (low, high) = (seqs[0], seqs[seqs.len() - 1]);
         tx.execute(
-            "UPDATE hmis_pipeline_progress SET published_seq = $2 WHERE group_id = $1",
-            &[group_id, &high],
+            "DELETE FROM hmis_outbox
+             WHERE group_id = $1 AND seq >= $2 AND seq <= $3 AND seq = ANY($4)",
+            &[group_id, &low, &high, &seqs],
         )
         .await
-        .map_err(SinkError::pg("mark hmis_outbox rows published"))?;
+        .map_err(SinkError::pg("delete published hmis_outbox rows"))?;
         tx.commit()
             .await
             .map_err(SinkError::pg("commit outbox publish"))?;
         self.stale = false;
-        self.published_through = high;
+        self.deleted_through = high;
         debug!(
             group_id,
             produced,
@@ -517,6 +511,7 @@ impl Publisher {
         );
         self.partitions = partitions;
         self.positions = positions;
+        self.deleted_through = 0;
         self.stale = false;
         Ok(())
     }

@@ -9,10 +9,8 @@
 //!                                          task_readiness, orders, order_transitions,
 //!                                          compensation_actions, sla_breaches, alerts)
 //!   3 INSERT INTO dead_letters             one per input record, duplicates ignored
-//!   4 INSERT INTO hmis_outbox              batch order -> seq order; an id already there
-//!                                          (published or not: the outbox is the ledger)
-//!                                          is ignored; a dead letter only if step 3
-//!                                          stored it
+//!   4 INSERT INTO hmis_outbox              batch order -> seq order, duplicates ignored;
+//!                                          a dead letter only if step 3 stored it
 //!   5 upsert hmis_input_offsets            where consumption resumes
 //!     UPDATE hmis_pipeline_progress        the completed frontier
 //!  COMMIT
@@ -94,13 +92,12 @@ pub struct PgSink {
     claimed: Option<(String, i64)>,
     statements: Option<Statements>,
     /// Derived events and alerts not put in the outbox because their id was published
-    /// before (their id is in `hmis_outbox`): derived again, e.g. after a restart.
+    /// before (`hmis_published_events`): derived again, e.g. after a restart.
     pub republish_suppressed: u64,
     /// Items of flushes PostgreSQL refused for their content, dead-lettered instead
     /// (`hmis_sink_items_dead_lettered_total`).
     pub quarantined: u64,
-    /// How long published outbox rows, the ledger of published ids, are kept (default 7
-    /// days, the input retention).
+    /// How long published ids are remembered (default 7 days, the input retention).
     pub ledger_retention: std::time::Duration,
     last_prune: Option<std::time::Instant>,
     /// The outbox rows the last [`PgSink::apply`] inserted, when it knows them all (see
@@ -112,7 +109,7 @@ pub struct PgSink {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutboxRow {
     pub seq: i64,
-    pub topic: String,
+    pub topic: &'static str,
     pub event_id: String,
 }
 
@@ -354,7 +351,7 @@ impl PgSink {
         }
 
         self.inserted = None;
-        let mut inserted = Vec::new();
+        let mut inserted = Some(Vec::new());
         let (suppressed, quarantined, plans) = match isolate {
             Isolate::No => {
                 let plan = Plan::new(batch)?;
@@ -399,7 +396,7 @@ impl PgSink {
             .await
             .map_err(SinkError::pg(format!("commit flush of group {group_id}")))?;
         if isolate == Isolate::No {
-            self.inserted = Some(inserted);
+            self.inserted = inserted;
         }
         if suppressed > 0 {
             debug!(
@@ -441,7 +438,7 @@ async fn write_content(
     batch: &FlushBatch,
     plan: &Plan<'_>,
     ready_since: DateTime<Utc>,
-    inserted: &mut Vec<OutboxRow>,
+    inserted: &mut Option<Vec<OutboxRow>>,
 ) -> Result<u64, SinkError> {
     plan.write_rows(tx, statements, ready_since).await?;
     // A dead letter is published only when it is stored for the first time: an input
@@ -530,7 +527,7 @@ async fn write_isolating<'b>(
             // What it inserted is not kept: the publisher reads the outbox after an
             // isolated flush.
             Ok(plan) => {
-                let inserted = &mut Vec::new();
+                let inserted = &mut None;
                 write_content(
                     tx,
                     statements,
@@ -575,7 +572,7 @@ async fn write_isolating<'b>(
                 };
                 savepoint(tx, "SAVEPOINT hmis_item").await?;
                 let plan = Plan::new(&lone)?;
-                let inserted = &mut Vec::new();
+                let inserted = &mut None;
                 let written = write_content(
                     tx,
                     statements,
@@ -719,9 +716,9 @@ fn table_of(row: &Row) -> &'static str {
 }
 
 impl PgSink {
-    /// Forgets published ids (outbox rows) older than [`PgSink::ledger_retention`], at
-    /// most every 10 minutes, outside the flush transaction. Best effort: a failure is
-    /// logged and retried at the next chance.
+    /// Forgets published ids older than [`PgSink::ledger_retention`], at most every 10
+    /// minutes, outside the flush transaction. Best effort: a failure is logged and retried
+    /// at the next chance.
     async fn prune_ledger(&mut self, group_id: &str) {
         if self
             .last_prune
@@ -731,23 +728,19 @@ impl PgSink {
         }
         self.last_prune = Some(std::time::Instant::now());
         let secs = self.ledger_retention.as_secs_f64();
-        // Only rows already published (or ledger entries without a record): one still
-        // waiting for the publisher is never lost to its age.
         let r = self
             .client
             .execute(
-                "DELETE FROM hmis_outbox
-                 WHERE group_id = $1 AND created_at < now() - make_interval(secs => $2)
-                   AND (payload IS NULL OR seq <= (SELECT published_seq FROM hmis_pipeline_progress
-                                                   WHERE group_id = $1))",
+                "DELETE FROM hmis_published_events
+                 WHERE group_id = $1 AND first_at < now() - make_interval(secs => $2)",
                 &[&group_id, &secs],
             )
             .await;
         match r {
-            Ok(n) if n > 0 => debug!(group_id, pruned = n, "published outbox rows pruned"),
+            Ok(n) if n > 0 => debug!(group_id, pruned = n, "published-id ledger pruned"),
             Ok(_) => {}
             Err(e) => {
-                warn!(group_id, error = %crate::redact::postgres(&e), "pruning hmis_outbox failed")
+                warn!(group_id, error = %crate::redact::postgres(&e), "pruning hmis_published_events failed")
             }
         }
     }
@@ -1570,23 +1563,23 @@ impl<'a> TaskColumns<'a> {
     }
 }
 
-/// Inserts the records whose ids were not published before, adding them to `inserted`;
+/// Inserts the records whose ids were not published before, adding them to `inserted`
+/// (which becomes `None` when a chunk had some that were: then which ones is not known);
 /// returns how many were not.
 async fn write_outbox(
     tx: &Transaction<'_>,
     st: &Statements,
     group_id: &str,
     records: &[OutRecord],
-    inserted: &mut Vec<OutboxRow>,
+    inserted: &mut Option<Vec<OutboxRow>>,
 ) -> Result<u64, SinkError> {
     let mut skipped = 0u64;
     // Chunks run in order and each keeps its order (WITH ORDINALITY ... ORDER BY), so seq
     // follows the batch's production order.
     for all in records.chunks(CHUNK) {
         // A record repeated within one statement is written once (its first occurrence):
-        // ON CONFLICT DO NOTHING keeps the first of two rows one statement inserts with the
-        // same key, but dropping the repeat here keeps that independent of the plan.
-        // Across statements the outbox's ids decide (migration 0008).
+        // the ledger's ON CONFLICT keeps one id, but the outbox has no key of its own to
+        // drop the repeat (migration 0007). Across statements the ledger decides.
         let mut seen = HashSet::with_capacity(all.len());
         let chunk: Vec<&OutRecord> = all
             .iter()
@@ -1606,11 +1599,20 @@ async fn write_outbox(
             .await
             .map_err(SinkError::pg("insert hmis_outbox"))?;
         skipped += (chunk.len() as u64).saturating_sub(rows.len() as u64);
-        inserted.extend(rows.iter().map(|row| OutboxRow {
-            seq: row.get(0),
-            topic: row.get(1),
-            event_id: row.get(2),
-        }));
+        // All inserted (the common case): their seqs, ascending, are the chunk's order.
+        // Returning only the seqs keeps the statement's answer to 8 bytes a row.
+        match inserted {
+            Some(list) if rows.len() == chunk.len() => {
+                let mut seqs: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
+                seqs.sort_unstable();
+                list.extend(seqs.into_iter().zip(&chunk).map(|(seq, r)| OutboxRow {
+                    seq,
+                    topic: outbox_topic(r.topic),
+                    event_id: r.event_id.clone(),
+                }));
+            }
+            _ => *inserted = None,
+        }
     }
     Ok(skipped)
 }
@@ -1946,16 +1948,23 @@ impl Statements {
             )
             .await?,
             insert_outbox: prepare(
-                // The outbox is the ledger of published ids too (migration 0008): a record
-                // whose id is there already, published or not, is not inserted again. Dead
-                // letters reach here only when `write_dead_letters` stored them.
-                "INSERT INTO hmis_outbox (group_id, topic, key, event_id, event_type, payload)
+                // Derived events and alerts enter the outbox only with a first entry in the
+                // ledger; dead letters are published once by `write_dead_letters`.
+                "WITH u AS (
+                     SELECT * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+                          WITH ORDINALITY AS u(topic, key, event_id, event_type, payload, ord)),
+                 first AS (
+                     INSERT INTO hmis_published_events (group_id, topic, event_id)
+                     SELECT $1, u.topic, u.event_id FROM u WHERE u.topic <> 'dead_letter'
+                     ON CONFLICT DO NOTHING
+                     RETURNING topic, event_id)
+                 INSERT INTO hmis_outbox (group_id, topic, key, event_id, event_type, payload)
                  SELECT $1, u.topic, u.key, u.event_id, u.event_type, u.payload
-                 FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
-                      WITH ORDINALITY AS u(topic, key, event_id, event_type, payload, ord)
+                 FROM u
+                 WHERE u.topic = 'dead_letter'
+                    OR EXISTS (SELECT 1 FROM first f WHERE f.topic = u.topic AND f.event_id = u.event_id)
                  ORDER BY u.ord
-                 ON CONFLICT (group_id, topic, event_id) DO NOTHING
-                 RETURNING seq, topic, event_id"
+                 RETURNING seq"
                     .into(),
                 "insert hmis_outbox",
             )

@@ -200,17 +200,15 @@ fn records(prefix: &str, count: usize) -> Vec<hmis_dataflows::output::OutRecord>
         .collect()
 }
 
-/// Outbox rows not published yet.
 async fn outbox_len(client: &tokio_postgres::Client) -> i64 {
     client
-        .query_one("SELECT count(*) FROM hmis_outbox_pending", &[])
+        .query_one("SELECT count(*) FROM hmis_outbox", &[])
         .await
         .unwrap()
         .get(0)
 }
 
-/// Publish, crash before marking the rows published commits, publish again: every record
-/// exactly once.
+/// Publish, crash before the delete commits, publish again: every record exactly once.
 async fn round_trip(broker: Broker) {
     let db = TestDb::new().await;
     let suffix = uuid::Uuid::new_v4().simple().to_string();
@@ -234,17 +232,11 @@ async fn round_trip(broker: Broker) {
     sink.apply("pub", &first).await.unwrap();
 
     let mut pg = db.client().await;
-    // Where publishing stood before: restored below to simulate a crash after producing but
-    // before marking the rows published committed.
-    let published_before: i64 = pg
-        .query_one(
-            "SELECT published_seq FROM hmis_pipeline_progress WHERE group_id = 'pub'",
-            &[],
-        )
+    // What the outbox held before publishing: restored below to simulate a crash after
+    // producing but before the delete committed.
+    pg.batch_execute("CREATE TABLE outbox_before AS SELECT * FROM hmis_outbox")
         .await
-        .unwrap()
-        .get(0);
-    assert_eq!(outbox_len(&pg).await, 300);
+        .unwrap();
 
     let mut config = PublisherConfig::new(&brokers, "pub");
     config.topics = names.clone();
@@ -259,14 +251,10 @@ async fn round_trip(broker: Broker) {
     assert_eq!(publisher.publish_pending(&mut pg).await.unwrap(), 0);
     drop(publisher);
 
-    // The crash: every published row is unpublished again; new rows arrive after it.
-    pg.execute(
-        "UPDATE hmis_pipeline_progress SET published_seq = $1 WHERE group_id = 'pub'",
-        &[&published_before],
-    )
-    .await
-    .unwrap();
-    assert_eq!(outbox_len(&pg).await, 300);
+    // The crash: every published row is back; new rows arrive after it.
+    pg.batch_execute("INSERT INTO hmis_outbox SELECT * FROM outbox_before")
+        .await
+        .unwrap();
     let mut second = batch(T0 + 1);
     second.records = records("two", 50);
     sink.apply("pub", &second).await.unwrap();
@@ -404,7 +392,7 @@ async fn a_flush_is_published_from_memory_and_rows_waiting_unseen_are_not_skippe
     let mut publisher = Publisher::recover(config).await.unwrap();
     let mut pg = db.client().await;
 
-    // A flush published from memory: 40 records, one of them repeated from before.
+    // A flush published from memory.
     let mut first = batch(T0);
     first.records = records("a", 40);
     sink.apply("pub", &first).await.unwrap();
@@ -427,15 +415,29 @@ async fn a_flush_is_published_from_memory_and_rows_waiting_unseen_are_not_skippe
     drop(sink.take_outbox_inserted());
     let mut next = batch(T0 + 2);
     next.records = records("c", 20);
-    next.records.push(first.records[0].clone());
     sink.apply("pub", &next).await.unwrap();
     let inserted = sink.take_outbox_inserted().unwrap();
-    assert_eq!(inserted.len(), 20, "the repeat is not inserted again");
+    assert_eq!(inserted.len(), 20);
     let n = publisher
         .publish_inserted(&mut pg, &next.records, Some(inserted))
         .await
         .unwrap();
     assert_eq!(n, 50, "the unseen flush's rows too");
+    assert_eq!(outbox_len(&pg).await, 0);
+
+    // A flush with a record published before: which rows it inserted is not known, and the
+    // outbox is read instead.
+    let mut again = batch(T0 + 3);
+    again.records = records("d", 5);
+    again.records.push(first.records[0].clone());
+    sink.apply("pub", &again).await.unwrap();
+    let inserted = sink.take_outbox_inserted();
+    assert!(inserted.is_none(), "the repeat was not inserted again");
+    let n = publisher
+        .publish_inserted(&mut pg, &again.records, inserted)
+        .await
+        .unwrap();
+    assert_eq!(n, 5);
     assert_eq!(outbox_len(&pg).await, 0);
 
     let topics: Vec<(String, i32)> = layout.iter().map(|(n, p)| (n.to_string(), *p)).collect();
@@ -446,8 +448,8 @@ async fn a_flush_is_published_from_memory_and_rows_waiting_unseen_are_not_skippe
     .await
     .unwrap();
     let ids: HashSet<&str> = seen.iter().map(|s| s.event_id.as_str()).collect();
-    assert_eq!(seen.len(), 90, "each record once");
-    assert_eq!(ids.len(), 90);
+    assert_eq!(seen.len(), 95, "each record once");
+    assert_eq!(ids.len(), 95);
     db.drop().await;
 }
 

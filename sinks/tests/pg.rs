@@ -30,8 +30,7 @@ async fn migrate_creates_the_schema_once() {
             "0004_system_events",
             "0005_dead_letter_encodings",
             "0006_roles",
-            "0007_outbox_keys",
-            "0008_outbox_ledger"
+            "0007_outbox_keys"
         ]
     );
     assert!(migrate(&mut client).await.unwrap().is_empty());
@@ -64,7 +63,7 @@ async fn migrate_creates_the_schema_once() {
         "hmis_input_offsets",
         "hmis_pipeline_progress",
         "hmis_outbox",
-        "hmis_outbox_pending",
+        "hmis_published_events",
         "hmis_schema_migrations",
         "report_sla_compliance",
         "report_order_turnaround",
@@ -308,9 +307,12 @@ async fn apply_upserts_deletes_and_records_progress() {
         upsert(ready("wf-2", "triage")),
         delete(ready("wf-2", "triage")),
     ];
-    // The first flush was published (the publisher advanced published_seq): its dead letter
-    // decided again, (3, 17) must not be published again; (4, 1) is new.
-    mark_published(&client, "g1").await;
+    // The dead letter of the first flush was published (its outbox row deleted): decided
+    // again, (3, 17) must not be published again; (4, 1) is new.
+    client
+        .execute("DELETE FROM hmis_outbox WHERE topic = 'dead_letter'", &[])
+        .await
+        .unwrap();
     second.records = vec![
         record(OutTopic::Derived, "e-2", Some("wf-1")),
         d1.clone(),
@@ -368,19 +370,7 @@ async fn apply_upserts_deletes_and_records_progress() {
         .collect();
     assert_eq!(
         event_ids,
-        [
-            "e-1",
-            "a-1",
-            "e-2",
-            d1.event_id.as_str(),
-            "e-3",
-            d2.event_id.as_str()
-        ]
-    );
-    assert_eq!(
-        pending_ids(&client).await,
-        ["e-3", d2.event_id.as_str()],
-        "what the second flush added is what is left to publish"
+        ["e-1", "a-1", "e-2", "e-3", d2.event_id.as_str()]
     );
 
     let dead: i64 = client
@@ -408,11 +398,14 @@ async fn apply_upserts_deletes_and_records_progress() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(outbox_len, 6);
+    assert_eq!(outbox_len, 5);
 
-    // Published (the publisher advanced published_seq), then derived again, as after a
-    // restart: ids in the outbox are not published again, a new one is.
-    mark_published(&client, "g1").await;
+    // Published (the publisher deleted the outbox rows), then derived again, as after a
+    // restart: ids in the ledger are not published again, a new one is.
+    client
+        .execute("DELETE FROM hmis_outbox", &[])
+        .await
+        .unwrap();
     let before = sink.republish_suppressed;
     let mut third = batch(T0 + 3000);
     third.records = vec![
@@ -421,43 +414,28 @@ async fn apply_upserts_deletes_and_records_progress() {
         record(OutTopic::Derived, "e-4", Some("wf-1")),
     ];
     sink.apply("g1", &third).await.unwrap();
-    assert_eq!(pending_ids(&client).await, ["e-4"]);
+    let event_ids: Vec<String> = client
+        .query("SELECT event_id FROM hmis_outbox ORDER BY seq", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(event_ids, ["e-4"]);
     assert_eq!(sink.republish_suppressed - before, 2);
     let ledger: i64 = client
         .query_one(
-            "SELECT count(*) FROM hmis_outbox WHERE group_id = 'g1' AND topic <> 'dead_letter'",
+            "SELECT count(*) FROM hmis_published_events WHERE group_id = 'g1'",
             &[],
         )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(ledger, 5, "e-1, e-2, e-3, e-4 and a-1");
+    assert_eq!(
+        ledger, 5,
+        "e-1, e-2, e-3, e-4 and a-1; dead letters are not in it"
+    );
     db.drop().await;
-}
-
-/// What the publisher does once it produced everything of a group: advance published_seq.
-async fn mark_published(client: &tokio_postgres::Client, group: &str) {
-    let n = client
-        .execute(
-            "UPDATE hmis_pipeline_progress
-             SET published_seq = (SELECT max(seq) FROM hmis_outbox WHERE group_id = $1)
-             WHERE group_id = $1",
-            &[&group],
-        )
-        .await
-        .unwrap();
-    assert_eq!(n, 1, "the group's progress row");
-}
-
-/// Ids still to be published (`hmis_outbox_pending`), in seq order.
-async fn pending_ids(client: &tokio_postgres::Client) -> Vec<String> {
-    client
-        .query("SELECT event_id FROM hmis_outbox_pending ORDER BY seq", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
 }
 
 #[tokio::test]
@@ -507,8 +485,8 @@ async fn large_batches_keep_production_order_across_chunks() {
 
 #[tokio::test]
 async fn a_record_repeated_in_a_flush_enters_the_outbox_once() {
-    // The outbox's ids (migration 0008) and the statement's own de-duplication keep one
-    // copy, within a chunk and across chunks.
+    // The outbox has no unique key of its own (migration 0007): the ledger and the
+    // statement's own de-duplication keep one copy, within a chunk and across chunks.
     let db = TestDb::new().await;
     let mut sink = db.claimed_sink("rep").await;
     let n = hmis_sinks::pg::CHUNK + 10;
@@ -1483,46 +1461,5 @@ async fn system_rows_health_audit_and_error_counts_exactly_once() {
         )],
         "appended once"
     );
-    db.drop().await;
-}
-
-/// Migration 0008 folds the ledger into the outbox: an id published before the upgrade is
-/// still not published again, and a record the old build left unpublished still is.
-#[tokio::test]
-async fn the_upgrade_to_one_outbox_keeps_published_ids_and_pending_records() {
-    let db = TestDb::new().await;
-    let mut client = db.client().await;
-    let before = hmis_sinks::migrate::migrate_through(&mut client, 7)
-        .await
-        .unwrap();
-    assert_eq!(before.last().map(String::as_str), Some("0007_outbox_keys"));
-    // What the old build left: e-1 published (in the ledger, its outbox row deleted), e-2
-    // derived and not yet published (in both).
-    client
-        .batch_execute(
-            "INSERT INTO hmis_pipeline_progress (group_id, frontier_ms, epoch) VALUES ('g1', 1, 1);
-             INSERT INTO hmis_published_events (group_id, topic, event_id)
-                 VALUES ('g1', 'derived', 'e-1'), ('g1', 'derived', 'e-2');
-             INSERT INTO hmis_outbox (group_id, topic, key, event_id, event_type, payload)
-                 VALUES ('g1', 'derived', 'wf-1', 'e-2', 'TASK_READY', '{}');",
-        )
-        .await
-        .unwrap();
-    let mut sink = hmis_sinks::PgSink::from_client(client);
-    assert_eq!(sink.migrate().await.unwrap(), ["0008_outbox_ledger"]);
-    sink.claim("g1", "test").await.unwrap();
-
-    let client = db.client().await;
-    assert_eq!(pending_ids(&client).await, ["e-2"]);
-    let mut again = batch(T0);
-    again.records = vec![
-        record(OutTopic::Derived, "e-1", Some("wf-1")),
-        record(OutTopic::Derived, "e-2", Some("wf-1")),
-        record(OutTopic::Derived, "e-3", Some("wf-1")),
-    ];
-    let suppressed = sink.republish_suppressed;
-    sink.apply("g1", &again).await.unwrap();
-    assert_eq!(sink.republish_suppressed - suppressed, 2);
-    assert_eq!(pending_ids(&client).await, ["e-2", "e-3"]);
     db.drop().await;
 }

@@ -318,20 +318,14 @@ async fn the_pipeline_role_flushes_and_cannot_touch_the_audit_log() {
     let progress = sink.load_progress("g1").await.unwrap();
     assert_eq!(progress.frontier_ms, Some(T0 + 4_000));
 
-    // What the outbox publisher runs as this role (outbox.rs), and the ledger's pruning
-    // (pg.rs).
+    // What the outbox publisher runs as this role (outbox.rs), and the ledger's pruning.
     let c = sink.client();
     c.batch_execute(
         "BEGIN;
-         SELECT epoch, published_seq FROM hmis_pipeline_progress WHERE group_id = 'g1'
-             FOR NO KEY UPDATE;
-         SELECT seq, topic, key, event_id, payload FROM hmis_outbox
-             WHERE group_id = 'g1' AND seq > 0 AND payload IS NOT NULL ORDER BY seq LIMIT 10;
-         UPDATE hmis_pipeline_progress SET published_seq = 2 WHERE group_id = 'g1';
-         DELETE FROM hmis_outbox
-             WHERE group_id = 'g1' AND created_at < now() - make_interval(secs => 604800)
-               AND (payload IS NULL OR seq <= (SELECT published_seq FROM hmis_pipeline_progress
-                                               WHERE group_id = 'g1'));
+         SELECT epoch FROM hmis_pipeline_progress WHERE group_id = 'g1' FOR SHARE;
+         SELECT seq, topic, key, event_id, payload FROM hmis_outbox WHERE group_id = 'g1';
+         DELETE FROM hmis_outbox WHERE group_id = 'g1' AND seq = ANY(ARRAY[1, 2]::int8[]);
+         DELETE FROM hmis_published_events WHERE group_id = 'g1' AND first_at < now() - interval '7 days';
          COMMIT",
     )
     .await
@@ -451,6 +445,7 @@ async fn the_pipeline_role_has_exactly_the_privileges_the_sink_needs() {
         ("dead_letters", append),
         ("audit_log", "INSERT"),
         ("hmis_outbox", "SELECT INSERT DELETE"),
+        ("hmis_published_events", "SELECT INSERT DELETE"),
         ("hmis_schema_migrations", "SELECT"),
     ]
     .into_iter()

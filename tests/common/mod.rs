@@ -369,7 +369,7 @@ pub fn progress(cfg: &Config) -> Option<Progress> {
             .await
             .ok()?
             .get(0);
-        let outbox: i64 = c.query_one("SELECT count(*) FROM hmis_outbox_pending WHERE group_id = $1", &[&group]).await.ok()?.get(0);
+        let outbox: i64 = c.query_one("SELECT count(*) FROM hmis_outbox WHERE group_id = $1", &[&group]).await.ok()?.get(0);
         Some(Progress {
             frontier: p.as_ref().and_then(|r| r.get(0)),
             epoch: p.as_ref().map(|r| r.get(1)).unwrap_or(0),

@@ -4,9 +4,18 @@
 //!  generate --workflows N ─► input topics (preloaded once, own topic prefix)
 //!  per repetition, alternating, same run:
 //!    raw consume: one plain rdkafka consumer reads every input partition to its end (no decode)
-//!    for each binary: fresh schema ─► migrate ─► run --until-caught-up --workers W --clock C
-//!                     (wall time of the process, its user+sys CPU and peak RSS from wait4)
+//!    for each binary (in turn first and last, repetition by repetition):
+//!        fresh output topics, CHECKPOINT ─► fresh schema ─► migrate
+//!        ─► run --until-caught-up --workers W --clock C
+//!           (wall time of the process, its user+sys CPU and peak RSS from wait4)
 //! ```
+//!
+//! Each binary starts from the same state: output topics deleted and created again (the
+//! previous run's millions of derived events would otherwise make the broker larger and
+//! the publisher's recovery scan longer for whoever runs second), and PostgreSQL
+//! checkpointed (the previous run's dirty pages are not left for the next one to write).
+//! At 5.3M records a binary running second was measured ~10 % slower than itself running
+//! first (docs/engine.md, session 16).
 //!
 //! The figure is records per second of each binary divided by the raw consume rate measured
 //! in the same repetition. With two binaries (e.g. a baseline build and the current one) both
@@ -23,7 +32,7 @@ use serde_json::{json, Value};
 
 use hmis_bench::{
     children_usage, delete_topics, machine_info, private_topics, schema_url, si, topics_toml,
-    vm_hwm, write_result, LoadMonitor, Services, INPUTS,
+    vm_hwm, write_result, LoadMonitor, Services, INPUTS, OUTPUTS,
 };
 
 #[derive(Parser, Debug)]
@@ -185,7 +194,26 @@ fn main() -> anyhow::Result<()> {
         let raw_rate = n as f64 / secs;
         eprintln!("rep {rep}: raw consume {} records/s", si(raw_rate));
         let mut runs = Vec::new();
-        for (i, b) in args.binaries.iter().enumerate() {
+        let mut order: Vec<usize> = (0..args.binaries.len()).collect();
+        if rep % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let b = &args.binaries[i];
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let outputs: Vec<String> = OUTPUTS
+                .iter()
+                .map(|(_, n)| format!("{prefix}.{n}"))
+                .collect();
+            rt.block_on(delete_topics(brokers, &outputs))?;
+            wait_until_gone(brokers, &outputs)?;
+            ok(
+                hf(b).args(["topics", "create", "--brokers", brokers]),
+                "topics create",
+            )?;
+            ok(&mut postgres_cmd(db, "checkpoint"), "checkpoint")?;
             let schema = format!("{prefix}_{rep}_{i}");
             let mut admin = postgres_cmd(db, &format!("create schema {schema}"));
             ok(&mut admin, "create schema")?;
@@ -211,6 +239,7 @@ fn main() -> anyhow::Result<()> {
             );
             runs.push(json!({
                 "binary": b.display().to_string(),
+                "position_in_repetition": runs.len(),
                 "run_flags": args.run_flags.get(i),
                 "wall_s": wall,
                 "cpu_s": cpu,
@@ -246,6 +275,30 @@ fn main() -> anyhow::Result<()> {
     }
     eprintln!("wrote {}", path.display());
     Ok(())
+}
+
+/// Waits until the broker's metadata lists none of `topics` (deletion completes
+/// asynchronously; creating them again before would find them still there).
+fn wait_until_gone(brokers: &str, topics: &[String]) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metadata = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+        if !metadata
+            .topics()
+            .iter()
+            .any(|t| topics.iter().any(|n| n == t.name()))
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "output topics not deleted in 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// `psql -c sql` against `db` (the schemas keep each run's tables apart).
