@@ -394,7 +394,7 @@ impl Publisher {
         let group = self.config.group_id.as_bytes();
 
         for record in records {
-            let Some(topic) = self.config.topics.resolve(&record.topic) else {
+            let Some(topic) = self.config.topics.resolve(record.topic) else {
                 first_error = Some(SinkError::Topic {
                     topic: record.topic.to_string(),
                     detail: format!("outbox seq {} names no output topic", record.seq),
@@ -408,7 +408,7 @@ impl Publisher {
                 });
                 break;
             };
-            let placement = record.key.as_deref().unwrap_or(&record.event_id);
+            let placement = record.key.unwrap_or(record.event_id);
             let partition = partition_for(placement.as_bytes(), count);
             let position = self.positions.get(&(topic.to_string(), partition));
             if position.is_some_and(|&published| record.seq <= published) {
@@ -431,7 +431,7 @@ impl Publisher {
                 });
             let mut message = FutureRecord::<str, str>::to(topic)
                 .partition(partition)
-                .payload(&record.payload)
+                .payload(record.payload)
                 .headers(headers);
             if let Some(key) = &record.key {
                 message = message.key(key);
