@@ -14,7 +14,7 @@
 //! previous run's millions of derived events would otherwise make the broker larger and
 //! the publisher's recovery scan longer for whoever runs second), and PostgreSQL
 //! checkpointed (the previous run's dirty pages are not left for the next one to write).
-//! At 5.3M records a binary running second was measured ~10 % slower than itself running
+//! At 5.3M records a binary running second was measured 6-8 % slower than itself running
 //! first (docs/engine.md, session 16).
 //!
 //! The figure is records per second of each binary divided by the raw consume rate measured
