@@ -138,6 +138,19 @@ pub enum SinkError {
 }
 
 impl SinkError {
+    /// [`SinkError::Fenced`] unless `current`, the epoch in the group's progress row, is
+    /// `ours`: the check every sink and publish transaction makes after locking that row.
+    pub fn check_epoch(group_id: &str, ours: i64, current: Option<i64>) -> Result<(), SinkError> {
+        if current == Some(ours) {
+            return Ok(());
+        }
+        Err(SinkError::Fenced {
+            group_id: group_id.to_string(),
+            ours,
+            current,
+        })
+    }
+
     /// Whether retrying the same operation later can succeed: the one place errors are
     /// classified.
     ///

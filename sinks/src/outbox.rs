@@ -217,7 +217,7 @@ impl Publisher {
     }
 
     /// Publishes what the last flush inserted into the outbox (`inserted`, from
-    /// [`crate::PgSink::take_outbox_inserted`]; the records are `records`, the flush's),
+    /// [`crate::PgSink::take_outbox_inserted`], indexing `records`, that flush's records),
     /// producing them from memory instead of reading them back. Falls back to
     /// [`Publisher::publish_pending`] whenever that would not publish every pending row:
     /// the positions are stale, the inserted rows are unknown, or rows of the group other
@@ -233,17 +233,13 @@ impl Publisher {
             return self.publish_pending(client).await;
         };
         inserted.sort_unstable_by_key(|r| r.seq);
-        let by_id: HashMap<(&str, &str), &OutRecord> = records
-            .iter()
-            .map(|r| ((outbox_topic(r.topic), r.event_id.as_str()), r))
-            .collect();
         let pending: Option<Vec<Pending>> = inserted
             .iter()
             .map(|row| {
-                let r = by_id.get(&(row.topic, row.event_id.as_str()))?;
+                let r = records.get(row.index)?;
                 Some(Pending {
                     seq: row.seq,
-                    topic: row.topic,
+                    topic: outbox_topic(r.topic),
                     key: r.key.as_deref(),
                     event_id: &r.event_id,
                     payload: &r.payload,
@@ -256,11 +252,7 @@ impl Publisher {
         };
 
         let group_id = self.config.group_id.clone();
-        let tx = client
-            .transaction()
-            .await
-            .map_err(SinkError::pg("begin outbox publish"))?;
-        let after = self.lock_progress(&tx).await?;
+        let (tx, after) = self.begin(client).await?;
         // Nothing else may wait below these rows (above them nothing can exist yet: one
         // writer, and its next flush comes after this call).
         let first = pending[0].seq;
@@ -287,11 +279,7 @@ impl Publisher {
     /// produced, rows handled).
     async fn publish_batch(&mut self, client: &mut Client) -> Result<(usize, usize), SinkError> {
         let group_id = self.config.group_id.clone();
-        let tx = client
-            .transaction()
-            .await
-            .map_err(SinkError::pg("begin outbox publish"))?;
-        let after = self.lock_progress(&tx).await?;
+        let (tx, after) = self.begin(client).await?;
         let limit = i64::try_from(self.config.batch_size).unwrap_or(i64::MAX);
         let rows = tx
             .query(
@@ -322,10 +310,14 @@ impl Publisher {
         Ok((produced, records.len()))
     }
 
-    /// Holds the group's progress row `FOR SHARE` until the transaction ends (a new
-    /// owner's claim waits for this publish), checks the epoch, and returns the seq reading
-    /// continues after.
-    async fn lock_progress(&self, tx: &Transaction<'_>) -> Result<i64, SinkError> {
+    /// Begins a publish transaction that holds the group's progress row `FOR SHARE` until
+    /// it ends (a new owner's claim waits for this publish), checks the epoch, and returns
+    /// it with the seq reading continues after.
+    async fn begin<'c>(&self, client: &'c mut Client) -> Result<(Transaction<'c>, i64), SinkError> {
+        let tx = client
+            .transaction()
+            .await
+            .map_err(SinkError::pg("begin outbox publish"))?;
         let group_id = &self.config.group_id;
         if let Some(ours) = self.config.epoch {
             let current: Option<i64> = tx
@@ -336,15 +328,9 @@ impl Publisher {
                 .await
                 .map_err(SinkError::pg(format!("check epoch of group {group_id}")))?
                 .map(|row| row.get(0));
-            if current != Some(ours) {
-                return Err(SinkError::Fenced {
-                    group_id: group_id.clone(),
-                    ours,
-                    current,
-                });
-            }
+            SinkError::check_epoch(group_id, ours, current)?;
         }
-        Ok(self.deleted_through)
+        Ok((tx, self.deleted_through))
     }
 
     /// Produces `records` (ascending seqs, above `deleted_through`) in the transaction that

@@ -105,12 +105,12 @@ pub struct PgSink {
     inserted: Option<Vec<OutboxRow>>,
 }
 
-/// An outbox row a flush inserted: its seq, logical topic ([`outbox_topic`]) and event id.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// An outbox row a flush inserted: its seq and the index of its record in the applied
+/// batch's `records`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OutboxRow {
     pub seq: i64,
-    pub topic: &'static str,
-    pub event_id: String,
+    pub index: usize,
 }
 
 impl PgSink {
@@ -155,10 +155,11 @@ impl PgSink {
         &mut self.client
     }
 
-    /// The outbox rows the last successful [`PgSink::apply`] inserted, once: what
-    /// [`crate::Publisher::publish_inserted`] produces from memory. `None` when they are not
-    /// known (no apply since the last call, an apply that failed, or one that wrote item by
-    /// item): the publisher then reads the outbox.
+    /// The outbox rows the last successful [`PgSink::apply`] inserted, once, indexing that
+    /// batch's `records`: what [`crate::Publisher::publish_inserted`] produces from memory.
+    /// `None` when they are not known (no apply since the last call, an apply that failed or
+    /// wrote item by item, a record not inserted because it was published before): the
+    /// publisher then reads the outbox.
     pub fn take_outbox_inserted(&mut self) -> Option<Vec<OutboxRow>> {
         self.inserted.take()
     }
@@ -342,13 +343,7 @@ impl PgSink {
             .await
             .map_err(SinkError::pg(format!("lock progress of group {group_id}")))?
             .map(|row| row.get(0));
-        if current != Some(ours) {
-            return Err(SinkError::Fenced {
-                group_id: group_id.to_string(),
-                ours,
-                current,
-            });
-        }
+        SinkError::check_epoch(group_id, ours, current)?;
 
         self.inserted = None;
         let mut inserted = Some(Vec::new());
@@ -448,6 +443,8 @@ async fn write_content(
     if batch.dead_letters.len() == stored.len() {
         write_outbox(tx, statements, group_id, &batch.records, inserted).await
     } else {
+        // Indices into a filtered copy would not be the batch's: the outbox is read.
+        *inserted = None;
         let records: Vec<OutRecord> = batch
             .records
             .iter()
@@ -1563,9 +1560,9 @@ impl<'a> TaskColumns<'a> {
     }
 }
 
-/// Inserts the records whose ids were not published before, adding them to `inserted`
-/// (which becomes `None` when a chunk had some that were: then which ones is not known);
-/// returns how many were not.
+/// Inserts the records whose ids were not published before, adding them (seq, index in
+/// `records`) to `inserted`, which becomes `None` when not every record was inserted (then
+/// which ones were is not known); returns how many were not.
 async fn write_outbox(
     tx: &Transaction<'_>,
     st: &Statements,
@@ -1576,7 +1573,7 @@ async fn write_outbox(
     let mut skipped = 0u64;
     // Chunks run in order and each keeps its order (WITH ORDINALITY ... ORDER BY), so seq
     // follows the batch's production order.
-    for all in records.chunks(CHUNK) {
+    for (c, all) in records.chunks(CHUNK).enumerate() {
         // A record repeated within one statement is written once (its first occurrence):
         // the ledger's ON CONFLICT keeps one id, but the outbox has no key of its own to
         // drop the repeat (migration 0007). Across statements the ledger decides.
@@ -1599,16 +1596,16 @@ async fn write_outbox(
             .await
             .map_err(SinkError::pg("insert hmis_outbox"))?;
         skipped += (chunk.len() as u64).saturating_sub(rows.len() as u64);
-        // All inserted (the common case): their seqs, ascending, are the chunk's order.
-        // Returning only the seqs keeps the statement's answer to 8 bytes a row.
+        // All of the chunk inserted (the common case: the gather drops repeats already):
+        // their seqs, ascending, follow the chunk's order. Returning only the seqs keeps the
+        // statement's answer to 8 bytes a row.
         match inserted {
-            Some(list) if rows.len() == chunk.len() => {
+            Some(list) if rows.len() == all.len() => {
                 let mut seqs: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
                 seqs.sort_unstable();
-                list.extend(seqs.into_iter().zip(&chunk).map(|(seq, r)| OutboxRow {
+                list.extend(seqs.into_iter().enumerate().map(|(i, seq)| OutboxRow {
                     seq,
-                    topic: outbox_topic(r.topic),
-                    event_id: r.event_id.clone(),
+                    index: c * CHUNK + i,
                 }));
             }
             _ => *inserted = None,

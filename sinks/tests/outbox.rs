@@ -208,22 +208,29 @@ async fn outbox_len(client: &tokio_postgres::Client) -> i64 {
         .get(0)
 }
 
-/// Publish, crash before the delete commits, publish again: every record exactly once.
-async fn round_trip(broker: Broker) {
-    let db = TestDb::new().await;
+/// Output topics with names of their own, created with `partitions` (derived, alerts, dead
+/// letter); returns the names and each topic's (name, partition count).
+async fn output_topics(broker: &Broker, partitions: [i32; 3]) -> (TopicNames, Vec<(String, i32)>) {
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     let names = TopicNames {
         derived: format!("derived-{suffix}"),
         alerts: format!("alerts-{suffix}"),
         dead_letter: format!("dead-letter-{suffix}"),
     };
-    let layout = [
-        (names.derived.as_str(), 6),
-        (names.alerts.as_str(), 3),
-        (names.dead_letter.as_str(), 2),
-    ];
-    let specs: Vec<TopicSpec> = layout.iter().map(|(n, p)| TopicSpec::new(*n, *p)).collect();
+    let layout: Vec<(String, i32)> = [&names.derived, &names.alerts, &names.dead_letter]
+        .into_iter()
+        .cloned()
+        .zip(partitions)
+        .collect();
+    let specs: Vec<TopicSpec> = layout.iter().map(|(n, p)| TopicSpec::new(n, *p)).collect();
     broker.create(&specs).await;
+    (names, layout)
+}
+
+/// Publish, crash before the delete commits, publish again: every record exactly once.
+async fn round_trip(broker: Broker) {
+    let db = TestDb::new().await;
+    let (names, layout) = output_topics(&broker, [6, 3, 2]).await;
     let brokers = broker.bootstrap();
 
     let mut sink = db.claimed_sink("pub").await;
@@ -297,8 +304,7 @@ async fn round_trip(broker: Broker) {
     assert_eq!(outbox_len(&pg).await, 0);
 
     let brokers_for_read = brokers.clone();
-    let layout_owned: Vec<(String, i32)> =
-        layout.iter().map(|(n, p)| (n.to_string(), *p)).collect();
+    let layout_owned = layout.clone();
     let seen = tokio::task::spawn_blocking(move || {
         let topics: Vec<(&str, i32)> = layout_owned.iter().map(|(n, p)| (n.as_str(), *p)).collect();
         read_all(&brokers_for_read, &topics)
@@ -312,7 +318,7 @@ async fn round_trip(broker: Broker) {
     assert_eq!(ids.len(), 350);
 
     // Java-compatible placement, and per key the production (seq) order.
-    let counts: HashMap<&str, i32> = layout.iter().copied().collect();
+    let counts: HashMap<&str, i32> = layout.iter().map(|(n, p)| (n.as_str(), *p)).collect();
     let mut per_key: BTreeMap<(String, String), Vec<i64>> = BTreeMap::new();
     for s in &seen {
         let placement = s.key.clone().unwrap_or_else(|| s.event_id.clone());
@@ -369,19 +375,7 @@ async fn outbox_round_trip_mock_cluster() {
 async fn a_flush_is_published_from_memory_and_rows_waiting_unseen_are_not_skipped() {
     let broker = Broker::Mock(MockKafka::start());
     let db = TestDb::new().await;
-    let suffix = uuid::Uuid::new_v4().simple().to_string();
-    let names = TopicNames {
-        derived: format!("derived-{suffix}"),
-        alerts: format!("alerts-{suffix}"),
-        dead_letter: format!("dead-letter-{suffix}"),
-    };
-    let layout = [
-        (names.derived.as_str(), 4),
-        (names.alerts.as_str(), 1),
-        (names.dead_letter.as_str(), 1),
-    ];
-    let specs: Vec<TopicSpec> = layout.iter().map(|(n, p)| TopicSpec::new(*n, *p)).collect();
-    broker.create(&specs).await;
+    let (names, layout) = output_topics(&broker, [4, 1, 1]).await;
     let brokers = broker.bootstrap();
 
     let mut sink = db.claimed_sink("pub").await;
@@ -440,7 +434,7 @@ async fn a_flush_is_published_from_memory_and_rows_waiting_unseen_are_not_skippe
     assert_eq!(n, 5);
     assert_eq!(outbox_len(&pg).await, 0);
 
-    let topics: Vec<(String, i32)> = layout.iter().map(|(n, p)| (n.to_string(), *p)).collect();
+    let topics = layout.clone();
     let seen = tokio::task::spawn_blocking(move || {
         let topics: Vec<(&str, i32)> = topics.iter().map(|(n, p)| (n.as_str(), *p)).collect();
         read_all(&brokers, &topics)

@@ -186,6 +186,13 @@ fn main() -> anyhow::Result<()> {
         .map(|(_, n)| format!("{prefix}.{n}"))
         .collect();
 
+    let outputs: Vec<String> = OUTPUTS
+        .iter()
+        .map(|(_, n)| format!("{prefix}.{n}"))
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let load = LoadMonitor::start();
     let mut reps = Vec::new();
     for rep in 0..args.repeat {
@@ -200,13 +207,6 @@ fn main() -> anyhow::Result<()> {
         }
         for i in order {
             let b = &args.binaries[i];
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let outputs: Vec<String> = OUTPUTS
-                .iter()
-                .map(|(_, n)| format!("{prefix}.{n}"))
-                .collect();
             rt.block_on(delete_topics(brokers, &outputs))?;
             wait_until_gone(brokers, &outputs)?;
             ok(
@@ -267,9 +267,6 @@ fn main() -> anyhow::Result<()> {
     });
     let path = write_result("catchup", args.tag.as_deref(), args.out.as_ref(), &result)?;
     if !args.keep {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
         rt.block_on(delete_topics(brokers, &private_topics(&prefix)))?;
         let _ = std::fs::remove_file(&cfg);
     }
