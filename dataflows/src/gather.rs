@@ -21,7 +21,9 @@
 //! Times below `suppress_before` are dropped: on restart the source replays history at one
 //! time below the committed frontier to rebuild state, and its effects were already durable.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::sync::Arc;
 
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
@@ -32,20 +34,27 @@ use timely::progress::frontier::AntichainRef;
 use differential_dataflow::VecCollection;
 
 use crate::engine::keyed::{hold, Updates};
-use crate::output::{FlushBatch, Millis, OffsetMark, Owner};
+use crate::model::Str;
+use crate::output::{DeadLetter, FlushBatch, Millis, OffsetMark, OutRecord, Owner, Row};
 use crate::Emit;
+
+type Fast = foldhash::fast::RandomState;
 
 /// Accumulates the changes of completed times into a batch. Public so tests and the
 /// reference comparison can collapse captured output exactly as the sink would.
+///
+/// Hash maps, not ordered ones: a change costs one hash and one comparison instead of a
+/// path of string comparisons, and the rows are sorted by key once, when taken (the batch's
+/// order is the one a `BTreeMap` gave). All keep their capacity across flushes.
 #[derive(Default)]
 pub struct Collapser {
-    rows: BTreeMap<
-        (u8, crate::model::Str, crate::model::Str),
-        Option<std::sync::Arc<crate::output::Row>>,
-    >,
-    records: Vec<crate::output::OutRecord>,
-    seen: HashSet<(crate::output::OutTopic, String)>,
-    dead: Vec<crate::output::DeadLetter>,
+    rows: HashMap<(u8, Str, Str), Option<Arc<Row>>, Fast>,
+    records: Vec<OutRecord>,
+    /// The (topic, eventId) of `records`, as indices into it: a record whose pair is there
+    /// is a duplicate.
+    seen: hashbrown::HashTable<usize>,
+    hasher: Fast,
+    dead: Vec<DeadLetter>,
     offsets: BTreeMap<(String, i32), i64>,
 }
 
@@ -63,7 +72,7 @@ impl Collapser {
 
     /// Adds one change of a time whose retired owners are `retired`. The changes of a time
     /// must come retractions first (see [`Collapser::add_time`]).
-    fn add(&mut self, e: Emit, r: isize, retired: &HashSet<Owner>) {
+    fn add(&mut self, e: Emit, r: isize, retired: &HashSet<Owner, Fast>) {
         match e {
             Emit::Row(row) => {
                 if r < 0 && !retired.is_empty() && row.owner().is_some_and(|o| retired.contains(&o))
@@ -82,25 +91,18 @@ impl Collapser {
                     self.rows.insert(key, Some(row));
                 } else if r < 0 {
                     // Only delete when the current value is the one retracted.
-                    let current = match self.rows.get(&key) {
-                        None | Some(None) => true,
-                        Some(Some(cur)) => **cur == *row,
-                    };
-                    if current {
-                        self.rows.insert(key, None);
+                    match self.rows.get_mut(&key) {
+                        Some(Some(cur)) if **cur != *row => {}
+                        Some(slot) => *slot = None,
+                        None => {
+                            self.rows.insert(key, None);
+                        }
                     }
                 }
             }
-            Emit::Record(_, rec)
-                if r > 0 && self.seen.insert((rec.topic, rec.event_id.clone())) =>
-            {
-                self.records.push(*rec);
-            }
+            Emit::Record(_, rec) if r > 0 => self.push_record(*rec),
             Emit::Dead(d) if r > 0 => {
-                let rec = d.to_record();
-                if self.seen.insert((rec.topic, rec.event_id.clone())) {
-                    self.records.push(rec);
-                }
+                self.push_record(d.to_record());
                 self.dead.push(*d);
             }
             Emit::Offset(m) if r > 0 => {
@@ -114,11 +116,29 @@ impl Collapser {
         }
     }
 
+    /// Keeps `rec` unless a record of its topic and eventId was kept before.
+    fn push_record(&mut self, rec: OutRecord) {
+        let Collapser {
+            records,
+            seen,
+            hasher,
+            ..
+        } = self;
+        let hash = |r: &OutRecord| hasher.hash_one((r.topic, r.event_id.as_str()));
+        let h = hash(&rec);
+        let same =
+            |i: &usize| records[*i].topic == rec.topic && records[*i].event_id == rec.event_id;
+        if seen.find(h, same).is_none() {
+            seen.insert_unique(h, records.len(), |i| hash(&records[*i]));
+            records.push(rec);
+        }
+    }
+
     /// Adds the changes of completed times, sorted by [`gather_order`] (times ascending,
     /// each as [`Collapser::add_time`] orders it).
     fn add_sorted(&mut self, updates: &mut Vec<(Emit, u64, isize)>) {
         // The times' extents and retired owners first (borrowed), then the changes in order.
-        let groups: Vec<(usize, HashSet<Owner>)> = updates
+        let groups: Vec<(usize, HashSet<Owner, Fast>)> = updates
             .chunk_by(|a, b| a.1 == b.1)
             .map(|time| (time.len(), retired_in(time.iter().map(|(e, _, r)| (e, *r)))))
             .collect();
@@ -139,10 +159,12 @@ impl Collapser {
 
     /// Takes the batch accumulated so far.
     pub fn take(&mut self, frontier: Millis) -> FlushBatch {
-        let rows = std::mem::take(&mut self.rows)
-            .into_iter()
-            .map(|(k, v)| (k, v.map(std::sync::Arc::unwrap_or_clone)))
+        let mut rows: Vec<_> = self
+            .rows
+            .drain()
+            .map(|(k, v)| (k, v.map(Arc::unwrap_or_clone)))
             .collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         self.seen.clear();
         FlushBatch {
             frontier,
@@ -162,7 +184,7 @@ impl Collapser {
 }
 
 /// The owners retired among one time's changes.
-fn retired_in<'a>(updates: impl Iterator<Item = (&'a Emit, isize)>) -> HashSet<Owner> {
+fn retired_in<'a>(updates: impl Iterator<Item = (&'a Emit, isize)>) -> HashSet<Owner, Fast> {
     updates
         .filter_map(|(e, r)| match e {
             Emit::Retired(o) if r > 0 => Some(o.clone()),
@@ -359,6 +381,24 @@ mod tests {
     fn an_update_stays_small() {
         let size = std::mem::size_of::<(Emit, u64, isize)>();
         assert!(size <= 64, "(Emit, u64, isize) is {size} bytes");
+    }
+
+    #[test]
+    fn rows_have_the_same_key_exactly_when_their_keys_are_equal() {
+        let rows = [
+            samples::readiness(1, 1, 1),
+            samples::readiness(1, 1, 2),
+            samples::readiness(1, 2, 1),
+            samples::readiness(2, 1, 1),
+            samples::alert(1, 1, 1),
+            samples::alert(1, 2, 2),
+            samples::alert(2, 1, 1),
+        ];
+        for a in &rows {
+            for b in &rows {
+                assert_eq!(a.same_key(b), a.key() == b.key(), "{a:?} {b:?}");
+            }
+        }
     }
 
     #[test]

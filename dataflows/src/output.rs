@@ -259,6 +259,31 @@ impl Row {
             Row::ErrorReport(e) => (10, e.event_id.as_str().into(), none()),
         }
     }
+
+    /// Whether `self` and `other` have the same [`Row::key`], without building either key
+    /// (a key clones its ids: an atomic increment on each id's text, per comparison).
+    pub fn same_key(&self, other: &Row) -> bool {
+        match (self, other) {
+            (Row::Workflow(a), Row::Workflow(b)) => {
+                a.workflow_instance_id == b.workflow_instance_id
+            }
+            (Row::Task(a), Row::Task(b)) => a.task_instance_id == b.task_instance_id,
+            (Row::Readiness(a), Row::Readiness(b)) => {
+                a.workflow_instance_id == b.workflow_instance_id && a.task_def_id == b.task_def_id
+            }
+            (Row::Order(a), Row::Order(b)) => a.order_id == b.order_id,
+            (Row::OrderTransition(a), Row::OrderTransition(b)) => a.event_id == b.event_id,
+            (Row::Compensation(a), Row::Compensation(b)) => a.action_id == b.action_id,
+            (Row::SlaBreach(a), Row::SlaBreach(b)) => {
+                a.task_instance_id == b.task_instance_id && a.attempt == b.attempt
+            }
+            (Row::Alert(a), Row::Alert(b)) => a.alert_id == b.alert_id,
+            (Row::ComponentHealth(a), Row::ComponentHealth(b)) => a.component == b.component,
+            (Row::Audit(a), Row::Audit(b)) => a.event_id == b.event_id,
+            (Row::ErrorReport(a), Row::ErrorReport(b)) => a.event_id == b.event_id,
+            _ => false,
+        }
+    }
 }
 
 /// The state a row belongs to: when that state is retired (its inputs retracted to bound

@@ -73,6 +73,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0007_outbox_keys",
         sql: include_str!("../../migrations/0007_outbox_keys.sql"),
     },
+    Migration {
+        version: 8,
+        name: "0008_ledger_key_order",
+        sql: include_str!("../../migrations/0008_ledger_key_order.sql"),
+    },
 ];
 
 /// Advisory lock key serializing migrations across all instances on one database

@@ -30,7 +30,8 @@ async fn migrate_creates_the_schema_once() {
             "0004_system_events",
             "0005_dead_letter_encodings",
             "0006_roles",
-            "0007_outbox_keys"
+            "0007_outbox_keys",
+            "0008_ledger_key_order"
         ]
     );
     assert!(migrate(&mut client).await.unwrap().is_empty());
@@ -1460,6 +1461,64 @@ async fn system_rows_health_audit_and_error_counts_exactly_once() {
             3
         )],
         "appended once"
+    );
+    db.drop().await;
+}
+
+/// Migration 0008 reordered the ledger's key (event_id first); what it makes unique is the
+/// same triple: an id once per group and topic, and the pruning still finds a group's old ids.
+#[tokio::test]
+async fn the_ledger_holds_an_id_once_per_group_and_topic() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    migrate(&mut client).await.unwrap();
+    let insert = "INSERT INTO hmis_published_events (group_id, topic, event_id) VALUES ($1, $2, $3)
+                  ON CONFLICT DO NOTHING";
+    for (group, topic, id, stored) in [
+        ("g1", "derived", "e-1", 1),
+        ("g1", "derived", "e-1", 0),
+        ("g2", "derived", "e-1", 1),
+        ("g1", "alerts", "e-1", 1),
+        ("g1", "derived", "e-2", 1),
+    ] {
+        let n = client
+            .execute(insert, &[&group, &topic, &id])
+            .await
+            .unwrap();
+        assert_eq!(n, stored, "{group} {topic} {id}");
+    }
+    client
+        .execute(
+            "UPDATE hmis_published_events SET first_at = now() - interval '8 days'
+             WHERE event_id = 'e-1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let pruned = client
+        .execute(
+            "DELETE FROM hmis_published_events WHERE group_id = 'g1' AND first_at < now() - interval '7 days'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(pruned, 2, "g1's e-1 on both topics");
+    let left: Vec<(String, String)> = client
+        .query(
+            "SELECT group_id, event_id FROM hmis_published_events ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        left,
+        [
+            ("g1".to_string(), "e-2".to_string()),
+            ("g2".into(), "e-1".into())
+        ]
     );
     db.drop().await;
 }

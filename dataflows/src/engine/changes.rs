@@ -61,7 +61,7 @@ impl RowChanges {
             return;
         }
         if let Some(h) = self.held.take() {
-            if h.is_fact() || h.key() != row.key() {
+            if h.is_fact() || !h.same_key(&row) {
                 f(h, -1);
             }
         }
