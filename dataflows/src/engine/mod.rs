@@ -27,6 +27,7 @@ pub(crate) mod changes;
 pub mod keyed;
 pub(crate) mod life;
 pub mod order_op;
+pub(crate) mod vec_map;
 pub mod workflow_op;
 
 use std::sync::Arc;

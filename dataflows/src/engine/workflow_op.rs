@@ -38,6 +38,7 @@ use crate::derived::{Derived, DerivedType};
 use crate::engine::changes::{diff_sorted, supersede, RowChanges};
 use crate::engine::keyed::{Ctx, KeyedLogic};
 use crate::engine::life::{self, check_instant, Closure, Log, Tomb};
+use crate::engine::vec_map::VecMap;
 use crate::events::{DefinitionRecord, TaskEvent, Template, WorkflowEvent};
 use crate::lifecycle::{
     grace_end_of, hash_str, late_detail, unknown_detail, LifecycleRules, Tracked, WfInput,
@@ -69,9 +70,7 @@ struct Entry {
     /// Workflow events, each with the end of its grace.
     events: Vec<(Arc<WorkflowEvent>, u64)>,
     /// Task events by task, each with the end of its grace, and the task's folded state.
-    /// Boxed: a `BTreeMap` leaf holds room for 11 values, so a small workflow would pay for
-    /// 11 inline slots.
-    tasks: BTreeMap<Str, Box<TaskSlot>>,
+    tasks: VecMap<Str, TaskSlot>,
     /// The folded workflow events, kept until they change (`None`: refold).
     wf_state: Option<Arc<WfState>>,
     /// Whether the workflow was known (started, its template present), by instant.
@@ -82,20 +81,43 @@ struct Entry {
     orders: BTreeMap<OrderFact, isize>,
     /// The template version its WORKFLOW_STARTED names (indexed in `pinned`).
     pin: Option<TemplateKey>,
-    /// The previous evaluation's rows and events (sorted, distinct).
-    prev: Vec<WfOut>,
+    /// The previous evaluation's rows (sorted, distinct).
+    prev_rows: Vec<Arc<Row>>,
+    /// The previous evaluation's derived events, as fingerprints ([`Fingerprints`]; sorted,
+    /// distinct): an event is output when it appears, so only its identity is needed
+    /// afterwards, and a `Derived` is ~440 bytes where its fingerprint is 16.
+    prev_events: Vec<u128>,
+    /// The timer rules' emit-once state; `None` while empty (most workflows, most of the
+    /// time: ~170 bytes saved per entry).
+    timed: Option<Box<Timed>>,
+    seeded: bool,
+    wf_row: Option<Arc<Row>>,
+    task_rows: VecMap<Str, Arc<Row>>,
+    /// The instants (deadline + 1) at which the last evaluation's timer candidates (SLA,
+    /// stale, re-escalation) come due: what a timer wake can change (see [`Entry::wakes_at`]).
+    time_wakes: Vec<u64>,
+}
+
+/// The emit-once state of the timer rules: the keys live now and the keys that appeared.
+#[derive(Default)]
+struct Timed {
     breaches_now: BTreeMap<(Str, u32), Arc<SlaInfo>>,
     breaches_seen: BTreeMap<(Str, u32), Arc<SlaInfo>>,
     stale_now: BTreeSet<(Str, u32, Millis)>,
     stale_seen: HashSet<(Str, u32, Millis)>,
     levels_now: BTreeMap<i32, Arc<ReEscalation>>,
     levels_seen: BTreeMap<i32, Arc<ReEscalation>>,
-    seeded: bool,
-    wf_row: Option<Arc<Row>>,
-    task_rows: BTreeMap<Str, Arc<Row>>,
-    /// The instants (deadline + 1) at which the last evaluation's timer candidates (SLA,
-    /// stale, re-escalation) come due: what a timer wake can change (see [`Entry::wakes_at`]).
-    time_wakes: Vec<u64>,
+}
+
+impl Timed {
+    fn is_empty(&self) -> bool {
+        self.breaches_now.is_empty()
+            && self.breaches_seen.is_empty()
+            && self.stale_now.is_empty()
+            && self.stale_seen.is_empty()
+            && self.levels_now.is_empty()
+            && self.levels_seen.is_empty()
+    }
 }
 
 /// One task's events and their fold, kept until the events change.
@@ -148,8 +170,30 @@ impl Entry {
     }
 }
 
+/// 128-bit fingerprints of derived events, from two hashers seeded at random per process:
+/// two events are taken for the same when their fingerprints are equal. Two different
+/// events of one workflow collide with probability ~2^-128 per pair, and the seeds are not
+/// known outside the process, so no input can be crafted to collide.
+struct Fingerprints(foldhash::fast::FixedState, foldhash::fast::FixedState);
+
+impl Fingerprints {
+    fn new() -> Fingerprints {
+        use std::hash::BuildHasher;
+        let seed = |n: u8| std::collections::hash_map::RandomState::new().hash_one(n);
+        Fingerprints(
+            foldhash::fast::FixedState::with_seed(seed(0)),
+            foldhash::fast::FixedState::with_seed(seed(1)),
+        )
+    }
+    fn of(&self, d: &Derived) -> u128 {
+        use std::hash::BuildHasher;
+        ((self.0.hash_one(d) as u128) << 64) | self.1.hash_one(d) as u128
+    }
+}
+
 /// The workflow logic of a worker.
 pub struct WorkflowLogic {
+    fingerprints: Fingerprints,
     rules: TimeRules,
     decide_from: u64,
     life: LifecycleRules,
@@ -158,12 +202,15 @@ pub struct WorkflowLogic {
     /// Which of this worker's workflows pin each template version.
     pinned: HashMap<TemplateKey, HashSet<Str>>,
     /// foldhash: this map is probed at every step (SipHash was 2 % of the workers' time).
-    workflows: HashMap<Str, Entry, foldhash::fast::RandomState>,
+    /// Entries boxed: the table keeps ~25-55 % of its slots empty, each the size of a slot,
+    /// and an `Entry` is ~500 bytes.
+    workflows: HashMap<Str, Box<Entry>, foldhash::fast::RandomState>,
 }
 
 impl WorkflowLogic {
     pub fn new(rules: TimeRules, life: LifecycleRules) -> WorkflowLogic {
         WorkflowLogic {
+            fingerprints: Fingerprints::new(),
             rules,
             decide_from: life.decide_from,
             life,
@@ -358,6 +405,7 @@ impl KeyedLogic for WorkflowLogic {
         // The key's entry in place (one hash, no move of the entry); removed at the end
         // if the key turns out idle.
         let WorkflowLogic {
+            fingerprints,
             rules,
             decide_from,
             life: life_rules,
@@ -425,7 +473,7 @@ impl KeyedLogic for WorkflowLogic {
                 }
                 WfRec::Task(x) => {
                     if d > 0 {
-                        let slot = e.tasks.entry(x.task_instance_id.clone()).or_default();
+                        let slot = e.tasks.get_or_default(&x.task_instance_id);
                         let g = grace_end_of(life_rules, x.event_time, t);
                         arrived.push(g);
                         slot.events.push((x, g));
@@ -502,9 +550,11 @@ impl KeyedLogic for WorkflowLogic {
             e.tasks.clear();
             e.wf_state = None;
             e.tomb = Some(Tomb::new(t, ids));
-            e.breaches_seen.clear();
-            e.stale_seen.clear();
-            e.levels_seen.clear();
+            if let Some(tm) = &mut e.timed {
+                tm.breaches_seen.clear();
+                tm.stale_seen.clear();
+                tm.levels_seen.clear();
+            }
             retired = true;
             cx.give(Emit::Retired(Owner::Workflow(wid.clone())), 1);
             life::count(stats, |s| &s.retired_total);
@@ -571,7 +621,8 @@ impl KeyedLogic for WorkflowLogic {
         let outs = evaluate(wid, &refs, rules);
 
         // Split: rows and events pass through; timer candidates count from deadline + 1.
-        let mut pass = Vec::new();
+        let mut rows_now: Vec<Arc<Row>> = Vec::new();
+        let mut events_now: Vec<Arc<Derived>> = Vec::new();
         let mut breaches_now = BTreeMap::new();
         let mut stale_now: BTreeMap<(Str, u32, Millis), Arc<StaleInfo>> = BTreeMap::new();
         let mut levels_now: BTreeMap<i32, Arc<ReEscalation>> = BTreeMap::new();
@@ -585,7 +636,8 @@ impl KeyedLogic for WorkflowLogic {
         };
         for o in outs {
             match o {
-                WfOut::Event(_) | WfOut::Row(_) => pass.push(o),
+                WfOut::Event(ev) => events_now.push(ev),
+                WfOut::Row(row) => rows_now.push(row),
                 WfOut::SlaLate(i) => keep_min(
                     &mut breaches_now,
                     (i.task_instance_id.clone(), i.attempt),
@@ -616,8 +668,10 @@ impl KeyedLogic for WorkflowLogic {
         }
         // Only what is diffed with the previous evaluation needs an order (the rest is keyed
         // above, by least value, which no order changes).
-        pass.sort();
-        pass.dedup();
+        events_now.sort();
+        events_now.dedup();
+        rows_now.sort();
+        rows_now.dedup();
         // One per (workflow, level), with content independent of which escalation fired it.
         let levels_now: BTreeMap<i32, Arc<ReEscalation>> = levels_now
             .into_iter()
@@ -633,56 +687,67 @@ impl KeyedLogic for WorkflowLogic {
             })
             .collect();
 
-        let mut rows = RowChanges::default();
-        diff_sorted(&e.prev, &pass, |o, d| match o {
-            WfOut::Row(row) => rows.give(row.clone(), d, |r, d| cx.give(Emit::Row(r), d)),
-            WfOut::Event(ev) if d > 0 => {
-                cx.give(Emit::record((wid.clone(), ev.rank()), ev.to_record(t)), 1)
+        // Events that appear are output (in their sorted order, as before rows); rows as
+        // their changes.
+        let mut fps: Vec<u128> = Vec::with_capacity(events_now.len());
+        for ev in &events_now {
+            let fp = fingerprints.of(ev);
+            if e.prev_events.binary_search(&fp).is_err() {
+                cx.give(Emit::record((wid.clone(), ev.rank()), ev.to_record(t)), 1);
             }
-            _ => {}
+            fps.push(fp);
+        }
+        drop(events_now);
+        fps.sort_unstable();
+        fps.dedup();
+        e.prev_events = fps;
+        let mut rows = RowChanges::default();
+        diff_sorted(&e.prev_rows, &rows_now, |row, d| {
+            rows.give(row.clone(), d, |r, d| cx.give(Emit::Row(r), d))
         });
         rows.finish(|r, d| cx.give(Emit::Row(r), d));
-        e.prev = pass;
+        e.prev_rows = rows_now;
 
+        let tm: &mut Timed = e.timed.get_or_insert_with(Box::default);
         // Emit-once keys: what was present when the clock reached `decide_from` appeared
         // before a restart; from then on, the first appearance derives the events.
         if !e.seeded && t >= *decide_from {
             e.seeded = true;
-            for (k, v) in &e.breaches_now {
-                e.breaches_seen
+            for (k, v) in &tm.breaches_now {
+                tm.breaches_seen
                     .entry(k.clone())
                     .or_insert_with(|| v.clone());
             }
-            e.stale_seen.extend(e.stale_now.iter().cloned());
-            for (k, v) in &e.levels_now {
-                e.levels_seen.entry(*k).or_insert_with(|| v.clone());
+            tm.stale_seen.extend(tm.stale_now.iter().cloned());
+            for (k, v) in &tm.levels_now {
+                tm.levels_seen.entry(*k).or_insert_with(|| v.clone());
             }
         }
         if t >= *decide_from {
             for (k, i) in &breaches_now {
-                if !e.breaches_seen.contains_key(k) {
-                    e.breaches_seen.insert(k.clone(), i.clone());
+                if !tm.breaches_seen.contains_key(k) {
+                    tm.breaches_seen.insert(k.clone(), i.clone());
                     breach(i, t, cx);
                 }
             }
             for (k, s) in &stale_now {
-                if e.stale_seen.insert(k.clone()) {
+                if tm.stale_seen.insert(k.clone()) {
                     cx.give(stale(s, t), 1);
                 }
             }
             for (l, r) in &levels_now {
-                if !e.levels_seen.contains_key(l) {
-                    e.levels_seen.insert(*l, r.clone());
+                if !tm.levels_seen.contains_key(l) {
+                    tm.levels_seen.insert(*l, r.clone());
                     cx.give(re_escalation(r, t), 1);
                 }
             }
         }
-        e.breaches_now = breaches_now;
-        e.stale_now = stale_now.into_keys().collect();
-        e.levels_now = levels_now;
+        tm.breaches_now = breaches_now;
+        tm.stale_now = stale_now.into_keys().collect();
+        tm.levels_now = levels_now;
 
         // The rows, with the escalations of the timers merged in (live or published).
-        let shown = || e.breaches_now.values().chain(e.breaches_seen.values());
+        let shown = || tm.breaches_now.values().chain(tm.breaches_seen.values());
         let wf_row = wf_base.map(|(row, reason_time)| {
             let mut row = WorkflowRow::clone(&row);
             let mut latest: Option<(Millis, &Str)> = None;
@@ -699,10 +764,10 @@ impl KeyedLogic for WorkflowLogic {
                     row.escalation_reason = Some(format!("SLA_BREACH:{def}").into());
                 }
             }
-            let level = e
+            let level = tm
                 .levels_now
                 .keys()
-                .chain(e.levels_seen.keys())
+                .chain(tm.levels_seen.keys())
                 .max()
                 .copied()
                 .unwrap_or(0);
@@ -760,6 +825,9 @@ impl KeyedLogic for WorkflowLogic {
             });
         }
         e.task_rows = task_rows;
+        if e.timed.as_ref().is_some_and(|tm| tm.is_empty()) {
+            e.timed = None;
+        }
 
         // What the tracker learns from this instant: known, closed.
         let was_known = e.known.now();
@@ -807,15 +875,11 @@ impl KeyedLogic for WorkflowLogic {
             && e.tomb.is_none()
             && e.wf_row.is_none()
             && e.task_rows.is_empty()
-            && e.prev.is_empty()
+            && e.prev_rows.is_empty()
+            && e.prev_events.is_empty()
             && e.closure.due.is_empty()
             && !e.known.now()
-            && e.breaches_seen.is_empty()
-            && e.stale_seen.is_empty()
-            && e.levels_seen.is_empty()
-            && e.breaches_now.is_empty()
-            && e.stale_now.is_empty()
-            && e.levels_now.is_empty();
+            && e.timed.is_none();
         if idle {
             workflows.remove(wid);
         }
