@@ -37,6 +37,45 @@ pub(crate) fn diff_sorted<T: Ord>(old: &[T], new: &[T], mut f: impl FnMut(&T, is
     }
 }
 
+/// An item of [`diff_sorted_by`]: only in `old`, or only in `new`.
+pub(crate) enum Change<'a, A, B> {
+    Gone(&'a A),
+    New(&'a B),
+}
+
+/// [`diff_sorted`] between slices of two types ordered alike by `cmp` (e.g. rows kept as
+/// their table's type against new rows as `Arc<Row>`).
+pub(crate) fn diff_sorted_by<A, B>(
+    old: &[A],
+    new: &[B],
+    cmp: impl Fn(&A, &B) -> std::cmp::Ordering,
+    mut f: impl FnMut(Change<'_, A, B>),
+) {
+    use std::cmp::Ordering::*;
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        let ord = match (old.get(i), new.get(j)) {
+            (Some(a), Some(b)) => cmp(a, b),
+            (Some(_), None) => Less,
+            (None, _) => Greater,
+        };
+        match ord {
+            Equal => {
+                i += 1;
+                j += 1;
+            }
+            Less => {
+                f(Change::Gone(&old[i]));
+                i += 1;
+            }
+            Greater => {
+                f(Change::New(&new[j]));
+                j += 1;
+            }
+        }
+    }
+}
+
 /// A step's row changes, with the retraction of a row replaced under the same primary key
 /// left out. At one time the gather applies retractions before insertions
 /// ([`crate::gather::Collapser`]), so `-old +new` and `+new` alone collapse to the same

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::derived::{Derived, DerivedType};
-use crate::engine::changes::{diff_sorted, supersede, RowChanges};
+use crate::engine::changes::{diff_sorted_by, Change, RowChanges};
 use crate::engine::keyed::{Ctx, KeyedLogic};
 use crate::engine::life::{self, check_instant, Closure, Log, Tomb};
 use crate::engine::vec_map::VecMap;
@@ -45,7 +45,7 @@ use crate::lifecycle::{
     SIGNAL_DELAY_MS,
 };
 use crate::output::Owner;
-use crate::output::{Millis, Row, SlaBreachRow, TaskRow, WorkflowRow};
+use crate::output::{Millis, ReadinessRow, Row, SlaBreachRow, TaskRow, WorkflowRow};
 use crate::tasks::{dedup_by_event_id, fold_task, TaskState};
 use crate::workflows::{
     evaluate, fold_workflow, OrderFact, ReEscalation, SlaInfo, StaleInfo, TimeRules, WfFact, WfOut,
@@ -82,7 +82,8 @@ struct Entry {
     /// The template version its WORKFLOW_STARTED names (indexed in `pinned`).
     pin: Option<TemplateKey>,
     /// The previous evaluation's rows (sorted, distinct).
-    prev_rows: Vec<Arc<Row>>,
+    /// Held as `ReadinessRow`s (96 bytes; an `Arc<Row>` is 328), wrapped when output.
+    prev_rows: Vec<ReadinessRow>,
     /// The previous evaluation's derived events, as fingerprints ([`Fingerprints`]; sorted,
     /// distinct): an event is output when it appears, so only its identity is needed
     /// afterwards, and a `Derived` is ~440 bytes where its fingerprint is 16.
@@ -91,8 +92,10 @@ struct Entry {
     /// time: ~170 bytes saved per entry).
     timed: Option<Box<Timed>>,
     seeded: bool,
-    wf_row: Option<Arc<Row>>,
-    task_rows: VecMap<Str, Arc<Row>>,
+    /// The workflow's and its tasks' rows as output last, held as their tables' types (an
+    /// `Arc<Row>` is sized for the largest table's row) and wrapped when output.
+    wf_row: Option<WorkflowRow>,
+    task_rows: VecMap<Str, TaskRow>,
     /// The instants (deadline + 1) at which the last evaluation's timer candidates (SLA,
     /// stale, re-escalation) come due: what a timer wake can change (see [`Entry::wakes_at`]).
     time_wakes: Vec<u64>,
@@ -702,11 +705,33 @@ impl KeyedLogic for WorkflowLogic {
         fps.dedup();
         e.prev_events = fps;
         let mut rows = RowChanges::default();
-        diff_sorted(&e.prev_rows, &rows_now, |row, d| {
-            rows.give(row.clone(), d, |r, d| cx.give(Emit::Row(r), d))
-        });
+        let ready = |r: &Arc<Row>| -> ReadinessRow {
+            match &**r {
+                Row::Readiness(x) => x.clone(),
+                _ => unreachable!("the workflow rules output readiness rows only"),
+            }
+        };
+        let mut changed = false;
+        diff_sorted_by(
+            &e.prev_rows,
+            &rows_now,
+            |a, b| match &**b {
+                Row::Readiness(b) => a.cmp(b),
+                _ => unreachable!("the workflow rules output readiness rows only"),
+            },
+            |c| {
+                changed = true;
+                let (row, d) = match c {
+                    Change::Gone(old) => (Arc::new(Row::Readiness(old.clone())), -1),
+                    Change::New(new) => (new.clone(), 1),
+                };
+                rows.give(row, d, |r, d| cx.give(Emit::Row(r), d))
+            },
+        );
         rows.finish(|r, d| cx.give(Emit::Row(r), d));
-        e.prev_rows = rows_now;
+        if changed {
+            e.prev_rows = rows_now.iter().map(ready).collect();
+        }
 
         let tm: &mut Timed = e.timed.get_or_insert_with(Box::default);
         // Emit-once keys: what was present when the clock reached `decide_from` appeared
@@ -775,11 +800,19 @@ impl KeyedLogic for WorkflowLogic {
                 row.is_escalated = true;
                 row.escalation_level = row.escalation_level.max(level);
             }
-            Arc::new(Row::Workflow(row))
+            row
         });
-        supersede(&mut e.wf_row, wf_row, |r, d| cx.give(Emit::Row(r), d));
+        // A workflow's row keeps its key: replaced, it needs only its `+new` (`RowChanges`).
+        if e.wf_row != wf_row {
+            match (&wf_row, &e.wf_row) {
+                (Some(new), _) => cx.give(Emit::Row(Arc::new(Row::Workflow(new.clone()))), 1),
+                (None, Some(old)) => cx.give(Emit::Row(Arc::new(Row::Workflow(old.clone()))), -1),
+                (None, None) => {}
+            }
+            e.wf_row = wf_row;
+        }
         // The task rows, updated in place: a row replaced needs only its `+new` (see
-        // `RowChanges`), one unchanged keeps its `Arc`, one gone outputs its `-old`.
+        // `RowChanges`), one gone outputs its `-old`.
         let mut task_rows = std::mem::take(&mut e.task_rows);
         for base in &task_bases {
             let mut row = TaskRow::clone(base);
@@ -793,17 +826,15 @@ impl KeyedLogic for WorkflowLogic {
                 row.is_escalated = true;
                 row.escalated_to = Some((*to).clone());
             }
-            let row = Row::Task(row);
             match task_rows.get_mut(&base.task_instance_id) {
                 Some(old) => {
-                    if **old != row {
-                        *old = Arc::new(row);
-                        cx.give(Emit::Row(old.clone()), 1);
+                    if *old != row {
+                        cx.give(Emit::Row(Arc::new(Row::Task(row.clone()))), 1);
+                        *old = row;
                     }
                 }
                 None => {
-                    let row = Arc::new(row);
-                    cx.give(Emit::Row(row.clone()), 1);
+                    cx.give(Emit::Row(Arc::new(Row::Task(row.clone()))), 1);
                     task_rows.insert(base.task_instance_id.clone(), row);
                 }
             }
@@ -819,7 +850,7 @@ impl KeyedLogic for WorkflowLogic {
                     .binary_search_by(|b| b.task_instance_id.cmp(id))
                     .is_ok();
                 if !live {
-                    cx.give(Emit::Row(row.clone()), -1);
+                    cx.give(Emit::Row(Arc::new(Row::Task(row.clone()))), -1);
                 }
                 live
             });
