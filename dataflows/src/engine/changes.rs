@@ -9,32 +9,10 @@ use crate::output::Row;
 /// Calls `f(item, -1)` for items only in `old`, `f(item, +1)` for items only in `new`
 /// (both sorted and distinct).
 pub(crate) fn diff_sorted<T: Ord>(old: &[T], new: &[T], mut f: impl FnMut(&T, isize)) {
-    let (mut i, mut j) = (0, 0);
-    while i < old.len() || j < new.len() {
-        match (old.get(i), new.get(j)) {
-            (Some(a), Some(b)) if a == b => {
-                i += 1;
-                j += 1;
-            }
-            (Some(a), Some(b)) if a < b => {
-                f(a, -1);
-                i += 1;
-            }
-            (Some(_), Some(b)) => {
-                f(b, 1);
-                j += 1;
-            }
-            (Some(a), None) => {
-                f(a, -1);
-                i += 1;
-            }
-            (None, Some(b)) => {
-                f(b, 1);
-                j += 1;
-            }
-            (None, None) => unreachable!(),
-        }
-    }
+    diff_sorted_by(old, new, T::cmp, |c| match c {
+        Change::Gone(a) => f(a, -1),
+        Change::New(b) => f(b, 1),
+    });
 }
 
 /// An item of [`diff_sorted_by`]: only in `old`, or only in `new`.
@@ -120,15 +98,25 @@ impl RowChanges {
 pub(crate) fn supersede(
     old: &mut Option<Arc<Row>>,
     new: Option<Arc<Row>>,
+    f: impl FnMut(Arc<Row>, isize),
+) {
+    supersede_as(old, new, Arc::clone, f)
+}
+
+/// [`supersede`] for a row held as its table's type, wrapped by `wrap` when output.
+pub(crate) fn supersede_as<T: PartialEq>(
+    old: &mut Option<T>,
+    new: Option<T>,
+    wrap: impl Fn(&T) -> Arc<Row>,
     mut f: impl FnMut(Arc<Row>, isize),
 ) {
     if *old != new {
         let mut changes = RowChanges::default();
         if let Some(o) = old.take() {
-            changes.give(o, -1, &mut f);
+            changes.give(wrap(&o), -1, &mut f);
         }
         if let Some(n) = &new {
-            changes.give(n.clone(), 1, &mut f);
+            changes.give(wrap(n), 1, &mut f);
         }
         changes.finish(&mut f);
         *old = new;

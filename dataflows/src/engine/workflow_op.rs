@@ -35,7 +35,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::derived::{Derived, DerivedType};
-use crate::engine::changes::{diff_sorted_by, Change, RowChanges};
+use crate::engine::changes::{diff_sorted_by, supersede_as, Change, RowChanges};
 use crate::engine::keyed::{Ctx, KeyedLogic};
 use crate::engine::life::{self, check_instant, Closure, Log, Tomb};
 use crate::engine::vec_map::VecMap;
@@ -170,6 +170,14 @@ impl Entry {
             .iter()
             .map(|(_, g)| *g)
             .chain(self.tasks.values().flat_map(|s| &s.events).map(|(_, g)| *g))
+    }
+}
+
+/// The readiness row a workflow rule output (the only rows [`evaluate`] outputs).
+fn readiness(r: &Row) -> &ReadinessRow {
+    match r {
+        Row::Readiness(x) => x,
+        _ => unreachable!("the workflow rules output readiness rows only"),
     }
 }
 
@@ -705,20 +713,11 @@ impl KeyedLogic for WorkflowLogic {
         fps.dedup();
         e.prev_events = fps;
         let mut rows = RowChanges::default();
-        let ready = |r: &Arc<Row>| -> ReadinessRow {
-            match &**r {
-                Row::Readiness(x) => x.clone(),
-                _ => unreachable!("the workflow rules output readiness rows only"),
-            }
-        };
         let mut changed = false;
         diff_sorted_by(
             &e.prev_rows,
             &rows_now,
-            |a, b| match &**b {
-                Row::Readiness(b) => a.cmp(b),
-                _ => unreachable!("the workflow rules output readiness rows only"),
-            },
+            |a, b| a.cmp(readiness(b)),
             |c| {
                 changed = true;
                 let (row, d) = match c {
@@ -730,10 +729,16 @@ impl KeyedLogic for WorkflowLogic {
         );
         rows.finish(|r, d| cx.give(Emit::Row(r), d));
         if changed {
-            e.prev_rows = rows_now.iter().map(ready).collect();
+            e.prev_rows = rows_now.iter().map(|r| readiness(r).clone()).collect();
         }
 
-        let tm: &mut Timed = e.timed.get_or_insert_with(Box::default);
+        // A workflow without timer state works on an empty one on the stack (no allocation),
+        // boxed below if this step filled it.
+        let mut fresh = Timed::default();
+        let tm: &mut Timed = match e.timed.as_deref_mut() {
+            Some(tm) => tm,
+            None => &mut fresh,
+        };
         // Emit-once keys: what was present when the clock reached `decide_from` appeared
         // before a restart; from then on, the first appearance derives the events.
         if !e.seeded && t >= *decide_from {
@@ -802,15 +807,12 @@ impl KeyedLogic for WorkflowLogic {
             }
             row
         });
-        // A workflow's row keeps its key: replaced, it needs only its `+new` (`RowChanges`).
-        if e.wf_row != wf_row {
-            match (&wf_row, &e.wf_row) {
-                (Some(new), _) => cx.give(Emit::Row(Arc::new(Row::Workflow(new.clone()))), 1),
-                (None, Some(old)) => cx.give(Emit::Row(Arc::new(Row::Workflow(old.clone()))), -1),
-                (None, None) => {}
-            }
-            e.wf_row = wf_row;
-        }
+        supersede_as(
+            &mut e.wf_row,
+            wf_row,
+            |r| Arc::new(Row::Workflow(r.clone())),
+            |r, d| cx.give(Emit::Row(r), d),
+        );
         // The task rows, updated in place: a row replaced needs only its `+new` (see
         // `RowChanges`), one gone outputs its `-old`.
         let mut task_rows = std::mem::take(&mut e.task_rows);
@@ -856,8 +858,10 @@ impl KeyedLogic for WorkflowLogic {
             });
         }
         e.task_rows = task_rows;
-        if e.timed.as_ref().is_some_and(|tm| tm.is_empty()) {
-            e.timed = None;
+        match &e.timed {
+            None if !fresh.is_empty() => e.timed = Some(Box::new(fresh)),
+            Some(tm) if tm.is_empty() => e.timed = None,
+            _ => {}
         }
 
         // What the tracker learns from this instant: known, closed.
