@@ -401,6 +401,72 @@ mod tests {
         }
     }
 
+    /// The rows of a flush, collapsed the simplest way (an ordered map by [`Row::key`], per
+    /// time, retractions first): a fact's first write stands; a retraction deletes only the
+    /// current value; an owner's row retracted where the owner retires is forgotten, not
+    /// deleted.
+    fn rows_by_key(updates: &[(Emit, u64, isize)]) -> Vec<((u8, Str, Str), Option<Row>)> {
+        let mut by_time: BTreeMap<u64, Vec<(Emit, isize)>> = BTreeMap::new();
+        for (e, t, r) in updates {
+            by_time.entry(*t).or_default().push((e.clone(), *r));
+        }
+        let mut rows: BTreeMap<(u8, Str, Str), Option<Row>> = BTreeMap::new();
+        for (_, mut ups) in by_time {
+            ups.sort_by_key(|u| u.1 > 0);
+            let retired: Vec<Owner> = ups
+                .iter()
+                .filter_map(|(e, r)| match e {
+                    Emit::Retired(o) if *r > 0 => Some(o.clone()),
+                    _ => None,
+                })
+                .collect();
+            for (e, r) in ups {
+                let Emit::Row(row) = e else { continue };
+                let row = Row::clone(&row);
+                if r < 0 && row.owner().is_some_and(|o| retired.contains(&o)) {
+                    continue;
+                }
+                let key = row.key();
+                if r > 0 && row.is_fact() {
+                    let slot = rows.entry(key).or_insert(None);
+                    if slot.is_none() {
+                        *slot = Some(row);
+                    }
+                } else if r > 0 {
+                    rows.insert(key, Some(row));
+                } else if r < 0 {
+                    match rows.get_mut(&key) {
+                        Some(Some(cur)) if *cur != row => {}
+                        Some(slot) => *slot = None,
+                        None => {
+                            rows.insert(key, None);
+                        }
+                    }
+                }
+            }
+        }
+        rows.into_iter().collect()
+    }
+
+    #[test]
+    fn rows_collapse_as_a_map_by_key_does() {
+        for seed in 0..500 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let n = rng.random_range(0..120);
+            let updates: Vec<(Emit, u64, isize)> = (0..n)
+                .map(|_| {
+                    let (e, r) = random_update(&mut rng);
+                    (e, rng.random_range(0..6), r)
+                })
+                .collect();
+            let mut sorted = updates.clone();
+            sorted.sort_by(|a, b| gather_order(&a.0, a.1, a.2).cmp(&gather_order(&b.0, b.1, b.2)));
+            let mut c = Collapser::default();
+            c.add_sorted(&mut sorted);
+            assert_eq!(c.take(0).rows, rows_by_key(&updates), "seed {seed}");
+        }
+    }
+
     #[test]
     fn one_sorted_buffer_collapses_as_per_time_batches_did() {
         for seed in 0..300 {

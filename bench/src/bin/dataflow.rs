@@ -51,6 +51,7 @@ use hmis_dataflows::events::{
 use hmis_dataflows::gather::Gather;
 use hmis_dataflows::model::Str;
 use hmis_dataflows::orders::{evaluate_order, fold_order};
+use hmis_dataflows::output::FlushBatch;
 use hmis_dataflows::tasks::{dedup_by_event_id, fold_task};
 use hmis_dataflows::workflows::{evaluate, fold_workflow, OrderFact, WfFact, WfOut};
 use hmis_dataflows::{RulesConfig, Sessions};
@@ -116,6 +117,11 @@ struct Args {
     /// default feeding now does.
     #[arg(long)]
     flush_per_time: bool,
+    /// Count the flushed batches on worker 0, inside the gather, as this benchmark did before
+    /// session 19, instead of handing each batch to a counting thread (as the runtime hands
+    /// it to its sink thread).
+    #[arg(long)]
+    count_on_worker0: bool,
 }
 
 fn role_of(topic: &str) -> InputTopic {
@@ -224,6 +230,8 @@ struct DataflowRun {
     distinct_by_type: std::collections::BTreeMap<String, u64>,
     rows_out: u64,
     flushes: u64,
+    /// What worker 0 counted itself (`--count-on-worker0`).
+    counted_inline: Counted,
 }
 
 /// What a worker inserts: an event decoded before the measurement, or a record's bytes,
@@ -276,6 +284,7 @@ fn run_dataflow(
     batch: usize,
     stamp: Stamp,
     flush_per_time: bool,
+    count_on_worker0: bool,
 ) -> DataflowRun {
     let first = feed.first().map(|(t, _)| *t).unwrap_or(1).max(1);
     // Pipeline time per batch: event stamping keeps each eventTime; wall stamping gives the
@@ -324,6 +333,20 @@ fn run_dataflow(
         Arc::new(batch_ends.into_iter().zip(batch_times).collect());
     let out = Arc::new(Mutex::new(DataflowRun::default()));
     let result = out.clone();
+    // The sink's side of the benchmark: worker 0 hands each batch to this thread, as the
+    // runtime's gather hands it to the sink thread (a channel send), so counting what was
+    // derived is not worker 0's work. `--count-on-worker0` counts inside the gather, as this
+    // benchmark did before session 19.
+    let (to_counter, batches_in) = std::sync::mpsc::channel::<Option<FlushBatch>>();
+    let counter = std::thread::spawn(move || {
+        let mut c = Counted::default();
+        // Until worker 0 says it has gathered everything (`None`).
+        while let Ok(Some(b)) = batches_in.recv() {
+            c.add(b);
+        }
+        c
+    });
+    let count_inline = count_on_worker0;
     // Highest frontier flushed by the gatherer (worker 0): the probe sits before the gather,
     // so every worker steps until the gatherer, too, has flushed everything below `end`.
     let gathered = Arc::new(AtomicU64::new(0));
@@ -331,31 +354,23 @@ fn run_dataflow(
         let gathered = gathered.clone();
         let g2 = gathered.clone();
         let index = worker.index();
-        let records = Arc::new(AtomicU64::new(0));
-        let rows = Arc::new(AtomicU64::new(0));
-        let flushes = Arc::new(AtomicU64::new(0));
-        let distinct = Arc::new(Mutex::new(HashSet::new()));
-        let (r2, w2, f2, d2) = (
-            records.clone(),
-            rows.clone(),
-            flushes.clone(),
-            distinct.clone(),
-        );
+        let counted = Arc::new(Mutex::new(Counted::default()));
+        let c2 = counted.clone();
+        let to_counter = to_counter.clone();
+        let done_to_counter = to_counter.clone();
         let (mut sessions, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let (sessions, inputs) = Sessions::new(scope);
             let (probe, emits) = build(inputs, &RulesConfig::default()).probe();
             emits.gather(0, move |b| {
-                r2.fetch_add(b.records.len() as u64, Ordering::Relaxed);
-                let mut d = d2.lock().unwrap();
-                // The batch is the sink's: its types move into the set (no copy).
-                for r in b.records {
-                    let mut h = std::collections::hash_map::DefaultHasher::new();
-                    r.event_id.hash(&mut h);
-                    d.insert((r.event_type, h.finish()));
+                let frontier = b.frontier;
+                if count_inline {
+                    c2.lock().unwrap().add(b);
+                } else {
+                    to_counter
+                        .send(Some(b))
+                        .expect("the counting thread runs until the end");
                 }
-                w2.fetch_add(b.rows.len() as u64, Ordering::Relaxed);
-                f2.fetch_add(1, Ordering::Relaxed);
-                g2.fetch_max(b.frontier, Ordering::SeqCst);
+                g2.fetch_max(frontier, Ordering::SeqCst);
             });
             (sessions, probe)
         });
@@ -393,14 +408,10 @@ fn run_dataflow(
             let mut o = out.lock().unwrap();
             o.seconds = seconds;
             o.cpu_seconds = cpu_seconds;
-            let d = distinct.lock().unwrap();
-            o.distinct_records = d.len() as u64;
-            for (ty, _) in d.iter() {
-                *o.distinct_by_type.entry(ty.clone()).or_insert(0) += 1;
-            }
-            o.records_out = records.load(Ordering::Relaxed);
-            o.rows_out = rows.load(Ordering::Relaxed);
-            o.flushes = flushes.load(Ordering::Relaxed);
+            o.counted_inline = std::mem::take(&mut *counted.lock().unwrap());
+            done_to_counter
+                .send(None)
+                .expect("the counting thread runs until the end");
         }
         // Drop the dataflow before the inputs close: closing would fire every future timer.
         for id in worker.installed_dataflows() {
@@ -409,8 +420,47 @@ fn run_dataflow(
     })
     .expect("timely workers");
     drop(guards);
-    let r = result.lock().unwrap().clone();
+    let mut r = result.lock().unwrap().clone();
+    let mut c = counter.join().expect("the counting thread");
+    c.merge(std::mem::take(&mut r.counted_inline));
+    r.distinct_records = c.distinct.len() as u64;
+    for (ty, _) in c.distinct.iter() {
+        *r.distinct_by_type.entry(ty.clone()).or_insert(0) += 1;
+    }
+    r.records_out = c.records;
+    r.rows_out = c.rows;
+    r.flushes = c.flushes;
     r
+}
+
+/// What the batches held, counted on the benchmark's sink side.
+#[derive(Clone, Debug, Default)]
+struct Counted {
+    records: u64,
+    rows: u64,
+    flushes: u64,
+    /// (eventType, hash of eventId) of every record.
+    distinct: HashSet<(String, u64)>,
+}
+
+impl Counted {
+    fn add(&mut self, b: FlushBatch) {
+        self.records += b.records.len() as u64;
+        // The batch is the sink's: its types move into the set (no copy).
+        for r in b.records {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            r.event_id.hash(&mut h);
+            self.distinct.insert((r.event_type, h.finish()));
+        }
+        self.rows += b.rows.len() as u64;
+        self.flushes += 1;
+    }
+    fn merge(&mut self, o: Counted) {
+        self.records += o.records;
+        self.rows += o.rows;
+        self.flushes += o.flushes;
+        self.distinct.extend(o.distinct);
+    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -967,6 +1017,7 @@ fn main() -> anyhow::Result<()> {
             "workers": args.workers, "repeat": args.repeat, "open_tasks": args.open_tasks,
             "finished_workflows": args.finished_workflows,
             "flush_per_time": args.flush_per_time,
+            "count_on_worker0": args.count_on_worker0,
         },
     });
 
@@ -1053,6 +1104,7 @@ fn main() -> anyhow::Result<()> {
                         args.batch,
                         stamp,
                         args.flush_per_time,
+                        args.count_on_worker0,
                     );
                     rates.push(n_events, last.seconds, last.cpu_seconds);
                 }
