@@ -3,10 +3,13 @@
 //! Two stages. Each worker sorts its own [`Emit`]s once their time is complete
 //! ([`gather_order`], one sorted run per frontier advance, on the worker that produced
 //! them); the runs are exchanged to worker 0, which buffers them in arrival order. When the
-//! frontier passes a time, every change at that time is final; worker 0 then merges the
-//! completed runs (a stable sort of sorted runs) and hands them, collapsed into one
-//! [`FlushBatch`], to a callback (the sink). The result is the single sort's: ties keep
-//! arrival order in both.
+//! frontier passes a time, every change at that time is final; worker 0 then moves the
+//! completed changes to the gather's own thread ([`CollapseThread`]), which merges the
+//! runs (a stable sort of sorted runs) and hands them, collapsed into one [`FlushBatch`],
+//! to a callback (the sink), one batch per frontier advance, in order. The result is the
+//! single sort's: ties keep arrival order in both. (The collapse ran on worker 0 itself
+//! until session 19; with 2 workers it was 25-30 % of worker 0's time, while worker 1
+//! waited for it.)
 //!
 //! Collapsing rules, applied in time order:
 //! - rows: per primary key, retractions before insertions at each time, so the batch holds
@@ -210,11 +213,11 @@ pub trait Gather {
     /// `flush` is also called, with an empty batch, when the frontier advances without
     /// changes, so the sink can record the clock's progress. Its frontier is
     /// `u64::MAX` once the input is exhausted.
-    fn gather<F: FnMut(FlushBatch) + 'static>(self, suppress_before: Millis, flush: F);
+    fn gather<F: FnMut(FlushBatch) + Send + 'static>(self, suppress_before: Millis, flush: F);
 }
 
 impl Gather for VecCollection<'_, u64, Emit> {
-    fn gather<F: FnMut(FlushBatch) + 'static>(self, suppress_before: Millis, mut flush: F) {
+    fn gather<F: FnMut(FlushBatch) + Send + 'static>(self, suppress_before: Millis, flush: F) {
         // Each worker sorts its own completed changes (stage 1), so the gatherer merges
         // sorted runs instead of sorting everything alone (stage 2).
         let sorted = sort_completed(self.inner, suppress_before);
@@ -222,10 +225,15 @@ impl Gather for VecCollection<'_, u64, Emit> {
         // (a map of per-time vectors cost a lookup per change and a growing vector per
         // distinct time: with event-time stamps most times hold a few changes).
         let mut pending: Vec<(Emit, u64, isize)> = Vec::new();
-        let mut done: Vec<(Emit, u64, isize)> = Vec::new();
-        let mut collapser = Collapser::default();
+        let mut flush = Some(flush);
+        let mut collapse: Option<Collapse<F>> = None;
         let mut last_frontier: Option<u64> = None;
         let is_gatherer = sorted.scope().index() == 0;
+        // The collapse gets its own thread only where a core is left for it: with as many
+        // workers as cores it competed with them (2 workers on 2 cores: -5 % events/s, the
+        // CPU per event +10 %), with fewer it runs beside them (1 worker: +12-20 %).
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let own_thread = sorted.scope().peers() < cores;
         sorted.sink(
             Exchange::new(|_| 0u64),
             "Gather",
@@ -241,19 +249,125 @@ impl Gather for VecCollection<'_, u64, Emit> {
                 if last_frontier == Some(upper) {
                     return;
                 }
-                // Both buffers keep their capacity across flushes (regrowing one from empty
-                // at every flush cost page faults: +8 s of system time in a catch-up).
-                // `pending` holds each worker's runs in [`gather_order`], cut into messages
-                // and interleaved: the stable sort finds the runs and merges them.
-                done.extend(pending.extract_if(.., |u| u.1 < upper));
-                done.sort_by(|a, b| {
-                    gather_order(&a.0, a.1, a.2).cmp(&gather_order(&b.0, b.1, b.2))
-                });
-                collapser.add_sorted(&mut done);
                 last_frontier = Some(upper);
-                flush(collapser.take(upper.max(suppress_before)));
+                let collapse = collapse.get_or_insert_with(|| {
+                    let flush = flush.take().expect("one collapse");
+                    if own_thread {
+                        Collapse::Thread(CollapseThread::spawn(suppress_before, flush))
+                    } else {
+                        Collapse::Here(Box::new(Stage2::new(suppress_before, flush)))
+                    }
+                });
+                // What completed leaves `pending`. Buffers keep their capacity (regrowing
+                // one from empty at every flush cost page faults: +8 s of system time in a
+                // catch-up): the thread gives them back.
+                match collapse {
+                    Collapse::Here(stage) => {
+                        let mut done = std::mem::take(&mut stage.spare);
+                        done.extend(pending.extract_if(.., |u| u.1 < upper));
+                        stage.spare = stage.flush(done, upper);
+                    }
+                    Collapse::Thread(thread) => {
+                        let mut done = thread.spare();
+                        done.extend(pending.extract_if(.., |u| u.1 < upper));
+                        thread.send(done, upper);
+                    }
+                }
             },
         );
+    }
+}
+
+/// Stage 2 of the gather: the completed changes of each frontier advance merged into
+/// [`gather_order`] (each worker's runs arrive cut into messages and interleaved: the
+/// stable sort finds the runs and merges them), collapsed, and handed to the flush
+/// callback, in the order the frontier advanced.
+struct Stage2<F> {
+    suppress_before: Millis,
+    collapser: Collapser,
+    flush: F,
+    /// An empty buffer with capacity, for the next advance.
+    spare: Vec<(Emit, u64, isize)>,
+}
+
+impl<F: FnMut(FlushBatch)> Stage2<F> {
+    fn new(suppress_before: Millis, flush: F) -> Self {
+        Stage2 {
+            suppress_before,
+            collapser: Collapser::default(),
+            flush,
+            spare: Vec::new(),
+        }
+    }
+
+    /// Flushes the changes completed below `upper`; gives back their emptied buffer.
+    fn flush(&mut self, mut done: Vec<(Emit, u64, isize)>, upper: u64) -> Vec<(Emit, u64, isize)> {
+        done.sort_by(|a, b| gather_order(&a.0, a.1, a.2).cmp(&gather_order(&b.0, b.1, b.2)));
+        self.collapser.add_sorted(&mut done);
+        (self.flush)(self.collapser.take(upper.max(self.suppress_before)));
+        done
+    }
+}
+
+/// Where stage 2 runs: on worker 0, or on its own thread.
+enum Collapse<F> {
+    Here(Box<Stage2<F>>),
+    Thread(CollapseThread),
+}
+
+/// Stage 2 on its own thread beside worker 0's. Worker 0 only moves the completed changes
+/// to it; a bounded channel (two advances) makes worker 0 wait when the collapse falls
+/// behind, so nothing piles up between them. Dropping it (the dataflow completing or
+/// dropped) waits until every advance sent was flushed.
+struct CollapseThread {
+    to: Option<std::sync::mpsc::SyncSender<(Vec<(Emit, u64, isize)>, u64)>>,
+    back: std::sync::mpsc::Receiver<Vec<(Emit, u64, isize)>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CollapseThread {
+    fn spawn<F: FnMut(FlushBatch) + Send + 'static>(suppress_before: Millis, flush: F) -> Self {
+        let (to, from) = std::sync::mpsc::sync_channel::<(Vec<(Emit, u64, isize)>, u64)>(2);
+        let (give_back, back) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("hmis-gather".into())
+            .spawn(move || {
+                let mut stage = Stage2::new(suppress_before, flush);
+                for (done, upper) in from {
+                    // Worker 0 may be gone when the dataflow is dropped.
+                    let _ = give_back.send(stage.flush(done, upper));
+                }
+            })
+            .expect("spawn the gather's collapse thread");
+        CollapseThread {
+            to: Some(to),
+            back,
+            handle: Some(handle),
+        }
+    }
+
+    /// An empty buffer: one the thread gave back, or a new one.
+    fn spare(&self) -> Vec<(Emit, u64, isize)> {
+        self.back.try_recv().unwrap_or_default()
+    }
+
+    fn send(&self, done: Vec<(Emit, u64, isize)>, upper: u64) {
+        let to = self.to.as_ref().expect("open until dropped");
+        if to.send((done, upper)).is_err() {
+            // The thread ended: only when its flush callback panicked.
+            panic!("the gather's collapse thread stopped");
+        }
+    }
+}
+
+impl Drop for CollapseThread {
+    fn drop(&mut self) {
+        drop(self.to.take());
+        if let Some(h) = self.handle.take() {
+            if h.join().is_err() && !std::thread::panicking() {
+                panic!("the gather's collapse thread panicked");
+            }
+        }
     }
 }
 

@@ -122,6 +122,24 @@ struct Args {
     /// it to its sink thread).
     #[arg(long)]
     count_on_worker0: bool,
+    /// Wait for each batch as this benchmark did before session 19: every worker spins,
+    /// stepping without pause, instead of parking when it has nothing to do (as the runtime's
+    /// workers do, `step_or_park` with a short timeout), which leaves the core to the
+    /// threads that have work (the gather's collapse, the other worker).
+    #[arg(long)]
+    spin: bool,
+}
+
+/// Steps `worker` until `done`: parked while idle (woken by messages, at most 1 ms later),
+/// or spinning with `spin`.
+fn step_until(worker: &mut timely::worker::Worker, spin: bool, mut done: impl FnMut() -> bool) {
+    while !done() {
+        if spin {
+            worker.step();
+        } else {
+            worker.step_or_park(Some(std::time::Duration::from_millis(1)));
+        }
+    }
 }
 
 fn role_of(topic: &str) -> InputTopic {
@@ -285,6 +303,7 @@ fn run_dataflow(
     stamp: Stamp,
     flush_per_time: bool,
     count_on_worker0: bool,
+    spin: bool,
 ) -> DataflowRun {
     let first = feed.first().map(|(t, _)| *t).unwrap_or(1).max(1);
     // Pipeline time per batch: event stamping keeps each eventTime; wall stamping gives the
@@ -398,10 +417,12 @@ fn run_dataflow(
             // Every worker reaches the batch's time, also one with no event in it; the next
             // batch is read once everything before that time is computed and gathered.
             sessions.advance_to(batch_time);
-            worker.step_while(|| probe.less_than(&batch_time));
+            step_until(worker, spin, || !probe.less_than(&batch_time));
         }
         sessions.advance_to(end);
-        worker.step_while(|| probe.less_than(&end) || gathered.load(Ordering::SeqCst) < end);
+        step_until(worker, spin, || {
+            !probe.less_than(&end) && gathered.load(Ordering::SeqCst) >= end
+        });
         let seconds = started.elapsed().as_secs_f64();
         let cpu_seconds = process_cpu_secs() - cpu_started;
         if index == 0 {
@@ -1018,6 +1039,7 @@ fn main() -> anyhow::Result<()> {
             "finished_workflows": args.finished_workflows,
             "flush_per_time": args.flush_per_time,
             "count_on_worker0": args.count_on_worker0,
+            "spin": args.spin,
         },
     });
 
@@ -1105,6 +1127,7 @@ fn main() -> anyhow::Result<()> {
                         stamp,
                         args.flush_per_time,
                         args.count_on_worker0,
+                        args.spin,
                     );
                     rates.push(n_events, last.seconds, last.cpu_seconds);
                 }
