@@ -3,13 +3,13 @@
 //! Two stages. Each worker sorts its own [`Emit`]s once their time is complete
 //! ([`gather_order`], one sorted run per frontier advance, on the worker that produced
 //! them); the runs are exchanged to worker 0, which buffers them in arrival order. When the
-//! frontier passes a time, every change at that time is final; worker 0 then moves the
-//! completed changes to the gather's own thread ([`CollapseThread`]), which merges the
-//! runs (a stable sort of sorted runs) and hands them, collapsed into one [`FlushBatch`],
-//! to a callback (the sink), one batch per frontier advance, in order. The result is the
-//! single sort's: ties keep arrival order in both. (The collapse ran on worker 0 itself
-//! until session 19; with 2 workers it was 25-30 % of worker 0's time, while worker 1
-//! waited for it.)
+//! frontier passes a time, every change at that time is final; the completed changes are
+//! then merged (a stable sort of sorted runs) and handed, collapsed into one
+//! [`FlushBatch`], to a callback (the sink), one batch per frontier advance, in order
+//! ([`Stage2`]). The result is the single sort's: ties keep arrival order in both. Stage 2
+//! runs on worker 0, or, with fewer workers than cores, on a thread of its own beside it
+//! ([`CollapseThread`]: with 2 workers the collapse was 25-30 % of worker 0's time, but a
+//! third thread on 2 cores only competes with the workers).
 //!
 //! Collapsing rules, applied in time order:
 //! - rows: per primary key, retractions before insertions at each time, so the batch holds
@@ -207,6 +207,11 @@ fn gather_order(e: &Emit, t: u64, r: isize) -> (u64, bool, u8, &str, u8, &str) {
     }
 }
 
+/// Sorts changes into [`gather_order`] (stable: ties keep their order).
+fn sort_in_gather_order(updates: &mut [(Emit, u64, isize)]) {
+    updates.sort_by(|a, b| gather_order(&a.0, a.1, a.2).cmp(&gather_order(&b.0, b.1, b.2)));
+}
+
 /// Extension trait: gather a collection of [`Emit`] into flush batches on worker 0.
 pub trait Gather {
     /// Calls `flush` with every batch of completed times at or above `suppress_before`.
@@ -258,21 +263,12 @@ impl Gather for VecCollection<'_, u64, Emit> {
                         Collapse::Here(Box::new(Stage2::new(suppress_before, flush)))
                     }
                 });
-                // What completed leaves `pending`. Buffers keep their capacity (regrowing
-                // one from empty at every flush cost page faults: +8 s of system time in a
-                // catch-up): the thread gives them back.
-                match collapse {
-                    Collapse::Here(stage) => {
-                        let mut done = std::mem::take(&mut stage.spare);
-                        done.extend(pending.extract_if(.., |u| u.1 < upper));
-                        stage.spare = stage.flush(done, upper);
-                    }
-                    Collapse::Thread(thread) => {
-                        let mut done = thread.spare();
-                        done.extend(pending.extract_if(.., |u| u.1 < upper));
-                        thread.send(done, upper);
-                    }
-                }
+                // What completed leaves `pending`, in a buffer that keeps its capacity
+                // (regrowing one from empty at every flush cost page faults: +8 s of system
+                // time in a catch-up).
+                let mut done = collapse.spare();
+                done.extend(pending.extract_if(.., |u| u.1 < upper));
+                collapse.flush(done, upper);
             },
         );
     }
@@ -302,7 +298,7 @@ impl<F: FnMut(FlushBatch)> Stage2<F> {
 
     /// Flushes the changes completed below `upper`; gives back their emptied buffer.
     fn flush(&mut self, mut done: Vec<(Emit, u64, isize)>, upper: u64) -> Vec<(Emit, u64, isize)> {
-        done.sort_by(|a, b| gather_order(&a.0, a.1, a.2).cmp(&gather_order(&b.0, b.1, b.2)));
+        sort_in_gather_order(&mut done);
         self.collapser.add_sorted(&mut done);
         (self.flush)(self.collapser.take(upper.max(self.suppress_before)));
         done
@@ -313,6 +309,25 @@ impl<F: FnMut(FlushBatch)> Stage2<F> {
 enum Collapse<F> {
     Here(Box<Stage2<F>>),
     Thread(CollapseThread),
+}
+
+impl<F: FnMut(FlushBatch)> Collapse<F> {
+    /// An empty buffer with capacity: the last one flushed here, or one the thread gave
+    /// back (or a new one).
+    fn spare(&mut self) -> Vec<(Emit, u64, isize)> {
+        match self {
+            Collapse::Here(stage) => std::mem::take(&mut stage.spare),
+            Collapse::Thread(thread) => thread.back.try_recv().unwrap_or_default(),
+        }
+    }
+
+    /// Flushes the changes completed below `upper` (here, or once the thread gets to them).
+    fn flush(&mut self, done: Vec<(Emit, u64, isize)>, upper: u64) {
+        match self {
+            Collapse::Here(stage) => stage.spare = stage.flush(done, upper),
+            Collapse::Thread(thread) => thread.send(done, upper),
+        }
+    }
 }
 
 /// Stage 2 on its own thread beside worker 0's. Worker 0 only moves the completed changes
@@ -344,11 +359,6 @@ impl CollapseThread {
             back,
             handle: Some(handle),
         }
-    }
-
-    /// An empty buffer: one the thread gave back, or a new one.
-    fn spare(&self) -> Vec<(Emit, u64, isize)> {
-        self.back.try_recv().unwrap_or_default()
     }
 
     fn send(&self, done: Vec<(Emit, u64, isize)>, upper: u64) {
@@ -390,9 +400,7 @@ fn sort_completed<'s>(updates: Updates<'s, Emit>, suppress_before: Millis) -> Up
                 let complete = |t: u64| upper.is_none_or(|f| t < f);
                 if pending.iter().any(|u| complete(u.1)) {
                     run.extend(pending.extract_if(.., |u| complete(u.1)));
-                    run.sort_by(|a, b| {
-                        gather_order(&a.0, a.1, a.2).cmp(&gather_order(&b.0, b.1, b.2))
-                    });
+                    sort_in_gather_order(&mut run);
                     let held = cap
                         .as_ref()
                         .expect("a capability while changes are pending");
@@ -465,20 +473,46 @@ mod tests {
         (e, r)
     }
 
-    /// The collapse of a flush as the gather did it before it buffered one vector: per
-    /// time, records sorted into publication order, the rest after them in arrival order,
-    /// then `add_time`.
-    fn per_time(updates: &[(Emit, u64, isize)]) -> FlushBatch {
+    /// The changes grouped by time, in time order.
+    fn by_time(updates: &[(Emit, u64, isize)]) -> BTreeMap<u64, Vec<(Emit, isize)>> {
         let mut by_time: BTreeMap<u64, Vec<(Emit, isize)>> = BTreeMap::new();
         for (e, t, r) in updates {
             by_time.entry(*t).or_default().push((e.clone(), *r));
         }
+        by_time
+    }
+
+    /// Up to `max` random changes at times 0..6.
+    fn random_updates(rng: &mut StdRng, max: usize) -> Vec<(Emit, u64, isize)> {
+        let n = rng.random_range(0..max);
+        (0..n)
+            .map(|_| {
+                let (e, r) = random_update(rng);
+                (e, rng.random_range(0..6), r)
+            })
+            .collect()
+    }
+
+    /// The batch stage 2 makes of `updates`: sorted into [`gather_order`], collapsed.
+    fn collapsed(updates: &[(Emit, u64, isize)]) -> FlushBatch {
+        let mut sorted = updates.to_vec();
+        sort_in_gather_order(&mut sorted);
+        let mut c = Collapser::default();
+        c.add_sorted(&mut sorted);
+        assert!(sorted.is_empty());
+        c.take(0)
+    }
+
+    /// The collapse of a flush as the gather did it before it buffered one vector: per
+    /// time, records sorted into publication order, the rest after them in arrival order,
+    /// then `add_time`.
+    fn per_time(updates: &[(Emit, u64, isize)]) -> FlushBatch {
         let key = |e: &Emit| match e {
             Emit::Record((wid, rank), rec) => (0, wid.to_string(), *rank, rec.event_id.clone()),
             _ => (1, String::new(), 0, String::new()),
         };
         let mut c = Collapser::default();
-        for (_, ups) in by_time {
+        for (_, ups) in by_time(updates) {
             let (mut ordered, rest): (Vec<_>, Vec<_>) = ups
                 .into_iter()
                 .partition(|(e, _)| matches!(e, Emit::Record(..)));
@@ -520,12 +554,8 @@ mod tests {
     /// current value; an owner's row retracted where the owner retires is forgotten, not
     /// deleted.
     fn rows_by_key(updates: &[(Emit, u64, isize)]) -> Vec<((u8, Str, Str), Option<Row>)> {
-        let mut by_time: BTreeMap<u64, Vec<(Emit, isize)>> = BTreeMap::new();
-        for (e, t, r) in updates {
-            by_time.entry(*t).or_default().push((e.clone(), *r));
-        }
         let mut rows: BTreeMap<(u8, Str, Str), Option<Row>> = BTreeMap::new();
-        for (_, mut ups) in by_time {
+        for (_, mut ups) in by_time(updates) {
             ups.sort_by_key(|u| u.1 > 0);
             let retired: Vec<Owner> = ups
                 .iter()
@@ -565,40 +595,21 @@ mod tests {
     #[test]
     fn rows_collapse_as_a_map_by_key_does() {
         for seed in 0..500 {
-            let mut rng = StdRng::seed_from_u64(seed);
-            let n = rng.random_range(0..120);
-            let updates: Vec<(Emit, u64, isize)> = (0..n)
-                .map(|_| {
-                    let (e, r) = random_update(&mut rng);
-                    (e, rng.random_range(0..6), r)
-                })
-                .collect();
-            let mut sorted = updates.clone();
-            sorted.sort_by(|a, b| gather_order(&a.0, a.1, a.2).cmp(&gather_order(&b.0, b.1, b.2)));
-            let mut c = Collapser::default();
-            c.add_sorted(&mut sorted);
-            assert_eq!(c.take(0).rows, rows_by_key(&updates), "seed {seed}");
+            let updates = random_updates(&mut StdRng::seed_from_u64(seed), 120);
+            assert_eq!(
+                collapsed(&updates).rows,
+                rows_by_key(&updates),
+                "seed {seed}"
+            );
         }
     }
 
     #[test]
     fn one_sorted_buffer_collapses_as_per_time_batches_did() {
         for seed in 0..300 {
-            let mut rng = StdRng::seed_from_u64(seed);
-            let n = rng.random_range(0..80);
-            let updates: Vec<(Emit, u64, isize)> = (0..n)
-                .map(|_| {
-                    let (e, r) = random_update(&mut rng);
-                    (e, rng.random_range(0..6), r)
-                })
-                .collect();
+            let updates = random_updates(&mut StdRng::seed_from_u64(seed), 80);
             let expected = per_time(&updates);
-            let mut sorted = updates.clone();
-            sorted.sort_by(|a, b| gather_order(&a.0, a.1, a.2).cmp(&gather_order(&b.0, b.1, b.2)));
-            let mut c = Collapser::default();
-            c.add_sorted(&mut sorted);
-            assert!(sorted.is_empty());
-            let got = c.take(0);
+            let got = collapsed(&updates);
             assert_eq!(got.rows, expected.rows, "seed {seed}: rows");
             assert_eq!(
                 got.records, expected.records,

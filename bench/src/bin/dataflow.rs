@@ -248,8 +248,6 @@ struct DataflowRun {
     distinct_by_type: std::collections::BTreeMap<String, u64>,
     rows_out: u64,
     flushes: u64,
-    /// What worker 0 counted itself (`--count-on-worker0`).
-    counted_inline: Counted,
 }
 
 /// What a worker inserts: an event decoded before the measurement, or a record's bytes,
@@ -365,7 +363,8 @@ fn run_dataflow(
         }
         c
     });
-    let count_inline = count_on_worker0;
+    let counted_inline = Arc::new(Mutex::new(Counted::default()));
+    let counted_at_end = counted_inline.clone();
     // Highest frontier flushed by the gatherer (worker 0): the probe sits before the gather,
     // so every worker steps until the gatherer, too, has flushed everything below `end`.
     let gathered = Arc::new(AtomicU64::new(0));
@@ -373,8 +372,7 @@ fn run_dataflow(
         let gathered = gathered.clone();
         let g2 = gathered.clone();
         let index = worker.index();
-        let counted = Arc::new(Mutex::new(Counted::default()));
-        let c2 = counted.clone();
+        let counted_inline = counted_inline.clone();
         let to_counter = to_counter.clone();
         let done_to_counter = to_counter.clone();
         let (mut sessions, probe) = worker.dataflow::<u64, _, _>(|scope| {
@@ -382,8 +380,8 @@ fn run_dataflow(
             let (probe, emits) = build(inputs, &RulesConfig::default()).probe();
             emits.gather(0, move |b| {
                 let frontier = b.frontier;
-                if count_inline {
-                    c2.lock().unwrap().add(b);
+                if count_on_worker0 {
+                    counted_inline.lock().unwrap().add(b);
                 } else {
                     to_counter
                         .send(Some(b))
@@ -429,7 +427,6 @@ fn run_dataflow(
             let mut o = out.lock().unwrap();
             o.seconds = seconds;
             o.cpu_seconds = cpu_seconds;
-            o.counted_inline = std::mem::take(&mut *counted.lock().unwrap());
             done_to_counter
                 .send(None)
                 .expect("the counting thread runs until the end");
@@ -443,7 +440,7 @@ fn run_dataflow(
     drop(guards);
     let mut r = result.lock().unwrap().clone();
     let mut c = counter.join().expect("the counting thread");
-    c.merge(std::mem::take(&mut r.counted_inline));
+    c.merge(std::mem::take(&mut *counted_at_end.lock().unwrap()));
     r.distinct_records = c.distinct.len() as u64;
     for (ty, _) in c.distinct.iter() {
         *r.distinct_by_type.entry(ty.clone()).or_insert(0) += 1;
@@ -455,7 +452,7 @@ fn run_dataflow(
 }
 
 /// What the batches held, counted on the benchmark's sink side.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 struct Counted {
     records: u64,
     rows: u64,
