@@ -209,7 +209,7 @@ pub fn run(cfg: Config, shared: Arc<Shared>) -> anyhow::Result<RunSummary> {
             let (sessions, inputs) = Sessions::new(scope);
             let (probe, emits) = build_core(core, inputs, &rules).probe();
             let sender = sender.clone();
-            emits.gather(resume, move |batch| {
+            emits.gather(resume, core.owners(), move |batch| {
                 if let Some(s) = &sender {
                     gshared.in_flight.fetch_add(1, Ordering::SeqCst);
                     if s.blocking_send(batch).is_err() {

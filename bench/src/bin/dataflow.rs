@@ -378,7 +378,7 @@ fn run_dataflow(
         let (mut sessions, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let (sessions, inputs) = Sessions::new(scope);
             let (probe, emits) = build(inputs, &RulesConfig::default()).probe();
-            emits.gather(0, move |b| {
+            emits.gather(0, Core::from_env().owners(), move |b| {
                 let frontier = b.frontier;
                 if count_on_worker0 {
                     counted_inline.lock().unwrap().add(b);
@@ -668,7 +668,7 @@ fn memory_variant(variant: &str, n: usize) -> Value {
         let (mut sessions, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let (sessions, inputs) = Sessions::new(scope);
             let (probe, emits) = build(inputs, &RulesConfig::default()).probe();
-            emits.gather(0, |_b| {});
+            emits.gather(0, Core::from_env().owners(), |_b| {});
             (sessions, probe)
         });
         let template = json!({"templateId": "bench-mem", "version": 1, "tasks": [{"taskDefId": "only", "name": "Only task"}]});
@@ -822,7 +822,7 @@ fn history_variant(retire: bool, n: usize, idle_merge_effort: Option<isize>) -> 
         let (mut sessions, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let (sessions, inputs) = Sessions::new(scope);
             let (probe, emits) = build(inputs, &rules).probe();
-            emits.gather(0, |_b| {});
+            emits.gather(0, Core::from_env().owners(), |_b| {});
             (sessions, probe)
         });
         let template = json!({"templateId": "bench-mem", "version": 1, "tasks": [{"taskDefId": "only", "name": "Only task"}]});

@@ -125,6 +125,16 @@ pub fn build_core<'s>(
     }
 }
 
+impl Core {
+    /// Where the changes of a row come from on this core (for the gather).
+    pub fn owners(self) -> crate::gather::Owners {
+        match self {
+            Core::Differential => crate::gather::Owners::Anywhere,
+            Core::Keyed => crate::gather::Owners::Local,
+        }
+    }
+}
+
 /// [`run`] with the flush batches handed to `sink` (worker 0's gather) instead of applied
 /// to an [`Outcome`]: `Outcome::apply` looks each record up among all published so far,
 /// which dominates a long run's time.
@@ -155,7 +165,7 @@ pub fn run_with(
             let (sessions, inputs) = Sessions::new(scope);
             let emits = build_core(core, inputs, &cfg);
             let (probe, emits) = emits.probe();
-            emits.gather(suppress, move |b| {
+            emits.gather(suppress, core.owners(), move |b| {
                 if gathered2.load(Ordering::SeqCst) >= end {
                     return;
                 }

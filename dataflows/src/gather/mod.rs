@@ -1,15 +1,22 @@
-//! Gathering: from timestamped changes to [`FlushBatch`]es, one per frontier advance.
+//! Gathering: from timestamped changes to [`FlushBatch`]es, handed in order to a callback
+//! (the sink) on worker 0.
 //!
-//! Two stages. Each worker sorts its own [`Emit`]s once their time is complete
-//! ([`gather_order`], one sorted run per frontier advance, on the worker that produced
-//! them); the runs are exchanged to worker 0, which buffers them in arrival order. When the
-//! frontier passes a time, every change at that time is final; the completed changes are
-//! then merged (a stable sort of sorted runs) and handed, collapsed into one
-//! [`FlushBatch`], to a callback (the sink), one batch per frontier advance, in order
-//! ([`Stage2`]). The result is the single sort's: ties keep arrival order in both. Stage 2
-//! runs on worker 0, or, with fewer workers than cores, on a thread of its own beside it
-//! ([`CollapseThread`]: with 2 workers the collapse was 25-30 % of worker 0's time, but a
-//! third thread on 2 cores only competes with the workers).
+//! Two ways, chosen by the number of workers against the cores ([`Place`]):
+//! - **every worker collapses its own changes** ([`gather_partials`], as many workers as
+//!   cores or more; the keyed core only, see [`Owners`]): each worker collapses what
+//!   completed into partial batches over cells of stamps cut on a decimal grid, and worker 0
+//!   merges the partials of all workers at the cuts they all made ([`partial`]). Worker 0
+//!   keeps only the merge: at 2 workers the collapse was ~30 % of its time while worker 1
+//!   waited.
+//! - **worker 0 collapses everything** ([`gather_beside`]): each worker sorts its own
+//!   completed changes ([`gather_order`], one sorted run per frontier advance); the runs are
+//!   exchanged to worker 0, which buffers them in arrival order; when the frontier passes a
+//!   time, the completed changes are merged (a stable sort of sorted runs), collapsed into
+//!   one [`FlushBatch`] per frontier advance ([`Stage2`]) on a thread beside worker 0 where
+//!   a core is left for it ([`CollapseThread`]: 1 worker on 2 cores +12-20 %), and for the
+//!   differential core.
+//!
+//! Both give the batch a single collapse of the same changes gives (tests below).
 //!
 //! Collapsing rules, applied in time order:
 //! - rows: per primary key, retractions before insertions at each time, so the batch holds
@@ -41,6 +48,9 @@ use crate::model::Str;
 use crate::output::{DeadLetter, FlushBatch, Millis, OffsetMark, OutRecord, Owner, Row};
 use crate::Emit;
 
+mod partial;
+use partial::{CellCollapser, Merge, Partial};
+
 type Fast = foldhash::fast::RandomState;
 
 /// Accumulates the changes of completed times into a batch. Public so tests and the
@@ -51,7 +61,8 @@ type Fast = foldhash::fast::RandomState;
 /// order is the one a `BTreeMap` gave). All keep their capacity across flushes.
 #[derive(Default)]
 pub struct Collapser {
-    rows: HashMap<(u8, Str, Str), Option<Arc<Row>>, Fast>,
+    /// The rows touched, by key (`Some(None)`: deleted).
+    rows: HashMap<(u8, Str, Str), Option<Option<Arc<Row>>>, Fast>,
     records: Vec<OutRecord>,
     /// The (topic, eventId) of `records`, as indices into it: a record whose pair is there
     /// is a duplicate.
@@ -82,26 +93,7 @@ impl Collapser {
                 {
                     return;
                 }
-                let key = row.key();
-                if r > 0 && row.is_fact() {
-                    // Raised or appended once: the first write stands (the records
-                    // keep their first copy too, below).
-                    let slot = self.rows.entry(key).or_insert(None);
-                    if slot.is_none() {
-                        *slot = Some(row);
-                    }
-                } else if r > 0 {
-                    self.rows.insert(key, Some(row));
-                } else if r < 0 {
-                    // Only delete when the current value is the one retracted.
-                    match self.rows.get_mut(&key) {
-                        Some(Some(cur)) if **cur != *row => {}
-                        Some(slot) => *slot = None,
-                        None => {
-                            self.rows.insert(key, None);
-                        }
-                    }
-                }
+                apply_row(self.rows.entry(row.key()).or_insert(None), row, r);
             }
             Emit::Record(_, rec) if r > 0 => self.push_record(*rec),
             Emit::Dead(d) if r > 0 => {
@@ -165,7 +157,7 @@ impl Collapser {
         let mut rows: Vec<_> = self
             .rows
             .drain()
-            .map(|(k, v)| (k, v.map(Arc::unwrap_or_clone)))
+            .filter_map(|(k, v)| Some((k, v?.map(Arc::unwrap_or_clone))))
             .collect();
         rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         self.seen.clear();
@@ -182,6 +174,24 @@ impl Collapser {
                     next_offset,
                 })
                 .collect(),
+        }
+    }
+}
+
+/// One change of a row applied to what the batch holds for its key (`None`: untouched so
+/// far; `Some(None)`: deleted). A fact (raised or appended once) keeps its first write (the
+/// records keep their first copy too); a retraction deletes only the value it retracts.
+fn apply_row(slot: &mut Option<Option<Arc<Row>>>, row: Arc<Row>, r: isize) {
+    if r > 0 && row.is_fact() {
+        if slot.as_ref().is_none_or(|v| v.is_none()) {
+            *slot = Some(Some(row));
+        }
+    } else if r > 0 {
+        *slot = Some(Some(row));
+    } else if r < 0 {
+        match slot {
+            Some(Some(cur)) if **cur != *row => {}
+            _ => *slot = Some(None),
         }
     }
 }
@@ -215,63 +225,193 @@ fn sort_in_gather_order(updates: &mut [(Emit, u64, isize)]) {
 /// Extension trait: gather a collection of [`Emit`] into flush batches on worker 0.
 pub trait Gather {
     /// Calls `flush` with every batch of completed times at or above `suppress_before`.
+    /// `owners` says where a row's changes come from (see [`Owners`]).
     /// `flush` is also called, with an empty batch, when the frontier advances without
     /// changes, so the sink can record the clock's progress. Its frontier is
     /// `u64::MAX` once the input is exhausted.
-    fn gather<F: FnMut(FlushBatch) + Send + 'static>(self, suppress_before: Millis, flush: F);
+    fn gather<F: FnMut(FlushBatch) + Send + 'static>(
+        self,
+        suppress_before: Millis,
+        owners: Owners,
+        flush: F,
+    );
+}
+
+/// Where the changes of a row come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Owners {
+    /// From the worker that owns the row's workflow or order, which also retires it (the
+    /// keyed core): each worker can collapse its own changes.
+    Local,
+    /// From any worker (the differential core: a task's row and its workflow's retirement
+    /// may be on two workers): only the gatherer sees them all.
+    Anywhere,
 }
 
 impl Gather for VecCollection<'_, u64, Emit> {
-    fn gather<F: FnMut(FlushBatch) + Send + 'static>(self, suppress_before: Millis, flush: F) {
-        // Each worker sorts its own completed changes (stage 1), so the gatherer merges
-        // sorted runs instead of sorting everything alone (stage 2).
-        let sorted = sort_completed(self.inner, suppress_before);
-        // Changes not yet complete, in arrival order: one buffer, sorted once per flush
-        // (a map of per-time vectors cost a lookup per change and a growing vector per
-        // distinct time: with event-time stamps most times hold a few changes).
-        let mut pending: Vec<(Emit, u64, isize)> = Vec::new();
-        let mut flush = Some(flush);
-        let mut collapse: Option<Collapse<F>> = None;
-        let mut last_frontier: Option<u64> = None;
-        let is_gatherer = sorted.scope().index() == 0;
-        // The collapse gets its own thread only where a core is left for it: with as many
-        // workers as cores it competed with them (2 workers on 2 cores: -5 % events/s, the
-        // CPU per event +10 %), with fewer it runs beside them (1 worker: +12-20 %).
+    fn gather<F: FnMut(FlushBatch) + Send + 'static>(
+        self,
+        suppress_before: Millis,
+        owners: Owners,
+        flush: F,
+    ) {
+        // With fewer workers than cores the collapse runs on a thread of its own beside
+        // worker 0; with as many or more, every worker collapses its own changes and worker
+        // 0 only merges (a third thread on 2 cores only competed with the workers: 2
+        // workers -5 % events/s, the CPU per event +10 %; with 1 worker it gained 12-20 %).
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let own_thread = sorted.scope().peers() < cores;
-        sorted.sink(
-            Exchange::new(|_| 0u64),
-            "Gather",
-            move |(input, frontier)| {
-                input.for_each(|_cap, data| {
-                    pending.append(data);
-                });
-                if !is_gatherer {
-                    return;
-                }
-                let f: AntichainRef<u64> = frontier.frontier();
-                let upper = f.first().copied().unwrap_or(u64::MAX);
-                if last_frontier == Some(upper) {
-                    return;
-                }
-                last_frontier = Some(upper);
-                let collapse = collapse.get_or_insert_with(|| {
-                    let flush = flush.take().expect("one collapse");
-                    if own_thread {
-                        Collapse::Thread(CollapseThread::spawn(suppress_before, flush))
-                    } else {
-                        Collapse::Here(Box::new(Stage2::new(suppress_before, flush)))
-                    }
-                });
-                // What completed leaves `pending`, in a buffer that keeps its capacity
-                // (regrowing one from empty at every flush cost page faults: +8 s of system
-                // time in a catch-up).
-                let mut done = collapse.spare();
-                done.extend(pending.extract_if(.., |u| u.1 < upper));
-                collapse.flush(done, upper);
-            },
-        );
+        let place = Place::from_env().unwrap_or(if self.inner.scope().peers() < cores {
+            Place::Thread
+        } else {
+            Place::Workers
+        });
+        let place = match (place, owners) {
+            (Place::Workers, Owners::Anywhere) => Place::Worker0,
+            (place, _) => place,
+        };
+        match place {
+            Place::Workers => gather_partials(self.inner, suppress_before, flush),
+            beside => gather_beside(self.inner, suppress_before, flush, beside == Place::Thread),
+        }
     }
+}
+
+/// Where the gather collapses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    /// Every worker its own changes, worker 0 merges ([`gather_partials`]).
+    Workers,
+    /// Worker 0 all changes, on a thread beside it ([`gather_beside`]).
+    Thread,
+    /// Worker 0 all changes, itself (the differential core with as many workers as cores).
+    Worker0,
+}
+
+impl Place {
+    /// `HMIS_GATHER` = `workers`, `thread` or `worker0` overrides the choice by core count
+    /// (to compare them in one build; unset or empty: by core count).
+    fn from_env() -> Option<Place> {
+        match std::env::var("HMIS_GATHER").as_deref() {
+            Ok("workers") => Some(Place::Workers),
+            Ok("thread") => Some(Place::Thread),
+            Ok("worker0") => Some(Place::Worker0),
+            Ok("") | Err(_) => None,
+            Ok(other) => panic!("HMIS_GATHER={other}: expected workers, thread or worker0"),
+        }
+    }
+}
+
+/// The gather with every worker collapsing its own changes into partials of cells of stamps,
+/// merged on worker 0 at cuts every worker made (see [`partial`]).
+fn gather_partials<F: FnMut(FlushBatch) + 'static>(
+    updates: Updates<'_, Emit>,
+    suppress_before: Millis,
+    mut flush: F,
+) {
+    let (worker, peers) = (updates.scope().index(), updates.scope().peers());
+    let partials = updates.unary_frontier::<CapacityContainerBuilder<Vec<Partial>>, _, _, _>(
+        Pipeline,
+        "GatherCells",
+        move |cap: Capability<u64>, _info| {
+            let mut cap = Some(cap);
+            let mut pending: Vec<(Emit, u64, isize)> = Vec::new();
+            let mut done: Vec<(Emit, u64, isize)> = Vec::new();
+            let mut cells = CellCollapser::default();
+            // Where this worker cut last: every change below it was sent.
+            let mut last = 0u64;
+            move |(input, frontier), output| {
+                input.for_each(|_cap, data| {
+                    pending.extend(data.drain(..).filter(|u| u.1 >= suppress_before));
+                });
+                let lower = frontier.frontier().first().copied();
+                let upper = lower.unwrap_or(u64::MAX);
+                if upper > last {
+                    done.extend(pending.extract_if(.., |u| u.1 < upper));
+                    sort_in_gather_order(&mut done);
+                    let held = cap
+                        .as_ref()
+                        .expect("a capability until the input is exhausted");
+                    let mut session = output.session(held);
+                    let mut rest = done.drain(..).peekable();
+                    let mut from = last;
+                    for to in partial::cuts(last, upper) {
+                        let changes = std::iter::from_fn(|| rest.next_if(|u| u.1 < to));
+                        session.give(cells.collapse(worker, from, to, changes));
+                        from = to;
+                    }
+                    last = upper;
+                }
+                hold(&mut cap, pending.iter().map(|u| u.1).chain(lower).min());
+            }
+        },
+    );
+    let mut merge = (worker == 0).then(|| Merge::new(peers, suppress_before));
+    partials.sink(Exchange::new(|_| 0u64), "GatherMerge", move |(input, _)| {
+        input.for_each(|_cap, data| {
+            let m = merge.as_mut().expect("partials are exchanged to worker 0");
+            for p in data.drain(..) {
+                m.add(p);
+            }
+        });
+        if let Some(m) = merge.as_mut() {
+            while let Some(batch) = m.next_flush() {
+                flush(batch);
+            }
+        }
+    });
+}
+
+/// The gather with every worker sorting its completed changes (stage 1) and worker 0
+/// merging, collapsing and flushing them (stage 2), on a thread beside it if `own_thread`.
+fn gather_beside<F: FnMut(FlushBatch) + Send + 'static>(
+    updates: Updates<'_, Emit>,
+    suppress_before: Millis,
+    flush: F,
+    own_thread: bool,
+) {
+    // Each worker sorts its own completed changes (stage 1), so the gatherer merges
+    // sorted runs instead of sorting everything alone (stage 2).
+    let sorted = sort_completed(updates, suppress_before);
+    // Changes not yet complete, in arrival order: one buffer, sorted once per flush
+    // (a map of per-time vectors cost a lookup per change and a growing vector per
+    // distinct time: with event-time stamps most times hold a few changes).
+    let mut pending: Vec<(Emit, u64, isize)> = Vec::new();
+    let mut flush = Some(flush);
+    let mut collapse: Option<Collapse<F>> = None;
+    let mut last_frontier: Option<u64> = None;
+    let is_gatherer = sorted.scope().index() == 0;
+    sorted.sink(
+        Exchange::new(|_| 0u64),
+        "Gather",
+        move |(input, frontier)| {
+            input.for_each(|_cap, data| {
+                pending.append(data);
+            });
+            if !is_gatherer {
+                return;
+            }
+            let f: AntichainRef<u64> = frontier.frontier();
+            let upper = f.first().copied().unwrap_or(u64::MAX);
+            if last_frontier == Some(upper) {
+                return;
+            }
+            last_frontier = Some(upper);
+            let collapse = collapse.get_or_insert_with(|| {
+                let flush = flush.take().expect("one collapse");
+                if own_thread {
+                    Collapse::Thread(CollapseThread::spawn(suppress_before, flush))
+                } else {
+                    Collapse::Here(Box::new(Stage2::new(suppress_before, flush)))
+                }
+            });
+            // What completed leaves `pending`, in a buffer that keeps its capacity
+            // (regrowing one from empty at every flush cost page faults: +8 s of system
+            // time in a catch-up).
+            let mut done = collapse.spare();
+            done.extend(pending.extract_if(.., |u| u.1 < upper));
+            collapse.flush(done, upper);
+        },
+    );
 }
 
 /// Stage 2 of the gather: the completed changes of each frontier advance merged into
@@ -416,6 +556,7 @@ fn sort_completed<'s>(updates: Updates<'s, Emit>, suppress_before: Millis) -> Up
 
 #[cfg(test)]
 mod tests {
+    use super::partial::{CellCollapser, Merge, Partial};
     use super::*;
     use crate::output::{samples, OutRecord, OutTopic};
     use rand::rngs::StdRng;
@@ -602,6 +743,144 @@ mod tests {
                 "seed {seed}"
             );
         }
+    }
+
+    /// Which worker produces a change: the owner's, as the keyed operators do (a row's key
+    /// and its owner's retirement stay on one worker; offsets by partition).
+    fn worker_of(e: &Emit, peers: usize) -> usize {
+        let owner = match e {
+            Emit::Row(row) => format!("{:?}", row.owner()),
+            Emit::Record((wid, _), _) => format!("{:?}", Some(Owner::Workflow(wid.clone()))),
+            Emit::Retired(o) => format!("{:?}", Some(o.clone())),
+            Emit::Offset(m) => format!("partition {}", m.partition),
+            Emit::Dead(d) => format!("dead {}", d.partition),
+        };
+        crate::engine::keyed::route(&owner) as usize % peers
+    }
+
+    /// Random changes at times 0..300 (alert ids unique per workflow, as real ones are).
+    fn spread_updates(rng: &mut StdRng, max: usize) -> Vec<(Emit, u64, isize)> {
+        let n = rng.random_range(0..max);
+        (0..n)
+            .map(|_| {
+                let (e, r) = match rng.random_range(0..10) {
+                    4 => {
+                        let wf = rng.random_range(0..4);
+                        let id = wf * 10 + rng.random_range(0..4);
+                        let r = if rng.random_bool(0.3) { -1 } else { 1 };
+                        (alert(id, wf, rng.random_range(0..3)), r)
+                    }
+                    _ => loop {
+                        let (e, r) = random_update(rng);
+                        if !matches!(&e, Emit::Row(row) if row.is_fact()) {
+                            break (e, r);
+                        }
+                    },
+                };
+                (e, rng.random_range(0..300), r)
+            })
+            .collect()
+    }
+
+    /// The gather on the workers' partials, simulated: each worker cuts at its own random
+    /// frontier sequence; worker 0 receives the partials interleaved at random.
+    fn partial_flushes(
+        updates: &[(Emit, u64, isize)],
+        peers: usize,
+        rng: &mut StdRng,
+    ) -> Vec<FlushBatch> {
+        let mut sent: Vec<std::collections::VecDeque<Partial>> = Vec::new();
+        for w in 0..peers {
+            let mut mine: Vec<_> = updates
+                .iter()
+                .filter(|u| worker_of(&u.0, peers) == w)
+                .cloned()
+                .collect();
+            let mut cells = CellCollapser::default();
+            let mut out = std::collections::VecDeque::new();
+            let mut last = 0;
+            while last < u64::MAX {
+                let upper = if last > 300 || rng.random_bool(0.05) {
+                    u64::MAX
+                } else {
+                    last + rng.random_range(1..60)
+                };
+                let mut done: Vec<_> = mine.extract_if(.., |u| u.1 < upper).collect();
+                sort_in_gather_order(&mut done);
+                let mut rest = done.into_iter().peekable();
+                let mut from = last;
+                for to in partial::cuts(last, upper) {
+                    let changes = std::iter::from_fn(|| rest.next_if(|u| u.1 < to));
+                    out.push_back(cells.collapse(w, from, to, changes));
+                    from = to;
+                }
+                last = upper;
+            }
+            sent.push(out);
+        }
+        let mut merge = Merge::new(peers, 0);
+        let mut flushes = Vec::new();
+        while sent.iter().any(|q| !q.is_empty()) {
+            let w = rng.random_range(0..peers);
+            if let Some(p) = sent[w].pop_front() {
+                merge.add(p);
+                while let Some(b) = merge.next_flush() {
+                    flushes.push(b);
+                }
+            }
+        }
+        flushes
+    }
+
+    #[test]
+    fn merged_partials_flush_as_one_collapse() {
+        for seed in 0..400 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let updates = spread_updates(&mut rng, 150);
+            let peers = 1 + seed as usize % 3;
+            let flushes = partial_flushes(&updates, peers, &mut rng);
+            assert_eq!(
+                flushes.last().map(|b| b.frontier),
+                Some(u64::MAX),
+                "seed {seed}"
+            );
+            let mut below = 0;
+            for b in flushes {
+                assert!(b.frontier > below, "seed {seed}: cuts advance");
+                let part: Vec<_> = updates
+                    .iter()
+                    .filter(|u| below <= u.1 && u.1 < b.frontier)
+                    .cloned()
+                    .collect();
+                let expected = collapsed(&part);
+                let at = format!(
+                    "seed {seed}, {peers} workers, flush [{below}, {})",
+                    b.frontier
+                );
+                assert_eq!(b.rows, expected.rows, "{at}: rows");
+                assert_eq!(b.records, expected.records, "{at}: records and their order");
+                assert_eq!(b.offsets, expected.offsets, "{at}: offsets");
+                assert_eq!(b.dead_letters, expected.dead_letters, "{at}: dead letters");
+                below = b.frontier;
+            }
+        }
+    }
+
+    #[test]
+    fn every_worker_cuts_at_the_coarsest_grid_in_use() {
+        // One cut inside a span, at the multiple of the least power of ten >= its length.
+        assert_eq!(partial::cuts(95, 150).collect::<Vec<_>>(), vec![100, 150]);
+        assert_eq!(partial::cuts(100, 150).collect::<Vec<_>>(), vec![150]);
+        assert_eq!(partial::cuts(0, 7).collect::<Vec<_>>(), vec![7]);
+        assert_eq!(partial::cuts(1_234, 9_999).collect::<Vec<_>>(), vec![9_999]);
+        assert_eq!(
+            partial::cuts(9_999, 10_001).collect::<Vec<_>>(),
+            vec![10_000, 10_001]
+        );
+        assert_eq!(
+            partial::cuts(5, u64::MAX).collect::<Vec<_>>(),
+            vec![u64::MAX]
+        );
     }
 
     #[test]

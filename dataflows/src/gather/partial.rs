@@ -1,0 +1,385 @@
+//! The gather's collapse on every worker (with as many workers as cores, or more): each
+//! worker collapses its own completed changes into [`Partial`]s, one per *cell* of stamps,
+//! and worker 0 only merges the partials of all workers at cuts every worker made.
+//!
+//! **Why cells.** A flush at `X` holds every change below `X` and none above (the sink
+//! commits it with its offsets and frontier). A partial collapsed over `[a, b)` cannot be
+//! split, so `X` must be a boundary of every worker's partials. Workers see different
+//! frontier sequences (worker A may pass 90 and 110 where worker B passes 100), so cutting
+//! where each saw its frontier alone would leave no common cut while the frontier keeps
+//! moving. Every worker also cuts at the points of a decimal grid: an activation that moves
+//! a worker's frontier by `j` ms cuts at the multiple of `g` inside the span, `g` the least
+//! power of ten ≥ `j` (at most one such point; at most two cells per activation). The grids
+//! are nested, so every multiple of the coarsest `g` in use is a cut of every worker, and
+//! the frontier's last value, where it stops, is one too (every worker is woken with it).
+//!
+//! **What a partial holds**: rows by key, each as what the cell did to it
+//! ([`CellRow`]: its final value when the cell wrote it, or the retractions and facts
+//! whose effect depends on the value before the cell); records in gather order with their
+//! sort keys, duplicates within the cell removed; dead letters; the highest offset per
+//! partition. Worker 0 merges the partials of a flush: rows by key in time order (a row's
+//! changes come from the worker that owns its workflow or order), records by their sort
+//! keys with duplicates removed across partials, offsets by maximum. The result is the batch
+//! [`super::Collapser`] makes of the same changes (`merged_partials_flush_as_one_collapse`).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{apply_row, retired_in, Fast};
+use crate::model::Str;
+use crate::output::{DeadLetter, FlushBatch, Millis, OffsetMark, OutRecord, Owner, Row};
+use crate::Emit;
+
+/// A row's primary key ([`Row::key`]).
+pub(crate) type RowKey = (u8, Str, Str);
+
+/// What one cell did to a row.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum CellRow {
+    /// The row's value after the cell, whatever it was before (the cell wrote it; `None`:
+    /// deleted after).
+    Set(Option<Arc<Row>>),
+    /// Changes whose effect depends on the value before the cell (retractions, facts), in
+    /// order.
+    Ops(Vec<(Arc<Row>, isize)>),
+}
+
+impl CellRow {
+    /// Adds one change (retractions of a time before its insertions, as the collapse).
+    fn add(slot: &mut Option<CellRow>, row: Arc<Row>, r: isize) {
+        match slot {
+            Some(CellRow::Set(v)) => {
+                let mut cur = Some(v.take());
+                apply_row(&mut cur, row, r);
+                *v = cur.expect("a value once applied");
+            }
+            _ if r > 0 && !row.is_fact() => *slot = Some(CellRow::Set(Some(row))),
+            Some(CellRow::Ops(ops)) => ops.push((row, r)),
+            None => *slot = Some(CellRow::Ops(vec![(row, r)])),
+        }
+    }
+
+    /// Applies the cell to what the batch holds for the row (`None`: untouched so far).
+    fn apply(self, slot: &mut Option<Option<Arc<Row>>>) {
+        match self {
+            CellRow::Set(v) => *slot = Some(v),
+            CellRow::Ops(ops) => {
+                for (row, r) in ops {
+                    apply_row(slot, row, r);
+                }
+            }
+        }
+    }
+}
+
+/// A record's place in a batch: (time, dead letter?, workflow, type rank); derived records
+/// then by eventId, dead letters in arrival order (see `gather_order`).
+pub(crate) type RecKey = (u64, bool, Str, u8);
+
+/// The order of records in a batch (see [`RecKey`]).
+fn record_order(a: &(RecKey, OutRecord), b: &(RecKey, OutRecord)) -> std::cmp::Ordering {
+    let ((ta, da, wa, ra), (tb, db, wb, rb)) = (&a.0, &b.0);
+    (ta, da, wa, ra).cmp(&(tb, db, wb, rb)).then_with(|| {
+        if *da {
+            std::cmp::Ordering::Equal
+        } else {
+            a.1.event_id.cmp(&b.1.event_id)
+        }
+    })
+}
+
+/// One worker's changes of the stamps in `[from, to)`, collapsed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Partial {
+    pub(crate) worker: usize,
+    pub(crate) from: u64,
+    pub(crate) to: u64,
+    /// Sorted by key, each with the least time it was changed at in the cell.
+    rows: Vec<(RowKey, u64, CellRow)>,
+    /// In gather order; a (topic, eventId) once.
+    records: Vec<(RecKey, OutRecord)>,
+    dead: Vec<(u64, DeadLetter)>,
+    offsets: Vec<((String, i32), i64)>,
+}
+
+impl Partial {
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+            && self.records.is_empty()
+            && self.dead.is_empty()
+            && self.offsets.is_empty()
+    }
+}
+
+/// The points a worker cuts its changes at when its frontier moves from `last` to `upper`:
+/// the multiple of the least power of ten ≥ `upper - last` inside the span, if any, then
+/// `upper` (module doc). `upper` = `u64::MAX` (the input exhausted) is one cell.
+pub(crate) fn cuts(last: u64, upper: u64) -> impl Iterator<Item = u64> {
+    debug_assert!(upper > last);
+    let jump = upper - last;
+    let mut g: u64 = 1;
+    while g < jump && g <= u64::MAX / 10 {
+        g *= 10;
+    }
+    // The input exhausted: one last cell.
+    let inner = (last / g)
+        .checked_add(1)
+        .and_then(|n| n.checked_mul(g))
+        .filter(|p| *p < upper && upper < u64::MAX);
+    inner.into_iter().chain(std::iter::once(upper))
+}
+
+/// Dedup of records by (topic, eventId), as the collapse: the first one stands.
+#[derive(Default)]
+struct Seen {
+    table: hashbrown::HashTable<usize>,
+    hasher: Fast,
+}
+
+impl Seen {
+    /// Whether `rec` is the first of its (topic, eventId) among `kept` (then it is to be
+    /// pushed at index `kept.len()`).
+    fn first<K>(&mut self, kept: &[(K, OutRecord)], rec: &OutRecord) -> bool {
+        let Seen { table, hasher } = self;
+        let hash = |r: &OutRecord| hasher.hash_one((r.topic, r.event_id.as_str()));
+        let same = |i: &usize| kept[*i].1.topic == rec.topic && kept[*i].1.event_id == rec.event_id;
+        if table.find(hash(rec), same).is_some() {
+            return false;
+        }
+        table.insert_unique(hash(rec), kept.len(), |i| hash(&kept[*i].1));
+        true
+    }
+    fn clear(&mut self) {
+        self.table.clear();
+    }
+}
+
+/// Collapses changes sorted in gather order, all at times in `[from, to)`, into a partial.
+pub(crate) struct CellCollapser {
+    rows: HashMap<RowKey, (u64, Option<CellRow>), Fast>,
+    seen: Seen,
+}
+
+impl Default for CellCollapser {
+    fn default() -> Self {
+        CellCollapser {
+            rows: HashMap::default(),
+            seen: Seen::default(),
+        }
+    }
+}
+
+impl CellCollapser {
+    pub(crate) fn collapse(
+        &mut self,
+        worker: usize,
+        from: u64,
+        to: u64,
+        changes: impl Iterator<Item = (Emit, u64, isize)>,
+    ) -> Partial {
+        let mut p = Partial {
+            worker,
+            from,
+            to,
+            ..Partial::default()
+        };
+        let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let mut changes = changes.peekable();
+        let mut time: Vec<(Emit, isize)> = Vec::new();
+        while let Some((_, t, _)) = changes.peek() {
+            let t = *t;
+            debug_assert!(from <= t && t < to, "{t} outside [{from}, {to})");
+            time.clear();
+            while let Some((e, _, r)) = changes.next_if(|c| c.1 == t) {
+                time.push((e, r));
+            }
+            let retired: HashSet<Owner, Fast> = retired_in(time.iter().map(|(e, r)| (e, *r)));
+            for (e, r) in time.drain(..) {
+                match e {
+                    Emit::Row(row) => {
+                        if r < 0
+                            && !retired.is_empty()
+                            && row.owner().is_some_and(|o| retired.contains(&o))
+                        {
+                            continue;
+                        }
+                        let slot = self.rows.entry(row.key()).or_insert((t, None));
+                        CellRow::add(&mut slot.1, row, r);
+                    }
+                    Emit::Record((wid, rank), rec) if r > 0 => {
+                        if self.seen.first(&p.records, &rec) {
+                            p.records.push(((t, false, wid, rank), *rec));
+                        }
+                    }
+                    Emit::Dead(d) if r > 0 => {
+                        let rec = d.to_record();
+                        if self.seen.first(&p.records, &rec) {
+                            p.records.push(((t, true, Str::default(), 0), rec));
+                        }
+                        p.dead.push((t, *d));
+                    }
+                    Emit::Offset(m) if r > 0 => {
+                        let e = offsets
+                            .entry((m.topic, m.partition))
+                            .or_insert(m.next_offset);
+                        *e = (*e).max(m.next_offset);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        p.rows = self
+            .rows
+            .drain()
+            .map(|(k, (t, c))| (k, t, c.expect("a change made the entry")))
+            .collect();
+        p.rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        p.offsets = offsets.into_iter().collect();
+        self.seen.clear();
+        p
+    }
+}
+
+/// Worker 0's side: the partials of every worker, merged into one batch per common cut.
+pub(crate) struct Merge {
+    suppress_before: Millis,
+    /// Per worker, the partials not flushed yet, in stamp order.
+    pending: Vec<VecDeque<Partial>>,
+    /// Per worker, the end of its last partial.
+    reached: Vec<u64>,
+    /// The last cut flushed.
+    flushed: u64,
+    seen: Seen,
+}
+
+impl Merge {
+    pub(crate) fn new(peers: usize, suppress_before: Millis) -> Merge {
+        Merge {
+            suppress_before,
+            pending: (0..peers).map(|_| VecDeque::new()).collect(),
+            reached: vec![0; peers],
+            flushed: 0,
+            seen: Seen::default(),
+        }
+    }
+
+    pub(crate) fn add(&mut self, p: Partial) {
+        let w = p.worker;
+        debug_assert_eq!(
+            p.from, self.reached[w],
+            "worker {w}'s partials are contiguous"
+        );
+        self.reached[w] = p.to;
+        self.pending[w].push_back(p);
+    }
+
+    /// Whether `x` splits no partial of worker `w` holding changes.
+    fn cuts(&self, w: usize, x: u64) -> bool {
+        x <= self.reached[w]
+            && !self.pending[w]
+                .iter()
+                .any(|p| p.from < x && x < p.to && !p.is_empty())
+    }
+
+    /// The greatest cut every worker made, if above the last one flushed.
+    fn common_cut(&self) -> Option<u64> {
+        let reach = self.reached.iter().copied().min()?;
+        let candidates = self
+            .pending
+            .iter()
+            .flatten()
+            .flat_map(|p| [p.from, p.to])
+            .chain(std::iter::once(reach))
+            .filter(|x| *x <= reach && *x > self.flushed);
+        let mut best: Option<u64> = None;
+        for x in candidates {
+            if best.is_none_or(|b| x > b) && (0..self.pending.len()).all(|w| self.cuts(w, x)) {
+                best = Some(x);
+            }
+        }
+        best
+    }
+
+    /// The batch of the next common cut, if every worker has made one since the last.
+    pub(crate) fn next_flush(&mut self) -> Option<FlushBatch> {
+        let x = self.common_cut()?;
+        self.flushed = x;
+        // The partials below the cut, by (start, worker): a worker's in stamp order.
+        let mut parts: Vec<Partial> = Vec::new();
+        for q in &mut self.pending {
+            while q.front().is_some_and(|p| p.to <= x) {
+                parts.push(q.pop_front().expect("front"));
+            }
+            if q.front().is_some_and(|p| p.from < x) {
+                // An empty partial straddling the cut: its part below is flushed now.
+                let p = q.front_mut().expect("front");
+                debug_assert!(p.is_empty());
+                p.from = x;
+            }
+        }
+        parts.sort_by_key(|p| (p.from, p.worker));
+        Some(self.merge(parts, x))
+    }
+
+    fn merge(&mut self, parts: Vec<Partial>, x: u64) -> FlushBatch {
+        let mut rows: Vec<(RowKey, u64, CellRow)> = Vec::new();
+        let mut records: Vec<(RecKey, OutRecord)> = Vec::new();
+        let mut dead: Vec<(u64, DeadLetter)> = Vec::new();
+        let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        for p in parts {
+            rows.extend(p.rows);
+            records.extend(p.records);
+            dead.extend(p.dead);
+            for (k, o) in p.offsets {
+                let e = offsets.entry(k).or_insert(o);
+                *e = (*e).max(o);
+            }
+        }
+        // Stable: equal keys keep the partials' order (a worker's cells in stamp order).
+        rows.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+        let mut merged: Vec<(RowKey, Option<Row>)> = Vec::with_capacity(rows.len());
+        let mut it = rows.into_iter().peekable();
+        while let Some((key, _, cell)) = it.next() {
+            let mut slot = None;
+            cell.apply(&mut slot);
+            while let Some((_, _, more)) = it.next_if(|n| n.0 == key) {
+                more.apply(&mut slot);
+            }
+            if let Some(value) = slot {
+                merged.push((key, value.map(Arc::unwrap_or_clone)));
+            }
+        }
+        // Each partial's records are in order: merged by a stable sort (it finds the runs).
+        if !records
+            .windows(2)
+            .all(|w| record_order(&w[0], &w[1]) != std::cmp::Ordering::Greater)
+        {
+            records.sort_by(record_order);
+        }
+        let mut kept: Vec<(RecKey, OutRecord)> = Vec::with_capacity(records.len());
+        for r in records {
+            if self.seen.first(&kept, &r.1) {
+                kept.push(r);
+            }
+        }
+        self.seen.clear();
+        dead.sort_by_key(|d| d.0);
+        FlushBatch {
+            frontier: x.max(self.suppress_before),
+            rows: merged,
+            records: kept.into_iter().map(|r| r.1).collect(),
+            dead_letters: dead.into_iter().map(|d| d.1).collect(),
+            offsets: offsets
+                .into_iter()
+                .map(|((topic, partition), next_offset)| OffsetMark {
+                    topic,
+                    partition,
+                    next_offset,
+                })
+                .collect(),
+        }
+    }
+}
