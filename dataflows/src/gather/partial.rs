@@ -158,18 +158,10 @@ impl Seen {
 }
 
 /// Collapses changes sorted in gather order, all at times in `[from, to)`, into a partial.
+#[derive(Default)]
 pub(crate) struct CellCollapser {
     rows: HashMap<RowKey, (u64, Option<CellRow>), Fast>,
     seen: Seen,
-}
-
-impl Default for CellCollapser {
-    fn default() -> Self {
-        CellCollapser {
-            rows: HashMap::default(),
-            seen: Seen::default(),
-        }
-    }
 }
 
 impl CellCollapser {
@@ -209,10 +201,10 @@ impl CellCollapser {
                         let slot = self.rows.entry(row.key()).or_insert((t, None));
                         CellRow::add(&mut slot.1, row, r);
                     }
-                    Emit::Record((wid, rank), rec) if r > 0 => {
-                        if self.seen.first(&p.records, &rec) {
-                            p.records.push(((t, false, wid, rank), *rec));
-                        }
+                    Emit::Record((wid, rank), rec)
+                        if r > 0 && self.seen.first(&p.records, &rec) =>
+                    {
+                        p.records.push(((t, false, wid, rank), *rec));
                     }
                     Emit::Dead(d) if r > 0 => {
                         let rec = d.to_record();
