@@ -331,14 +331,8 @@ fn gather_partials<F: FnMut(FlushBatch) + 'static>(
                     let held = cap
                         .as_ref()
                         .expect("a capability until the input is exhausted");
-                    let mut session = output.session(held);
-                    let mut rest = done.drain(..).peekable();
-                    let mut from = last;
-                    for to in partial::cuts(last, upper) {
-                        let changes = std::iter::from_fn(|| rest.next_if(|u| u.1 < to));
-                        session.give(cells.collapse(worker, from, to, changes));
-                        from = to;
-                    }
+                    let parts = partial::advance(&mut cells, worker, last, upper, done.drain(..));
+                    output.session(held).give_iterator(parts.into_iter());
                     last = upper;
                 }
                 hold(&mut cap, pending.iter().map(|u| u.1).chain(lower).min());
@@ -807,13 +801,13 @@ mod tests {
                 };
                 let mut done: Vec<_> = mine.extract_if(.., |u| u.1 < upper).collect();
                 sort_in_gather_order(&mut done);
-                let mut rest = done.into_iter().peekable();
-                let mut from = last;
-                for to in partial::cuts(last, upper) {
-                    let changes = std::iter::from_fn(|| rest.next_if(|u| u.1 < to));
-                    out.push_back(cells.collapse(w, from, to, changes));
-                    from = to;
-                }
+                out.extend(partial::advance(
+                    &mut cells,
+                    w,
+                    last,
+                    upper,
+                    done.into_iter(),
+                ));
                 last = upper;
             }
             sent.push(out);
@@ -868,19 +862,18 @@ mod tests {
 
     #[test]
     fn every_worker_cuts_at_the_coarsest_grid_in_use() {
-        // One cut inside a span, at the multiple of the least power of ten >= its length.
-        assert_eq!(partial::cuts(95, 150).collect::<Vec<_>>(), vec![100, 150]);
-        assert_eq!(partial::cuts(100, 150).collect::<Vec<_>>(), vec![150]);
-        assert_eq!(partial::cuts(0, 7).collect::<Vec<_>>(), vec![7]);
-        assert_eq!(partial::cuts(1_234, 9_999).collect::<Vec<_>>(), vec![9_999]);
-        assert_eq!(
-            partial::cuts(9_999, 10_001).collect::<Vec<_>>(),
-            vec![10_000, 10_001]
-        );
-        assert_eq!(
-            partial::cuts(5, u64::MAX).collect::<Vec<_>>(),
-            vec![u64::MAX]
-        );
+        let cuts = |a, b| partial::cuts(a, b).collect::<Vec<_>>();
+        // The multiples of the least power of ten with at most ten inside, then the end.
+        assert_eq!(cuts(95, 150), vec![100, 110, 120, 130, 140, 150]);
+        assert_eq!(cuts(100, 150), vec![110, 120, 130, 140, 150]);
+        assert_eq!(cuts(0, 7), vec![1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(cuts(0, 11), (1..=11).collect::<Vec<_>>());
+        assert_eq!(cuts(0, 12), vec![10, 12]);
+        let thousands: Vec<u64> = (2..=9).map(|k| k * 1_000).chain([9_999]).collect();
+        assert_eq!(cuts(1_234, 9_999), thousands);
+        assert_eq!(cuts(9_999, 10_001), vec![10_000, 10_001]);
+        // The input exhausted: one last cell.
+        assert_eq!(cuts(5, u64::MAX), vec![u64::MAX]);
     }
 
     #[test]
