@@ -294,6 +294,8 @@ impl Merge {
         }
     }
 
+    /// Adds a worker's next partial. Timely's channels deliver the messages between two
+    /// workers in the order they were sent, so each worker's partials arrive contiguous.
     pub(crate) fn add(&mut self, p: Partial) {
         let w = p.worker;
         debug_assert_eq!(
