@@ -99,6 +99,14 @@ impl Core {
             Ok(other) => panic!("HMIS_CORE={other}: expected keyed or differential"),
         }
     }
+
+    /// Where the changes of a row come from on this core (for the gather).
+    pub fn owners(self) -> crate::gather::Owners {
+        match self {
+            Core::Differential => crate::gather::Owners::Anywhere,
+            Core::Keyed => crate::gather::Owners::Local,
+        }
+    }
 }
 
 /// [`crate::harness::run`] on either core (the same driver, feed and gather).
@@ -122,16 +130,6 @@ pub fn build_core<'s>(
     match core {
         Core::Differential => crate::build(inputs, cfg),
         Core::Keyed => build_keyed(inputs, cfg),
-    }
-}
-
-impl Core {
-    /// Where the changes of a row come from on this core (for the gather).
-    pub fn owners(self) -> crate::gather::Owners {
-        match self {
-            Core::Differential => crate::gather::Owners::Anywhere,
-            Core::Keyed => crate::gather::Owners::Local,
-        }
     }
 }
 

@@ -64,12 +64,12 @@ pub struct Collapser {
     /// The rows touched, by key (`Some(None)`: deleted).
     rows: HashMap<(u8, Str, Str), Option<Option<Arc<Row>>>, Fast>,
     records: Vec<OutRecord>,
-    /// The (topic, eventId) of `records`, as indices into it: a record whose pair is there
-    /// is a duplicate.
-    seen: hashbrown::HashTable<usize>,
-    hasher: Fast,
+    /// The (topic, eventId) of `records`: a record whose pair is there is a duplicate.
+    seen: Seen,
     dead: Vec<DeadLetter>,
     offsets: BTreeMap<(String, i32), i64>,
+    /// One time's changes, while they are grouped ([`for_each_time`]).
+    time: Vec<(Emit, isize)>,
 }
 
 impl Collapser {
@@ -88,11 +88,7 @@ impl Collapser {
     /// must come retractions first (see [`Collapser::add_time`]).
     fn add(&mut self, e: Emit, r: isize, retired: &HashSet<Owner, Fast>) {
         match e {
-            Emit::Row(row) => {
-                if r < 0 && !retired.is_empty() && row.owner().is_some_and(|o| retired.contains(&o))
-                {
-                    return;
-                }
+            Emit::Row(row) if !forgotten(&row, r, retired) => {
                 apply_row(self.rows.entry(row.key()).or_insert(None), row, r);
             }
             Emit::Record(_, rec) if r > 0 => self.push_record(*rec),
@@ -101,11 +97,7 @@ impl Collapser {
                 self.dead.push(*d);
             }
             Emit::Offset(m) if r > 0 => {
-                let e = self
-                    .offsets
-                    .entry((m.topic, m.partition))
-                    .or_insert(m.next_offset);
-                *e = (*e).max(m.next_offset);
+                keep_highest(&mut self.offsets, (m.topic, m.partition), m.next_offset)
             }
             _ => {}
         }
@@ -113,36 +105,19 @@ impl Collapser {
 
     /// Keeps `rec` unless a record of its topic and eventId was kept before.
     fn push_record(&mut self, rec: OutRecord) {
-        let Collapser {
-            records,
-            seen,
-            hasher,
-            ..
-        } = self;
-        let hash = |r: &OutRecord| hasher.hash_one((r.topic, r.event_id.as_str()));
-        let h = hash(&rec);
-        let same =
-            |i: &usize| records[*i].topic == rec.topic && records[*i].event_id == rec.event_id;
-        if seen.find(h, same).is_none() {
-            seen.insert_unique(h, records.len(), |i| hash(&records[*i]));
-            records.push(rec);
+        if self.seen.first(&self.records, &rec, |r| r) {
+            self.records.push(rec);
         }
     }
 
     /// Adds the changes of completed times, sorted by [`gather_order`] (times ascending,
     /// each as [`Collapser::add_time`] orders it).
     fn add_sorted(&mut self, updates: &mut Vec<(Emit, u64, isize)>) {
-        // The times' extents and retired owners first (borrowed), then the changes in order.
-        let groups: Vec<(usize, HashSet<Owner, Fast>)> = updates
-            .chunk_by(|a, b| a.1 == b.1)
-            .map(|time| (time.len(), retired_in(time.iter().map(|(e, _, r)| (e, *r)))))
-            .collect();
-        let mut it = updates.drain(..);
-        for (n, retired) in groups {
-            for (e, _, r) in it.by_ref().take(n) {
-                self.add(e, r, &retired);
-            }
-        }
+        let mut time = std::mem::take(&mut self.time);
+        for_each_time(updates.drain(..), &mut time, |_, e, r, retired| {
+            self.add(e, r, retired)
+        });
+        self.time = time;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -166,16 +141,83 @@ impl Collapser {
             rows,
             records: std::mem::take(&mut self.records),
             dead_letters: std::mem::take(&mut self.dead),
-            offsets: std::mem::take(&mut self.offsets)
-                .into_iter()
-                .map(|((topic, partition), next_offset)| OffsetMark {
-                    topic,
-                    partition,
-                    next_offset,
-                })
-                .collect(),
+            offsets: offset_marks(std::mem::take(&mut self.offsets)),
         }
     }
+}
+
+/// Dedup of records by (topic, eventId), as the collapse: the first one stands.
+#[derive(Default)]
+struct Seen {
+    /// Indices into the records kept.
+    table: hashbrown::HashTable<usize>,
+    hasher: Fast,
+}
+
+impl Seen {
+    /// Whether `rec` is the first of its (topic, eventId) among `kept` (`record` reads an
+    /// element's record); if so it is taken to be pushed at index `kept.len()`.
+    fn first<T>(&mut self, kept: &[T], rec: &OutRecord, record: impl Fn(&T) -> &OutRecord) -> bool {
+        let Seen { table, hasher } = self;
+        let hash = |r: &OutRecord| hasher.hash_one((r.topic, r.event_id.as_str()));
+        let same = |i: &usize| {
+            let k = record(&kept[*i]);
+            k.topic == rec.topic && k.event_id == rec.event_id
+        };
+        if table.find(hash(rec), same).is_some() {
+            return false;
+        }
+        table.insert_unique(hash(rec), kept.len(), |i| hash(record(&kept[*i])));
+        true
+    }
+
+    fn clear(&mut self) {
+        self.table.clear();
+    }
+}
+
+/// Calls `f(time, change, diff, owners retired at that time)` for changes sorted by time,
+/// one time after the other (`time` buffers one time's changes).
+fn for_each_time(
+    changes: impl Iterator<Item = (Emit, u64, isize)>,
+    time: &mut Vec<(Emit, isize)>,
+    mut f: impl FnMut(u64, Emit, isize, &HashSet<Owner, Fast>),
+) {
+    let mut changes = changes.peekable();
+    while let Some(t) = changes.peek().map(|c| c.1) {
+        time.clear();
+        while let Some((e, _, r)) = changes.next_if(|c| c.1 == t) {
+            time.push((e, r));
+        }
+        let retired = retired_in(time.iter().map(|(e, r)| (e, *r)));
+        for (e, r) in time.drain(..) {
+            f(t, e, r, &retired);
+        }
+    }
+}
+
+/// Whether a row's change is ignored: a retraction where its owner retires (the state was
+/// forgotten to bound memory; the row stays).
+fn forgotten(row: &Row, r: isize, retired: &HashSet<Owner, Fast>) -> bool {
+    r < 0 && !retired.is_empty() && row.owner().is_some_and(|o| retired.contains(&o))
+}
+
+/// Keeps the highest input position per partition.
+fn keep_highest(offsets: &mut BTreeMap<(String, i32), i64>, key: (String, i32), next: i64) {
+    let e = offsets.entry(key).or_insert(next);
+    *e = (*e).max(next);
+}
+
+/// The highest positions per partition as a batch holds them (in (topic, partition) order).
+fn offset_marks(offsets: BTreeMap<(String, i32), i64>) -> Vec<OffsetMark> {
+    offsets
+        .into_iter()
+        .map(|((topic, partition), next_offset)| OffsetMark {
+            topic,
+            partition,
+            next_offset,
+        })
+        .collect()
 }
 
 /// One change of a row applied to what the batch holds for its key (`None`: untouched so

@@ -24,15 +24,14 @@
 //! keys with duplicates removed across partials, offsets by maximum. The result is the batch
 //! [`super::Collapser`] makes of the same changes (`merged_partials_flush_as_one_collapse`).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::hash::BuildHasher;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{apply_row, retired_in, Fast};
+use super::{apply_row, for_each_time, forgotten, keep_highest, offset_marks, Fast, Seen};
 use crate::model::Str;
-use crate::output::{DeadLetter, FlushBatch, Millis, OffsetMark, OutRecord, Owner, Row};
+use crate::output::{DeadLetter, FlushBatch, Millis, OutRecord, Row};
 use crate::Emit;
 
 /// A row's primary key ([`Row::key`]).
@@ -168,36 +167,13 @@ pub(crate) fn advance(
     out
 }
 
-/// Dedup of records by (topic, eventId), as the collapse: the first one stands.
-#[derive(Default)]
-struct Seen {
-    table: hashbrown::HashTable<usize>,
-    hasher: Fast,
-}
-
-impl Seen {
-    /// Whether `rec` is the first of its (topic, eventId) among `kept` (then it is to be
-    /// pushed at index `kept.len()`).
-    fn first<K>(&mut self, kept: &[(K, OutRecord)], rec: &OutRecord) -> bool {
-        let Seen { table, hasher } = self;
-        let hash = |r: &OutRecord| hasher.hash_one((r.topic, r.event_id.as_str()));
-        let same = |i: &usize| kept[*i].1.topic == rec.topic && kept[*i].1.event_id == rec.event_id;
-        if table.find(hash(rec), same).is_some() {
-            return false;
-        }
-        table.insert_unique(hash(rec), kept.len(), |i| hash(&kept[*i].1));
-        true
-    }
-    fn clear(&mut self) {
-        self.table.clear();
-    }
-}
-
 /// Collapses changes sorted in gather order, all at times in `[from, to)`, into a partial.
 #[derive(Default)]
 pub(crate) struct CellCollapser {
     rows: HashMap<RowKey, (u64, Option<CellRow>), Fast>,
     seen: Seen,
+    /// One time's changes, while they are grouped ([`for_each_time`]).
+    time: Vec<(Emit, isize)>,
 }
 
 impl CellCollapser {
@@ -215,50 +191,32 @@ impl CellCollapser {
             ..Partial::default()
         };
         let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        let mut changes = changes.peekable();
-        let mut time: Vec<(Emit, isize)> = Vec::new();
-        while let Some((_, t, _)) = changes.peek() {
-            let t = *t;
+        let CellCollapser { rows, seen, time } = self;
+        for_each_time(changes, time, |t, e, r, retired| {
             debug_assert!(from <= t && t < to, "{t} outside [{from}, {to})");
-            time.clear();
-            while let Some((e, _, r)) = changes.next_if(|c| c.1 == t) {
-                time.push((e, r));
-            }
-            let retired: HashSet<Owner, Fast> = retired_in(time.iter().map(|(e, r)| (e, *r)));
-            for (e, r) in time.drain(..) {
-                match e {
-                    Emit::Row(row) => {
-                        if r < 0
-                            && !retired.is_empty()
-                            && row.owner().is_some_and(|o| retired.contains(&o))
-                        {
-                            continue;
-                        }
-                        let slot = self.rows.entry(row.key()).or_insert((t, None));
-                        CellRow::add(&mut slot.1, row, r);
-                    }
-                    Emit::Record((wid, rank), rec)
-                        if r > 0 && self.seen.first(&p.records, &rec) =>
-                    {
-                        p.records.push(((t, false, wid, rank), *rec));
-                    }
-                    Emit::Dead(d) if r > 0 => {
-                        let rec = d.to_record();
-                        if self.seen.first(&p.records, &rec) {
-                            p.records.push(((t, true, Str::default(), 0), rec));
-                        }
-                        p.dead.push((t, *d));
-                    }
-                    Emit::Offset(m) if r > 0 => {
-                        let e = offsets
-                            .entry((m.topic, m.partition))
-                            .or_insert(m.next_offset);
-                        *e = (*e).max(m.next_offset);
-                    }
-                    _ => {}
+            match e {
+                Emit::Row(row) if !forgotten(&row, r, retired) => {
+                    let slot = rows.entry(row.key()).or_insert((t, None));
+                    CellRow::add(&mut slot.1, row, r);
                 }
+                Emit::Record((wid, rank), rec)
+                    if r > 0 && seen.first(&p.records, &rec, |k| &k.1) =>
+                {
+                    p.records.push(((t, false, wid, rank), *rec));
+                }
+                Emit::Dead(d) if r > 0 => {
+                    let rec = d.to_record();
+                    if seen.first(&p.records, &rec, |k| &k.1) {
+                        p.records.push(((t, true, Str::default(), 0), rec));
+                    }
+                    p.dead.push((t, *d));
+                }
+                Emit::Offset(m) if r > 0 => {
+                    keep_highest(&mut offsets, (m.topic, m.partition), m.next_offset)
+                }
+                _ => {}
             }
-        }
+        });
         p.rows = self
             .rows
             .drain()
@@ -306,8 +264,9 @@ impl Merge {
         self.pending[w].push_back(p);
     }
 
-    /// Whether `x` splits no partial of worker `w` holding changes.
-    fn cuts(&self, w: usize, x: u64) -> bool {
+    /// Whether a cut at `x` is one worker `w` made: reached, splitting no partial of it that
+    /// holds changes.
+    fn made_cut(&self, w: usize, x: u64) -> bool {
         x <= self.reached[w]
             && !self.pending[w]
                 .iter()
@@ -326,7 +285,7 @@ impl Merge {
             .filter(|x| *x <= reach && *x > self.flushed);
         let mut best: Option<u64> = None;
         for x in candidates {
-            if best.is_none_or(|b| x > b) && (0..self.pending.len()).all(|w| self.cuts(w, x)) {
+            if best.is_none_or(|b| x > b) && (0..self.pending.len()).all(|w| self.made_cut(w, x)) {
                 best = Some(x);
             }
         }
@@ -364,8 +323,7 @@ impl Merge {
             records.extend(p.records);
             dead.extend(p.dead);
             for (k, o) in p.offsets {
-                let e = offsets.entry(k).or_insert(o);
-                *e = (*e).max(o);
+                keep_highest(&mut offsets, k, o);
             }
         }
         // Stable: equal keys keep the partials' order (a worker's cells in stamp order).
@@ -391,7 +349,7 @@ impl Merge {
         }
         let mut kept: Vec<(RecKey, OutRecord)> = Vec::with_capacity(records.len());
         for r in records {
-            if self.seen.first(&kept, &r.1) {
+            if self.seen.first(&kept, &r.1, |k| &k.1) {
                 kept.push(r);
             }
         }
@@ -402,14 +360,7 @@ impl Merge {
             rows: merged,
             records: kept.into_iter().map(|r| r.1).collect(),
             dead_letters: dead.into_iter().map(|d| d.1).collect(),
-            offsets: offsets
-                .into_iter()
-                .map(|((topic, partition), next_offset)| OffsetMark {
-                    topic,
-                    partition,
-                    next_offset,
-                })
-                .collect(),
+            offsets: offset_marks(offsets),
         }
     }
 }
