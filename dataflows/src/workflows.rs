@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use differential_dataflow::VecCollection;
 
 use crate::derived::{Derived, DerivedType, IdName};
-use crate::events::{TaskStatus, Template, WorkflowEvent, WorkflowEventKind};
+use crate::events::{TaskDef, TaskStatus, Template, WorkflowEvent, WorkflowEventKind};
 use crate::orders::OrderState;
 use crate::output::{Millis, ReadinessRow, Row, TaskRow, WorkflowRow};
 use crate::tasks::TaskState;
@@ -256,7 +256,23 @@ impl DefSummary<'_> {
     }
 }
 
-/// Evaluates the contract's rules for one workflow instance from its facts.
+/// What the workflow-level rules decide that each task's rules read ([`evaluate_task`]):
+/// a task evaluated twice with equal states, templates and contexts outputs the same.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WfCtx {
+    /// The workflow's patient: upstream's, else the first task's that names one.
+    pub patient: Option<Str>,
+    pub template_id: Str,
+    pub template_version: i64,
+    /// The workflow is ACTIVE: readiness and the clock's timer rules apply.
+    pub active: bool,
+    /// When the workflow left ACTIVE, if it did.
+    pub completed_at: Option<Millis>,
+}
+
+/// Evaluates the contract's rules for one workflow instance from its facts: the
+/// workflow's own rules ([`evaluate_workflow`]), each task's ([`evaluate_task`]), then the
+/// re-escalations of what was escalated ([`re_escalations`]).
 /// `wid` is shared by every row and event the workflow yields (a reference count each).
 pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
     let mut out = Vec::new();
@@ -266,59 +282,130 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
     let mut orders: Vec<&OrderFact> = Vec::new();
     for f in facts {
         match f {
-            WfFact::State(s) => state = Some(s),
-            WfFact::Template(t) => template = Some(t),
+            WfFact::State(s) => state = Some(&**s),
+            WfFact::Template(t) => template = Some(&**t),
             WfFact::Task(t) => tasks.push(t),
             WfFact::Order(o) => orders.push(o),
         }
     }
     // Without WORKFLOW_STARTED nothing about W is known yet (the events may still be on their way).
     let Some(state) = state else { return out };
-    let Some(started) = &state.started else {
+    let Some(ctx) = evaluate_workflow(wid, state, template, &tasks, &orders, &mut out) else {
         return out;
     };
+    let mut escalated: Vec<(Str, Millis)> = upstream_escalation(state).into_iter().collect();
+    for task in &tasks {
+        evaluate_task(wid, task, template, &ctx, rules, &mut out, &mut escalated);
+    }
+    re_escalations(wid, &ctx, &completions(&tasks), &escalated, rules, &mut out);
+    out
+}
+
+/// A derived event of workflow `wid` with the fields every one of its events carries.
+fn workflow_event(ty: DerivedType, id: IdName, wid: &Str, ctx: &WfCtx) -> Derived {
+    let mut d = Derived::named(ty, id, wid);
+    d.patient_id = ctx.patient.clone();
+    d.template_id = Some(ctx.template_id.clone());
+    d.template_version = Some(ctx.template_version);
+    d
+}
+
+/// The workflow's own rules: progress, completion and failure ([`decide`],
+/// [`terminal_events`]), readiness ([`readiness`]), the workflow row ([`workflow_row`]).
+/// Returns what the tasks' rules read, or `None` (and outputs nothing) before the workflow
+/// started.
+pub fn evaluate_workflow(
+    wid: &Str,
+    state: &WfState,
+    template: Option<&Template>,
+    tasks: &[&TaskState],
+    orders: &[&OrderFact],
+    out: &mut Vec<WfOut>,
+) -> Option<WfCtx> {
+    let started = state.started.as_ref()?;
     let patient = state
         .patient_id
         .clone()
         .or_else(|| tasks.iter().find_map(|t| t.patient_id.clone()));
+    let summary = template.map(|t| summarize(t, tasks)).unwrap_or_default();
+    let decision = decide(state, started, template, &summary);
+    let ctx = WfCtx {
+        patient,
+        template_id: started.template_id.clone(),
+        template_version: started.template_version,
+        active: decision.status == WfStatus::Active,
+        completed_at: decision.completed_at,
+    };
+    let escalation = terminal_events(wid, state, started, template, &decision, &ctx, out);
+    if let (Some(t), true) = (template, ctx.active) {
+        readiness(wid, t, &summary, orders, &ctx, out);
+    }
+    out.push(workflow_row(
+        wid, started, template, &decision, &ctx, escalation,
+    ));
+    Some(ctx)
+}
 
+/// Per task definition of the template, what W's task instances say about it.
+fn summarize<'t, 'a>(
+    t: &'t Template,
+    tasks: &[&'a TaskState],
+) -> BTreeMap<&'t str, DefSummary<'a>> {
     let mut summary: BTreeMap<&str, DefSummary> = BTreeMap::new();
-    if let Some(t) = template {
-        for task in &tasks {
-            let Some(def) = t.task(&task.task_def_id) else {
-                continue;
-            };
-            let s = summary.entry(def.task_def_id.as_str()).or_default();
-            match task.status {
-                TaskStatus::Completed => {
-                    if s.completed.is_none_or(|c| {
-                        (task.finished_at, &task.task_instance_id)
-                            < (c.finished_at, &c.task_instance_id)
-                    }) {
-                        s.completed = Some(task);
-                    }
+    for task in tasks {
+        let Some(def) = t.task(&task.task_def_id) else {
+            continue;
+        };
+        let s = summary.entry(def.task_def_id.as_str()).or_default();
+        match task.status {
+            TaskStatus::Completed => {
+                if s.completed.is_none_or(|c| {
+                    (task.finished_at, &task.task_instance_id)
+                        < (c.finished_at, &c.task_instance_id)
+                }) {
+                    s.completed = Some(task);
                 }
-                TaskStatus::InProgress => s.in_progress = true,
-                TaskStatus::Failed if task.attempt > def.max_retries => {
-                    if s.failed_for_good.is_none_or(|c| {
-                        (task.finished_at, &task.task_instance_id)
-                            < (c.finished_at, &c.task_instance_id)
-                    }) {
-                        s.failed_for_good = Some(task);
-                    }
-                }
-                TaskStatus::Failed => {
-                    s.failed_retriable = s.failed_retriable.max(Some(task.attempt))
-                }
-                TaskStatus::Pending => s.pending = s.pending.max(Some(task.attempt)),
             }
+            TaskStatus::InProgress => s.in_progress = true,
+            TaskStatus::Failed if task.attempt > def.max_retries => {
+                if s.failed_for_good.is_none_or(|c| {
+                    (task.finished_at, &task.task_instance_id)
+                        < (c.finished_at, &c.task_instance_id)
+                }) {
+                    s.failed_for_good = Some(task);
+                }
+            }
+            TaskStatus::Failed => s.failed_retriable = s.failed_retriable.max(Some(task.attempt)),
+            TaskStatus::Pending => s.pending = s.pending.max(Some(task.attempt)),
         }
     }
+    summary
+}
 
-    // Progress, completion and failure.
+/// What the rules decide about a workflow as a whole.
+struct Decision<'a> {
+    progress: i32,
+    /// When every required task had completed (the latest completion, not before the start).
+    completion: Option<Millis>,
+    /// The task that failed for good first (of those without a failure task).
+    failure: Option<&'a TaskState>,
+    /// The first terminal state the rules derived, if before any upstream terminal event.
+    derived_first: Option<(WfStatus, Millis)>,
+    status: WfStatus,
+    /// When the workflow left ACTIVE.
+    completed_at: Option<Millis>,
+}
+
+/// Progress, completion and failure; the status, which an upstream terminal event decides.
+fn decide<'a>(
+    state: &WfState,
+    started: &Started,
+    template: Option<&Template>,
+    summary: &BTreeMap<&str, DefSummary<'a>>,
+) -> Decision<'a> {
     let mut progress = 0;
-    let mut derived_completion: Option<Millis> = None;
-    let mut derived_failure: Option<&TaskState> = None;
+    let mut completion: Option<Millis> = None;
+    let mut failure: Option<&TaskState> = None;
     if let Some(t) = template {
         let required: Vec<_> = t.tasks.iter().filter(|d| d.required).collect();
         let done: Vec<Millis> = required
@@ -336,7 +423,7 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
             (100 * done.len() / required.len()) as i32
         };
         if progress == 100 {
-            derived_completion = Some(
+            completion = Some(
                 done.iter()
                     .copied()
                     .max()
@@ -344,7 +431,7 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                     .max(started.at),
             );
         }
-        derived_failure = t
+        failure = t
             .tasks
             .iter()
             .filter(|d| d.failure_task_id.is_none())
@@ -357,8 +444,8 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
     }
     // The first terminal state the rules derive, by eventTime (failure on a tie): a workflow
     // that completed stays completed when a task fails later, and vice versa.
-    let failure_at = derived_failure.map(|f| f.finished_at.unwrap_or(f.event_time));
-    let derived: Option<(WfStatus, Millis)> = match (derived_completion, failure_at) {
+    let failure_at = failure.map(|f| f.finished_at.unwrap_or(f.event_time));
+    let derived: Option<(WfStatus, Millis)> = match (completion, failure_at) {
         (Some(c), Some(f)) if c < f => Some((WfStatus::Completed, c)),
         (_, Some(f)) => Some((WfStatus::Failed, f)),
         (Some(c), None) => Some((WfStatus::Completed, c)),
@@ -387,219 +474,406 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
         (None, Some((ds, dat))) => (ds, Some(dat)),
         (None, None) => (WfStatus::Active, None),
     };
+    Decision {
+        progress,
+        completion,
+        failure,
+        derived_first,
+        status,
+        completed_at,
+    }
+}
 
+/// WORKFLOW_PROGRESS, and WORKFLOW_COMPLETED or WORKFLOW_FAILED (with its escalation) as
+/// decided. Returns the workflow's own escalation: its reason and time (upstream
+/// WORKFLOW_ESCALATED, or a derived failure).
+fn terminal_events(
+    wid: &Str,
+    state: &WfState,
+    started: &Started,
+    template: Option<&Template>,
+    d: &Decision,
+    ctx: &WfCtx,
+    out: &mut Vec<WfOut>,
+) -> (Option<Str>, Option<Millis>) {
     // Ids are named, and hashed only for the events that turn out to be new.
     let name = IdName::new;
-    let base = |ty: DerivedType, id: IdName| {
-        let mut d = Derived::named(ty, id, wid);
-        d.patient_id = patient.clone();
-        d.template_id = Some(started.template_id.clone());
-        d.template_version = Some(started.template_version);
-        d
-    };
-
-    // Escalation: upstream WORKFLOW_ESCALATED, or a derived failure.
+    let base = |ty: DerivedType, id: IdName| workflow_event(ty, id, wid, ctx);
     let mut escalation_reason = state
         .upstream_escalation
         .as_ref()
         .map(|(_, r)| r.clone().unwrap_or_default());
     let mut escalation_time = state.upstream_escalation.as_ref().map(|(t, _)| *t);
     if template.is_some() {
-        out.push(WfOut::Event(Arc::new({
-            let mut d = base(
-                DerivedType::WorkflowProgress,
-                name(wid, None, Some(progress.into())),
-            );
-            d.progress_percentage = Some(progress);
-            d.per_transition = true;
-            d
-        })));
+        let mut e = base(
+            DerivedType::WorkflowProgress,
+            name(wid, None, Some(d.progress.into())),
+        );
+        e.progress_percentage = Some(d.progress);
+        e.per_transition = true;
+        out.push(WfOut::Event(Arc::new(e)));
     }
-    {
-        if let (Some((WfStatus::Completed, _)), Some(at)) = (derived_first, derived_completion) {
-            let mut d = base(DerivedType::WorkflowCompleted, name(wid, None, None));
-            d.progress_percentage = Some(progress);
-            d.duration_seconds = Some((at.saturating_sub(started.at) / 1000) as i64);
-            out.push(WfOut::Event(Arc::new(d)));
-        }
-        if let (Some((WfStatus::Failed, _)), Some(f)) = (derived_first, derived_failure) {
-            let reason: Str = format!("TASK_FAILED:{}", f.task_def_id).into();
-            let mut d = base(DerivedType::WorkflowFailed, name(wid, None, None));
-            d.task_instance_id = Some(f.task_instance_id.clone());
-            d.task_def_id = Some(f.task_def_id.clone());
-            d.reason = Some(reason.clone());
-            d.error_message = f.error_message.clone();
-            d.cause_event_id = Some(f.event_id.clone());
-            out.push(WfOut::Event(Arc::new(d)));
-            let mut e = base(
-                DerivedType::WorkflowEscalated,
-                name(wid, Some(reason.clone()), Some(1)),
-            );
-            e.task_instance_id = Some(f.task_instance_id.clone());
-            e.task_def_id = Some(f.task_def_id.clone());
-            e.escalation_reason = Some(reason.clone());
-            e.escalation_level = Some(1);
-            e.cause_event_id = Some(f.event_id.clone());
-            out.push(WfOut::Event(Arc::new(e)));
-            escalation_reason = Some(reason);
-            escalation_time = f.finished_at;
-        }
+    if let (Some((WfStatus::Completed, _)), Some(at)) = (d.derived_first, d.completion) {
+        let mut e = base(DerivedType::WorkflowCompleted, name(wid, None, None));
+        e.progress_percentage = Some(d.progress);
+        e.duration_seconds = Some((at.saturating_sub(started.at) / 1000) as i64);
+        out.push(WfOut::Event(Arc::new(e)));
     }
+    if let (Some((WfStatus::Failed, _)), Some(f)) = (d.derived_first, d.failure) {
+        let reason: Str = format!("TASK_FAILED:{}", f.task_def_id).into();
+        let mut e = base(DerivedType::WorkflowFailed, name(wid, None, None));
+        e.task_instance_id = Some(f.task_instance_id.clone());
+        e.task_def_id = Some(f.task_def_id.clone());
+        e.reason = Some(reason.clone());
+        e.error_message = f.error_message.clone();
+        e.cause_event_id = Some(f.event_id.clone());
+        out.push(WfOut::Event(Arc::new(e)));
+        let mut e = base(
+            DerivedType::WorkflowEscalated,
+            name(wid, Some(reason.clone()), Some(1)),
+        );
+        e.task_instance_id = Some(f.task_instance_id.clone());
+        e.task_def_id = Some(f.task_def_id.clone());
+        e.escalation_reason = Some(reason.clone());
+        e.escalation_level = Some(1);
+        e.cause_event_id = Some(f.event_id.clone());
+        out.push(WfOut::Event(Arc::new(e)));
+        escalation_reason = Some(reason);
+        escalation_time = f.finished_at;
+    }
+    (escalation_reason, escalation_time)
+}
 
-    // Retries: a failed attempt with retries left schedules the next one (once per (task, attempt)).
-    if let Some(t) = template {
-        for task in &tasks {
-            let Some(def) = t.task(&task.task_def_id) else {
-                continue;
-            };
-            // Per attempt, so a retry created in the same instant as the failure still counts.
-            for a in task
-                .attempts
+/// Readiness of an ACTIVE workflow's task definitions: TASK_READY with its row, or
+/// TASK_BLOCKED. An event's content must be a function of what identifies it (its
+/// eventId's name), so that it is emitted once: a readiness event names the definition,
+/// not the instance (which may be created while the task stays ready).
+fn readiness(
+    wid: &Str,
+    t: &Template,
+    summary: &BTreeMap<&str, DefSummary>,
+    orders: &[&OrderFact],
+    ctx: &WfCtx,
+    out: &mut Vec<WfOut>,
+) {
+    let name = IdName::new;
+    let base = |ty: DerivedType, id: IdName| workflow_event(ty, id, wid, ctx);
+    let failure_namers: BTreeMap<&str, Vec<&str>> =
+        t.tasks.iter().fold(BTreeMap::new(), |mut m, d| {
+            if let Some(f) = &d.failure_task_id {
+                m.entry(f.as_str())
+                    .or_insert_with(Vec::new)
+                    .push(d.task_def_id.as_str());
+            }
+            m
+        });
+    for d in &t.tasks {
+        let id = d.task_def_id.as_str();
+        let s = summary.get(id);
+        // Condition 3.
+        if s.is_some_and(|s| s.in_progress || s.completed.is_some() || s.failed_for_good.is_some())
+        {
+            continue;
+        }
+        // Condition 1 (or the failure-task rule).
+        let satisfied = match failure_namers.get(id) {
+            Some(namers) => namers
                 .iter()
-                .filter(|a| a.attempt <= def.max_retries)
-            {
-                let Some((failed_event, error)) = &a.failed else {
-                    continue;
-                };
-                let mut d = base(
-                    DerivedType::TaskRetryScheduled,
-                    name(&task.task_instance_id, None, Some(a.attempt.into())),
-                );
-                d.task_instance_id = Some(task.task_instance_id.clone());
-                d.task_def_id = Some(task.task_def_id.clone());
-                d.task_name = task.task_name.clone().or_else(|| def.name.clone());
-                d.attempt = Some(a.attempt + 1);
-                d.error_message = error.clone();
-                d.cause_event_id = Some(failed_event.clone());
-                out.push(WfOut::Event(Arc::new(d)));
-            }
+                .any(|n| summary.get(n).is_some_and(|s| s.failed_for_good.is_some())),
+            None => t
+                .tasks
+                .iter()
+                .filter(|p| p.next_task_id.as_deref() == Some(id))
+                .all(|p| {
+                    summary
+                        .get(p.task_def_id.as_str())
+                        .is_some_and(|s| s.completed.is_some())
+                }),
+        };
+        if !satisfied {
+            continue;
+        }
+        // Condition 2.
+        let blocked = orders.iter().any(|o| {
+            o.open
+                && o.order_type
+                    .as_ref()
+                    .is_some_and(|ty| d.blocking_order_types.contains(ty))
+        });
+        let next_attempt = s.map(|s| s.next_attempt()).unwrap_or(1);
+        if !blocked {
+            // Content names only the readiness itself: what made it ready (which
+            // completion, which order closing) is in the event's time; a transition
+            // into readiness is one event (`per_transition`).
+            let mut e = base(
+                DerivedType::TaskReady,
+                name(wid, Some(d.task_def_id.clone()), Some(next_attempt.into())),
+            );
+            e.task_def_id = Some(d.task_def_id.clone());
+            e.task_name = d.name.clone();
+            e.attempt = Some(next_attempt);
+            e.automatic = Some(d.automatic);
+            e.per_transition = true;
+            out.push(WfOut::Event(Arc::new(e)));
+            out.push(WfOut::Row(Arc::new(Row::Readiness(ReadinessRow {
+                workflow_instance_id: wid.into(),
+                task_def_id: d.task_def_id.clone(),
+                patient_id: ctx.patient.clone(),
+                template_id: ctx.template_id.clone(),
+                template_version: ctx.template_version,
+                task_name: d.name.clone(),
+                automatic: d.automatic,
+                next_attempt: next_attempt as i32,
+            }))));
+        } else {
+            // Which orders block may change while the task stays blocked: not content.
+            let mut e = base(
+                DerivedType::TaskBlocked,
+                name(wid, Some(d.task_def_id.clone()), Some(next_attempt.into())),
+            );
+            e.task_def_id = Some(d.task_def_id.clone());
+            e.task_name = d.name.clone();
+            e.attempt = Some(next_attempt);
+            e.reason = Some("BLOCKING_ORDER_OPEN".into());
+            e.per_transition = true;
+            out.push(WfOut::Event(Arc::new(e)));
         }
     }
+}
 
-    // Readiness (only in ACTIVE workflows). An event's content must be a function of what
-    // identifies it (its eventId's name), so that it is emitted once: a readiness event names
-    // the definition, not the instance (which may be created while the task stays ready).
-    if let (Some(t), WfStatus::Active) = (template, status) {
-        let failure_namers: BTreeMap<&str, Vec<&str>> =
-            t.tasks.iter().fold(BTreeMap::new(), |mut m, d| {
-                if let Some(f) = &d.failure_task_id {
-                    m.entry(f.as_str())
-                        .or_insert_with(Vec::new)
-                        .push(d.task_def_id.as_str());
-                }
-                m
-            });
-        for d in &t.tasks {
-            let id = d.task_def_id.as_str();
-            let s = summary.get(id);
-            // Condition 3.
-            if s.is_some_and(|s| {
-                s.in_progress || s.completed.is_some() || s.failed_for_good.is_some()
-            }) {
-                continue;
-            }
-            // Condition 1 (or the failure-task rule).
-            let satisfied = match failure_namers.get(id) {
-                Some(namers) => namers
-                    .iter()
-                    .any(|n| summary.get(n).is_some_and(|s| s.failed_for_good.is_some())),
-                None => t
-                    .tasks
-                    .iter()
-                    .filter(|p| p.next_task_id.as_deref() == Some(id))
-                    .all(|p| {
-                        summary
-                            .get(p.task_def_id.as_str())
-                            .is_some_and(|s| s.completed.is_some())
-                    }),
-            };
-            if !satisfied {
-                continue;
-            }
-            // Condition 2.
-            let blocked = orders.iter().any(|o| {
-                o.open
-                    && o.order_type
-                        .as_ref()
-                        .is_some_and(|ty| d.blocking_order_types.contains(ty))
-            });
-            let next_attempt = s.map(|s| s.next_attempt()).unwrap_or(1);
-            if !blocked {
-                // Content names only the readiness itself: what made it ready (which
-                // completion, which order closing) is in the event's time; a transition
-                // into readiness is one event (`per_transition`).
-                let mut e = base(
-                    DerivedType::TaskReady,
-                    name(wid, Some(d.task_def_id.clone()), Some(next_attempt.into())),
-                );
-                e.task_def_id = Some(d.task_def_id.clone());
-                e.task_name = d.name.clone();
-                e.attempt = Some(next_attempt);
-                e.automatic = Some(d.automatic);
-                e.per_transition = true;
-                out.push(WfOut::Event(Arc::new(e)));
-                out.push(WfOut::Row(Arc::new(Row::Readiness(ReadinessRow {
-                    workflow_instance_id: wid.into(),
-                    task_def_id: d.task_def_id.clone(),
-                    patient_id: patient.clone(),
-                    template_id: started.template_id.clone(),
-                    template_version: started.template_version,
-                    task_name: d.name.clone(),
-                    automatic: d.automatic,
-                    next_attempt: next_attempt as i32,
-                }))));
-            } else {
-                // Which orders block may change while the task stays blocked: not content.
-                let mut e = base(
-                    DerivedType::TaskBlocked,
-                    name(wid, Some(d.task_def_id.clone()), Some(next_attempt.into())),
-                );
-                e.task_def_id = Some(d.task_def_id.clone());
-                e.task_name = d.name.clone();
-                e.attempt = Some(next_attempt);
-                e.reason = Some("BLOCKING_ORDER_OPEN".into());
-                e.per_transition = true;
-                out.push(WfOut::Event(Arc::new(e)));
-            }
-        }
-    }
-
-    // Rows (escalations found by timers are merged in later, see `lib.rs`).
-    out.push(WfOut::WorkflowBase(
+/// The `workflow_instances` row before the timers' escalations are merged in (`lib.rs`,
+/// the keyed core's step), with the time of its own escalation reason.
+fn workflow_row(
+    wid: &Str,
+    started: &Started,
+    template: Option<&Template>,
+    d: &Decision,
+    ctx: &WfCtx,
+    (escalation_reason, escalation_time): (Option<Str>, Option<Millis>),
+) -> WfOut {
+    WfOut::WorkflowBase(
         Arc::new(WorkflowRow {
             workflow_instance_id: wid.into(),
-            patient_id: patient.clone(),
+            patient_id: ctx.patient.clone(),
             template_id: started.template_id.clone(),
             template_version: started.template_version,
             template_name: started
                 .template_name
                 .clone()
                 .or_else(|| template.and_then(|t| t.template_name.clone())),
-            status: status.as_str().into(),
-            progress_percentage: progress,
+            status: d.status.as_str().into(),
+            progress_percentage: d.progress,
             is_escalated: escalation_reason.is_some(),
             escalation_level: if escalation_reason.is_some() { 1 } else { 0 },
             escalation_reason,
             started_at: Some(started.at),
-            completed_at: if status == WfStatus::Active {
+            completed_at: if d.status == WfStatus::Active {
                 None
             } else {
-                completed_at
+                d.completed_at
             },
         }),
         escalation_time,
-    ));
-    let active = status == WfStatus::Active;
-    // Completion times of W's tasks: an escalation is answered by a completion after it.
-    let completions: Vec<Millis> = tasks
+    )
+}
+
+/// What upstream escalated (WORKFLOW_ESCALATED): its reason as the source of
+/// re-escalations, and when.
+pub fn upstream_escalation(state: &WfState) -> Option<(Str, Millis)> {
+    state
+        .upstream_escalation
+        .as_ref()
+        .map(|(at, reason)| (reason.clone().unwrap_or_else(|| "UPSTREAM".into()), *at))
+}
+
+/// Completion times of a workflow's tasks: an escalation is answered by a completion after it.
+pub fn completions(tasks: &[&TaskState]) -> Vec<Millis> {
+    tasks
         .iter()
         .filter(|t| t.status == TaskStatus::Completed)
         .filter_map(|t| t.finished_at)
-        .collect();
-    let re_escalate = |source: Str, at: Millis, out: &mut Vec<WfOut>| {
-        if !active {
-            return;
+        .collect()
+}
+
+/// One task's rules: its retries ([`retries`]), its row ([`task_row`]), its SLA per
+/// attempt ([`sla`]) and whether it is stale ([`stale`]). What it escalated (an SLA breach:
+/// source and dueAt) is added to `escalated`.
+pub fn evaluate_task(
+    wid: &Str,
+    task: &TaskState,
+    template: Option<&Template>,
+    ctx: &WfCtx,
+    rules: &TimeRules,
+    out: &mut Vec<WfOut>,
+    escalated: &mut Vec<(Str, Millis)>,
+) {
+    let def = template.and_then(|t| t.task(&task.task_def_id));
+    if let Some(def) = def {
+        retries(wid, task, def, ctx, out);
+    }
+    let view = TaskView {
+        wid,
+        task,
+        def,
+        ctx,
+        patient: task.patient_id.clone().or_else(|| ctx.patient.clone()),
+        name: task
+            .task_name
+            .clone()
+            .or_else(|| def.and_then(|d| d.name.clone())),
+    };
+    out.push(task_row(&view));
+    sla(&view, out, escalated);
+    if ctx.active && task.status == TaskStatus::Pending {
+        out.push(stale(&view, rules));
+    }
+}
+
+/// A task as its row and timer rules see it.
+struct TaskView<'a> {
+    wid: &'a Str,
+    task: &'a TaskState,
+    /// Its definition in the pinned template, if there is one.
+    def: Option<&'a TaskDef>,
+    ctx: &'a WfCtx,
+    /// The task's patient, else the workflow's.
+    patient: Option<Str>,
+    /// The task's name, else its definition's.
+    name: Option<Str>,
+}
+
+impl TaskView<'_> {
+    /// An attempt's SLA deadline: its explicit dueAt, else its creation plus the
+    /// definition's SLA minutes.
+    fn sla_due(&self, created: Option<Millis>, explicit: Option<Millis>) -> Option<Millis> {
+        explicit.or_else(|| Some(created? + u64::from(self.def?.sla_minutes?) * 60_000))
+    }
+}
+
+/// Retries: a failed attempt with retries left schedules the next one (once per (task,
+/// attempt)); per attempt, so a retry created in the same instant as the failure still
+/// counts.
+fn retries(wid: &Str, task: &TaskState, def: &TaskDef, ctx: &WfCtx, out: &mut Vec<WfOut>) {
+    for a in task
+        .attempts
+        .iter()
+        .filter(|a| a.attempt <= def.max_retries)
+    {
+        let Some((failed_event, error)) = &a.failed else {
+            continue;
+        };
+        let mut d = workflow_event(
+            DerivedType::TaskRetryScheduled,
+            IdName::new(&task.task_instance_id, None, Some(a.attempt.into())),
+            wid,
+            ctx,
+        );
+        d.task_instance_id = Some(task.task_instance_id.clone());
+        d.task_def_id = Some(task.task_def_id.clone());
+        d.task_name = task.task_name.clone().or_else(|| def.name.clone());
+        d.attempt = Some(a.attempt + 1);
+        d.error_message = error.clone();
+        d.cause_event_id = Some(failed_event.clone());
+        out.push(WfOut::Event(Arc::new(d)));
+    }
+}
+
+/// The `task_instances` row before the SLA breaches are merged in.
+fn task_row(v: &TaskView) -> WfOut {
+    let task = v.task;
+    WfOut::TaskBase(Arc::new(TaskRow {
+        task_instance_id: task.task_instance_id.clone(),
+        workflow_instance_id: v.wid.into(),
+        patient_id: v.patient.clone(),
+        task_def_id: task.task_def_id.clone(),
+        task_name: v.name.clone(),
+        status: task.status.as_str().into(),
+        attempt: task.attempt as i32,
+        due_at: v.sla_due(task.created_at, task.due_at_explicit),
+        sla_breached: false,
+        is_escalated: false,
+        escalated_to: None,
+        created_at: task.created_at,
+        started_at: task.started_at,
+        completed_at: task.finished_at,
+        error_message: task.error_message.clone(),
+    }))
+}
+
+/// SLA per attempt with a deadline: breached late (the data says so) or open (the clock
+/// decides). Either escalates while the workflow is ACTIVE.
+fn sla(v: &TaskView, out: &mut Vec<WfOut>, escalated: &mut Vec<(Str, Millis)>) {
+    let (task, ctx) = (v.task, v.ctx);
+    for a in &task.attempts {
+        let Some(due) = v.sla_due(a.created_at, a.due_at_explicit) else {
+            continue;
+        };
+        let info = Arc::new(SlaInfo {
+            task_instance_id: task.task_instance_id.clone(),
+            attempt: a.attempt,
+            workflow_instance_id: v.wid.into(),
+            patient_id: v.patient.clone(),
+            template_id: ctx.template_id.clone(),
+            template_version: ctx.template_version,
+            task_def_id: task.task_def_id.clone(),
+            task_name: v.name.clone(),
+            due_at: due,
+            escalate_to: v
+                .def
+                .map(|d| d.escalate_to.clone())
+                .unwrap_or_else(|| "MANAGER".into()),
+        });
+        let late = a.started_at.is_some_and(|s| s > due) || a.ended_at().is_some_and(|e| e > due);
+        let open = a.ended_at().is_none()
+            && a.attempt == task.attempt
+            && matches!(task.status, TaskStatus::Pending | TaskStatus::InProgress);
+        if late || (open && ctx.active) {
+            escalated.push((format!("SLA_BREACH:{}", task.task_def_id).into(), due));
         }
+        // Still open when the workflow left ACTIVE after dueAt: the clock breached it
+        // while it was in scope, and that stays a fact when the timer's scope ends (else
+        // the breach would vanish, and appear again, published twice, should the attempt
+        // end late afterwards).
+        let open_past_due_at_close =
+            !ctx.active && a.ended_at().is_none() && ctx.completed_at.is_some_and(|c| c > due);
+        if late || open_past_due_at_close {
+            out.push(WfOut::SlaLate(info));
+        } else if open && ctx.active {
+            out.push(WfOut::SlaOpen(info));
+        }
+    }
+}
+
+/// A PENDING task of an ACTIVE workflow: stale when the clock passes its deadline.
+fn stale(v: &TaskView, rules: &TimeRules) -> WfOut {
+    let task = v.task;
+    WfOut::Stale(Arc::new(StaleInfo {
+        task_instance_id: task.task_instance_id.clone(),
+        attempt: task.attempt,
+        workflow_instance_id: v.wid.into(),
+        patient_id: v.patient.clone(),
+        task_def_id: task.task_def_id.clone(),
+        task_name: v.name.clone(),
+        last_event_time: task.last_event_time,
+        deadline: task.last_event_time + rules.stale_after_ms,
+    }))
+}
+
+/// Re-escalations (levels 2 up to the highest) of what was escalated at `at`, while the
+/// workflow is ACTIVE and no task completed in between.
+pub fn re_escalations(
+    wid: &Str,
+    ctx: &WfCtx,
+    completions: &[Millis],
+    escalated: &[(Str, Millis)],
+    rules: &TimeRules,
+    out: &mut Vec<WfOut>,
+) {
+    if !ctx.active {
+        return;
+    }
+    for (source, at) in escalated {
+        let at = *at;
         for level in 2..=rules.max_escalation_level {
             let deadline = at + (level as u64 - 1) * rules.re_escalate_after_ms;
             if completions.iter().any(|&c| c > at && c <= deadline) {
@@ -609,104 +883,13 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
                 workflow_instance_id: wid.into(),
                 level,
                 deadline,
-                patient_id: patient.clone(),
-                template_id: started.template_id.clone(),
-                template_version: started.template_version,
+                patient_id: ctx.patient.clone(),
+                template_id: ctx.template_id.clone(),
+                template_version: ctx.template_version,
                 source: source.clone(),
             })));
         }
-    };
-    if let Some((at, reason)) = &state.upstream_escalation {
-        re_escalate(
-            reason.clone().unwrap_or_else(|| "UPSTREAM".into()),
-            *at,
-            &mut out,
-        );
     }
-    for task in &tasks {
-        let def = template.and_then(|t| t.task(&task.task_def_id));
-        let sla_due = |created: Option<Millis>, explicit: Option<Millis>| {
-            explicit.or_else(|| Some(created? + u64::from(def?.sla_minutes?) * 60_000))
-        };
-        let due_at = sla_due(task.created_at, task.due_at_explicit);
-        let task_name = task
-            .task_name
-            .clone()
-            .or_else(|| def.and_then(|d| d.name.clone()));
-        out.push(WfOut::TaskBase(Arc::new(TaskRow {
-            task_instance_id: task.task_instance_id.clone(),
-            workflow_instance_id: wid.into(),
-            patient_id: task.patient_id.clone().or_else(|| patient.clone()),
-            task_def_id: task.task_def_id.clone(),
-            task_name: task_name.clone(),
-            status: task.status.as_str().into(),
-            attempt: task.attempt as i32,
-            due_at,
-            sla_breached: false,
-            is_escalated: false,
-            escalated_to: None,
-            created_at: task.created_at,
-            started_at: task.started_at,
-            completed_at: task.finished_at,
-            error_message: task.error_message.clone(),
-        })));
-        // SLA per attempt: late (data) or open (clock).
-        for a in &task.attempts {
-            let Some(due) = sla_due(a.created_at, a.due_at_explicit) else {
-                continue;
-            };
-            let info = Arc::new(SlaInfo {
-                task_instance_id: task.task_instance_id.clone(),
-                attempt: a.attempt,
-                workflow_instance_id: wid.into(),
-                patient_id: task.patient_id.clone().or_else(|| patient.clone()),
-                template_id: started.template_id.clone(),
-                template_version: started.template_version,
-                task_def_id: task.task_def_id.clone(),
-                task_name: task_name.clone(),
-                due_at: due,
-                escalate_to: def
-                    .map(|d| d.escalate_to.clone())
-                    .unwrap_or_else(|| "MANAGER".into()),
-            });
-            let late =
-                a.started_at.is_some_and(|s| s > due) || a.ended_at().is_some_and(|e| e > due);
-            let open = a.ended_at().is_none()
-                && a.attempt == task.attempt
-                && matches!(task.status, TaskStatus::Pending | TaskStatus::InProgress);
-            if late || (open && active) {
-                re_escalate(
-                    format!("SLA_BREACH:{}", task.task_def_id).into(),
-                    due,
-                    &mut out,
-                );
-            }
-            // Still open when the workflow left ACTIVE after dueAt: the clock breached it
-            // while it was in scope, and that stays a fact when the timer's scope ends (else
-            // the breach would vanish, and appear again, published twice, should the attempt
-            // end late afterwards).
-            let open_past_due_at_close =
-                !active && a.ended_at().is_none() && completed_at.is_some_and(|c| c > due);
-            if late || open_past_due_at_close {
-                out.push(WfOut::SlaLate(info));
-            } else if open && active {
-                out.push(WfOut::SlaOpen(info));
-            }
-        }
-        if active && task.status == TaskStatus::Pending {
-            out.push(WfOut::Stale(Arc::new(StaleInfo {
-                task_instance_id: task.task_instance_id.clone(),
-                attempt: task.attempt,
-                workflow_instance_id: wid.into(),
-                patient_id: task.patient_id.clone().or_else(|| patient.clone()),
-                task_def_id: task.task_def_id.clone(),
-                task_name,
-                last_event_time: task.last_event_time,
-                deadline: task.last_event_time + rules.stale_after_ms,
-            })));
-        }
-    }
-    out
 }
 
 /// The workflow rules' output, split by kind into one collection each. One pass moves each

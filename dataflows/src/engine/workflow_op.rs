@@ -5,9 +5,10 @@
 //! orders (from [`super::order_op`]) and the template version it pins (definitions are
 //! broadcast: every worker holds the latest valid record per (templateId, version)). At each
 //! stamp where any of these changed, or a timer of the key is due, the workflow is evaluated
-//! ([`evaluate`]) over its folds ([`fold_workflow`], [`fold_task`]; each kept with its
-//! events and taken again only when they change); the outputs are compared with the
-//! previous evaluation's:
+//! over its folds ([`fold_workflow`], [`fold_task`]; each kept with its events and taken
+//! again only when they change) by the rules' pieces ([`evaluate_workflow`], then
+//! [`evaluate_task`] per task, then [`re_escalations`]: [`crate::workflows::evaluate`] in
+//! steps); the outputs are compared with the previous evaluation's:
 //!
 //! - rows (`task_readiness`) as `(-old, +new)`, derived events when they appear;
 //! - SLA breaches, stale tasks and re-escalations as in [`crate::timers::time_rules`]: a
@@ -48,8 +49,8 @@ use crate::output::Owner;
 use crate::output::{Millis, ReadinessRow, Row, SlaBreachRow, TaskRow, WorkflowRow};
 use crate::tasks::{dedup_by_event_id, fold_task, TaskState};
 use crate::workflows::{
-    evaluate, fold_workflow, OrderFact, ReEscalation, SlaInfo, StaleInfo, TimeRules, WfFact, WfOut,
-    WfState,
+    completions, evaluate_task, evaluate_workflow, fold_workflow, re_escalations,
+    upstream_escalation, OrderFact, ReEscalation, SlaInfo, StaleInfo, TimeRules, WfOut, WfState,
 };
 use crate::Emit;
 
@@ -173,7 +174,7 @@ impl Entry {
     }
 }
 
-/// The readiness row a workflow rule output (the only rows [`evaluate`] outputs).
+/// The readiness row a workflow rule output (the only rows [`evaluate_workflow`] outputs).
 fn readiness(r: &Row) -> &ReadinessRow {
     match r {
         Row::Readiness(x) => x,
@@ -576,13 +577,13 @@ impl KeyedLogic for WorkflowLogic {
             );
         }
 
-        // The facts, as the differential chain gathers them under the workflow's key, in
-        // their sorted order without sorting: the state, the template, the tasks by
-        // taskInstanceId (a `TaskState`'s first field), the orders (a `BTreeMap`'s keys).
-        // Folds are cached: only what changed at this instant is folded again.
-        let mut facts: Vec<WfFact> = Vec::with_capacity(2 + e.tasks.len() + e.orders.len());
+        // The workflow's facts: its folded events, the template it pins, its tasks' folds
+        // (by taskInstanceId), its orders (a `BTreeMap`'s keys). Folds are cached: only what
+        // changed at this instant is folded again.
         let mut pin = None;
         let mut known = false;
+        let mut state: Option<Arc<WfState>> = None;
+        let mut template: Option<Arc<Template>> = None;
         if !e.events.is_empty() {
             let events = &e.events;
             let st = e
@@ -594,26 +595,12 @@ impl KeyedLogic for WorkflowLogic {
                 .clone();
             if let Some(s) = &st.started {
                 let key = (s.template_id.clone(), s.template_version);
-                if let Some(tpl) = template_of(definitions, &key) {
-                    facts.push(WfFact::Template(tpl));
-                    known = true;
-                }
+                template = template_of(definitions, &key);
+                known = template.is_some();
                 pin = Some(key);
             }
-            facts.push(WfFact::State(st));
+            state = Some(st);
         }
-        for slot in e.tasks.values_mut() {
-            if let Some(s) = slot.state() {
-                facts.push(WfFact::Task(s));
-            }
-        }
-        facts.extend(
-            e.orders
-                .iter()
-                .filter(|(_, n)| **n > 0)
-                .map(|(f, _)| WfFact::Order(f.clone())),
-        );
-        debug_assert!(facts.windows(2).all(|w| w[0] <= w[1]), "facts in order");
         if pin != e.pin {
             if let Some(old) = e.pin.take() {
                 if let Some(ws) = pinned.get_mut(&old) {
@@ -628,12 +615,78 @@ impl KeyedLogic for WorkflowLogic {
             }
             e.pin = pin;
         }
-        let refs: Vec<&WfFact> = facts.iter().collect();
-        let outs = evaluate(wid, &refs, rules);
+        let task_states: Vec<Arc<TaskState>> =
+            e.tasks.values_mut().filter_map(|s| s.state()).collect();
+        debug_assert!(task_states
+            .windows(2)
+            .all(|w| w[0].task_instance_id < w[1].task_instance_id));
+        let task_refs: Vec<&TaskState> = task_states.iter().map(|t| &**t).collect();
+        let orders: Vec<&OrderFact> = e
+            .orders
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(f, _)| f)
+            .collect();
+
+        // The workflow's own rules, then each task's. Events that appear are output (in
+        // their sorted order, as before rows).
+        let mut outs: Vec<WfOut> = Vec::new();
+        if let Some(ctx) = state.as_deref().and_then(|st| {
+            evaluate_workflow(wid, st, template.as_deref(), &task_refs, &orders, &mut outs)
+        }) {
+            let mut escalated: Vec<(Str, Millis)> = state
+                .as_deref()
+                .and_then(upstream_escalation)
+                .into_iter()
+                .collect();
+            for task in &task_refs {
+                evaluate_task(
+                    wid,
+                    task,
+                    template.as_deref(),
+                    &ctx,
+                    rules,
+                    &mut outs,
+                    &mut escalated,
+                );
+            }
+            re_escalations(
+                wid,
+                &ctx,
+                &completions(&task_refs),
+                &escalated,
+                rules,
+                &mut outs,
+            );
+        }
+        // Only the events that appeared need an order (most of a workflow's events are
+        // those of its previous evaluation).
+        let mut fps: Vec<u128> = Vec::with_capacity(outs.len());
+        let mut new_events: Vec<Arc<Derived>> = Vec::new();
+        outs.retain(|o| match o {
+            WfOut::Event(ev) => {
+                let fp = fingerprints.of(ev);
+                if e.prev_events.binary_search(&fp).is_err() {
+                    new_events.push(ev.clone());
+                }
+                fps.push(fp);
+                false
+            }
+            _ => true,
+        });
+        drop(task_refs);
+        new_events.sort();
+        new_events.dedup();
+        for ev in &new_events {
+            cx.give(Emit::record((wid.clone(), ev.rank()), ev.to_record(t)), 1);
+        }
+        drop(new_events);
+        fps.sort_unstable();
+        fps.dedup();
+        e.prev_events = fps;
 
         // Split: rows and events pass through; timer candidates count from deadline + 1.
         let mut rows_now: Vec<Arc<Row>> = Vec::new();
-        let mut events_now: Vec<Arc<Derived>> = Vec::new();
         let mut breaches_now = BTreeMap::new();
         let mut stale_now: BTreeMap<(Str, u32, Millis), Arc<StaleInfo>> = BTreeMap::new();
         let mut levels_now: BTreeMap<i32, Arc<ReEscalation>> = BTreeMap::new();
@@ -647,7 +700,7 @@ impl KeyedLogic for WorkflowLogic {
         };
         for o in outs {
             match o {
-                WfOut::Event(ev) => events_now.push(ev),
+                WfOut::Event(_) => unreachable!("events are taken out above"),
                 WfOut::Row(row) => rows_now.push(row),
                 WfOut::SlaLate(i) => keep_min(
                     &mut breaches_now,
@@ -679,8 +732,6 @@ impl KeyedLogic for WorkflowLogic {
         }
         // Only what is diffed with the previous evaluation needs an order (the rest is keyed
         // above, by least value, which no order changes).
-        events_now.sort();
-        events_now.dedup();
         rows_now.sort();
         rows_now.dedup();
         // One per (workflow, level), with content independent of which escalation fired it.
@@ -698,20 +749,7 @@ impl KeyedLogic for WorkflowLogic {
             })
             .collect();
 
-        // Events that appear are output (in their sorted order, as before rows); rows as
-        // their changes.
-        let mut fps: Vec<u128> = Vec::with_capacity(events_now.len());
-        for ev in &events_now {
-            let fp = fingerprints.of(ev);
-            if e.prev_events.binary_search(&fp).is_err() {
-                cx.give(Emit::record((wid.clone(), ev.rank()), ev.to_record(t)), 1);
-            }
-            fps.push(fp);
-        }
-        drop(events_now);
-        fps.sort_unstable();
-        fps.dedup();
-        e.prev_events = fps;
+        // Rows as their changes.
         let mut rows = RowChanges::default();
         let mut changed = false;
         diff_sorted_by(
@@ -779,7 +817,8 @@ impl KeyedLogic for WorkflowLogic {
         // The rows, with the escalations of the timers merged in (live or published).
         let shown = || tm.breaches_now.values().chain(tm.breaches_seen.values());
         let wf_row = wf_base.map(|(row, reason_time)| {
-            let mut row = WorkflowRow::clone(&row);
+            // Built for this step: taken without a copy unless a closure holds it too.
+            let mut row = Arc::try_unwrap(row).unwrap_or_else(|r| WorkflowRow::clone(&r));
             let mut latest: Option<(Millis, &Str)> = None;
             for i in shown() {
                 let part = (i.due_at, &i.task_def_id);
@@ -814,33 +853,9 @@ impl KeyedLogic for WorkflowLogic {
             |r, d| cx.give(Emit::Row(r), d),
         );
         // The task rows, updated in place: a row replaced needs only its `+new` (see
-        // `RowChanges`), one gone outputs its `-old`.
+        // `RowChanges`), one gone outputs its `-old` (after the others, as before).
         let mut task_rows = std::mem::take(&mut e.task_rows);
-        for base in &task_bases {
-            let mut row = TaskRow::clone(base);
-            let mut found: Vec<(u32, &Str)> = shown()
-                .filter(|i| i.task_instance_id == row.task_instance_id)
-                .map(|i| (i.attempt, &i.escalate_to))
-                .collect();
-            found.sort();
-            row.sla_breached = found.iter().any(|(a, _)| *a as i32 == row.attempt);
-            if let Some((_, to)) = found.last() {
-                row.is_escalated = true;
-                row.escalated_to = Some((*to).clone());
-            }
-            match task_rows.get_mut(&base.task_instance_id) {
-                Some(old) => {
-                    if *old != row {
-                        cx.give(Emit::Row(Arc::new(Row::Task(row.clone()))), 1);
-                        *old = row;
-                    }
-                }
-                None => {
-                    cx.give(Emit::Row(Arc::new(Row::Task(row.clone()))), 1);
-                    task_rows.insert(base.task_instance_id.clone(), row);
-                }
-            }
-        }
+        let mut gone: Vec<TaskRow> = Vec::new();
         if task_rows.len() > task_bases.len() {
             // Some rows are gone: those whose task has no base now (the bases come in
             // taskInstanceId order, the order of the task facts).
@@ -852,10 +867,44 @@ impl KeyedLogic for WorkflowLogic {
                     .binary_search_by(|b| b.task_instance_id.cmp(id))
                     .is_ok();
                 if !live {
-                    cx.give(Emit::Row(Arc::new(Row::Task(row.clone()))), -1);
+                    gone.push(row.clone());
                 }
                 live
             });
+        }
+        for base in task_bases {
+            // The breaches shown for the task: whether its current attempt's is one, and
+            // the escalation of the latest (by attempt, then escalateTo).
+            let mut breached = false;
+            let mut latest: Option<(u32, &Str)> = None;
+            for i in shown().filter(|i| i.task_instance_id == base.task_instance_id) {
+                breached |= i.attempt as i32 == base.attempt;
+                if latest.is_none_or(|l| (i.attempt, &i.escalate_to) > l) {
+                    latest = Some((i.attempt, &i.escalate_to));
+                }
+            }
+            // Built for this step: taken without a copy.
+            let mut row = Arc::try_unwrap(base).unwrap_or_else(|b| TaskRow::clone(&b));
+            row.sla_breached = breached;
+            if let Some((_, to)) = latest {
+                row.is_escalated = true;
+                row.escalated_to = Some(to.clone());
+            }
+            match task_rows.get_mut(&row.task_instance_id) {
+                Some(old) => {
+                    if *old != row {
+                        cx.give(Emit::Row(Arc::new(Row::Task(row.clone()))), 1);
+                        *old = row;
+                    }
+                }
+                None => {
+                    cx.give(Emit::Row(Arc::new(Row::Task(row.clone()))), 1);
+                    task_rows.insert(row.task_instance_id.clone(), row);
+                }
+            }
+        }
+        for row in gone {
+            cx.give(Emit::Row(Arc::new(Row::Task(row))), -1);
         }
         e.task_rows = task_rows;
         match &e.timed {
