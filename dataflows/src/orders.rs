@@ -544,38 +544,70 @@ fn positive(amount: &str) -> bool {
 /// Everything the contract derives from one order's state (§5).
 pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
     let mut out = Vec::new();
-    let oid = &st.order_id;
     let ident = Identity::of(st);
-    // Ids are named, and hashed only for the events that turn out to be new.
-    let named = |a: &Str, b: Option<Str>| IdName::new(a, b, None);
-    let transition = |e: &OrderEvent,
-                      from: Option<OrderStatus>,
-                      to: Option<OrderStatus>,
-                      reject: Option<RejectReason>| {
-        OrderOut::Row(Row::OrderTransition(OrderTransitionRow {
-            event_id: e.event_id.clone(),
-            order_id: oid.into(),
-            workflow_instance_id: e
-                .workflow_instance_id
-                .clone()
-                .or_else(|| ident.workflow_instance_id.clone()),
-            event_type: e.kind.as_str().into(),
-            from_status: from.map(|s| s.as_str().into()),
-            to_status: to.map(|s| s.as_str().into()),
-            actor: e.actor.clone(),
-            actor_role: e.actor_role.clone(),
-            accepted: reject.is_none(),
-            reject_reason: reject.map(|r| r.as_str().into()),
-            event_time: e.event_time,
-            source_partition: e.pos.partition,
-            source_offset: e.pos.offset,
-        }))
+    rejections(st, &ident, &mut out);
+    let applied = apply_accepted(st, &ident, rules, &mut out);
+    let Some(status) = applied.status else {
+        // No accepted ORDER_CREATED yet: the order does not exist (its rejected events do).
+        return out;
     };
+    if let Some((ci, c)) = applied.cancel {
+        compensation(st, &ident, ci, c, &mut out);
+    }
+    if let Some((ai, a)) = applied.activated {
+        fulfillment_deadline(st, &ident, ai, a, rules, &mut out);
+    }
+    out.push(order_row(st, status, &applied));
+    out
+}
 
-    // Rejected events: a transition row, ORDER_TRANSITION_REJECTED, and the dead letter.
+/// Ids of order events are named, and hashed only for the events that turn out to be new.
+fn named(a: &Str, b: Option<Str>) -> IdName {
+    IdName::new(a, b, None)
+}
+
+/// The `order_transitions` row of event `e` of the order (`reject`: why it was rejected).
+fn transition_row(
+    st: &OrderState,
+    ident: &Identity,
+    e: &OrderEvent,
+    from: Option<OrderStatus>,
+    to: Option<OrderStatus>,
+    reject: Option<RejectReason>,
+) -> OrderOut {
+    OrderOut::Row(Row::OrderTransition(OrderTransitionRow {
+        event_id: e.event_id.clone(),
+        order_id: st.order_id.clone(),
+        workflow_instance_id: e
+            .workflow_instance_id
+            .clone()
+            .or_else(|| ident.workflow_instance_id.clone()),
+        event_type: e.kind.as_str().into(),
+        from_status: from.map(|s| s.as_str().into()),
+        to_status: to.map(|s| s.as_str().into()),
+        actor: e.actor.clone(),
+        actor_role: e.actor_role.clone(),
+        accepted: reject.is_none(),
+        reject_reason: reject.map(|r| r.as_str().into()),
+        event_time: e.event_time,
+        source_partition: e.pos.partition,
+        source_offset: e.pos.offset,
+    }))
+}
+
+/// Rejected events: a transition row, ORDER_TRANSITION_REJECTED, and the dead letter.
+fn rejections(st: &OrderState, ident: &Identity, out: &mut Vec<OrderOut>) {
+    let oid = &st.order_id;
     for r in &st.rejected {
         let e = &r.event;
-        out.push(transition(e, r.from, e.order_status, Some(r.reason)));
+        out.push(transition_row(
+            st,
+            ident,
+            e,
+            r.from,
+            e.order_status,
+            Some(r.reason),
+        ));
         // The event's own ids first: they are what the rejected record said.
         let own = Identity {
             workflow_instance_id: e
@@ -595,32 +627,57 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
         out.push(OrderOut::Event(n));
         out.push(OrderOut::Dead(r.clone()));
     }
+}
 
-    // Accepted events, in application order.
-    let mut status: Option<OrderStatus> = None;
-    let mut at: BTreeMap<OrderStatus, Millis> = BTreeMap::new();
-    // The last actor, and the role each actor last stated (an event may name its actor
-    // without repeating the role).
-    let mut actor: Option<&Str> = None;
-    let mut roles: BTreeMap<&Str, &Str> = BTreeMap::new();
-    let mut critical = false;
-    let mut cancel: Option<(usize, &OrderEvent)> = None;
-    let mut activated: Option<(usize, &OrderEvent)> = None;
+/// What the accepted events, applied in order, leave of the order.
+struct Applied<'a> {
+    status: Option<OrderStatus>,
+    /// When each status was first reached.
+    at: BTreeMap<OrderStatus, Millis>,
+    /// The last actor, and the role each actor last stated (an event may name its actor
+    /// without repeating the role).
+    actor: Option<&'a Str>,
+    roles: BTreeMap<&'a Str, &'a Str>,
+    critical: bool,
+    /// The ORDER_CANCELLED and the ORDER_ACTIVATED (the last of each), with their index
+    /// among the accepted events.
+    cancel: Option<(usize, &'a OrderEvent)>,
+    activated: Option<(usize, &'a OrderEvent)>,
+}
+
+/// Accepted events, in application order: a transition row each, ORDER_ACTIVATION_REQUESTED
+/// for an authorized order of an auto-activated type, ORDER_CRITICAL_RESULT with its alert.
+fn apply_accepted<'a>(
+    st: &'a OrderState,
+    ident: &Identity,
+    rules: &OrderRules,
+    out: &mut Vec<OrderOut>,
+) -> Applied<'a> {
+    let oid = &st.order_id;
+    let mut a = Applied {
+        status: None,
+        at: BTreeMap::new(),
+        actor: None,
+        roles: BTreeMap::new(),
+        critical: false,
+        cancel: None,
+        activated: None,
+    };
     for (i, e) in st.accepted.iter().enumerate() {
-        let from = status;
+        let from = a.status;
         if e.kind == OrderEventKind::CompensationCompleted {
-            out.push(transition(e, from, from, None));
+            out.push(transition_row(st, ident, e, from, from, None));
             continue;
         }
-        status = e.order_status;
-        out.push(transition(e, from, status, None));
-        if let Some(s) = status {
-            at.entry(s).or_insert(e.event_time);
+        a.status = e.order_status;
+        out.push(transition_row(st, ident, e, from, a.status, None));
+        if let Some(s) = a.status {
+            a.at.entry(s).or_insert(e.event_time);
         }
-        if let Some(a) = &e.actor {
-            actor = Some(a);
+        if let Some(actor) = &e.actor {
+            a.actor = Some(actor);
             if let Some(r) = &e.actor_role {
-                roles.insert(a, r);
+                a.roles.insert(actor, r);
             }
         }
         match e.kind {
@@ -640,173 +697,202 @@ pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
                     out.push(OrderOut::Event(n));
                 }
             }
-            OrderEventKind::Activated => activated = Some((i, e)),
+            OrderEventKind::Activated => a.activated = Some((i, e)),
             OrderEventKind::Resulted if e.critical => {
-                critical = true;
-                let mut n = ident.notice(
-                    DerivedType::OrderCriticalResult,
-                    named(&e.event_id, None),
-                    oid,
-                );
-                n.derived.cause_event_id = Some(e.event_id.clone());
-                let status = e.order_status.map(|s| s.as_str()).unwrap_or("RESULTED");
-                out.push(OrderOut::Alert(CriticalAlert {
-                    alert_id: v5(&format!(
-                        "hmis-flow:alert:ORDER_CRITICAL_RESULT:{}",
-                        e.event_id
-                    )),
-                    source: rules.alert_source.clone(),
-                    message: format!(
-                        "critical result on {} order {oid} ({status})",
-                        ident.order_type.as_deref().unwrap_or("an")
-                    ),
-                    cause_event_id: e.event_id.to_string(),
-                    derived_event_id: n.derived.id().to_string(),
-                    order_id: oid.to_string(),
-                    order_type: ident.order_type.as_deref().map(String::from),
-                    workflow_instance_id: ident.workflow_instance_id.as_deref().map(String::from),
-                    patient_id: ident.patient_id.as_deref().map(String::from),
-                    ordering_key: n.derived.workflow_instance_id.to_string(),
-                }));
-                out.push(OrderOut::Event(n));
+                a.critical = true;
+                critical_result(oid, ident, e, rules, out);
             }
-            OrderEventKind::Cancelled => cancel = Some((i, e)),
+            OrderEventKind::Cancelled => a.cancel = Some((i, e)),
             _ => {}
         }
     }
-    let Some(status) = status else {
-        // No accepted ORDER_CREATED yet: the order does not exist (its rejected events do).
-        return out;
-    };
+    a
+}
 
-    // Compensation, from the state the order had reached when it was cancelled.
-    if let Some((ci, c)) = cancel {
-        let before = &st.accepted[..=ci];
-        let reached_activated = before.iter().any(|e| e.kind == OrderEventKind::Activated);
-        let last =
-            |f: fn(&OrderEvent) -> &Option<Str>| before.iter().rev().find_map(|e| f(e).clone());
-        let cost = last(|e| &e.cost);
-        let appointment = last(|e| &e.appointment_id);
-        let ty = ident.order_type.as_deref().unwrap_or("");
-        for action in ACTION_TYPES {
-            let applies = match action {
-                "SEND_NOTIFICATION" => true,
-                "REVERSE_CHARGE" => reached_activated && cost.as_deref().is_some_and(positive),
-                "CANCEL_ORDER" => reached_activated,
-                "RELEASE_RESOURCE" => reached_activated && matches!(ty, "IMAGING" | "SURGERY"),
-                _ => appointment.is_some(),
-            };
-            if !applies {
-                continue;
-            }
-            let id: Str = action_id(oid, action).into();
-            let amount = (action == "REVERSE_CHARGE").then(|| cost.clone()).flatten();
-            let appointment_id = (action == "CANCEL_APPOINTMENT")
-                .then(|| appointment.clone())
-                .flatten();
-            let completed_at = st
-                .accepted
-                .iter()
-                .filter(|e| {
-                    e.kind == OrderEventKind::CompensationCompleted
-                        && e.action_id.as_deref() == Some(&id)
-                })
-                .map(|e| e.event_time)
-                .min();
-            out.push(OrderOut::Row(Row::Compensation(CompensationRow {
-                action_id: id.clone(),
-                order_id: oid.into(),
-                workflow_instance_id: ident.workflow_instance_id.clone(),
-                patient_id: ident.patient_id.clone(),
-                action_type: action.into(),
-                amount: amount.clone(),
-                appointment_id: appointment_id.clone(),
-                status: if completed_at.is_some() {
-                    "COMPLETED"
-                } else {
-                    "PENDING"
-                }
-                .into(),
-                reason: c.reason.clone(),
-                cause_event_id: Some(c.event_id.clone()),
-                requested_at: c.event_time,
-                completed_at,
-            })));
-            let mut n = ident.notice(
-                DerivedType::OrderCompensationRequested,
-                named(&id, None),
-                oid,
-            );
-            n.derived.action_id = Some(id);
-            n.derived.action_type = Some(action.into());
-            n.derived.amount = amount;
-            n.derived.reason = c.reason.clone();
-            n.derived.cause_event_id = Some(c.event_id.clone());
-            n.appointment_id = appointment_id;
-            out.push(OrderOut::Event(n));
+/// ORDER_CRITICAL_RESULT of a critical ORDER_RESULTED, and its CRITICAL alert.
+fn critical_result(
+    oid: &Str,
+    ident: &Identity,
+    e: &OrderEvent,
+    rules: &OrderRules,
+    out: &mut Vec<OrderOut>,
+) {
+    let mut n = ident.notice(
+        DerivedType::OrderCriticalResult,
+        named(&e.event_id, None),
+        oid,
+    );
+    n.derived.cause_event_id = Some(e.event_id.clone());
+    let status = e.order_status.map(|s| s.as_str()).unwrap_or("RESULTED");
+    out.push(OrderOut::Alert(CriticalAlert {
+        alert_id: v5(&format!(
+            "hmis-flow:alert:ORDER_CRITICAL_RESULT:{}",
+            e.event_id
+        )),
+        source: rules.alert_source.clone(),
+        message: format!(
+            "critical result on {} order {oid} ({status})",
+            ident.order_type.as_deref().unwrap_or("an")
+        ),
+        cause_event_id: e.event_id.to_string(),
+        derived_event_id: n.derived.id().to_string(),
+        order_id: oid.to_string(),
+        order_type: ident.order_type.as_deref().map(String::from),
+        workflow_instance_id: ident.workflow_instance_id.as_deref().map(String::from),
+        patient_id: ident.patient_id.as_deref().map(String::from),
+        ordering_key: n.derived.workflow_instance_id.to_string(),
+    }));
+    out.push(OrderOut::Event(n));
+}
+
+/// Compensation of a cancelled order (`c`, the `ci`-th accepted event), from the state the
+/// order had reached when it was cancelled: an action row and ORDER_COMPENSATION_REQUESTED
+/// per action that applies.
+fn compensation(
+    st: &OrderState,
+    ident: &Identity,
+    ci: usize,
+    c: &OrderEvent,
+    out: &mut Vec<OrderOut>,
+) {
+    let oid = &st.order_id;
+    let before = &st.accepted[..=ci];
+    let reached_activated = before.iter().any(|e| e.kind == OrderEventKind::Activated);
+    let last = |f: fn(&OrderEvent) -> &Option<Str>| before.iter().rev().find_map(|e| f(e).clone());
+    let cost = last(|e| &e.cost);
+    let appointment = last(|e| &e.appointment_id);
+    let ty = ident.order_type.as_deref().unwrap_or("");
+    for action in ACTION_TYPES {
+        let applies = match action {
+            "SEND_NOTIFICATION" => true,
+            "REVERSE_CHARGE" => reached_activated && cost.as_deref().is_some_and(positive),
+            "CANCEL_ORDER" => reached_activated,
+            "RELEASE_RESOURCE" => reached_activated && matches!(ty, "IMAGING" | "SURGERY"),
+            _ => appointment.is_some(),
+        };
+        if !applies {
+            continue;
         }
+        let id: Str = action_id(oid, action).into();
+        let amount = (action == "REVERSE_CHARGE").then(|| cost.clone()).flatten();
+        let appointment_id = (action == "CANCEL_APPOINTMENT")
+            .then(|| appointment.clone())
+            .flatten();
+        let completed_at = st
+            .accepted
+            .iter()
+            .filter(|e| {
+                e.kind == OrderEventKind::CompensationCompleted
+                    && e.action_id.as_deref() == Some(&id)
+            })
+            .map(|e| e.event_time)
+            .min();
+        out.push(OrderOut::Row(Row::Compensation(CompensationRow {
+            action_id: id.clone(),
+            order_id: oid.into(),
+            workflow_instance_id: ident.workflow_instance_id.clone(),
+            patient_id: ident.patient_id.clone(),
+            action_type: action.into(),
+            amount: amount.clone(),
+            appointment_id: appointment_id.clone(),
+            status: if completed_at.is_some() {
+                "COMPLETED"
+            } else {
+                "PENDING"
+            }
+            .into(),
+            reason: c.reason.clone(),
+            cause_event_id: Some(c.event_id.clone()),
+            requested_at: c.event_time,
+            completed_at,
+        })));
+        let mut n = ident.notice(
+            DerivedType::OrderCompensationRequested,
+            named(&id, None),
+            oid,
+        );
+        n.derived.action_id = Some(id);
+        n.derived.action_type = Some(action.into());
+        n.derived.amount = amount;
+        n.derived.reason = c.reason.clone();
+        n.derived.cause_event_id = Some(c.event_id.clone());
+        n.appointment_id = appointment_id;
+        out.push(OrderOut::Event(n));
     }
+}
 
-    // Fulfillment deadline.
+/// The fulfillment deadline of an activated order (`a`, the `ai`-th accepted event), if its
+/// type has a limit: overdue late (the data says so) or open (the clock decides).
+fn fulfillment_deadline(
+    st: &OrderState,
+    ident: &Identity,
+    ai: usize,
+    a: &OrderEvent,
+    rules: &OrderRules,
+    out: &mut Vec<OrderOut>,
+) {
     let ty = ident
         .order_type
         .clone()
         .or_else(|| st.order_type.clone())
         .unwrap_or_default();
-    if let (Some((ai, a)), Some(limit)) = (activated, rules.limit_ms(&ty)) {
-        let info = OverdueInfo {
-            order_id: oid.into(),
-            order_type: ty.clone(),
-            workflow_instance_id: ident.workflow_instance_id.clone(),
-            patient_id: ident.patient_id.clone(),
-            activated_event_id: a.event_id.clone(),
-            activated_at: a.event_time,
-            due_at: a.event_time.saturating_add(limit),
-        };
-        let ended = st.accepted[ai + 1..].iter().find(|e| {
-            e.kind != OrderEventKind::CompensationCompleted
-                && !matches!(e.order_status, Some(OrderStatus::InProgress))
-        });
-        match ended {
-            Some(e) if e.event_time > info.due_at => out.push(OrderOut::OverdueLate(info)),
-            Some(_) => {}
-            None => out.push(OrderOut::OverdueOpen(info)),
-        }
+    let Some(limit) = rules.limit_ms(&ty) else {
+        return;
+    };
+    let info = OverdueInfo {
+        order_id: st.order_id.clone(),
+        order_type: ty.clone(),
+        workflow_instance_id: ident.workflow_instance_id.clone(),
+        patient_id: ident.patient_id.clone(),
+        activated_event_id: a.event_id.clone(),
+        activated_at: a.event_time,
+        due_at: a.event_time.saturating_add(limit),
+    };
+    let ended = st.accepted[ai + 1..].iter().find(|e| {
+        e.kind != OrderEventKind::CompensationCompleted
+            && !matches!(e.order_status, Some(OrderStatus::InProgress))
+    });
+    match ended {
+        Some(e) if e.event_time > info.due_at => out.push(OrderOut::OverdueLate(info)),
+        Some(_) => {}
+        None => out.push(OrderOut::OverdueOpen(info)),
     }
+}
 
-    let cancel_reason = cancel.and_then(|(_, c)| c.reason.clone());
-    out.push(OrderOut::OrderBase(OrderRow {
-        order_id: oid.into(),
+/// The `orders` row before the overdue flag is merged in.
+fn order_row(st: &OrderState, status: OrderStatus, a: &Applied) -> OrderOut {
+    let at = |s: OrderStatus| a.at.get(&s).copied();
+    OrderOut::OrderBase(OrderRow {
+        order_id: st.order_id.clone(),
         workflow_instance_id: st.workflow_instance_id.clone(),
         patient_id: st.patient_id.clone(),
         order_type: st.order_type.clone().unwrap_or_default(),
         order_status: status.as_str().into(),
-        actor: actor.cloned(),
-        actor_role: actor.and_then(|a| roles.get(a)).map(|r| (*r).clone()),
+        actor: a.actor.cloned(),
+        actor_role: a.actor.and_then(|x| a.roles.get(x)).map(|r| (*r).clone()),
         cost: st.cost.clone(),
         department: st.department.clone(),
-        critical,
+        critical: a.critical,
         appointment_id: st.appointment_id.clone(),
-        cancel_reason,
+        cancel_reason: a.cancel.and_then(|(_, c)| c.reason.clone()),
         is_overdue: false,
-        created_at: at.get(&OrderStatus::Proposed).copied(),
-        authorized_at: at.get(&OrderStatus::Authorized).copied(),
-        activated_at: at.get(&OrderStatus::Activated).copied(),
-        started_at: at.get(&OrderStatus::InProgress).copied(),
+        created_at: at(OrderStatus::Proposed),
+        authorized_at: at(OrderStatus::Authorized),
+        activated_at: at(OrderStatus::Activated),
+        started_at: at(OrderStatus::InProgress),
         resulted_at: [
             OrderStatus::Resulted,
             OrderStatus::Dispensed,
             OrderStatus::Completed,
         ]
         .iter()
-        .filter_map(|s| at.get(s))
+        .filter_map(|s| a.at.get(s))
         .min()
         .copied(),
-        verified_at: at.get(&OrderStatus::Verified).copied(),
-        closed_at: at.get(&OrderStatus::Closed).copied(),
-        cancelled_at: at.get(&OrderStatus::Cancelled).copied(),
-    }));
-    out
+        verified_at: at(OrderStatus::Verified),
+        closed_at: at(OrderStatus::Closed),
+        cancelled_at: at(OrderStatus::Cancelled),
+    })
 }
 
 /// Parts merged into an `orders` row.

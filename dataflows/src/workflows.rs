@@ -259,7 +259,7 @@ impl DefSummary<'_> {
 /// What the workflow-level rules decide that each task's rules read ([`evaluate_task`]):
 /// a task evaluated twice with equal states, templates and contexts outputs the same.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WfCtx {
+struct WfCtx {
     /// The workflow's patient: upstream's, else the first task's that names one.
     pub patient: Option<Str>,
     pub template_id: Str,
@@ -289,16 +289,33 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
         }
     }
     // Without WORKFLOW_STARTED nothing about W is known yet (the events may still be on their way).
-    let Some(state) = state else { return out };
-    let Some(ctx) = evaluate_workflow(wid, state, template, &tasks, &orders, &mut out) else {
-        return out;
+    if let Some(state) = state {
+        apply_rules(wid, state, template, &tasks, &orders, rules, &mut out);
+    }
+    out
+}
+
+/// The rules over a workflow's facts, unpacked (what [`evaluate`] does once it has them):
+/// the workflow's own ([`evaluate_workflow`]), each task's ([`evaluate_task`]), then the
+/// re-escalations of what was escalated ([`re_escalations`]). Nothing before the workflow
+/// started.
+pub fn apply_rules(
+    wid: &Str,
+    state: &WfState,
+    template: Option<&Template>,
+    tasks: &[&TaskState],
+    orders: &[&OrderFact],
+    rules: &TimeRules,
+    out: &mut Vec<WfOut>,
+) {
+    let Some(ctx) = evaluate_workflow(wid, state, template, tasks, orders, out) else {
+        return;
     };
     let mut escalated: Vec<(Str, Millis)> = upstream_escalation(state).into_iter().collect();
-    for task in &tasks {
-        evaluate_task(wid, task, template, &ctx, rules, &mut out, &mut escalated);
+    for task in tasks {
+        evaluate_task(wid, task, template, &ctx, rules, out, &mut escalated);
     }
-    re_escalations(wid, &ctx, &completions(&tasks), &escalated, rules, &mut out);
-    out
+    re_escalations(wid, &ctx, &completions(tasks), &escalated, rules, out);
 }
 
 /// A derived event of workflow `wid` with the fields every one of its events carries.
@@ -314,7 +331,7 @@ fn workflow_event(ty: DerivedType, id: IdName, wid: &Str, ctx: &WfCtx) -> Derive
 /// [`terminal_events`]), readiness ([`readiness`]), the workflow row ([`workflow_row`]).
 /// Returns what the tasks' rules read, or `None` (and outputs nothing) before the workflow
 /// started.
-pub fn evaluate_workflow(
+fn evaluate_workflow(
     wid: &Str,
     state: &WfState,
     template: Option<&Template>,
@@ -679,7 +696,7 @@ fn workflow_row(
 
 /// What upstream escalated (WORKFLOW_ESCALATED): its reason as the source of
 /// re-escalations, and when.
-pub fn upstream_escalation(state: &WfState) -> Option<(Str, Millis)> {
+fn upstream_escalation(state: &WfState) -> Option<(Str, Millis)> {
     state
         .upstream_escalation
         .as_ref()
@@ -687,7 +704,7 @@ pub fn upstream_escalation(state: &WfState) -> Option<(Str, Millis)> {
 }
 
 /// Completion times of a workflow's tasks: an escalation is answered by a completion after it.
-pub fn completions(tasks: &[&TaskState]) -> Vec<Millis> {
+fn completions(tasks: &[&TaskState]) -> Vec<Millis> {
     tasks
         .iter()
         .filter(|t| t.status == TaskStatus::Completed)
@@ -698,7 +715,7 @@ pub fn completions(tasks: &[&TaskState]) -> Vec<Millis> {
 /// One task's rules: its retries ([`retries`]), its row ([`task_row`]), its SLA per
 /// attempt ([`sla`]) and whether it is stale ([`stale`]). What it escalated (an SLA breach:
 /// source and dueAt) is added to `escalated`.
-pub fn evaluate_task(
+fn evaluate_task(
     wid: &Str,
     task: &TaskState,
     template: Option<&Template>,
@@ -861,7 +878,7 @@ fn stale(v: &TaskView, rules: &TimeRules) -> WfOut {
 
 /// Re-escalations (levels 2 up to the highest) of what was escalated at `at`, while the
 /// workflow is ACTIVE and no task completed in between.
-pub fn re_escalations(
+fn re_escalations(
     wid: &Str,
     ctx: &WfCtx,
     completions: &[Millis],

@@ -6,9 +6,9 @@
 //! broadcast: every worker holds the latest valid record per (templateId, version)). At each
 //! stamp where any of these changed, or a timer of the key is due, the workflow is evaluated
 //! over its folds ([`fold_workflow`], [`fold_task`]; each kept with its events and taken
-//! again only when they change) by the rules' pieces ([`evaluate_workflow`], then
-//! [`evaluate_task`] per task, then [`re_escalations`]: [`crate::workflows::evaluate`] in
-//! steps); the outputs are compared with the previous evaluation's:
+//! again only when they change) by the rules ([`apply_rules`]: what
+//! [`crate::workflows::evaluate`] does over the facts gathered); the outputs are compared
+//! with the previous evaluation's:
 //!
 //! - rows (`task_readiness`) as `(-old, +new)`, derived events when they appear;
 //! - SLA breaches, stale tasks and re-escalations as in [`crate::timers::time_rules`]: a
@@ -49,8 +49,8 @@ use crate::output::Owner;
 use crate::output::{Millis, ReadinessRow, Row, SlaBreachRow, TaskRow, WorkflowRow};
 use crate::tasks::{dedup_by_event_id, fold_task, TaskState};
 use crate::workflows::{
-    completions, evaluate_task, evaluate_workflow, fold_workflow, re_escalations,
-    upstream_escalation, OrderFact, ReEscalation, SlaInfo, StaleInfo, TimeRules, WfOut, WfState,
+    apply_rules, fold_workflow, OrderFact, ReEscalation, SlaInfo, StaleInfo, TimeRules, WfOut,
+    WfState,
 };
 use crate::Emit;
 
@@ -174,7 +174,7 @@ impl Entry {
     }
 }
 
-/// The readiness row a workflow rule output (the only rows [`evaluate_workflow`] outputs).
+/// The readiness row a workflow rule output (the only rows [`apply_rules`] outputs).
 fn readiness(r: &Row) -> &ReadinessRow {
     match r {
         Row::Readiness(x) => x,
@@ -631,33 +631,9 @@ impl KeyedLogic for WorkflowLogic {
         // The workflow's own rules, then each task's. Events that appear are output (in
         // their sorted order, as before rows).
         let mut outs: Vec<WfOut> = Vec::new();
-        if let Some(ctx) = state.as_deref().and_then(|st| {
-            evaluate_workflow(wid, st, template.as_deref(), &task_refs, &orders, &mut outs)
-        }) {
-            let mut escalated: Vec<(Str, Millis)> = state
-                .as_deref()
-                .and_then(upstream_escalation)
-                .into_iter()
-                .collect();
-            for task in &task_refs {
-                evaluate_task(
-                    wid,
-                    task,
-                    template.as_deref(),
-                    &ctx,
-                    rules,
-                    &mut outs,
-                    &mut escalated,
-                );
-            }
-            re_escalations(
-                wid,
-                &ctx,
-                &completions(&task_refs),
-                &escalated,
-                rules,
-                &mut outs,
-            );
+        if let Some(st) = state.as_deref() {
+            let tpl = template.as_deref();
+            apply_rules(wid, st, tpl, &task_refs, &orders, rules, &mut outs);
         }
         // Only the events that appeared need an order (most of a workflow's events are
         // those of its previous evaluation).
@@ -674,7 +650,6 @@ impl KeyedLogic for WorkflowLogic {
             }
             _ => true,
         });
-        drop(task_refs);
         new_events.sort();
         new_events.dedup();
         for ev in &new_events {
