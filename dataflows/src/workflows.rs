@@ -315,7 +315,7 @@ pub fn apply_rules(
     for task in tasks {
         evaluate_task(wid, task, template, &ctx, rules, out, &mut escalated);
     }
-    re_escalations(wid, &ctx, &completions(tasks), &escalated, rules, out);
+    re_escalations(wid, &ctx, tasks, &escalated, rules, out);
 }
 
 /// A derived event of workflow `wid` with the fields every one of its events carries.
@@ -618,43 +618,40 @@ fn readiness(
                     .is_some_and(|ty| d.blocking_order_types.contains(ty))
         });
         let next_attempt = s.map(|s| s.next_attempt()).unwrap_or(1);
-        if !blocked {
-            // Content names only the readiness itself: what made it ready (which
-            // completion, which order closing) is in the event's time; a transition
-            // into readiness is one event (`per_transition`).
-            let mut e = base(
-                DerivedType::TaskReady,
-                name(wid, Some(d.task_def_id.clone()), Some(next_attempt.into())),
-            );
-            e.task_def_id = Some(d.task_def_id.clone());
-            e.task_name = d.name.clone();
-            e.attempt = Some(next_attempt);
-            e.automatic = Some(d.automatic);
-            e.per_transition = true;
-            out.push(WfOut::Event(Arc::new(e)));
-            out.push(WfOut::Row(Arc::new(Row::Readiness(ReadinessRow {
-                workflow_instance_id: wid.into(),
-                task_def_id: d.task_def_id.clone(),
-                patient_id: ctx.patient.clone(),
-                template_id: ctx.template_id.clone(),
-                template_version: ctx.template_version,
-                task_name: d.name.clone(),
-                automatic: d.automatic,
-                next_attempt: next_attempt as i32,
-            }))));
+        // Content names only the readiness itself: what made it ready (which completion,
+        // which order closing) is in the event's time, and which orders block may change
+        // while the task stays blocked; a transition into either is one event
+        // (`per_transition`).
+        let ty = if blocked {
+            DerivedType::TaskBlocked
         } else {
-            // Which orders block may change while the task stays blocked: not content.
-            let mut e = base(
-                DerivedType::TaskBlocked,
-                name(wid, Some(d.task_def_id.clone()), Some(next_attempt.into())),
-            );
-            e.task_def_id = Some(d.task_def_id.clone());
-            e.task_name = d.name.clone();
-            e.attempt = Some(next_attempt);
+            DerivedType::TaskReady
+        };
+        let mut e = base(
+            ty,
+            name(wid, Some(d.task_def_id.clone()), Some(next_attempt.into())),
+        );
+        e.task_def_id = Some(d.task_def_id.clone());
+        e.task_name = d.name.clone();
+        e.attempt = Some(next_attempt);
+        e.per_transition = true;
+        if blocked {
             e.reason = Some("BLOCKING_ORDER_OPEN".into());
-            e.per_transition = true;
             out.push(WfOut::Event(Arc::new(e)));
+            continue;
         }
+        e.automatic = Some(d.automatic);
+        out.push(WfOut::Event(Arc::new(e)));
+        out.push(WfOut::Row(Arc::new(Row::Readiness(ReadinessRow {
+            workflow_instance_id: wid.into(),
+            task_def_id: d.task_def_id.clone(),
+            patient_id: ctx.patient.clone(),
+            template_id: ctx.template_id.clone(),
+            template_version: ctx.template_version,
+            task_name: d.name.clone(),
+            automatic: d.automatic,
+            next_attempt: next_attempt as i32,
+        }))));
     }
 }
 
@@ -881,14 +878,15 @@ fn stale(v: &TaskView, rules: &TimeRules) -> WfOut {
 fn re_escalations(
     wid: &Str,
     ctx: &WfCtx,
-    completions: &[Millis],
+    tasks: &[&TaskState],
     escalated: &[(Str, Millis)],
     rules: &TimeRules,
     out: &mut Vec<WfOut>,
 ) {
-    if !ctx.active {
+    if !ctx.active || escalated.is_empty() {
         return;
     }
+    let completions = completions(tasks);
     for (source, at) in escalated {
         let at = *at;
         for level in 2..=rules.max_escalation_level {

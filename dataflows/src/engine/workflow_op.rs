@@ -134,14 +134,14 @@ struct TaskSlot {
 
 impl TaskSlot {
     /// The task's state: the cached fold, or a new one when the events changed.
-    fn state(&mut self) -> Option<Arc<TaskState>> {
+    fn state(&mut self) -> Option<&TaskState> {
         let events = &self.events;
         self.state
             .get_or_insert_with(|| {
                 let evs = dedup_by_event_id(events.iter().map(|(x, _)| &**x));
                 fold_task(&evs).map(Arc::new)
             })
-            .clone()
+            .as_deref()
     }
 }
 
@@ -615,12 +615,10 @@ impl KeyedLogic for WorkflowLogic {
             }
             e.pin = pin;
         }
-        let task_states: Vec<Arc<TaskState>> =
-            e.tasks.values_mut().filter_map(|s| s.state()).collect();
-        debug_assert!(task_states
+        let tasks: Vec<&TaskState> = e.tasks.values_mut().filter_map(|s| s.state()).collect();
+        debug_assert!(tasks
             .windows(2)
             .all(|w| w[0].task_instance_id < w[1].task_instance_id));
-        let task_refs: Vec<&TaskState> = task_states.iter().map(|t| &**t).collect();
         let orders: Vec<&OrderFact> = e
             .orders
             .iter()
@@ -628,39 +626,17 @@ impl KeyedLogic for WorkflowLogic {
             .map(|(f, _)| f)
             .collect();
 
-        // The workflow's own rules, then each task's. Events that appear are output (in
-        // their sorted order, as before rows).
+        // The workflow's own rules, then each task's.
         let mut outs: Vec<WfOut> = Vec::new();
         if let Some(st) = state.as_deref() {
             let tpl = template.as_deref();
-            apply_rules(wid, st, tpl, &task_refs, &orders, rules, &mut outs);
+            apply_rules(wid, st, tpl, &tasks, &orders, rules, &mut outs);
         }
-        // Only the events that appeared need an order (most of a workflow's events are
-        // those of its previous evaluation).
+
+        // Split: events are output when they appear (below), rows pass through, timer
+        // candidates count from deadline + 1.
         let mut fps: Vec<u128> = Vec::with_capacity(outs.len());
         let mut new_events: Vec<Arc<Derived>> = Vec::new();
-        outs.retain(|o| match o {
-            WfOut::Event(ev) => {
-                let fp = fingerprints.of(ev);
-                if e.prev_events.binary_search(&fp).is_err() {
-                    new_events.push(ev.clone());
-                }
-                fps.push(fp);
-                false
-            }
-            _ => true,
-        });
-        new_events.sort();
-        new_events.dedup();
-        for ev in &new_events {
-            cx.give(Emit::record((wid.clone(), ev.rank()), ev.to_record(t)), 1);
-        }
-        drop(new_events);
-        fps.sort_unstable();
-        fps.dedup();
-        e.prev_events = fps;
-
-        // Split: rows and events pass through; timer candidates count from deadline + 1.
         let mut rows_now: Vec<Arc<Row>> = Vec::new();
         let mut breaches_now = BTreeMap::new();
         let mut stale_now: BTreeMap<(Str, u32, Millis), Arc<StaleInfo>> = BTreeMap::new();
@@ -675,7 +651,13 @@ impl KeyedLogic for WorkflowLogic {
         };
         for o in outs {
             match o {
-                WfOut::Event(_) => unreachable!("events are taken out above"),
+                WfOut::Event(ev) => {
+                    let fp = fingerprints.of(&ev);
+                    if e.prev_events.binary_search(&fp).is_err() {
+                        new_events.push(ev);
+                    }
+                    fps.push(fp);
+                }
                 WfOut::Row(row) => rows_now.push(row),
                 WfOut::SlaLate(i) => keep_min(
                     &mut breaches_now,
@@ -705,6 +687,16 @@ impl KeyedLogic for WorkflowLogic {
                 WfOut::TaskBase(row) => task_bases.push(row),
             }
         }
+        // Events that appear are output, in their sorted order, before rows (only they need
+        // an order: most of a workflow's events are those of its previous evaluation).
+        new_events.sort();
+        new_events.dedup();
+        for ev in &new_events {
+            cx.give(Emit::record((wid.clone(), ev.rank()), ev.to_record(t)), 1);
+        }
+        fps.sort_unstable();
+        fps.dedup();
+        e.prev_events = fps;
         // Only what is diffed with the previous evaluation needs an order (the rest is keyed
         // above, by least value, which no order changes).
         rows_now.sort();
