@@ -28,6 +28,7 @@ pub mod lifecycle;
 pub mod model;
 pub mod orders;
 pub mod output;
+pub mod rules;
 pub mod system;
 pub mod tasks;
 pub mod timers;

@@ -47,10 +47,10 @@ use crate::lifecycle::{
 };
 use crate::output::Owner;
 use crate::output::{Millis, ReadinessRow, Row, SlaBreachRow, TaskRow, WorkflowRow};
+use crate::rules::apply_rules;
 use crate::tasks::{dedup_by_event_id, fold_task, TaskState};
 use crate::workflows::{
-    apply_rules, fold_workflow, OrderFact, ReEscalation, SlaInfo, StaleInfo, TimeRules, WfOut,
-    WfState,
+    fold_workflow, OrderFact, ReEscalation, SlaInfo, StaleInfo, TimeRules, WfOut, WfState,
 };
 use crate::Emit;
 

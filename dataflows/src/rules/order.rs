@@ -1,0 +1,267 @@
+//! An order's rules, composed (contract §5): what was rejected ([`rejections`]), what the
+//! accepted events did ([`apply_accepted`]: transitions, activation requests, the critical
+//! result), the compensation of a cancellation ([`super::compensation`]), the fulfillment
+//! deadline ([`super::fulfillment`]) and the order's row ([`order_row`]).
+
+use std::collections::BTreeMap;
+
+use crate::derived::{Derived, DerivedType, IdName};
+use crate::events::{OrderEvent, OrderEventKind, OrderStatus};
+use crate::model::Str;
+use crate::orders::{Notice, OrderOut, OrderRules, OrderState};
+use crate::output::{Millis, OrderRow, OrderTransitionRow, RejectReason, Row};
+
+use super::{compensation, critical_result, fulfillment_deadline};
+
+/// What an order's derived events say about it: the first values its accepted events name.
+#[derive(Default)]
+pub(crate) struct Identity {
+    pub(crate) workflow_instance_id: Option<Str>,
+    pub(crate) patient_id: Option<Str>,
+    pub(crate) order_type: Option<Str>,
+}
+
+impl Identity {
+    pub(crate) fn of(st: &OrderState) -> Identity {
+        let mut id = Identity::default();
+        for e in &st.accepted {
+            for (slot, v) in [
+                (&mut id.workflow_instance_id, &e.workflow_instance_id),
+                (&mut id.patient_id, &e.patient_id),
+                (&mut id.order_type, &e.order_type),
+            ] {
+                if slot.is_none() {
+                    slot.clone_from(v);
+                }
+            }
+        }
+        id
+    }
+
+    /// A derived event about order `order_id`, keyed by its workflow (else the orderId).
+    /// Its id is named (`hmis-flow:<type>:<name…>`) and hashed when it is published.
+    pub(crate) fn notice(&self, ty: DerivedType, name: IdName, order_id: &Str) -> Notice {
+        let key = self
+            .workflow_instance_id
+            .clone()
+            .unwrap_or_else(|| order_id.clone());
+        let mut d = Derived::named(ty, name, &key);
+        d.patient_id = self.patient_id.clone();
+        d.order_id = Some(order_id.clone());
+        d.order_type = self.order_type.clone();
+        Notice {
+            derived: d,
+            in_workflow: self.workflow_instance_id.is_some(),
+            appointment_id: None,
+        }
+    }
+}
+
+/// Whether a decimal text is a positive amount.
+pub(crate) fn positive(amount: &str) -> bool {
+    amount.parse::<f64>().is_ok_and(|v| v > 0.0)
+}
+
+/// Everything the contract derives from one order's state (§5).
+pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
+    let mut out = Vec::new();
+    let ident = Identity::of(st);
+    rejections(st, &ident, &mut out);
+    let applied = apply_accepted(st, &ident, rules, &mut out);
+    let Some(status) = applied.status else {
+        // No accepted ORDER_CREATED yet: the order does not exist (its rejected events do).
+        return out;
+    };
+    if let Some((ci, c)) = applied.cancel {
+        compensation(st, &ident, ci, c, &mut out);
+    }
+    if let Some((ai, a)) = applied.activated {
+        fulfillment_deadline(st, &ident, ai, a, rules, &mut out);
+    }
+    out.push(order_row(st, status, &applied));
+    out
+}
+
+/// Ids of order events are named, and hashed only for the events that turn out to be new.
+pub(crate) fn named(a: &Str, b: Option<Str>) -> IdName {
+    IdName::new(a, b, None)
+}
+
+/// The `order_transitions` row of event `e` of the order (`reject`: why it was rejected).
+pub(crate) fn transition_row(
+    st: &OrderState,
+    ident: &Identity,
+    e: &OrderEvent,
+    from: Option<OrderStatus>,
+    to: Option<OrderStatus>,
+    reject: Option<RejectReason>,
+) -> OrderOut {
+    OrderOut::Row(Row::OrderTransition(OrderTransitionRow {
+        event_id: e.event_id.clone(),
+        order_id: st.order_id.clone(),
+        workflow_instance_id: e
+            .workflow_instance_id
+            .clone()
+            .or_else(|| ident.workflow_instance_id.clone()),
+        event_type: e.kind.as_str().into(),
+        from_status: from.map(|s| s.as_str().into()),
+        to_status: to.map(|s| s.as_str().into()),
+        actor: e.actor.clone(),
+        actor_role: e.actor_role.clone(),
+        accepted: reject.is_none(),
+        reject_reason: reject.map(|r| r.as_str().into()),
+        event_time: e.event_time,
+        source_partition: e.pos.partition,
+        source_offset: e.pos.offset,
+    }))
+}
+
+/// Rejected events: a transition row, ORDER_TRANSITION_REJECTED, and the dead letter.
+pub(crate) fn rejections(st: &OrderState, ident: &Identity, out: &mut Vec<OrderOut>) {
+    let oid = &st.order_id;
+    for r in &st.rejected {
+        let e = &r.event;
+        out.push(transition_row(
+            st,
+            ident,
+            e,
+            r.from,
+            e.order_status,
+            Some(r.reason),
+        ));
+        // The event's own ids first: they are what the rejected record said.
+        let own = Identity {
+            workflow_instance_id: e
+                .workflow_instance_id
+                .clone()
+                .or_else(|| ident.workflow_instance_id.clone()),
+            patient_id: e.patient_id.clone().or_else(|| ident.patient_id.clone()),
+            order_type: e.order_type.clone().or_else(|| ident.order_type.clone()),
+        };
+        let mut n = own.notice(
+            DerivedType::OrderTransitionRejected,
+            named(&e.event_id, Some(r.reason.as_str().into())),
+            oid,
+        );
+        n.derived.reason = Some(r.reason.as_str().into());
+        n.derived.cause_event_id = Some(e.event_id.clone());
+        out.push(OrderOut::Event(n));
+        out.push(OrderOut::Dead(r.clone()));
+    }
+}
+
+/// What the accepted events, applied in order, leave of the order.
+pub(crate) struct Applied<'a> {
+    pub(crate) status: Option<OrderStatus>,
+    /// When each status was first reached.
+    pub(crate) at: BTreeMap<OrderStatus, Millis>,
+    /// The last actor, and the role each actor last stated (an event may name its actor
+    /// without repeating the role).
+    pub(crate) actor: Option<&'a Str>,
+    pub(crate) roles: BTreeMap<&'a Str, &'a Str>,
+    pub(crate) critical: bool,
+    /// The ORDER_CANCELLED and the ORDER_ACTIVATED (the last of each), with their index
+    /// among the accepted events.
+    pub(crate) cancel: Option<(usize, &'a OrderEvent)>,
+    pub(crate) activated: Option<(usize, &'a OrderEvent)>,
+}
+
+/// Accepted events, in application order: a transition row each, ORDER_ACTIVATION_REQUESTED
+/// for an authorized order of an auto-activated type, ORDER_CRITICAL_RESULT with its alert.
+pub(crate) fn apply_accepted<'a>(
+    st: &'a OrderState,
+    ident: &Identity,
+    rules: &OrderRules,
+    out: &mut Vec<OrderOut>,
+) -> Applied<'a> {
+    let oid = &st.order_id;
+    let mut a = Applied {
+        status: None,
+        at: BTreeMap::new(),
+        actor: None,
+        roles: BTreeMap::new(),
+        critical: false,
+        cancel: None,
+        activated: None,
+    };
+    for (i, e) in st.accepted.iter().enumerate() {
+        let from = a.status;
+        if e.kind == OrderEventKind::CompensationCompleted {
+            out.push(transition_row(st, ident, e, from, from, None));
+            continue;
+        }
+        a.status = e.order_status;
+        out.push(transition_row(st, ident, e, from, a.status, None));
+        if let Some(s) = a.status {
+            a.at.entry(s).or_insert(e.event_time);
+        }
+        if let Some(actor) = &e.actor {
+            a.actor = Some(actor);
+            if let Some(r) = &e.actor_role {
+                a.roles.insert(actor, r);
+            }
+        }
+        match e.kind {
+            OrderEventKind::Authorized => {
+                let ty = e
+                    .order_type
+                    .as_deref()
+                    .or(ident.order_type.as_deref())
+                    .unwrap_or("");
+                if rules.auto_activate.iter().any(|t| t == ty) {
+                    let mut n = ident.notice(
+                        DerivedType::OrderActivationRequested,
+                        named(&e.event_id, None),
+                        oid,
+                    );
+                    n.derived.cause_event_id = Some(e.event_id.clone());
+                    out.push(OrderOut::Event(n));
+                }
+            }
+            OrderEventKind::Activated => a.activated = Some((i, e)),
+            OrderEventKind::Resulted if e.critical => {
+                a.critical = true;
+                critical_result(oid, ident, e, rules, out);
+            }
+            OrderEventKind::Cancelled => a.cancel = Some((i, e)),
+            _ => {}
+        }
+    }
+    a
+}
+
+/// The `orders` row before the overdue flag is merged in.
+pub(crate) fn order_row(st: &OrderState, status: OrderStatus, a: &Applied) -> OrderOut {
+    let at = |s: OrderStatus| a.at.get(&s).copied();
+    OrderOut::OrderBase(OrderRow {
+        order_id: st.order_id.clone(),
+        workflow_instance_id: st.workflow_instance_id.clone(),
+        patient_id: st.patient_id.clone(),
+        order_type: st.order_type.clone().unwrap_or_default(),
+        order_status: status.as_str().into(),
+        actor: a.actor.cloned(),
+        actor_role: a.actor.and_then(|x| a.roles.get(x)).map(|r| (*r).clone()),
+        cost: st.cost.clone(),
+        department: st.department.clone(),
+        critical: a.critical,
+        appointment_id: st.appointment_id.clone(),
+        cancel_reason: a.cancel.and_then(|(_, c)| c.reason.clone()),
+        is_overdue: false,
+        created_at: at(OrderStatus::Proposed),
+        authorized_at: at(OrderStatus::Authorized),
+        activated_at: at(OrderStatus::Activated),
+        started_at: at(OrderStatus::InProgress),
+        resulted_at: [
+            OrderStatus::Resulted,
+            OrderStatus::Dispensed,
+            OrderStatus::Completed,
+        ]
+        .iter()
+        .filter_map(|s| a.at.get(s))
+        .min()
+        .copied(),
+        verified_at: at(OrderStatus::Verified),
+        closed_at: at(OrderStatus::Closed),
+        cancelled_at: at(OrderStatus::Cancelled),
+    })
+}
