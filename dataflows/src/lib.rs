@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use differential_dataflow::VecCollection;
 
 use events::{DefinitionRecord, OrderEvent, SystemEvent, TaskEvent, Template, WorkflowEvent};
+use model::WfStatus;
 use orders::{Eligibility, OrderStates};
 use output::{DeadLetter, OffsetMark, OutRecord, Row};
 use tasks::TaskStates;
@@ -198,7 +199,8 @@ pub fn build<'s>(inputs: Inputs<'s>, cfg: &RulesConfig) -> VecCollection<'s, u64
     let known = pinned.map(|(wid, _)| Signal::Known(wid));
     let wf_parts = workflows::split(wf_out);
     let closed = wf_parts.workflow_base.clone().flat_map(|(wid, (row, _))| {
-        (row.status != "ACTIVE").then(|| Signal::Closed(wid, row.completed_at.unwrap_or_default()))
+        (row.status != WfStatus::Active)
+            .then(|| Signal::Closed(wid, row.completed_at.unwrap_or_default()))
     });
     wf_loop.connect(known.concat(closed));
     let order_rules_cfg = cfg.orders.clone();

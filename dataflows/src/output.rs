@@ -13,7 +13,7 @@
 //!
 //! Times are milliseconds since the Unix epoch (the pipeline clock, contract §8).
 
-use crate::model::Str;
+use crate::model::{Str, TaskStatus, WfStatus};
 use serde::{Deserialize, Serialize};
 
 /// Pipeline-clock instant, milliseconds since the Unix epoch.
@@ -28,7 +28,7 @@ pub struct WorkflowRow {
     pub template_version: i64,
     pub template_name: Option<Str>,
     /// ACTIVE, COMPLETED or FAILED.
-    pub status: Str,
+    pub status: WfStatus,
     pub progress_percentage: i32,
     pub is_escalated: bool,
     pub escalation_level: i32,
@@ -46,7 +46,7 @@ pub struct TaskRow {
     pub task_def_id: Str,
     pub task_name: Option<Str>,
     /// PENDING, IN_PROGRESS, COMPLETED or FAILED.
-    pub status: Str,
+    pub status: TaskStatus,
     pub attempt: i32,
     pub due_at: Option<Millis>,
     pub sla_breached: bool,

@@ -217,24 +217,6 @@ impl Default for TimeRules {
     }
 }
 
-/// Status of a workflow instance as the rules decide it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum WfStatus {
-    Active,
-    Completed,
-    Failed,
-}
-
-impl WfStatus {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            WfStatus::Active => "ACTIVE",
-            WfStatus::Completed => "COMPLETED",
-            WfStatus::Failed => "FAILED",
-        }
-    }
-}
-
 /// Evaluates the contract's rules for one workflow instance from its facts: the
 /// workflow's own rules ([`evaluate_workflow`]), each task's ([`evaluate_task`]), then the
 /// re-escalations of what was escalated ([`re_escalations`]).

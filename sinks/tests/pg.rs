@@ -3,6 +3,8 @@
 
 mod common;
 
+use hmis_dataflows::model::TaskStatus;
+
 use chrono::{DateTime, Utc};
 use common::*;
 use hmis_dataflows::output::{
@@ -180,8 +182,8 @@ async fn apply_upserts_deletes_and_records_progress() {
     let mut first = batch(T0 + 1000);
     first.rows = vec![
         upsert(workflow("wf-1", 0)),
-        upsert(task("t-1", "wf-1", "PENDING")),
-        upsert(task("t-2", "wf-1", "IN_PROGRESS")),
+        upsert(task("t-1", "wf-1", TaskStatus::Pending)),
+        upsert(task("t-2", "wf-1", TaskStatus::InProgress)),
         upsert(ready("wf-1", "triage")),
         upsert(ready("wf-1", "labs")),
     ];
@@ -302,9 +304,9 @@ async fn apply_upserts_deletes_and_records_progress() {
         upsert(escalated),
         delete(ready("wf-1", "triage")),
         upsert(ready("wf-1", "labs")),
-        delete(task("t-2", "wf-1", "IN_PROGRESS")),
-        upsert(task("t-1", "wf-1", "IN_PROGRESS")),
-        upsert(task("t-1", "wf-1", "COMPLETED")),
+        delete(task("t-2", "wf-1", TaskStatus::InProgress)),
+        upsert(task("t-1", "wf-1", TaskStatus::InProgress)),
+        upsert(task("t-1", "wf-1", TaskStatus::Completed)),
         upsert(ready("wf-2", "triage")),
         delete(ready("wf-2", "triage")),
     ];
@@ -450,7 +452,7 @@ async fn large_batches_keep_production_order_across_chunks() {
             upsert(task(
                 &format!("t-{i}"),
                 &format!("wf-{}", i % 97),
-                "PENDING",
+                TaskStatus::Pending,
             ))
         })
         .collect();
@@ -823,7 +825,7 @@ async fn a_refused_item_is_dead_lettered_and_the_rest_of_the_flush_commits() {
     flush.rows = vec![
         upsert(workflow("wf-1", 0)),
         upsert(bad_row),
-        upsert(task("t-1", "wf-1", "PENDING")),
+        upsert(task("t-1", "wf-1", TaskStatus::Pending)),
     ];
     let mut refused = dead_letter(0, 1);
     refused.payload_encoding = "rot13".into(); // breaks the CHECK: 23514

@@ -9,6 +9,8 @@
 
 mod common;
 
+use hmis_dataflows::model::TaskStatus;
+
 use std::collections::BTreeMap;
 
 use common::*;
@@ -256,7 +258,7 @@ async fn the_pipeline_role_flushes_and_cannot_touch_the_audit_log() {
     let mut first = batch(T0 + 1_000);
     first.rows = [
         workflow("wf-1", 0),
-        task("t-1", "wf-1", "PENDING"),
+        task("t-1", "wf-1", TaskStatus::Pending),
         ready("wf-1", "triage"),
         order_row("o-1", "PROPOSED"),
         transition_row("ev-o1"),
@@ -281,7 +283,7 @@ async fn the_pipeline_role_flushes_and_cannot_touch_the_audit_log() {
     let mut second = batch(T0 + 2_000);
     second.rows = vec![
         upsert(workflow("wf-1", 50)),
-        upsert(task("t-1", "wf-1", "COMPLETED")),
+        upsert(task("t-1", "wf-1", TaskStatus::Completed)),
         delete(ready("wf-1", "triage")),
         upsert(order_row("o-1", "CANCELLED")),
         upsert(transition_row("ev-o1")),
@@ -295,7 +297,7 @@ async fn the_pipeline_role_flushes_and_cannot_touch_the_audit_log() {
     let mut third = batch(T0 + 3_000);
     third.rows = [
         workflow("wf-1", 50),
-        task("t-1", "wf-1", "COMPLETED"),
+        task("t-1", "wf-1", TaskStatus::Completed),
         order_row("o-1", "CANCELLED"),
         transition_row("ev-o1"),
         compensation_row("SEND_NOTIFICATION"),
@@ -309,7 +311,7 @@ async fn the_pipeline_role_flushes_and_cannot_touch_the_audit_log() {
 
     // A row PostgreSQL refuses (NUL in text): the savepoint path dead-letters it as this role.
     let mut fourth = batch(T0 + 4_000);
-    let mut bad = task("t-nul", "wf-2", "PENDING");
+    let mut bad = task("t-nul", "wf-2", TaskStatus::Pending);
     if let Row::Task(t) = &mut bad {
         t.task_name = Some("a\u{0}b".into());
     }

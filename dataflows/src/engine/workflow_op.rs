@@ -29,7 +29,7 @@
 //! event (`UNKNOWN_WORKFLOW`) and ignores a duplicate. Order facts are not the workflow's
 //! records: they keep coming from the orders' own lifecycle.
 
-use crate::model::Str;
+use crate::model::{Str, WfStatus};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -679,7 +679,7 @@ impl KeyedLogic for WorkflowLogic {
                 WfOut::ReEscalate(r) if t > r.deadline => keep_min(&mut levels_now, r.level, r),
                 WfOut::ReEscalate(r) => wake_at(r.deadline.saturating_add(1), cx),
                 WfOut::WorkflowBase(row, rt) => {
-                    if row.status != "ACTIVE" {
+                    if row.status != WfStatus::Active {
                         closed = Some((row.clone(), rt));
                     }
                     wf_base = Some((row, rt))

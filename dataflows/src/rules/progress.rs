@@ -7,9 +7,10 @@ use std::sync::Arc;
 use crate::derived::{DerivedType, IdName};
 use crate::events::{Template, WorkflowEventKind};
 use crate::model::Str;
+use crate::model::WfStatus;
 use crate::output::Millis;
 use crate::tasks::TaskState;
-use crate::workflows::{Started, WfOut, WfState, WfStatus};
+use crate::workflows::{Started, WfOut, WfState};
 
 use super::{workflow_event, DefSummary, WfCtx};
 

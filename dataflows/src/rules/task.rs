@@ -80,7 +80,7 @@ pub(crate) fn task_row(v: &TaskView) -> WfOut {
         patient_id: v.patient.clone(),
         task_def_id: task.task_def_id.clone(),
         task_name: v.name.clone(),
-        status: task.status.as_str().into(),
+        status: task.status,
         attempt: task.attempt as i32,
         due_at: v.sla_due(task.created_at, task.due_at_explicit),
         sla_breached: false,

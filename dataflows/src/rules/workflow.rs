@@ -9,9 +9,10 @@ use std::sync::Arc;
 use crate::derived::{Derived, DerivedType, IdName};
 use crate::events::{TaskStatus, Template};
 use crate::model::Str;
+use crate::model::WfStatus;
 use crate::output::{Millis, WorkflowRow};
 use crate::tasks::TaskState;
-use crate::workflows::{OrderFact, Started, WfOut, WfState, WfStatus};
+use crate::workflows::{OrderFact, Started, WfOut, WfState};
 
 use super::{decide, readiness, terminal_events, Decision};
 
@@ -151,7 +152,7 @@ pub(crate) fn workflow_row(
                 .template_name
                 .clone()
                 .or_else(|| template.and_then(|t| t.template_name.clone())),
-            status: d.status.as_str().into(),
+            status: d.status,
             progress_percentage: d.progress,
             is_escalated: escalation_reason.is_some(),
             escalation_level: if escalation_reason.is_some() { 1 } else { 0 },

@@ -1,6 +1,7 @@
 //! Shared helpers for the sink tests: a private PostgreSQL schema per test.
 #![allow(dead_code)] // each test binary uses a different subset
 
+use hmis_dataflows::model::{TaskStatus, WfStatus};
 use hmis_dataflows::output::{
     DeadLetter, FlushBatch, OffsetMark, OutRecord, OutTopic, ReadinessRow, RejectReason, Row,
     TaskRow, WorkflowRow,
@@ -87,7 +88,7 @@ pub fn workflow(id: &str, progress: i32) -> Row {
         template_id: "sepsis-bundle".into(),
         template_version: 3,
         template_name: Some("Sepsis Bundle".into()),
-        status: "ACTIVE".into(),
+        status: WfStatus::Active,
         progress_percentage: progress,
         is_escalated: false,
         escalation_level: 0,
@@ -97,14 +98,14 @@ pub fn workflow(id: &str, progress: i32) -> Row {
     })
 }
 
-pub fn task(id: &str, workflow: &str, status: &str) -> Row {
+pub fn task(id: &str, workflow: &str, status: TaskStatus) -> Row {
     Row::Task(TaskRow {
         task_instance_id: id.into(),
         workflow_instance_id: workflow.into(),
         patient_id: Some("patient-1".into()),
         task_def_id: format!("def-{id}").into(),
         task_name: Some("Triage".into()),
-        status: status.into(),
+        status,
         attempt: 1,
         due_at: Some(T0 + 15 * 60_000),
         sla_breached: false,
