@@ -218,8 +218,8 @@ impl Default for TimeRules {
 }
 
 /// Evaluates the contract's rules for one workflow instance from its facts: the
-/// workflow's own rules ([`evaluate_workflow`]), each task's ([`evaluate_task`]), then the
-/// re-escalations of what was escalated ([`re_escalations`]).
+/// workflow's own rules, each task's, then the re-escalations of what was escalated
+/// ([`crate::rules::apply_rules`]).
 /// `wid` is shared by every row and event the workflow yields (a reference count each).
 pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
     let mut out = Vec::new();

@@ -7,15 +7,15 @@
 //! |---|---|
 //! | a workflow's own rules, composed; the context its tasks read | [`workflow`] |
 //! | progress, completion, failure | [`progress`] |
-//! | readiness: TASK_READY / TASK_BLOCKED | [`readiness`] |
+//! | readiness: TASK_READY / TASK_BLOCKED | [`readiness`](mod@readiness) |
 //! | a task's rules, composed; its row | [`task`] |
 //! | retries | [`retry`] |
-//! | SLA per attempt | [`sla`] |
-//! | stale tasks | [`stale`] |
+//! | SLA per attempt | [`sla`](mod@sla) |
+//! | stale tasks | [`stale`](mod@stale) |
 //! | upstream escalation, re-escalations | [`escalation`] |
 //! | an order's rules, composed: rejections, transitions, its row (contract §5) | [`order`] |
 //! | critical results | [`critical`] |
-//! | compensation of a cancelled order | [`compensation`] |
+//! | compensation of a cancelled order | [`compensation`](mod@compensation) |
 //! | fulfillment deadline (overdue orders) | [`fulfillment`] |
 //!
 //! [`apply_rules`] composes the workflow family in the order the contract's outputs depend on
