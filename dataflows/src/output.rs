@@ -13,7 +13,7 @@
 //!
 //! Times are milliseconds since the Unix epoch (the pipeline clock, contract §8).
 
-use crate::model::{Str, TaskStatus, WfStatus};
+use crate::model::{OrderStatus, Str, TaskStatus, WfStatus};
 use serde::{Deserialize, Serialize};
 
 /// Pipeline-clock instant, milliseconds since the Unix epoch.
@@ -79,7 +79,7 @@ pub struct OrderRow {
     pub workflow_instance_id: Option<Str>,
     pub patient_id: Option<Str>,
     pub order_type: Str,
-    pub order_status: Str,
+    pub order_status: OrderStatus,
     pub actor: Option<Str>,
     pub actor_role: Option<Str>,
     /// Decimal text as sent (`metadata.cost`).
@@ -106,8 +106,8 @@ pub struct OrderTransitionRow {
     pub order_id: Str,
     pub workflow_instance_id: Option<Str>,
     pub event_type: Str,
-    pub from_status: Option<Str>,
-    pub to_status: Option<Str>,
+    pub from_status: Option<OrderStatus>,
+    pub to_status: Option<OrderStatus>,
     pub actor: Option<Str>,
     pub actor_role: Option<Str>,
     pub accepted: bool,

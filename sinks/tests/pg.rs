@@ -3,7 +3,7 @@
 
 mod common;
 
-use hmis_dataflows::model::TaskStatus;
+use hmis_dataflows::model::{OrderStatus, TaskStatus};
 
 use chrono::{DateTime, Utc};
 use common::*;
@@ -980,7 +980,7 @@ fn order_row(id: &str, status: &str) -> OrderRow {
         workflow_instance_id: Some("wf-1".into()),
         patient_id: Some("patient-1".into()),
         order_type: "IMAGING".into(),
-        order_status: status.into(),
+        order_status: OrderStatus::parse(status).expect("a contract order status"),
         actor: Some("dr.a".into()),
         actor_role: Some("PHYSICIAN".into()),
         cost: Some("125.50".into()),
@@ -1006,8 +1006,8 @@ fn transition_row(event_id: &str, accepted: bool) -> OrderTransitionRow {
         order_id: "o-1".into(),
         workflow_instance_id: Some("wf-1".into()),
         event_type: "ORDER_AUTHORIZED".into(),
-        from_status: Some("PROPOSED".into()),
-        to_status: Some("AUTHORIZED".into()),
+        from_status: Some(OrderStatus::Proposed),
+        to_status: Some(OrderStatus::Authorized),
         actor: Some("dr.a".into()),
         actor_role: Some("PHYSICIAN".into()),
         accepted,
@@ -1209,7 +1209,7 @@ async fn apply_writes_orders_transitions_compensations_breaches_and_alerts() {
     done.status = "COMPLETED".into();
     done.completed_at = Some(T0 + 6_000);
     let mut rejected = transition_row("ev-1", false);
-    rejected.from_status = Some("ACTIVATED".into());
+    rejected.from_status = Some(OrderStatus::Activated);
     let mut second = batch(T0 + 10_000);
     second.rows = vec![
         upsert(Row::Order(cancelled)),

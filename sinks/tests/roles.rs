@@ -9,7 +9,7 @@
 
 mod common;
 
-use hmis_dataflows::model::TaskStatus;
+use hmis_dataflows::model::{OrderStatus, TaskStatus};
 
 use std::collections::BTreeMap;
 
@@ -80,7 +80,7 @@ fn order_row(id: &str, status: &str) -> Row {
         workflow_instance_id: Some("wf-1".into()),
         patient_id: Some("patient-1".into()),
         order_type: "IMAGING".into(),
-        order_status: status.into(),
+        order_status: OrderStatus::parse(status).expect("a contract order status"),
         actor: Some("dr.a".into()),
         actor_role: Some("PHYSICIAN".into()),
         cost: Some("125.50".into()),
@@ -107,7 +107,7 @@ fn transition_row(event_id: &str) -> Row {
         workflow_instance_id: Some("wf-1".into()),
         event_type: "ORDER_CREATED".into(),
         from_status: None,
-        to_status: Some("PROPOSED".into()),
+        to_status: Some(OrderStatus::Proposed),
         actor: Some("dr.a".into()),
         actor_role: Some("PHYSICIAN".into()),
         accepted: true,

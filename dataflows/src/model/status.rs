@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::events::TaskStatus;
+pub use crate::events::{OrderStatus, TaskStatus};
 
 /// Status of a workflow instance (`workflow_instances.status`) as the rules decide it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -49,10 +49,11 @@ macro_rules! as_text {
 
 as_text!(WfStatus);
 as_text!(TaskStatus);
+as_text!(OrderStatus);
 
 #[cfg(test)]
 mod tests {
-    use super::{TaskStatus, WfStatus};
+    use super::{OrderStatus, TaskStatus, WfStatus};
 
     #[test]
     fn statuses_are_their_contract_text() {
@@ -62,5 +63,7 @@ mod tests {
         assert_eq!(TaskStatus::InProgress, "IN_PROGRESS");
         assert_eq!(TaskStatus::Pending.to_string(), "PENDING");
         assert!(TaskStatus::Completed != "FAILED");
+        assert_eq!(OrderStatus::InProgress, "IN_PROGRESS");
+        assert_eq!(OrderStatus::Cancelled.to_string(), "CANCELLED");
     }
 }
