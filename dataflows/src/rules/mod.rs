@@ -1,7 +1,7 @@
 //! The contract's rules as small named pieces, one family per file (issue 12, item 4). Each is
 //! a plain function of state: the cores (the keyed operators in [`crate::engine`], the
-//! differential one in [`crate::workflows`] and [`crate::orders`]) decide when they run and what of their output is
-//! new.
+//! differential one in [`crate::workflows`] and [`crate::orders`]) decide when they run and
+//! what of their output is new.
 //!
 //! | rule (contract §4, orders §5) | where |
 //! |---|---|

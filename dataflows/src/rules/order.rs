@@ -1,7 +1,7 @@
 //! An order's rules, composed (contract §5): what was rejected ([`rejections`]), what the
 //! accepted events did ([`apply_accepted`]: transitions, activation requests, the critical
-//! result), the compensation of a cancellation ([`super::compensation`]), the fulfillment
-//! deadline ([`super::fulfillment`]) and the order's row ([`order_row`]).
+//! result), the compensation of a cancellation ([`super::compensation`](mod@super::compensation)),
+//! the fulfillment deadline ([`super::fulfillment`]) and the order's row ([`order_row`]).
 
 use std::collections::BTreeMap;
 

@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use crate::derived::{DerivedType, IdName};
 use crate::events::{Template, WorkflowEventKind};
-use crate::model::Str;
-use crate::model::WfStatus;
+use crate::model::{Str, WfStatus};
 use crate::output::Millis;
 use crate::tasks::TaskState;
 use crate::workflows::{Started, WfOut, WfState};

@@ -1,6 +1,6 @@
 //! A task's rules (contract §4), composed: its retries ([`super::retry`]), its row
-//! ([`task_row`]), its SLA per attempt ([`super::sla`]), whether it is stale
-//! ([`super::stale`]).
+//! ([`task_row`]), its SLA per attempt ([`super::sla`](mod@super::sla)), whether it is stale
+//! ([`super::stale`](mod@super::stale)).
 
 use std::sync::Arc;
 

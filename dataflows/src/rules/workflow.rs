@@ -1,15 +1,14 @@
 //! The workflow's own rules, composed (contract §4): what its tasks say per definition
 //! ([`summarize`]), progress, completion and failure ([`super::progress`]), readiness
-//! ([`super::readiness`]), its row ([`workflow_row`]); and the context every task's rules read
-//! of it ([`WfCtx`]).
+//! ([`super::readiness`](mod@super::readiness)), its row ([`workflow_row`]); and the context
+//! every task's rules read of it ([`WfCtx`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::derived::{Derived, DerivedType, IdName};
 use crate::events::{TaskStatus, Template};
-use crate::model::Str;
-use crate::model::WfStatus;
+use crate::model::{Str, WfStatus};
 use crate::output::{Millis, WorkflowRow};
 use crate::tasks::TaskState;
 use crate::workflows::{OrderFact, Started, WfOut, WfState};
@@ -29,7 +28,8 @@ pub(crate) struct DefSummary<'a> {
 }
 
 impl DefSummary<'_> {
-    /// The attempt an executor works on next: a waiting one, else the retry of a failed one, else 1.
+    /// The attempt an executor works on next: a waiting one, else the retry of a failed one,
+    /// else 1.
     pub(crate) fn next_attempt(&self) -> u32 {
         self.pending
             .unwrap_or(1)
@@ -37,8 +37,9 @@ impl DefSummary<'_> {
     }
 }
 
-/// What the workflow-level rules decide that each task's rules read ([`evaluate_task`]):
-/// a task evaluated twice with equal states, templates and contexts outputs the same.
+/// What the workflow-level rules decide that each task's rules read
+/// ([`super::evaluate_task`]): a task evaluated twice with equal states, templates and
+/// contexts outputs the same.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct WfCtx {
     /// The workflow's patient: upstream's, else the first task's that names one.
