@@ -165,6 +165,24 @@ pub struct OrderState {
 }
 
 impl OrderState {
+    /// The state of an order no event was applied to yet.
+    pub fn new(order_id: &str) -> OrderState {
+        OrderState {
+            order_id: order_id.into(),
+            workflow_instance_id: None,
+            patient_id: None,
+            order_type: None,
+            status: None,
+            last_event_id: None,
+            last_event_time: None,
+            last_actor: None,
+            cost: None,
+            department: None,
+            appointment_id: None,
+            accepted: Vec::new(),
+            rejected: Vec::new(),
+        }
+    }
     /// Whether the order ever reached `s` through an accepted event.
     pub fn reached(&self, s: OrderStatus) -> bool {
         self.accepted
@@ -183,81 +201,75 @@ pub fn fold_order(order_id: &str, events: &[&OrderEvent], elig: &Eligibility) ->
     evs.sort_by(|a, b| a.event_id.cmp(&b.event_id).then(a.pos.cmp(&b.pos)));
     evs.dedup_by(|b, a| a.event_id == b.event_id);
     evs.sort_by_key(|e| (e.event_time, e.pos));
-    let mut st = OrderState {
-        order_id: order_id.into(),
-        workflow_instance_id: None,
-        patient_id: None,
-        order_type: None,
-        status: None,
-        last_event_id: None,
-        last_event_time: None,
-        last_actor: None,
-        cost: None,
-        department: None,
-        appointment_id: None,
-        accepted: Vec::new(),
-        rejected: Vec::new(),
-    };
+    let mut st = OrderState::new(order_id);
     for e in evs {
-        let from = st.status;
-        if !transition_allowed(from, e.kind, e.order_status) {
-            st.rejected.push(RejectedOrderEvent {
-                event: e.clone(),
-                reason: RejectReason::InvalidTransition,
-                from,
-                detail: format!(
-                    "{} to {} is not allowed from {}",
-                    e.kind.as_str(),
-                    e.order_status.map(|s| s.as_str()).unwrap_or("-"),
-                    from.map(|s| s.as_str()).unwrap_or("no order")
-                ),
-            });
-            continue;
-        }
-        if e.kind == OrderEventKind::Authorized {
-            let ty = e
-                .order_type
-                .as_deref()
-                .or(st.order_type.as_deref())
-                .unwrap_or("");
-            if !elig.allows(ty, e.actor_role.as_deref()) {
-                st.rejected.push(RejectedOrderEvent {
-                    event: e.clone(),
-                    reason: RejectReason::UnauthorizedActor,
-                    from,
-                    detail: format!(
-                        "actorRole `{}` may not authorize a {ty} order",
-                        e.actor_role.as_deref().unwrap_or("(none)")
-                    ),
-                });
-                continue;
-            }
-        }
-        // Accepted: apply.
-        macro_rules! keep {
-            ($field:ident) => {
-                if e.$field.is_some() {
-                    st.$field = e.$field.clone();
-                }
-            };
-        }
-        keep!(workflow_instance_id);
-        keep!(patient_id);
-        keep!(order_type);
-        keep!(cost);
-        keep!(department);
-        keep!(appointment_id);
-        if e.kind != OrderEventKind::CompensationCompleted {
-            st.status = e.order_status;
-            st.last_event_id = Some(e.event_id.clone());
-            st.last_event_time = Some(e.event_time);
-            if e.actor.is_some() {
-                st.last_actor = e.actor.clone();
-            }
-        }
-        st.accepted.push(e.clone());
+        apply_order_event(&mut st, e, elig);
     }
     st
+}
+
+/// Applies one order event to `st`, in the fold's order ((eventTime, position), duplicates
+/// already dropped): rejected (an invalid transition, an actor not eligible to authorize)
+/// or accepted. [`fold_order`] is this over the sorted events; the keyed core applies an
+/// order's events one by one while they arrive in that order.
+pub fn apply_order_event(st: &mut OrderState, e: &OrderEvent, elig: &Eligibility) {
+    let from = st.status;
+    if !transition_allowed(from, e.kind, e.order_status) {
+        st.rejected.push(RejectedOrderEvent {
+            event: e.clone(),
+            reason: RejectReason::InvalidTransition,
+            from,
+            detail: format!(
+                "{} to {} is not allowed from {}",
+                e.kind.as_str(),
+                e.order_status.map(|s| s.as_str()).unwrap_or("-"),
+                from.map(|s| s.as_str()).unwrap_or("no order")
+            ),
+        });
+        return;
+    }
+    if e.kind == OrderEventKind::Authorized {
+        let ty = e
+            .order_type
+            .as_deref()
+            .or(st.order_type.as_deref())
+            .unwrap_or("");
+        if !elig.allows(ty, e.actor_role.as_deref()) {
+            st.rejected.push(RejectedOrderEvent {
+                event: e.clone(),
+                reason: RejectReason::UnauthorizedActor,
+                from,
+                detail: format!(
+                    "actorRole `{}` may not authorize a {ty} order",
+                    e.actor_role.as_deref().unwrap_or("(none)")
+                ),
+            });
+            return;
+        }
+    }
+    // Accepted: apply.
+    macro_rules! keep {
+        ($field:ident) => {
+            if e.$field.is_some() {
+                st.$field = e.$field.clone();
+            }
+        };
+    }
+    keep!(workflow_instance_id);
+    keep!(patient_id);
+    keep!(order_type);
+    keep!(cost);
+    keep!(department);
+    keep!(appointment_id);
+    if e.kind != OrderEventKind::CompensationCompleted {
+        st.status = e.order_status;
+        st.last_event_id = Some(e.event_id.clone());
+        st.last_event_time = Some(e.event_time);
+        if e.actor.is_some() {
+            st.last_actor = e.actor.clone();
+        }
+    }
+    st.accepted.push(e.clone());
 }
 
 /// Extension trait: the order-lifecycle operator.

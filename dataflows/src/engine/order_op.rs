@@ -23,15 +23,16 @@ use crate::derived::{Derived, DerivedType};
 use crate::engine::changes::{diff_sorted, replace, supersede, RowChanges};
 use crate::engine::keyed::{Ctx, KeyedLogic};
 use crate::engine::life::{self, Closure, Tomb};
-use crate::events::{format_time, OrderEvent};
+use crate::events::{format_time, OrderEvent, Pos};
 use crate::lifecycle::{hash_str, late_detail, LifecycleRules, Tracked};
 use crate::orders::{
-    evaluate_order, fold_order, CriticalAlert, Eligibility, Notice, OrderOut, OrderRules,
-    OverdueInfo, RejectedOrderEvent,
+    apply_order_event, evaluate_order, fold_order, CriticalAlert, Eligibility, Notice, OrderOut,
+    OrderRules, OverdueInfo, RejectedOrderEvent,
 };
 use crate::orders::{retirable, OrderState};
 use crate::output::Owner;
 use crate::output::{AlertRow, DeadLetter, Millis, OutRecord, OutTopic, Row};
+use crate::rules::{evaluate_order_from, Applies, Identity};
 use crate::workflows::OrderFact;
 use crate::Emit;
 
@@ -42,8 +43,18 @@ pub type OrderOutput = Result<Emit, (Str, OrderFact)>;
 #[derive(Default)]
 struct Entry {
     events: Vec<Arc<OrderEvent>>,
-    /// The previous evaluation's rows, events, alerts and dead letters (sorted, distinct).
-    prev: Vec<OrderOut>,
+    /// The fold of `events` ([`fold_order`]), kept while they arrive in its order and
+    /// applied to one by one ([`apply_order_event`]); `None` while `events` is empty.
+    state: Option<Arc<OrderState>>,
+    /// The greatest (eventTime, position) among `events`: a record above it (and not a
+    /// duplicate) is applied to `state` as it is.
+    last: Option<(Millis, Pos)>,
+    /// The order-wide outputs of the previous evaluation (compensation, fulfillment
+    /// deadline, the row's base; sorted, distinct). Each event's own outputs are not kept:
+    /// they are output once, when the event is applied, and computed again only when the
+    /// fold is redone (an event out of order, a duplicate, a retraction, a retirement, a
+    /// change of the order's identity), from the state before.
+    prev_wide: Vec<OrderOut>,
     /// The order is overdue now (the differential chain's `OrdersOverdue`).
     overdue_now: Option<OverdueInfo>,
     /// ORDER_OVERDUE was derived (the first appearance stands).
@@ -77,6 +88,13 @@ impl OrderLogic {
             orders: Default::default(),
         }
     }
+}
+
+/// `v` sorted, without duplicates.
+fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+    v.sort();
+    v.dedup();
+    v
 }
 
 /// A derived order event's emit (as `Notice::emit`).
@@ -211,6 +229,8 @@ impl KeyedLogic for OrderLogic {
             e.tomb = None;
             life::add(stats, |s| &s.tombstones, -1);
         }
+        let n_before = e.events.len();
+        let mut retracted = false;
         for (r, d) in recs {
             if let Some(tomb) = &mut e.tomb {
                 // Retired: a duplicate changes nothing, a new event is rejected.
@@ -230,6 +250,7 @@ impl KeyedLogic for OrderLogic {
                 e.events.push(r);
             } else if let Some(i) = e.events.iter().position(|x| *x == r) {
                 e.events.swap_remove(i);
+                retracted = true;
             }
         }
         // Retirement: the tracker retracts every record of the key at this instant.
@@ -249,15 +270,75 @@ impl KeyedLogic for OrderLogic {
                     .saturating_add(1),
             );
         }
-        let (mut outs, st) = if e.events.is_empty() {
-            (Vec::new(), None)
-        } else {
-            let evs: Vec<&OrderEvent> = e.events.iter().map(|x| &**x).collect();
-            let st = fold_order(oid, &evs, &self.elig);
-            (evaluate_order(&st, &self.rules), Some(st))
+
+        // The new events in the fold's order, if they can be applied to the state as it is:
+        // each after every event held, none a duplicate of another.
+        let mut added: Vec<&OrderEvent> = Vec::new();
+        let in_order = !retracted && !retired && {
+            added.extend(e.events[n_before..].iter().map(|x| &**x));
+            added.sort_by_key(|x| (x.event_time, x.pos));
+            let after = added
+                .first()
+                .is_none_or(|x| e.last.is_none_or(|l| (x.event_time, x.pos) > l));
+            after
+                && added
+                    .iter()
+                    .all(|x| e.events.iter().filter(|y| y.event_id == x.event_id).count() == 1)
         };
-        outs.sort();
-        outs.dedup();
+        // What the state before derived (`before`) against what it derives now (`outs`),
+        // both sorted and distinct, and the order-wide part of `outs` (kept for the next
+        // step). While the new events apply in order and the identity stays, `before` is
+        // the previous order-wide outputs and `outs` adds only the new events' own.
+        let (elig, rules) = (&self.elig, &self.rules);
+        let mut outs: Vec<OrderOut> = Vec::new();
+        let mut applied = None;
+        if in_order && !added.is_empty() {
+            let st = Arc::make_mut(
+                e.state
+                    .get_or_insert_with(|| Arc::new(OrderState::new(oid))),
+            );
+            let (from, ident) = (Applies::of(st), Identity::of(st));
+            for x in &added {
+                apply_order_event(st, x, elig);
+            }
+            e.last = e.last.max(added.last().map(|x| (x.event_time, x.pos)));
+            if Identity::of(st) == ident {
+                applied = Some(evaluate_order_from(st, rules, from, &mut outs));
+            }
+        }
+        let (before, wide) = match applied {
+            Some(split) => {
+                let wide = sorted(outs[split..].to_vec());
+                (std::mem::take(&mut e.prev_wide), wide)
+            }
+            None if in_order && added.is_empty() => {
+                // Nothing applied: the same outputs.
+                outs = e.prev_wide.clone();
+                (e.prev_wide.clone(), std::mem::take(&mut e.prev_wide))
+            }
+            None => {
+                // Derived again from the state before and the state now. Applied in order
+                // (the identity changed): the state before is the fold of the events held
+                // before this step; else it is the state kept, and the state now a new fold.
+                let before = if in_order {
+                    let old: Vec<&OrderEvent> = e.events[..n_before].iter().map(|x| &**x).collect();
+                    evaluate_order(&fold_order(oid, &old, elig), rules)
+                } else {
+                    let before = e.state.as_deref().map(|st| evaluate_order(st, rules));
+                    let evs: Vec<&OrderEvent> = e.events.iter().map(|x| &**x).collect();
+                    e.state = (!evs.is_empty()).then(|| Arc::new(fold_order(oid, &evs, elig)));
+                    e.last = evs.iter().map(|x| (x.event_time, x.pos)).max();
+                    before.unwrap_or_default()
+                };
+                let split = match &e.state {
+                    Some(st) => evaluate_order_from(st, rules, Applies::default(), &mut outs),
+                    None => 0,
+                };
+                (sorted(before), sorted(outs[split..].to_vec()))
+            }
+        };
+        let outs = sorted(outs);
+        let st = e.state.clone();
 
         // Overdue: late by its events, or open with its deadline passed at `t`.
         let mut base = None;
@@ -291,7 +372,7 @@ impl KeyedLogic for OrderLogic {
 
         let rules = &self.rules;
         let mut rows = RowChanges::default();
-        diff_sorted(&e.prev, &outs, |o, d| match o {
+        diff_sorted(&before, &outs, |o, d| match o {
             OrderOut::Row(row) => rows.give(Arc::new(row.clone()), d, |r, d| {
                 cx.give(Ok(Emit::Row(r)), d)
             }),
@@ -314,13 +395,13 @@ impl KeyedLogic for OrderLogic {
             Arc::new(Row::Order(b))
         });
         supersede(&mut e.row, row, |r, d| cx.give(Ok(Emit::Row(r)), d));
-        let fact = st.as_ref().and_then(OrderFact::of);
+        let fact = st.as_deref().and_then(OrderFact::of);
         replace(&mut e.fact, fact, |f, d| cx.give(Err(f), d));
-        e.prev = outs;
+        e.prev_wide = wide;
         if e.tomb.is_none() && !retired {
             let closure = st.and_then(|st| {
                 let at = retirable(&st, &self.rules)?;
-                Some((Arc::new(st), at))
+                Some((st, at))
             });
             if let Some(d) = e.closure.update(life_rules, t, closure) {
                 cx.wake_at(d);

@@ -39,7 +39,7 @@ pub(crate) use compensation::compensation;
 pub(crate) use critical::critical_result;
 pub(crate) use escalation::{re_escalations, upstream_escalation};
 pub(crate) use fulfillment::fulfillment_deadline;
-pub use order::evaluate_order;
+pub use order::{evaluate_order, evaluate_order_from, Applies};
 pub(crate) use order::{named, positive, Identity};
 pub(crate) use progress::{decide, terminal_events, Decision};
 pub(crate) use readiness::readiness;

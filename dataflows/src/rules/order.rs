@@ -14,7 +14,7 @@ use crate::output::{Millis, OrderRow, OrderTransitionRow, RejectReason, Row};
 use super::{compensation, critical_result, fulfillment_deadline};
 
 /// What an order's derived events say about it: the first values its accepted events name.
-#[derive(Default)]
+#[derive(Default, PartialEq, Eq)]
 pub(crate) struct Identity {
     pub(crate) workflow_instance_id: Option<Str>,
     pub(crate) patient_id: Option<Str>,
@@ -65,21 +65,56 @@ pub(crate) fn positive(amount: &str) -> bool {
 /// Everything the contract derives from one order's state (§5).
 pub fn evaluate_order(st: &OrderState, rules: &OrderRules) -> Vec<OrderOut> {
     let mut out = Vec::new();
+    evaluate_order_from(st, rules, Applies::default(), &mut out);
+    out
+}
+
+/// How many of an order's accepted and rejected events (in application order) an
+/// evaluation skips the outputs of.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applies {
+    pub accepted: usize,
+    pub rejected: usize,
+}
+
+impl Applies {
+    /// All the events applied to `st` so far.
+    pub fn of(st: &OrderState) -> Applies {
+        Applies {
+            accepted: st.accepted.len(),
+            rejected: st.rejected.len(),
+        }
+    }
+}
+
+/// What [`evaluate_order`] outputs, without the outputs of the events before `from`: each
+/// accepted or rejected event's own outputs (its transition row, the notices, alert and dead
+/// letter it causes) depend only on it, the status before it and the order's [`Identity`];
+/// so while the identity stays, an order whose events arrive in application order needs
+/// only the new events' outputs and the order-wide ones (compensation, fulfillment deadline,
+/// row). Pushes the events' outputs first and returns where the order-wide ones begin.
+pub fn evaluate_order_from(
+    st: &OrderState,
+    rules: &OrderRules,
+    from: Applies,
+    out: &mut Vec<OrderOut>,
+) -> usize {
     let ident = Identity::of(st);
-    rejections(st, &ident, &mut out);
-    let applied = apply_accepted(st, &ident, rules, &mut out);
+    rejections(st, &ident, from.rejected, out);
+    let applied = apply_accepted(st, &ident, rules, from.accepted, out);
+    let split = out.len();
     let Some(status) = applied.status else {
         // No accepted ORDER_CREATED yet: the order does not exist (its rejected events do).
-        return out;
+        return split;
     };
     if let Some((ci, c)) = applied.cancel {
-        compensation(st, &ident, ci, c, &mut out);
+        compensation(st, &ident, ci, c, out);
     }
     if let Some((ai, a)) = applied.activated {
-        fulfillment_deadline(st, &ident, ai, a, rules, &mut out);
+        fulfillment_deadline(st, &ident, ai, a, rules, out);
     }
     out.push(order_row(st, status, &applied));
-    out
+    split
 }
 
 /// Ids of order events are named, and hashed only for the events that turn out to be new.
@@ -116,10 +151,11 @@ pub(crate) fn transition_row(
     }))
 }
 
-/// Rejected events: a transition row, ORDER_TRANSITION_REJECTED, and the dead letter.
-pub(crate) fn rejections(st: &OrderState, ident: &Identity, out: &mut Vec<OrderOut>) {
+/// Rejected events (from the `from`-th): a transition row, ORDER_TRANSITION_REJECTED, and
+/// the dead letter.
+pub(crate) fn rejections(st: &OrderState, ident: &Identity, from: usize, out: &mut Vec<OrderOut>) {
     let oid = &st.order_id;
-    for r in &st.rejected {
+    for r in &st.rejected[from.min(st.rejected.len())..] {
         let e = &r.event;
         out.push(transition_row(
             st,
@@ -167,11 +203,13 @@ pub(crate) struct Applied<'a> {
 }
 
 /// Accepted events, in application order: a transition row each, ORDER_ACTIVATION_REQUESTED
-/// for an authorized order of an auto-activated type, ORDER_CRITICAL_RESULT with its alert.
+/// for an authorized order of an auto-activated type, ORDER_CRITICAL_RESULT with its alert;
+/// output for the events from the `from`-th, applied for all.
 pub(crate) fn apply_accepted<'a>(
     st: &'a OrderState,
     ident: &Identity,
     rules: &OrderRules,
+    from: usize,
     out: &mut Vec<OrderOut>,
 ) -> Applied<'a> {
     let oid = &st.order_id;
@@ -185,13 +223,18 @@ pub(crate) fn apply_accepted<'a>(
         activated: None,
     };
     for (i, e) in st.accepted.iter().enumerate() {
-        let from = a.status;
+        let emit = i >= from;
+        let before = a.status;
         if e.kind == OrderEventKind::CompensationCompleted {
-            out.push(transition_row(st, ident, e, from, from, None));
+            if emit {
+                out.push(transition_row(st, ident, e, before, before, None));
+            }
             continue;
         }
         a.status = e.order_status;
-        out.push(transition_row(st, ident, e, from, a.status, None));
+        if emit {
+            out.push(transition_row(st, ident, e, before, a.status, None));
+        }
         if let Some(s) = a.status {
             a.at.entry(s).or_insert(e.event_time);
         }
@@ -208,7 +251,7 @@ pub(crate) fn apply_accepted<'a>(
                     .as_deref()
                     .or(ident.order_type.as_deref())
                     .unwrap_or("");
-                if rules.auto_activate.iter().any(|t| t == ty) {
+                if emit && rules.auto_activate.iter().any(|t| t == ty) {
                     let mut n = ident.notice(
                         DerivedType::OrderActivationRequested,
                         named(&e.event_id, None),
@@ -221,7 +264,9 @@ pub(crate) fn apply_accepted<'a>(
             OrderEventKind::Activated => a.activated = Some((i, e)),
             OrderEventKind::Resulted if e.critical => {
                 a.critical = true;
-                critical_result(oid, ident, e, rules, out);
+                if emit {
+                    critical_result(oid, ident, e, rules, out);
+                }
             }
             OrderEventKind::Cancelled => a.cancel = Some((i, e)),
             _ => {}
