@@ -1,12 +1,18 @@
 //! `OrderOp`: the order rules (contract §5) as keyed state, one entry per orderId.
 //!
-//! At each stamp where an order's events change (or its fulfillment deadline passes), the
-//! order is refolded with [`fold_order`] and evaluated with [`evaluate_order`] — today's pure
-//! functions — and the result is compared with the previous one: rows that changed are
-//! output as `(-old, +new)`, derived events, alerts and dead letters when they appear, as
-//! the differential chain in [`crate::orders::order_rules`] does. ORDER_OVERDUE is a timer
-//! of the key (at deadline + 1) and its emit-once flag is state of the key. The
-//! [`OrderFact`] readiness needs goes to the workflow operator, keyed by workflow.
+//! An order's entry keeps its events and their fold ([`fold_order`]'s state). At each stamp
+//! where its events change (or its fulfillment deadline passes), events that come after
+//! every event held, in the fold's order (eventTime, position), and repeat none of them are
+//! applied to the state as it is ([`apply_order_event`]); only their own outputs and the
+//! order-wide ones are derived ([`evaluate_order_from`]) and compared with the previous
+//! order-wide outputs. Otherwise (an event out of order, a duplicate, a retraction, a
+//! retirement, the order's identity changed by the new events) the order is folded again and
+//! everything the state before derived ([`evaluate_order`]) is compared with what the state
+//! now derives. Either way, rows that changed are output as `(-old, +new)`, derived events,
+//! alerts and dead letters when they appear, as the differential chain in
+//! [`crate::orders::order_rules`] does. ORDER_OVERDUE is a timer of the key (at deadline + 1)
+//! and its emit-once flag is state of the key. The [`OrderFact`] readiness needs goes to the
+//! workflow operator, keyed by workflow.
 //!
 //! The lifecycle ([`crate::lifecycle`], here [`super::life`]): a closed order (CLOSED, or
 //! CANCELLED with every compensation done: [`crate::orders::retirable`]) retires at the
