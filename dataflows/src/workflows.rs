@@ -152,6 +152,32 @@ pub enum WfOut {
     Stale(Arc<StaleInfo>),
     /// An unanswered escalation: re-escalated when the clock passes its deadline.
     ReEscalate(Arc<ReEscalation>),
+    /// A candidate of the timer rules (an open SLA, a stale task, a re-escalation) that is
+    /// not due at the evaluation's [`Clock`]: only its deadline, after which the workflow is
+    /// evaluated again (and the candidate output in full, if it still stands).
+    Wake(Millis),
+}
+
+/// What the timer rules know of the clock when they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clock {
+    /// Nothing: every candidate is output in full (the differential core, where the clock
+    /// is the candidates' delay).
+    Unknown,
+    /// The evaluation's instant: a candidate is due when the instant is past its deadline;
+    /// one not due yet is output as [`WfOut::Wake`] (the keyed core, which evaluates the
+    /// workflow again at deadline + 1).
+    At(Millis),
+}
+
+impl Clock {
+    /// Whether a candidate with `deadline` is output in full.
+    pub fn due(self, deadline: Millis) -> bool {
+        match self {
+            Clock::Unknown => true,
+            Clock::At(t) => t > deadline,
+        }
+    }
 }
 
 /// Identifies a task attempt with a deadline, and what its breach reports.
@@ -237,7 +263,16 @@ pub fn evaluate(wid: &Str, facts: &[&WfFact], rules: &TimeRules) -> Vec<WfOut> {
     }
     // Without WORKFLOW_STARTED nothing about W is known yet (the events may still be on their way).
     if let Some(state) = state {
-        apply_rules(wid, state, template, &tasks, &orders, rules, &mut out);
+        apply_rules(
+            wid,
+            state,
+            template,
+            &tasks,
+            &orders,
+            rules,
+            Clock::Unknown,
+            &mut out,
+        );
     }
     out
 }
@@ -272,6 +307,7 @@ pub fn split<'s>(wf_out: VecCollection<'s, u64, (String, WfOut)>) -> WfParts<'s>
                 WfOut::ReEscalate(_) => 4,
                 WfOut::WorkflowBase(..) => 5,
                 WfOut::TaskBase(_) => 6,
+                WfOut::Wake(_) => unreachable!("the differential core's clock is Unknown"),
             };
             (part, ((wid, o), t, r))
         })

@@ -50,7 +50,7 @@ use crate::output::{Millis, ReadinessRow, Row, SlaBreachRow, TaskRow, WorkflowRo
 use crate::rules::apply_rules;
 use crate::tasks::{dedup_by_event_id, fold_task, TaskState};
 use crate::workflows::{
-    fold_workflow, OrderFact, ReEscalation, SlaInfo, StaleInfo, TimeRules, WfOut, WfState,
+    fold_workflow, Clock, OrderFact, ReEscalation, SlaInfo, StaleInfo, TimeRules, WfOut, WfState,
 };
 use crate::Emit;
 
@@ -630,7 +630,16 @@ impl KeyedLogic for WorkflowLogic {
         let mut outs: Vec<WfOut> = Vec::new();
         if let Some(st) = state.as_deref() {
             let tpl = template.as_deref();
-            apply_rules(wid, st, tpl, &tasks, &orders, rules, &mut outs);
+            apply_rules(
+                wid,
+                st,
+                tpl,
+                &tasks,
+                &orders,
+                rules,
+                Clock::At(t),
+                &mut outs,
+            );
         }
 
         // Split: events are output when they appear (below), rows pass through, timer
@@ -678,6 +687,7 @@ impl KeyedLogic for WorkflowLogic {
                 WfOut::Stale(s) => wake_at(s.deadline.saturating_add(1), cx),
                 WfOut::ReEscalate(r) if t > r.deadline => keep_min(&mut levels_now, r.level, r),
                 WfOut::ReEscalate(r) => wake_at(r.deadline.saturating_add(1), cx),
+                WfOut::Wake(d) => wake_at(d.saturating_add(1), cx),
                 WfOut::WorkflowBase(row, rt) => {
                     if row.status != WfStatus::Active {
                         closed = Some((row.clone(), rt));

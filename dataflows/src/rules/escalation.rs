@@ -7,9 +7,27 @@ use crate::events::TaskStatus;
 use crate::model::Str;
 use crate::output::Millis;
 use crate::tasks::TaskState;
-use crate::workflows::{ReEscalation, TimeRules, WfOut, WfState};
+use crate::workflows::{Clock, ReEscalation, TimeRules, WfOut, WfState};
 
 use super::WfCtx;
+
+/// What was escalated, the source of its re-escalations: named only when a re-escalation
+/// is output in full.
+pub(crate) enum Escalated<'a> {
+    /// Upstream's WORKFLOW_ESCALATED, with its reason.
+    Upstream(Str),
+    /// An SLA breach of a task of this definition (`SLA_BREACH:<taskDefId>`).
+    SlaBreach(&'a Str),
+}
+
+impl Escalated<'_> {
+    fn source(&self) -> Str {
+        match self {
+            Escalated::Upstream(reason) => reason.clone(),
+            Escalated::SlaBreach(def) => format!("SLA_BREACH:{def}").into(),
+        }
+    }
+}
 
 /// What upstream escalated (WORKFLOW_ESCALATED): its reason as the source of
 /// re-escalations, and when.
@@ -35,8 +53,9 @@ pub(crate) fn re_escalations(
     wid: &Str,
     ctx: &WfCtx,
     tasks: &[&TaskState],
-    escalated: &[(Str, Millis)],
+    escalated: &[(Escalated, Millis)],
     rules: &TimeRules,
+    clock: Clock,
     out: &mut Vec<WfOut>,
 ) {
     if !ctx.active || escalated.is_empty() {
@@ -50,6 +69,10 @@ pub(crate) fn re_escalations(
             if completions.iter().any(|&c| c > at && c <= deadline) {
                 break;
             }
+            if !clock.due(deadline) {
+                out.push(WfOut::Wake(deadline));
+                continue;
+            }
             out.push(WfOut::ReEscalate(Arc::new(ReEscalation {
                 workflow_instance_id: wid.into(),
                 level,
@@ -57,7 +80,7 @@ pub(crate) fn re_escalations(
                 patient_id: ctx.patient.clone(),
                 template_id: ctx.template_id.clone(),
                 template_version: ctx.template_version,
-                source: source.clone(),
+                source: source.source(),
             })));
         }
     }

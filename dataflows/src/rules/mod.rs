@@ -37,7 +37,7 @@ pub(crate) mod workflow;
 
 pub(crate) use compensation::compensation;
 pub(crate) use critical::critical_result;
-pub(crate) use escalation::{re_escalations, upstream_escalation};
+pub(crate) use escalation::{re_escalations, upstream_escalation, Escalated};
 pub(crate) use fulfillment::fulfillment_deadline;
 pub use order::{evaluate_order, evaluate_order_from, Applies};
 pub(crate) use order::{named, positive, Identity};
@@ -53,13 +53,14 @@ use crate::events::Template;
 use crate::model::Str;
 use crate::output::Millis;
 use crate::tasks::TaskState;
-use crate::workflows::{OrderFact, TimeRules, WfOut, WfState};
+use crate::workflows::{Clock, OrderFact, TimeRules, WfOut, WfState};
 
 /// The rules over a workflow's facts, unpacked (what [`crate::workflows::evaluate`] does once
 /// it has them):
 /// the workflow's own ([`evaluate_workflow`]), each task's ([`evaluate_task`]), then the
 /// re-escalations of what was escalated ([`re_escalations`]). Nothing before the workflow
-/// started.
+/// started. Timer candidates not due at `clock` are output as their deadlines
+/// ([`WfOut::Wake`]).
 pub fn apply_rules(
     wid: &Str,
     state: &WfState,
@@ -67,14 +68,18 @@ pub fn apply_rules(
     tasks: &[&TaskState],
     orders: &[&OrderFact],
     rules: &TimeRules,
+    clock: Clock,
     out: &mut Vec<WfOut>,
 ) {
     let Some(ctx) = evaluate_workflow(wid, state, template, tasks, orders, out) else {
         return;
     };
-    let mut escalated: Vec<(Str, Millis)> = upstream_escalation(state).into_iter().collect();
+    let mut escalated: Vec<(Escalated, Millis)> = upstream_escalation(state)
+        .map(|(reason, at)| (Escalated::Upstream(reason), at))
+        .into_iter()
+        .collect();
     for task in tasks {
-        evaluate_task(wid, task, template, &ctx, rules, out, &mut escalated);
+        evaluate_task(wid, task, template, &ctx, rules, clock, out, &mut escalated);
     }
-    re_escalations(wid, &ctx, tasks, &escalated, rules, out);
+    re_escalations(wid, &ctx, tasks, &escalated, rules, clock, out);
 }

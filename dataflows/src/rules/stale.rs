@@ -3,13 +3,17 @@
 
 use std::sync::Arc;
 
-use crate::workflows::{StaleInfo, TimeRules, WfOut};
+use crate::workflows::{Clock, StaleInfo, TimeRules, WfOut};
 
 use super::TaskView;
 
 /// A PENDING task of an ACTIVE workflow: stale when the clock passes its deadline.
-pub(crate) fn stale(v: &TaskView, rules: &TimeRules) -> WfOut {
+pub(crate) fn stale(v: &TaskView, rules: &TimeRules, clock: Clock) -> WfOut {
     let task = v.task;
+    let deadline = task.last_event_time + rules.stale_after_ms;
+    if !clock.due(deadline) {
+        return WfOut::Wake(deadline);
+    }
     WfOut::Stale(Arc::new(StaleInfo {
         task_instance_id: task.task_instance_id.clone(),
         attempt: task.attempt,
@@ -18,6 +22,6 @@ pub(crate) fn stale(v: &TaskView, rules: &TimeRules) -> WfOut {
         task_def_id: task.task_def_id.clone(),
         task_name: v.name.clone(),
         last_event_time: task.last_event_time,
-        deadline: task.last_event_time + rules.stale_after_ms,
+        deadline,
     }))
 }

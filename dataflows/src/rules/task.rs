@@ -8,21 +8,23 @@ use crate::events::{TaskDef, TaskStatus, Template};
 use crate::model::Str;
 use crate::output::{Millis, TaskRow};
 use crate::tasks::TaskState;
-use crate::workflows::{TimeRules, WfOut};
+use crate::workflows::{Clock, TimeRules, WfOut};
 
-use super::{retries, sla, stale, WfCtx};
+use super::{retries, sla, stale, Escalated, WfCtx};
 
 /// One task's rules: its retries ([`retries`]), its row ([`task_row`]), its SLA per
 /// attempt ([`sla`]) and whether it is stale ([`stale`]). What it escalated (an SLA breach:
 /// source and dueAt) is added to `escalated`.
-pub(crate) fn evaluate_task(
-    wid: &Str,
-    task: &TaskState,
-    template: Option<&Template>,
-    ctx: &WfCtx,
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn evaluate_task<'a>(
+    wid: &'a Str,
+    task: &'a TaskState,
+    template: Option<&'a Template>,
+    ctx: &'a WfCtx,
     rules: &TimeRules,
+    clock: Clock,
     out: &mut Vec<WfOut>,
-    escalated: &mut Vec<(Str, Millis)>,
+    escalated: &mut Vec<(Escalated<'a>, Millis)>,
 ) {
     let def = template.and_then(|t| t.task(&task.task_def_id));
     if let Some(def) = def {
@@ -40,9 +42,9 @@ pub(crate) fn evaluate_task(
             .or_else(|| def.and_then(|d| d.name.clone())),
     };
     out.push(task_row(&view));
-    sla(&view, out, escalated);
+    sla(&view, clock, out, escalated);
     if ctx.active && task.status == TaskStatus::Pending {
-        out.push(stale(&view, rules));
+        out.push(stale(&view, rules, clock));
     }
 }
 
