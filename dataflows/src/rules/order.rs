@@ -310,3 +310,135 @@ pub(crate) fn order_row(st: &OrderState, status: OrderStatus, a: &Applied) -> Or
         cancelled_at: at(OrderStatus::Cancelled),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::Pos;
+    use crate::orders::{action_id, apply_order_event, fold_order, Eligibility};
+
+    use OrderEventKind as K;
+    use OrderStatus as S;
+
+    /// An event of order `o-1` at minute `n` (position `n`), with what `set` adds.
+    fn ev(n: i64, kind: K, to: Option<S>, set: impl FnOnce(&mut OrderEvent)) -> OrderEvent {
+        let mut e = OrderEvent {
+            event_id: format!("e-{n}").into(),
+            event_time: 1_000_000 + n as u64 * 60_000,
+            pos: Pos {
+                partition: 0,
+                offset: n,
+            },
+            kind,
+            order_id: "o-1".into(),
+            workflow_instance_id: None,
+            patient_id: None,
+            order_type: None,
+            order_status: to,
+            actor: Some("dr-a".into()),
+            actor_role: Some("PHYSICIAN".into()),
+            cost: None,
+            department: None,
+            critical: false,
+            reason: None,
+            appointment_id: None,
+            action_id: None,
+            raw_key: None,
+            raw: None,
+        };
+        set(&mut e);
+        e
+    }
+
+    fn histories() -> Vec<Vec<OrderEvent>> {
+        let created = |n, wid: Option<&str>| {
+            ev(n, K::Created, Some(S::Proposed), |e| {
+                e.workflow_instance_id = wid.map(Str::from);
+                e.patient_id = Some("p-1".into());
+                e.order_type = Some("LAB_TEST".into());
+                e.cost = Some("12.50".into());
+                e.appointment_id = Some("ap-1".into());
+            })
+        };
+        vec![
+            // Every step to CLOSED, with an auto-activation request and a critical result.
+            vec![
+                created(0, Some("w-1")),
+                ev(1, K::Authorized, Some(S::Authorized), |_| {}),
+                ev(2, K::Activated, Some(S::Activated), |_| {}),
+                ev(3, K::Started, Some(S::InProgress), |_| {}),
+                ev(4, K::Resulted, Some(S::Resulted), |e| e.critical = true),
+                ev(5, K::Verified, Some(S::Verified), |_| {}),
+                ev(6, K::Closed, Some(S::Closed), |_| {}),
+            ],
+            // Rejections (a move not allowed, an actor not eligible) between accepted events,
+            // a cancellation after activation and a compensation completed.
+            vec![
+                created(0, Some("w-1")),
+                ev(1, K::Started, Some(S::InProgress), |_| {}),
+                ev(2, K::Authorized, Some(S::Authorized), |e| {
+                    e.actor_role = Some("CLERK".into())
+                }),
+                ev(3, K::Authorized, Some(S::Authorized), |_| {}),
+                ev(4, K::Activated, Some(S::Activated), |_| {}),
+                ev(5, K::Cancelled, Some(S::Cancelled), |e| {
+                    e.reason = Some("patient left".into())
+                }),
+                ev(6, K::CompensationCompleted, None, |e| {
+                    e.action_id = Some(action_id("o-1", "REVERSE_CHARGE").into())
+                }),
+                ev(7, K::Closed, Some(S::Closed), |_| {}),
+            ],
+            // The workflow named only by a later event: the identity changes there.
+            vec![
+                created(0, None),
+                ev(1, K::Authorized, Some(S::Authorized), |e| {
+                    e.workflow_instance_id = Some("w-2".into())
+                }),
+                ev(2, K::Activated, Some(S::Activated), |_| {}),
+            ],
+        ]
+    }
+
+    fn sorted(mut v: Vec<OrderOut>) -> Vec<OrderOut> {
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// What the keyed core relies on: applying an order's events one by one gives the fold,
+    /// and while the identity stays, the outputs of the events applied before (from the state
+    /// then) with `evaluate_order_from` of the rest are everything `evaluate_order` derives.
+    #[test]
+    fn outputs_from_an_index_complete_the_outputs_before_it() {
+        let (elig, rules) = (Eligibility::default(), OrderRules::default());
+        let (mut checked, mut identity_changes) = (0, 0);
+        for h in histories() {
+            let refs: Vec<&OrderEvent> = h.iter().collect();
+            let full = fold_order("o-1", &refs, &elig);
+            let mut applied = OrderState::new("o-1");
+            for e in &h {
+                apply_order_event(&mut applied, e, &elig);
+            }
+            assert_eq!(applied, full);
+            let everything = sorted(evaluate_order(&full, &rules));
+            for k in 0..=h.len() {
+                let before = fold_order("o-1", &refs[..k], &elig);
+                if Identity::of(&before) != Identity::of(&full) {
+                    identity_changes += 1;
+                    continue;
+                }
+                let mut out = Vec::new();
+                let split = evaluate_order_from(&before, &rules, Applies::default(), &mut out);
+                out.truncate(split);
+                evaluate_order_from(&full, &rules, Applies::of(&before), &mut out);
+                assert_eq!(sorted(out), everything, "history {h:?} split after {k}");
+                checked += 1;
+            }
+        }
+        assert!(
+            checked >= 15 && identity_changes >= 1,
+            "{checked} {identity_changes}"
+        );
+    }
+}
