@@ -12,7 +12,9 @@
 //!
 //! - rows (`task_readiness`) as `(-old, +new)`, derived events when they appear;
 //! - SLA breaches, stale tasks and re-escalations as in [`crate::timers::time_rules`]: a
-//!   candidate with deadline `d` counts from `d + 1` (the key wakes then), and the first
+//!   candidate with deadline `d` counts from `d + 1` (the key wakes then; the rules, told
+//!   the step's instant with [`Clock::At`], output a candidate not due yet as its deadline
+//!   only, [`WfOut::Wake`]), and the first
 //!   appearance of each key (task attempt, stale period, level) derives its events once; the
 //!   keys that appeared are state of the workflow, merged with the live ones into the
 //!   `workflow_instances` and `task_instances` rows, which are output when they change.

@@ -92,7 +92,8 @@ impl Applies {
 /// letter it causes) depend only on it, the status before it and the order's [`Identity`];
 /// so while the identity stays, an order whose events arrive in application order needs
 /// only the new events' outputs and the order-wide ones (compensation, fulfillment deadline,
-/// row). Pushes the events' outputs first and returns where the order-wide ones begin.
+/// row). Pushes the events' outputs first and returns the index in `out` where the
+/// order-wide ones begin.
 pub fn evaluate_order_from(
     st: &OrderState,
     rules: &OrderRules,
