@@ -65,7 +65,7 @@ struct Entry {
     overdue_now: Option<OverdueInfo>,
     /// ORDER_OVERDUE was derived (the first appearance stands).
     appeared: Option<OverdueInfo>,
-    /// Whether the restart seed ([`Config::decide_from`]) has been applied.
+    /// Whether the restart seed ([`LifecycleRules::decide_from`]) has been applied.
     seeded: bool,
     row: Option<Arc<Row>>,
     fact: Option<(Str, OrderFact)>,
