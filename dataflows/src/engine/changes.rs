@@ -6,6 +6,13 @@ use std::sync::Arc;
 
 use crate::output::Row;
 
+/// `v` sorted and distinct, as [`diff_sorted`] takes its lists.
+pub(crate) fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+    v.sort();
+    v.dedup();
+    v
+}
+
 /// Calls `f(item, -1)` for items only in `old`, `f(item, +1)` for items only in `new`
 /// (both sorted and distinct).
 pub(crate) fn diff_sorted<T: Ord>(old: &[T], new: &[T], mut f: impl FnMut(&T, isize)) {

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use serde_json::json;
 
 use crate::derived::{Derived, DerivedType};
-use crate::engine::changes::{diff_sorted, replace, supersede, RowChanges};
+use crate::engine::changes::{diff_sorted, replace, sorted, supersede, RowChanges};
 use crate::engine::keyed::{Ctx, KeyedLogic};
 use crate::engine::life::{self, Closure, Tomb};
 use crate::events::{format_time, OrderEvent, Pos};
@@ -94,13 +94,6 @@ impl OrderLogic {
             orders: Default::default(),
         }
     }
-}
-
-/// `v` sorted, without duplicates.
-fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
-    v.sort();
-    v.dedup();
-    v
 }
 
 /// A derived order event's emit (as `Notice::emit`).

@@ -315,6 +315,7 @@ pub(crate) fn order_row(st: &OrderState, status: OrderStatus, a: &Applied) -> Or
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::changes::sorted;
     use crate::events::Pos;
     use crate::orders::{action_id, apply_order_event, fold_order, Eligibility};
 
@@ -399,12 +400,6 @@ mod tests {
                 ev(2, K::Activated, Some(S::Activated), |_| {}),
             ],
         ]
-    }
-
-    fn sorted(mut v: Vec<OrderOut>) -> Vec<OrderOut> {
-        v.sort();
-        v.dedup();
-        v
     }
 
     /// What the keyed core relies on: applying an order's events one by one gives the fold,
